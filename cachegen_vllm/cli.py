@@ -1,0 +1,47 @@
+"""The ``cachegen-vllm`` command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _model(args) -> None:
+    from cachegen_vllm.model import ensure_default_model
+
+    print(ensure_default_model(args.target))
+
+
+def _quality(args) -> None:
+    from cachegen_vllm.model import ensure_default_model
+    from cachegen_vllm.quality import run
+
+    model_dir = args.model or ensure_default_model()
+    run(args.profiles, Path(model_dir), args.windows, args.context_tokens, args.continuation_tokens, args.greedy_tokens, args.json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cachegen-vllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("model", help="convert the embedded SmolLM2-135M-Instruct once; print its directory")
+    p.add_argument("--target", type=Path, help="where to write the checkpoint (default: the user cache)")
+    p.set_defaults(run=_model)
+
+    p = sub.add_parser("quality", help="bits/element and quality of profiles on real KV")
+    p.add_argument("--profiles", nargs="+", default=["exact", "high-quality", "default", "aggressive"],
+                   help="shipped profile names or .toml paths ('exact' = no compression)")
+    p.add_argument("--model", type=Path, help="a Hugging Face model directory (default: the embedded model)")
+    p.add_argument("--windows", type=int, default=16, help="text windows to average over")
+    p.add_argument("--context-tokens", type=int, default=1024)
+    p.add_argument("--continuation-tokens", type=int, default=128)
+    p.add_argument("--greedy-tokens", type=int, default=32)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.set_defaults(run=_quality)
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The wire format: one self-describing, checksummed frame per (request, layer, chunk).
+
+docs/FORMAT.md is the normative description; this module is its only implementation, and the
+decoder validates every length and field *before* it allocates or reads anything. Bad bytes raise
+`FrameError`, whose message says what is wrong; nothing else escapes `parse_frame`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from cachegen_vllm.codec.allocation import Segment
+from cachegen_vllm.codec.bitpack import packed_nbytes
+from cachegen_vllm.codec.quant import STAT_DTYPE, stats_count
+from cachegen_vllm.config import EXACT_BITS, QUANT_BITS
+
+MAGIC = b"CGKV"
+VERSION = 1
+ALIGN = 16  # every array in the payload starts at a multiple of 16 bytes of the frame
+
+FLAG_VALUE_PER_TOKEN = 1 << 0
+FLAG_HADAMARD = 1 << 1
+KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD
+
+HEADER = struct.Struct("<4sHHQHHHBBHHIII")
+SEGMENT = struct.Struct("<IBBH")
+CHECKSUM = struct.Struct("<Q")
+
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+class FrameError(ValueError):
+    """A frame is malformed, corrupted, from another model, or not the one expected."""
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """The shape of a model's KV cache; producer and consumer must agree on it exactly."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    model: str = ""  # a name both sides use for the model; part of the fingerprint
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_CODES:
+            raise ValueError(f"unsupported KV dtype {self.dtype}; supported: {list(DTYPE_CODES)}")
+
+    @property
+    def fingerprint(self) -> int:
+        text = f"{self.model}|{self.num_layers}|{self.num_kv_heads}|{self.head_dim}|{self.dtype}"
+        return xxhash.xxh3_64_intdigest(text.encode())
+
+    @property
+    def channels(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    layer: int
+    token_start: int
+    group_tokens: int
+    value_axis: str  # "channel" | "token"
+    hadamard: bool
+    segments: tuple[Segment, ...]
+
+    @property
+    def token_count(self) -> int:
+        return sum(s.tokens for s in self.segments)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def array_sizes(tokens: int, bits: int, axis: str, geometry: KVGeometry, group_tokens: int) -> list[int]:
+    """Byte sizes of the arrays one tensor (K or V) of one segment puts on the wire, in order."""
+    elements = tokens * geometry.channels
+    if bits == EXACT_BITS:
+        return [elements * geometry.dtype.itemsize]
+    stats = stats_count(tokens, geometry.num_kv_heads, geometry.head_dim, axis, group_tokens)
+    stat_bytes = stats * STAT_DTYPE.itemsize
+    return [stat_bytes, stat_bytes, packed_nbytes(elements, bits)]
+
+
+def payload_offset(num_segments: int) -> int:
+    return _aligned(HEADER.size + SEGMENT.size * num_segments)
+
+
+def payload_arrays(header: FrameHeader, geometry: KVGeometry) -> list[list[tuple[int, int]]]:
+    """For each segment, [(offset, nbytes) of each K array] + [... of each V array] in the frame."""
+    offset = payload_offset(len(header.segments))
+    layout = []
+    for seg in header.segments:
+        arrays = []
+        for bits, axis in ((seg.key_bits, "channel"), (seg.value_bits, header.value_axis)):
+            for n in array_sizes(seg.tokens, bits, axis, geometry, header.group_tokens):
+                arrays.append((offset, n))
+                offset += _aligned(n)
+        layout.append(arrays)
+    return layout
+
+
+def frame_nbytes(header: FrameHeader, geometry: KVGeometry) -> int:
+    payload = sum(
+        _aligned(n)
+        for seg in header.segments
+        for bits, axis in ((seg.key_bits, "channel"), (seg.value_bits, header.value_axis))
+        for n in array_sizes(seg.tokens, bits, axis, geometry, header.group_tokens)
+    )
+    return payload_offset(len(header.segments)) + payload + CHECKSUM.size
+
+
+def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: list[bytes]) -> bytes:
+    """Assemble a frame from its payload arrays, in `payload_arrays` order."""
+    flags = (FLAG_VALUE_PER_TOKEN if header.value_axis == "token" else 0) | (FLAG_HADAMARD if header.hadamard else 0)
+    total = frame_nbytes(header, geometry)
+    out = bytearray(total)
+    HEADER.pack_into(
+        out, 0, MAGIC, VERSION, flags, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
+        geometry.head_dim, DTYPE_CODES[geometry.dtype], len(header.segments), header.layer,
+        header.group_tokens, header.token_start, header.token_count, total,
+    )
+    for i, seg in enumerate(header.segments):
+        SEGMENT.pack_into(out, HEADER.size + i * SEGMENT.size, seg.tokens, seg.key_bits, seg.value_bits, 0)
+    slots = [slot for seg in payload_arrays(header, geometry) for slot in seg]
+    if len(slots) != len(arrays):
+        raise ValueError(f"frame layout has {len(slots)} arrays, got {len(arrays)}")
+    for (offset, n), data in zip(slots, arrays):
+        if len(data) != n:
+            raise ValueError(f"array at offset {offset} must be {n} bytes, got {len(data)}")
+        out[offset : offset + n] = data
+    CHECKSUM.pack_into(out, total - CHECKSUM.size, xxhash.xxh3_64_intdigest(memoryview(out)[: total - CHECKSUM.size]))
+    return bytes(out)
+
+
+def _check_bits(field: str, bits: int) -> None:
+    if not (bits in QUANT_BITS or bits == EXACT_BITS):
+        raise FrameError(f"{field} is {bits}, not 1..8 or {EXACT_BITS}")
+
+
+def parse_frame(
+    frame: bytes | bytearray | memoryview,
+    geometry: KVGeometry,
+    expect_layer: int | None = None,
+    expect_token_start: int | None = None,
+) -> FrameHeader:
+    """Validate a whole frame and return its header; raise FrameError on anything wrong."""
+    view = memoryview(frame).cast("B")
+    size = len(view)
+    if size < HEADER.size + SEGMENT.size + CHECKSUM.size:
+        raise FrameError(f"frame is {size} bytes, shorter than the smallest possible frame")
+    (magic, version, flags, fingerprint, num_layers, num_kv_heads, head_dim, dtype_code, num_segments,
+     layer, group_tokens, token_start, token_count, total) = HEADER.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise FrameError(f"wire format version {version}, this decoder reads version {VERSION}")
+    if total != size:
+        raise FrameError(f"frame says it is {total} bytes but {size} arrived")
+    checksum = CHECKSUM.unpack_from(view, size - CHECKSUM.size)[0]
+    if xxhash.xxh3_64_intdigest(view[: size - CHECKSUM.size]) != checksum:
+        raise FrameError("checksum mismatch: the frame was corrupted")
+    if flags & ~KNOWN_FLAGS:
+        raise FrameError(f"unknown flags 0x{flags & ~KNOWN_FLAGS:x}")
+    got = (num_layers, num_kv_heads, head_dim, DTYPES.get(dtype_code, f"code {dtype_code}"))
+    want = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.dtype)
+    if got != want:
+        raise FrameError(f"KV geometry (layers, kv heads, head dim, dtype) is {got}, this model's is {want}")
+    if fingerprint != geometry.fingerprint:
+        raise FrameError(f"model fingerprint {fingerprint:016x} is not this model's ({geometry.fingerprint:016x})")
+    if layer >= num_layers:
+        raise FrameError(f"layer {layer} out of range (model has {num_layers})")
+    if expect_layer is not None and layer != expect_layer:
+        raise FrameError(f"frame is for layer {layer}, expected layer {expect_layer}")
+    if expect_token_start is not None and token_start != expect_token_start:
+        raise FrameError(f"frame starts at token {token_start}, expected token {expect_token_start}")
+    if group_tokens == 0:
+        raise FrameError("group_tokens is 0")
+    if num_segments == 0:
+        raise FrameError("frame has no segments")
+    if payload_offset(num_segments) + CHECKSUM.size > size:
+        raise FrameError(f"{num_segments} segments do not fit in a {size}-byte frame")
+    segments = []
+    for i in range(num_segments):
+        tokens, key_bits, value_bits, reserved = SEGMENT.unpack_from(view, HEADER.size + i * SEGMENT.size)
+        if tokens == 0 or reserved != 0:
+            raise FrameError(f"segment {i} is malformed (tokens={tokens}, reserved={reserved})")
+        _check_bits(f"segment {i} key bits", key_bits)
+        _check_bits(f"segment {i} value bits", value_bits)
+        segments.append(Segment(tokens, key_bits, value_bits))
+    header = FrameHeader(
+        layer=layer,
+        token_start=token_start,
+        group_tokens=group_tokens,
+        value_axis="token" if flags & FLAG_VALUE_PER_TOKEN else "channel",
+        hadamard=bool(flags & FLAG_HADAMARD),
+        segments=tuple(segments),
+    )
+    if header.token_count != token_count:
+        raise FrameError(f"segments hold {header.token_count} tokens, header says {token_count}")
+    if header.hadamard and head_dim & (head_dim - 1):
+        raise FrameError(f"hadamard rotation on head_dim {head_dim}, which is not a power of two")
+    expected = frame_nbytes(header, geometry)
+    if expected != size:
+        raise FrameError(f"segments need a {expected}-byte frame, got {size}")
+    return header
+

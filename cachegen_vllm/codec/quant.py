@@ -1,0 +1,93 @@
+"""Asymmetric uniform quantization with fp16 statistics, and the per-head Hadamard rotation.
+
+Codes are ``q = clamp(floor((x - min) / scale + 0.5), 0, 2**b - 1)`` in fp32, and values come back
+as ``min + q * scale``. ``min`` and ``scale`` travel as fp16; they are rounded *outward* (min down,
+scale up) so that the quantization grid still covers [min, max] and the error stays within half a
+step. Every operation is a single IEEE fp32 op in a fixed order so a GPU kernel reproduces the codes
+bit for bit.
+
+Two groupings (`axis`):
+- ``"channel"``: one (min, scale) per channel per group of ``group_tokens`` consecutive tokens
+  (CacheGen/KIVI keys: channels have stable ranges, outlier channels keep their own scale);
+- ``"token"``: one (min, scale) per token and head, over that head's channels (KIVI values).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STAT_DTYPE = torch.float16
+_SMALLEST_SCALE = 2.0**-24  # fp16's smallest subnormal: a constant group still divides safely
+
+
+def hadamard_(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform over the last dimension (a power of two), in place.
+
+    Butterflies in Sylvester order, then one multiply by 1/sqrt(d): a fixed sequence of fp32 adds
+    that a kernel can repeat exactly. The transform is its own inverse. Rotating each head before
+    quantizing spreads outlier channels over the head, which halves the quality loss at equal bits
+    on the default model (NOTES.md).
+    """
+    d = x.shape[-1]
+    h = 1
+    while h < d:
+        pairs = x.view(*x.shape[:-1], d // (2 * h), 2, h)
+        a, b = pairs[..., 0, :].clone(), pairs[..., 1, :]
+        pairs[..., 0, :] += b
+        pairs[..., 1, :] = a - b
+        h *= 2
+    return x.mul_(1.0 / math.sqrt(d))
+
+
+def _grouped(x: torch.Tensor, axis: str, group_tokens: int) -> torch.Tensor:
+    """View [T, H, D] as [groups, members, lanes]; statistics reduce over members."""
+    tokens, heads, dim = x.shape
+    if axis == "token":
+        return x.reshape(tokens * heads, dim, 1)
+    flat = x.reshape(tokens, heads * dim)
+    pad = (-tokens) % group_tokens
+    if pad:  # repeat the last token: it cannot change a group's min or max
+        flat = torch.cat([flat, flat[-1:].expand(pad, -1)])
+    return flat.view(-1, group_tokens, heads * dim)
+
+
+def stats_count(tokens: int, heads: int, dim: int, axis: str, group_tokens: int) -> int:
+    """How many (min, scale) pairs a [tokens, heads, dim] block has."""
+    if axis == "token":
+        return tokens * heads
+    return -(-tokens // group_tokens) * heads * dim
+
+
+def quantize(x: torch.Tensor, bits: int, axis: str, group_tokens: int):
+    """Quantize fp32 [T, H, D]. Returns (codes uint8 [T*H*D] token-major, mins fp16, scales fp16).
+
+    Statistics that fp16 cannot hold come back non-finite; the caller sends such blocks exact.
+    """
+    levels = (1 << bits) - 1
+    groups = _grouped(x, axis, group_tokens)
+    lo = groups.amin(dim=1, keepdim=True)
+    hi = groups.amax(dim=1, keepdim=True)
+    mins = lo.to(STAT_DTYPE)
+    mins = torch.where(mins.float() > lo, torch.nextafter(mins, torch.full_like(mins, -math.inf)), mins)
+    step = (hi - mins.float()) / levels
+    scales = step.to(STAT_DTYPE)
+    scales = torch.where(scales.float() < step, torch.nextafter(scales, torch.full_like(scales, math.inf)), scales)
+    scales = scales.clamp_min(_SMALLEST_SCALE)
+    codes = torch.floor((groups - mins.float()) / scales.float() + 0.5).clamp_(0, levels).to(torch.uint8)
+    codes = codes.reshape(-1, x.shape[1] * x.shape[2])[: x.shape[0]]
+    return codes.reshape(-1), mins.reshape(-1), scales.reshape(-1)
+
+
+def dequantize(codes: torch.Tensor, mins: torch.Tensor, scales: torch.Tensor, shape, axis: str, group_tokens: int):
+    """Inverse of `quantize`: fp32 [T, H, D]."""
+    tokens, heads, dim = shape
+    values = codes.float().view(tokens, heads, dim)
+    if axis == "token":
+        out = values.reshape(tokens * heads, dim) * scales.float()[:, None] + mins.float()[:, None]
+        return out.view(tokens, heads, dim)
+    width = heads * dim
+    group = torch.arange(tokens, device=codes.device) // group_tokens
+    out = values.view(tokens, width) * scales.float().view(-1, width)[group] + mins.float().view(-1, width)[group]
+    return out.view(tokens, heads, dim)

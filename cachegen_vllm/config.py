@@ -1,0 +1,199 @@
+"""Compression profiles: typed, validated once, loaded from TOML files a user can copy and edit.
+
+A profile says how a layer's KV is cut into frames and how many bits each token gets. It is
+model-independent unless it names layers; binding it to a model's geometry (`check_geometry`)
+catches the rest (a layer override past the last layer, a rotation the head size cannot take).
+
+Errors are `ConfigError` and name the offending field as a path, e.g. ``bits.layers[1].key``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXACT_BITS = 16
+"""A bit width of 16 means "not quantized": the token's KV travels in the cache's own dtype."""
+
+QUANT_BITS = range(1, 9)
+ROTATIONS = ("none", "hadamard")
+VALUE_AXES = ("channel", "token")
+MAX_CHUNK_TOKENS = 1 << 16
+
+
+class ConfigError(ValueError):
+    """A profile or connector option is invalid; the message starts with the field's path."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """Bit widths for layers ``first..last`` (inclusive), overriding the profile's base widths."""
+
+    first: int
+    last: int
+    key: int
+    value: int
+
+
+@dataclass(frozen=True)
+class TokenBits:
+    """A tier of tokens counted from one end of a request that keeps at least these widths."""
+
+    tokens: int
+    key: int
+    value: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    chunk_tokens: int  # tokens per frame; chunks are aligned to multiples of this position
+    group_tokens: int  # consecutive tokens sharing one min/scale per channel
+    rotation: str  # "hadamard": per-head orthonormal rotation before quantizing (decorrelates)
+    value_axis: str  # "channel": values quantized like keys; "token": min/scale per token and head
+    key_bits: int
+    value_bits: int
+    layers: tuple[LayerBits, ...] = ()
+    recent: tuple[TokenBits, ...] = ()  # counted back from the request's last token
+    sink: tuple[TokenBits, ...] = ()  # counted from its first token (attention sinks)
+
+    def check_geometry(self, num_layers: int, head_dim: int) -> None:
+        """Raise ConfigError if this profile cannot serve a model of this shape."""
+        for i, rule in enumerate(self.layers):
+            if rule.last >= num_layers:
+                raise ConfigError(
+                    f"bits.layers[{i}].last",
+                    f"layer {rule.last} does not exist (the model has {num_layers} layers)",
+                )
+        if self.rotation == "hadamard" and head_dim & (head_dim - 1):
+            raise ConfigError("rotation", f"hadamard needs a power-of-two head_dim, got {head_dim}")
+
+    def layer_bits(self, layer: int) -> tuple[int, int]:
+        """(key, value) widths of a layer before the recent-token tiers apply."""
+        for rule in self.layers:
+            if rule.first <= layer <= rule.last:
+                return rule.key, rule.value
+        return self.key_bits, self.value_bits
+
+
+def _bits(field: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not (
+        value in QUANT_BITS or value == EXACT_BITS
+    ):
+        raise ConfigError(field, f"must be an integer 1..8, or {EXACT_BITS} for exact; got {value!r}")
+    return value
+
+
+def _positive(field: str, value: Any, upper: int = 1 << 31) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= upper:
+        raise ConfigError(field, f"must be an integer in 1..{upper}; got {value!r}")
+    return value
+
+
+def _choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(field, f"must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _table(field: str, value: Any, allowed: set[str], required: set[str]) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(field, f"must be a table; got {type(value).__name__}")
+    for key in value:
+        if key not in allowed:
+            prefix = f"{field}." if field else ""
+            raise ConfigError(f"{prefix}{key}", f"unknown field (known: {', '.join(sorted(allowed))})")
+    for key in required:
+        if key not in value:
+            prefix = f"{field}." if field else ""
+            raise ConfigError(f"{prefix}{key}", "is required")
+    return value
+
+
+def _list(field: str, value: Any) -> list:
+    if not isinstance(value, list):
+        raise ConfigError(field, f"must be an array of tables; got {type(value).__name__}")
+    return value
+
+
+def profile_from_dict(data: dict, name: str) -> Profile:
+    """Validate a parsed profile. Every error names its field."""
+    top = _table(
+        "",
+        data,
+        {"chunk_tokens", "group_tokens", "rotation", "value_axis", "bits"},
+        {"chunk_tokens", "group_tokens", "bits"},
+    )
+    chunk_tokens = _positive("chunk_tokens", top["chunk_tokens"], MAX_CHUNK_TOKENS)
+    group_tokens = _positive("group_tokens", top["group_tokens"], MAX_CHUNK_TOKENS)
+    bits = _table("bits", top["bits"], {"key", "value", "layers", "recent", "sink"}, {"key", "value"})
+
+    layers = []
+    for i, raw in enumerate(_list("bits.layers", bits.get("layers", []))):
+        f = f"bits.layers[{i}]"
+        rule = _table(f, raw, {"first", "last", "key", "value"}, {"first", "last", "key", "value"})
+        first = rule["first"]
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise ConfigError(f"{f}.first", f"must be a layer index >= 0; got {first!r}")
+        last = rule["last"]
+        if not isinstance(last, int) or isinstance(last, bool) or last < first:
+            raise ConfigError(f"{f}.last", f"must be a layer index >= first ({first}); got {last!r}")
+        for j, other in enumerate(layers):
+            if first <= other.last and other.first <= last:
+                raise ConfigError(f"{f}.first", f"layers {first}..{last} overlap bits.layers[{j}]")
+        layers.append(LayerBits(first, last, _bits(f"{f}.key", rule["key"]), _bits(f"{f}.value", rule["value"])))
+
+    def tiers(field: str) -> tuple[TokenBits, ...]:
+        out = []
+        for i, raw in enumerate(_list(f"bits.{field}", bits.get(field, []))):
+            f = f"bits.{field}[{i}]"
+            tier = _table(f, raw, {"tokens", "key", "value"}, {"tokens", "key", "value"})
+            out.append(TokenBits(_positive(f"{f}.tokens", tier["tokens"]), _bits(f"{f}.key", tier["key"]), _bits(f"{f}.value", tier["value"])))
+        return tuple(out)
+
+    return Profile(
+        name=name,
+        chunk_tokens=chunk_tokens,
+        group_tokens=group_tokens,
+        rotation=_choice("rotation", top.get("rotation", "none"), ROTATIONS),
+        value_axis=_choice("value_axis", top.get("value_axis", "channel"), VALUE_AXES),
+        key_bits=_bits("bits.key", bits["key"]),
+        value_bits=_bits("bits.value", bits["value"]),
+        layers=tuple(layers),
+        recent=tiers("recent"),
+        sink=tiers("sink"),
+    )
+
+
+def shipped_profiles() -> list[str]:
+    """Names of the profiles in configs/."""
+    root = importlib.resources.files("cachegen_vllm.configs")
+    return sorted(p.name[: -len(".toml")] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load a shipped profile by name (``default``) or any profile file by path."""
+    text_path = Path(name_or_path)
+    if text_path.suffix == ".toml" or text_path.exists():
+        if not text_path.is_file():
+            raise ConfigError("profile", f"no profile file at {text_path}")
+        text, name = text_path.read_text(), text_path.stem
+    else:
+        resource = importlib.resources.files("cachegen_vllm.configs") / f"{name_or_path}.toml"
+        if not resource.is_file():
+            known = ", ".join(shipped_profiles())
+            raise ConfigError("profile", f"unknown profile {str(name_or_path)!r} (shipped: {known}; or give a .toml path)")
+        text, name = resource.read_text(), str(name_or_path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("profile", f"{name}: not valid TOML: {e}") from None
+    return profile_from_dict(data, name)
+

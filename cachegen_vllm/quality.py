@@ -1,0 +1,173 @@
+"""Quality of compressed KV on a real model, every byte on the wire counted.
+
+For each text window: the model prefills ``context - 1`` tokens; their KV (rounded to bf16, as
+vLLM's cache holds it) goes through the codec; then the last context token and the continuation
+are fed on top of the decoded KV, exactly what a decode instance does after a P/D transfer.
+Reported per profile, averaged over windows:
+
+- bits per element: 8 x all frame bytes (headers, tables, statistics, checksums) / K and V elements;
+- ratio vs bf16: 16 / bits per element;
+- dNLL: mean teacher-forced NLL of the continuation (nats/token) minus that with the exact KV;
+- KL: mean KL(exact || compressed) of the next-token distributions along the continuation (nats),
+  a far less noisy measure of the same damage than dNLL;
+- top-1 agreement: how often the teacher-forced argmax matches the exact-KV argmax;
+- greedy match: the fraction of a greedy continuation that matches the exact-KV one before the
+  first divergence (so 1.0 means the same text).
+
+The texts are the Python language reference shipped with CPython (``pydoc_data.topics``): long
+technical English that every machine has, so results repeat anywhere without a download.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer
+from cachegen_vllm.config import EXACT_BITS, Profile, load_profile, profile_from_dict
+
+EXACT_PROFILE = profile_from_dict({"chunk_tokens": 256, "group_tokens": 1, "bits": {"key": EXACT_BITS, "value": EXACT_BITS}}, "exact")
+
+
+@dataclass
+class QualityResult:
+    profile: str
+    windows: int
+    bits_per_element: float
+    ratio_vs_bf16: float
+    delta_nll: float  # nats/token, compressed minus exact
+    perplexity_change_pct: float
+    kl: float  # nats/token
+    top1_agreement: float
+    greedy_match: float
+
+
+def load_windows(tokenizer, count: int, length: int) -> list[torch.Tensor]:
+    """``count`` non-overlapping token windows of ``length`` from the Python language reference."""
+    from pydoc_data.topics import topics
+
+    corpus = "\n\n".join(topics[name] for name in sorted(topics))
+    ids = torch.tensor(tokenizer(corpus).input_ids)
+    available = len(ids) // length
+    if available < count:
+        raise ValueError(f"the corpus holds {available} windows of {length} tokens, {count} asked for")
+    stride = available // count  # spread the windows over the whole reference
+    return [ids[i * stride * length : (i * stride + 1) * length] for i in range(count)]
+
+
+class Harness:
+    """A transformers model plus the exact-KV baseline for a set of windows."""
+
+    def __init__(self, model_dir: Path, windows: int, context_tokens: int, continuation_tokens: int, greedy_tokens: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        cfg = self.model.config
+        self.geometry = KVGeometry(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            torch.bfloat16, model=Path(model_dir).name,
+        )
+        self.context_tokens, self.greedy_tokens = context_tokens, greedy_tokens
+        self.windows = load_windows(self.tokenizer, windows, context_tokens + continuation_tokens)
+        self.exact_kv = [self._prefill(w[: context_tokens - 1]) for w in self.windows]
+        self.baseline = [self._score(kv, w) for kv, w in zip(self.exact_kv, self.windows)]
+
+    @torch.inference_mode()
+    def _prefill(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cache = self.model(ids[None], use_cache=True).past_key_values
+        # [1, heads, tokens, dim] -> [tokens, heads, dim], rounded to bf16 like vLLM's cache
+        return [(layer.keys[0].transpose(0, 1).bfloat16(), layer.values[0].transpose(0, 1).bfloat16()) for layer in cache.layers]
+
+    def _cache(self, kv):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k.float().transpose(0, 1)[None].contiguous(), v.float().transpose(0, 1)[None].contiguous(), i)
+        return cache
+
+    @torch.inference_mode()
+    def _score(self, kv, window: torch.Tensor):
+        """(per-token NLL, log-probabilities, greedy tokens) given the context's KV."""
+        feed = window[self.context_tokens - 1 : -1]
+        target = window[self.context_tokens :]
+        logits = self.model(feed[None], past_key_values=self._cache(kv), use_cache=True).logits[0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        nll = -logprobs.gather(1, target[:, None])[:, 0]
+        cache, token, greedy = self._cache(kv), window[self.context_tokens - 1 : self.context_tokens], []
+        for _ in range(self.greedy_tokens):
+            out = self.model(token[None], past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[0, -1:].argmax(-1)
+            greedy.append(int(token))
+        return nll, logprobs, greedy
+
+    def roundtrip(self, profile: Profile, kv):
+        """KV after encode + decode, and the bytes the frames took."""
+        out, nbytes = [], 0
+        for layer, (k, v) in enumerate(kv):
+            frames = encode_layer(k, v, geometry=self.geometry, profile=profile, layer=layer)
+            nbytes += sum(len(f) for f in frames)
+            chunks = [decode_chunk(f, self.geometry) for f in frames]
+            out.append((torch.cat([c.key for c in chunks]), torch.cat([c.value for c in chunks])))
+        return out, nbytes
+
+    def evaluate(self, profile: Profile) -> QualityResult:
+        profile.check_geometry(self.geometry.num_layers, self.geometry.head_dim)
+        total_bytes = elements = 0
+        dnll, kl, top1, greedy = [], [], [], []
+        for kv, window, (base_nll, base_logprobs, base_greedy) in zip(self.exact_kv, self.windows, self.baseline):
+            decoded, nbytes = self.roundtrip(profile, kv)
+            total_bytes += nbytes
+            elements += sum(k.numel() + v.numel() for k, v in kv)
+            nll, logprobs, tokens = self._score(decoded, window)
+            dnll.append(float(nll.mean() - base_nll.mean()))
+            kl.append(float((base_logprobs.exp() * (base_logprobs - logprobs)).sum(-1).mean()))
+            top1.append(float((logprobs.argmax(-1) == base_logprobs.argmax(-1)).float().mean()))
+            same = next((i for i, (a, b) in enumerate(zip(tokens, base_greedy)) if a != b), len(tokens))
+            greedy.append(same / len(tokens))
+        bits = 8 * total_bytes / elements
+        mean_dnll = sum(dnll) / len(dnll)
+        return QualityResult(
+            profile=profile.name, windows=len(self.windows), bits_per_element=bits, ratio_vs_bf16=16 / bits,
+            delta_nll=mean_dnll, perplexity_change_pct=100 * math.expm1(mean_dnll), kl=sum(kl) / len(kl),
+            top1_agreement=sum(top1) / len(top1), greedy_match=sum(greedy) / len(greedy),
+        )
+
+
+def format_table(results: list[QualityResult]) -> str:
+    head = f"{'profile':<16}{'bits/elem':>10}{'vs bf16':>9}{'dNLL':>10}{'ppl':>9}{'KL':>9}{'top-1':>8}{'greedy':>8}"
+    rows = [
+        f"{r.profile:<16}{r.bits_per_element:>10.3f}{r.ratio_vs_bf16:>8.2f}x{r.delta_nll:>+10.4f}"
+        f"{r.perplexity_change_pct:>+8.2f}%{r.kl:>9.4f}{r.top1_agreement:>8.3f}{r.greedy_match:>8.3f}"
+        for r in results
+    ]
+    return "\n".join([head, "-" * len(head), *rows])
+
+
+def run(profiles: list[str], model_dir: Path, windows: int, context_tokens: int, continuation_tokens: int,
+        greedy_tokens: int, json_path: Path | None) -> list[QualityResult]:
+    started = time.perf_counter()
+    print(f"preparing {windows} windows of {context_tokens}+{continuation_tokens} tokens on {model_dir.name}", file=sys.stderr)
+    harness = Harness(model_dir, windows, context_tokens, continuation_tokens, greedy_tokens)
+    results = []
+    for i, name in enumerate(profiles, 1):
+        profile = EXACT_PROFILE if name == "exact" else load_profile(name)
+        print(f"[{i}/{len(profiles)}] {profile.name}", file=sys.stderr, flush=True)
+        results.append(harness.evaluate(profile))
+    print(format_table(results))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        setup = {"model": model_dir.name, "windows": windows, "context_tokens": context_tokens,
+                 "continuation_tokens": continuation_tokens, "greedy_tokens": greedy_tokens,
+                 "kv_dtype": "bfloat16", "texts": "pydoc_data.topics (CPython language reference)",
+                 "seconds": round(time.perf_counter() - started, 1)}
+        json_path.write_text(json.dumps({"setup": setup, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+        print(f"wrote {json_path}", file=sys.stderr)
+    return results
