@@ -45,7 +45,7 @@ class QualityResult:
     perplexity_change_pct: float
     kl: float  # nats/token
     top1_agreement: float
-    greedy_match: float
+    greedy_match: float  # nan when no greedy tokens were asked for
 
 
 def load_windows(tokenizer, count: int, length: int) -> list[torch.Tensor]:
@@ -130,15 +130,21 @@ class Harness:
             dnll.append(float(nll.mean() - base_nll.mean()))
             kl.append(float((base_logprobs.exp() * (base_logprobs - logprobs)).sum(-1).mean()))
             top1.append(float((logprobs.argmax(-1) == base_logprobs.argmax(-1)).float().mean()))
-            same = next((i for i, (a, b) in enumerate(zip(tokens, base_greedy)) if a != b), len(tokens))
-            greedy.append(same / len(tokens))
+            if tokens:
+                same = next((i for i, (a, b) in enumerate(zip(tokens, base_greedy)) if a != b), len(tokens))
+                greedy.append(same / len(tokens))
         bits = 8 * total_bytes / elements
         mean_dnll = sum(dnll) / len(dnll)
         return QualityResult(
             profile=profile.name, windows=len(self.windows), bits_per_element=bits, ratio_vs_bf16=16 / bits,
             delta_nll=mean_dnll, perplexity_change_pct=100 * math.expm1(mean_dnll), kl=sum(kl) / len(kl),
-            top1_agreement=sum(top1) / len(top1), greedy_match=sum(greedy) / len(greedy),
+            top1_agreement=sum(top1) / len(top1), greedy_match=sum(greedy) / len(greedy) if greedy else math.nan,
         )
+
+
+def result_dict(result: QualityResult) -> dict:
+    """A JSON-ready dict (NaN, which JSON lacks, becomes null)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(result).items()}
 
 
 def format_table(results: list[QualityResult]) -> str:
@@ -168,6 +174,6 @@ def run(profiles: list[str], model_dir: Path, windows: int, context_tokens: int,
                  "continuation_tokens": continuation_tokens, "greedy_tokens": greedy_tokens,
                  "kv_dtype": "bfloat16", "texts": "pydoc_data.topics (CPython language reference)",
                  "seconds": round(time.perf_counter() - started, 1)}
-        json_path.write_text(json.dumps({"setup": setup, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+        json_path.write_text(json.dumps({"setup": setup, "results": [result_dict(r) for r in results]}, indent=2) + "\n")
         print(f"wrote {json_path}", file=sys.stderr)
     return results
