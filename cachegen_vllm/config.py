@@ -9,6 +9,7 @@ Errors are `ConfigError` and name the offending field as a path, e.g. ``bits.lay
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import tomllib
 from dataclasses import dataclass
@@ -197,3 +198,63 @@ def load_profile(name_or_path: str | Path) -> Profile:
         raise ConfigError("profile", f"{name}: not valid TOML: {e}") from None
     return profile_from_dict(data, name)
 
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Options of the ZeroMQ transport (cachegen_vllm.transport), the same on both sides."""
+
+    bind: str = "tcp://127.0.0.1:0"  # producer: where to listen; loopback unless told otherwise
+    max_buffer_bytes: int = 2 << 30  # producer: frames held for consumers, all transfers together
+    max_frame_bytes: int = 64 << 20  # larger frames are refused by the producer and the consumer
+    credit_frames: int = 16  # consumer: frames a transfer may have in flight or unread
+    ttl_s: float = 60.0  # producer: a transfer its consumer stops renewing is evicted after this
+    heartbeat_s: float = 1.0  # consumer: how often it pings the producers it waits on
+    peer_timeout_s: float = 10.0  # consumer: silence after which a producer counts as gone
+    # CurveZMQ (zmq.auth certificate files). Producer: its secret certificate and a directory of
+    # the consumers' public certificates it accepts. Consumer: its secret certificate and the
+    # producer's public certificate. All unset: no encryption, any peer that reaches the port is
+    # served (keep `bind` on loopback or a private network then).
+    curve_secret_key_file: str | None = None
+    curve_server_public_key_file: str | None = None
+    curve_authorized_keys_dir: str | None = None
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_secret_key_file is not None
+
+
+def _seconds(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+        raise ConfigError(field, f"must be a positive number of seconds; got {value!r}")
+    return float(value)
+
+
+def transport_config_from_dict(data: dict, prefix: str = "") -> TransportConfig:
+    """Validate transport options; errors name the field (with ``prefix``, e.g. ``transport.``)."""
+    fields = {f.name for f in dataclasses.fields(TransportConfig)}
+    _table(prefix.rstrip("."), data, fields, set())
+
+    def f(name: str) -> str:
+        return prefix + name
+
+    out = {}
+    for name, value in data.items():
+        if name == "bind":
+            if not isinstance(value, str) or not value.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ConfigError(f(name), f"must be a ZeroMQ endpoint like tcp://127.0.0.1:5555; got {value!r}")
+            out[name] = value
+        elif name in ("max_buffer_bytes", "max_frame_bytes", "credit_frames"):
+            out[name] = _positive(f(name), value, 1 << 40)
+        elif name in ("ttl_s", "heartbeat_s", "peer_timeout_s"):
+            out[name] = _seconds(f(name), value)
+        else:
+            if value is not None and not Path(value).exists():
+                raise ConfigError(f(name), f"no such file or directory: {value}")
+            out[name] = None if value is None else str(value)
+    config = TransportConfig(**out)
+    if config.curve_secret_key_file is None and (config.curve_server_public_key_file or config.curve_authorized_keys_dir):
+        raise ConfigError(f("curve_secret_key_file"), "is required when any other curve_* option is set")
+    if config.heartbeat_s >= config.peer_timeout_s:
+        raise ConfigError(f("peer_timeout_s"), f"must exceed heartbeat_s ({config.heartbeat_s})")
+    return config

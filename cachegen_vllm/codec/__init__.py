@@ -5,10 +5,10 @@ Public API (one for CPU and GPU tensors): `encode_layer` / `encode_chunk` produc
 """
 
 from cachegen_vllm.codec.allocation import Segment, chunk_bounds, plan_segments
-from cachegen_vllm.codec.format import FrameError, KVGeometry, parse_frame
+from cachegen_vllm.codec.format import FrameError, KVGeometry, check_integrity, parse_frame
 from cachegen_vllm.codec.reference import DecodedChunk, decode_chunk, encode_chunk, encode_layer
 
 __all__ = [
-    "DecodedChunk", "FrameError", "KVGeometry", "Segment", "chunk_bounds", "decode_chunk", "encode_chunk",
+    "DecodedChunk", "FrameError", "KVGeometry", "Segment", "check_integrity", "chunk_bounds", "decode_chunk", "encode_chunk",
     "encode_layer", "parse_frame", "plan_segments",
 ]

@@ -146,19 +146,15 @@ def _check_bits(field: str, bits: int) -> None:
         raise FrameError(f"{field} is {bits}, not 1..8 or {EXACT_BITS}")
 
 
-def parse_frame(
-    frame: bytes | bytearray | memoryview,
-    geometry: KVGeometry,
-    expect_layer: int | None = None,
-    expect_token_start: int | None = None,
-) -> FrameHeader:
-    """Validate a whole frame and return its header; raise FrameError on anything wrong."""
+def check_integrity(frame: bytes | bytearray | memoryview) -> memoryview:
+    """Check what needs no model: magic, version, length and checksum. Cheap (xxh3 runs at memory
+    speed), so a transport can refuse corrupted frames before handing them on."""
     view = memoryview(frame).cast("B")
     size = len(view)
     if size < HEADER.size + SEGMENT.size + CHECKSUM.size:
         raise FrameError(f"frame is {size} bytes, shorter than the smallest possible frame")
-    (magic, version, flags, fingerprint, num_layers, num_kv_heads, head_dim, dtype_code, num_segments,
-     layer, group_tokens, token_start, token_count, total) = HEADER.unpack_from(view, 0)
+    fields = HEADER.unpack_from(view, 0)
+    magic, version, total = fields[0], fields[1], fields[-1]
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -168,6 +164,20 @@ def parse_frame(
     checksum = CHECKSUM.unpack_from(view, size - CHECKSUM.size)[0]
     if xxhash.xxh3_64_intdigest(view[: size - CHECKSUM.size]) != checksum:
         raise FrameError("checksum mismatch: the frame was corrupted")
+    return view
+
+
+def parse_frame(
+    frame: bytes | bytearray | memoryview,
+    geometry: KVGeometry,
+    expect_layer: int | None = None,
+    expect_token_start: int | None = None,
+) -> FrameHeader:
+    """Validate a whole frame and return its header; raise FrameError on anything wrong."""
+    view = check_integrity(frame)
+    size = len(view)
+    (_, _, flags, fingerprint, num_layers, num_kv_heads, head_dim, dtype_code, num_segments,
+     layer, group_tokens, token_start, token_count, _) = HEADER.unpack_from(view, 0)
     if flags & ~KNOWN_FLAGS:
         raise FrameError(f"unknown flags 0x{flags & ~KNOWN_FLAGS:x}")
     got = (num_layers, num_kv_heads, head_dim, DTYPES.get(dtype_code, f"code {dtype_code}"))

@@ -1,0 +1,265 @@
+"""Consumer side (the decode instance): pulls a transfer's frames from the producer named in the
+request and hands them over in order, each as soon as it arrives, so that layer L can be decoded
+while layer L+1 is still on the wire. One DEALER socket per producer carries every transfer from
+that producer; heartbeats tell a dead or restarted producer from a slow one."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from cachegen_vllm.codec.format import FrameError, check_integrity
+from cachegen_vllm.config import ConfigError, TransportConfig
+from cachegen_vllm.transport import protocol as P
+from cachegen_vllm.transport._io import HANDSHAKE_FAILURES, IOThread, handshake_failed, log, secure_client
+from cachegen_vllm.transport.errors import CorruptFrame, PeerGone, TransferRefused, TransportError, TransportTimeout
+
+_END = object()
+
+
+@dataclass
+class _Peer:
+    sock: zmq.Socket
+    monitor: zmq.Socket | None
+    last_seen: float
+    last_ping: float = 0.0
+    epoch: bytes | None = None
+    streams: dict[bytes, "TransferStream"] = field(default_factory=dict)
+
+
+class TransferStream:
+    """The frames of one transfer, in order. Iterate it (blocking, up to the deadline); use it as
+    a context manager so that an abandoned transfer is cancelled on both sides."""
+
+    def __init__(self, consumer: "FrameConsumer", endpoint: str, transfer_id: str, deadline: float):
+        self.endpoint, self.transfer_id, self.deadline = endpoint, transfer_id, deadline
+        self.frames_received = 0
+        self.bytes_received = 0
+        self._consumer = consumer
+        self._tid = transfer_id.encode()
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._next_seq = 0  # IO thread: the next DATA expected
+        self._read = 0  # reader: frames handed out since the last credit
+        self._closed = False
+        self._epoch: bytes | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        if self._closed:
+            raise StopIteration
+        try:
+            item = self._items.get(timeout=max(0.0, self.deadline - time.monotonic()))
+        except queue.Empty:
+            self._fail_and_cancel()
+            raise TransportTimeout(f"transfer {self.transfer_id} from {self.endpoint} missed its deadline") from None
+        if item is _END:
+            self._closed = True
+            raise StopIteration
+        if isinstance(item, TransportError):
+            self._closed = True
+            raise item
+        self._consumer._unbuffer(len(item))
+        self._read += 1
+        if self._read >= max(1, self._consumer.config.credit_frames // 2):
+            credits, self._read = self._read, 0
+            self._consumer.call(lambda: self._consumer._send(self.endpoint, [P.CRED, self._tid, P.U32.pack(credits)]))
+        return item
+
+    def cancel(self) -> None:
+        """Abandon the transfer: the producer frees its frames, and so do we."""
+        if not self._closed:
+            self._fail_and_cancel()
+
+    def _fail_and_cancel(self) -> None:
+        self._closed = True
+        self._consumer.call(lambda: self._consumer._drop(self, cancel=True))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cancel()
+
+
+class FrameConsumer(IOThread):
+    def __init__(self, config: TransportConfig, context: zmq.Context | None = None):
+        super().__init__("cachegen-consumer")
+        if config.curve and not config.curve_server_public_key_file:
+            raise ConfigError("curve_server_public_key_file", "is required on a consumer when CURVE is on")
+        self.config = config
+        self._context = context or zmq.Context.instance()
+        self._peers: dict[str, _Peer] = {}
+        self._buffered = 0
+        self._buffer_lock = threading.Lock()
+        self.start()
+
+    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float) -> TransferStream:
+        """Start pulling a transfer; frames stream as the producer makes them."""
+        tid = transfer_id.encode()
+        if not 0 < len(tid) <= P.MAX_TRANSFER_ID:
+            raise ValueError(f"transfer id must be 1..{P.MAX_TRANSFER_ID} bytes")
+        stream = TransferStream(self, endpoint, transfer_id, time.monotonic() + timeout_s)
+        self.call(lambda: self._open(stream))
+        return stream
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet read, over all transfers."""
+        return self._buffered
+
+    @property
+    def open_streams(self) -> int:
+        return sum(len(p.streams) for p in list(self._peers.values()))
+
+    def close(self) -> None:
+        self.stop()
+        for peer in self._peers.values():
+            for stream in list(peer.streams.values()):
+                stream._items.put(PeerGone("the consumer was closed"))
+            peer.sock.close(linger=0)
+            if peer.monitor is not None:
+                peer.monitor.close(linger=0)
+        self._peers.clear()
+        self._buffered = 0
+
+    # ---- IO thread ------------------------------------------------------------------------------
+
+    def _unbuffer(self, n: int) -> None:
+        with self._buffer_lock:  # the reader thread and the IO thread both change it
+            self._buffered -= n
+
+    def _peer(self, endpoint: str) -> _Peer:
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes + 4096)
+            secure_client(sock, self.config)
+            monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES) if self.config.curve else None
+            sock.connect(endpoint)
+            self.poller.register(sock, zmq.POLLIN)
+            if monitor is not None:
+                self.poller.register(monitor, zmq.POLLIN)
+            peer = self._peers[endpoint] = _Peer(sock, monitor, last_seen=time.monotonic())
+        return peer
+
+    def _send(self, endpoint: str, parts: list) -> None:
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            return
+        try:
+            peer.sock.send_multipart(parts, zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # not connected yet and the queue is full; heartbeats catch a dead peer
+            self.stats["send_dropped"] += 1
+
+    def _open(self, stream: TransferStream) -> None:
+        if stream._closed:
+            return
+        peer = self._peer(stream.endpoint)
+        if not peer.streams:
+            peer.last_seen = time.monotonic()  # silence is counted from now, not from the last transfer
+        old = peer.streams.get(stream._tid)
+        if old is not None:
+            self._fail(old, TransferRefused(f"transfer {stream.transfer_id} was fetched again"), cancel=False)
+        peer.streams[stream._tid] = stream
+        stream._epoch = peer.epoch
+        args = P.PULL_ARGS.pack(0, self.config.credit_frames, self.config.max_frame_bytes)
+        self._send(stream.endpoint, [P.PULL, stream._tid, args])
+
+    def _drop(self, stream: TransferStream, cancel: bool) -> None:
+        """Forget a stream, free what it buffered, and tell the producer if asked."""
+        peer = self._peers.get(stream.endpoint)
+        if peer is None or peer.streams.get(stream._tid) is not stream:
+            return
+        del peer.streams[stream._tid]
+        while True:
+            try:
+                item = stream._items.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, bytes):
+                self._unbuffer(len(item))
+        if cancel:
+            self._send(stream.endpoint, [P.CANC, stream._tid])
+
+    def _fail(self, stream: TransferStream, error: TransportError, cancel: bool = True) -> None:
+        self.stats[f"failed_{error.kind}"] += 1
+        self._drop(stream, cancel)
+        stream._items.put(error)
+
+    def on_ready(self, ready: dict) -> None:
+        for endpoint, peer in list(self._peers.items()):
+            if peer.sock in ready:
+                while True:
+                    try:
+                        parts = peer.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    self._handle(endpoint, peer, parts)
+            if peer.monitor is not None and peer.monitor in ready:
+                while peer.monitor.poll(0):
+                    if handshake_failed(peer.monitor):
+                        self.stats["unauthenticated"] += 1
+                        log.warning("CURVE handshake with %s failed", endpoint)
+                        for stream in list(peer.streams.values()):
+                            self._fail(stream, TransferRefused(f"CURVE handshake with {endpoint} failed"), cancel=False)
+
+    def _handle(self, endpoint: str, peer: _Peer, parts: list[bytes]) -> None:
+        peer.last_seen = time.monotonic()
+        kind = parts[0]
+        if kind == P.PONG and len(parts) == 2:
+            if peer.epoch is not None and parts[1] != peer.epoch:
+                for stream in list(peer.streams.values()):
+                    if stream._epoch is not None and stream._epoch != parts[1]:
+                        self._fail(stream, PeerGone(f"producer {endpoint} restarted and lost transfer {stream.transfer_id}"), cancel=False)
+            peer.epoch = parts[1]
+            for stream in peer.streams.values():
+                stream._epoch = stream._epoch or parts[1]
+            return
+        stream = peer.streams.get(parts[1]) if len(parts) >= 2 else None
+        if stream is None:
+            self.stats["unexpected"] += 1  # e.g. frames of a transfer we just cancelled
+            return
+        if kind == P.DATA and len(parts) == 4 and len(parts[2]) == P.U32.size:
+            seq, frame = P.U32.unpack(parts[2])[0], parts[3]
+            if seq != stream._next_seq:
+                self.stats["out_of_order"] += 1
+                return
+            try:
+                check_integrity(frame)
+            except FrameError as e:
+                return self._fail(stream, CorruptFrame(f"frame {seq} of transfer {stream.transfer_id}: {e}"))
+            stream._next_seq += 1
+            stream.frames_received += 1
+            stream.bytes_received += len(frame)
+            self._unbuffer(-len(frame))
+            stream._items.put(frame)
+        elif kind == P.END and len(parts) == 3 and len(parts[2]) == P.U32.size:
+            if P.U32.unpack(parts[2])[0] != stream._next_seq:
+                return self._fail(stream, CorruptFrame(f"transfer {stream.transfer_id} ended after {P.U32.unpack(parts[2])[0]} frames, {stream._next_seq} arrived"))
+            del peer.streams[stream._tid]
+            self._send(endpoint, [P.DONE, stream._tid])
+            stream._items.put(_END)
+        elif kind == P.ERR and len(parts) == 4:
+            self._fail(stream, TransferRefused(parts[3].decode(errors="replace")), cancel=False)
+        else:
+            self.stats["malformed"] += 1
+            log.warning("dropped a malformed message from %s", endpoint)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for endpoint, peer in self._peers.items():
+            if not peer.streams:
+                continue
+            if now - peer.last_seen > self.config.peer_timeout_s:
+                for stream in list(peer.streams.values()):
+                    self._fail(stream, PeerGone(f"producer {endpoint} silent for {now - peer.last_seen:.1f} s"))
+            elif now - peer.last_ping >= self.config.heartbeat_s:
+                peer.last_ping = now
+                self._send(endpoint, [P.PING])

@@ -1,0 +1,32 @@
+"""Messages between a consumer (ZeroMQ DEALER) and a producer (ROUTER), as multipart frames.
+
+Every message is ``[kind, *parts]``; the ROUTER sees the consumer's routing id in front. Payloads
+travel as their own part (zero-copy, never pickled); small fixed fields are packed with struct.
+
+consumer -> producer
+    PULL  transfer_id  <from_seq u32, credits u32, max_frame_bytes u64>   stream frames from seq on
+    CRED  transfer_id  <credits u32>                                    the consumer read that many
+    DONE  transfer_id                                                   all read: free the buffers
+    CANC  transfer_id                                                   abandoned: free the buffers
+    PING                                                                heartbeat, renews leases
+producer -> consumer
+    DATA  transfer_id  <seq u32>  frame
+    END   transfer_id  <frames u32>                                     no frame after seq frames-1
+    ERR   transfer_id  <code u8>  message (utf-8)
+    PONG  epoch (16 random bytes, new at every producer start)
+"""
+
+import struct
+
+PULL, CRED, DONE, CANC, PING = b"PULL", b"CRED", b"DONE", b"CANC", b"PING"
+DATA, END, ERR, PONG = b"DATA", b"END", b"ERR", b"PONG"
+
+PULL_ARGS = struct.Struct("<IIQ")
+U32 = struct.Struct("<I")
+ERR_CODE = struct.Struct("<B")
+
+MAX_TRANSFER_ID = 128  # bytes
+MAX_CONTROL_MESSAGE = 1024  # bytes of any part a producer accepts: consumers send only control
+
+# How a transfer ended; sent as ERR codes (COMPLETED is only recorded, never sent).
+COMPLETED, REFUSED, CANCELLED, EVICTED, TOO_LARGE = 0, 1, 2, 3, 4

@@ -1,0 +1,356 @@
+"""The ZeroMQ transport over loopback: streaming, flow control, faults, security, accounting.
+
+Every test ends by checking that no buffer is left on either side (the `endpoints` fixture)."""
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+import zmq.auth
+
+from cachegen_vllm.codec import KVGeometry, encode_layer
+from cachegen_vllm.config import ConfigError, TransportConfig, profile_from_dict, transport_config_from_dict
+from cachegen_vllm.transport import (
+    BufferFull, CorruptFrame, FrameConsumer, FrameProducer, PeerGone, TransferRefused, TransportTimeout,
+)
+from cachegen_vllm.transport import protocol as P
+
+GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
+PROFILE = profile_from_dict({"chunk_tokens": 32, "group_tokens": 8, "bits": {"key": 4, "value": 4}}, "t")
+FAST = TransportConfig(credit_frames=4, ttl_s=1.5, heartbeat_s=0.1, peer_timeout_s=0.8)
+
+
+def make_frames(count: int, seed: int = 0) -> list[bytes]:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(32 * count, 2, 16, generator=g).bfloat16()
+    v = torch.randn(32 * count, 2, 16, generator=g).bfloat16()
+    return encode_layer(k, v, geometry=GEOMETRY, profile=PROFILE, layer=seed % 2)
+
+
+def wait_until(predicate, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def assert_no_leaks(producer, consumer):
+    assert wait_until(lambda: producer.transfers == 0 and producer.buffered_bytes == 0), (producer.transfers, producer.buffered_bytes)
+    assert wait_until(lambda: consumer.open_streams == 0 and consumer.buffered_bytes == 0), (consumer.open_streams, consumer.buffered_bytes)
+
+
+@pytest.fixture
+def endpoints():
+    made = []
+
+    def make(config=FAST, producer=True, consumer=True):
+        pair = (FrameProducer(config) if producer else None, FrameConsumer(config) if consumer else None)
+        made.append(pair)
+        return pair
+
+    yield make
+    for producer, consumer in made:
+        if producer and consumer:
+            assert_no_leaks(producer, consumer)
+        for side in (producer, consumer):
+            if side:
+                side.close()
+
+
+def produce(producer, tid, frames, delay=0.0):
+    for f in frames:
+        time.sleep(delay)
+        producer.put(tid, f)
+    producer.finish(tid)
+
+
+def test_streams_frames_in_order_as_they_are_produced(endpoints):
+    producer, consumer = endpoints()
+    frames = make_frames(6)
+    stream = consumer.fetch(producer.endpoint, "req-1", timeout_s=10)  # asked before anything exists
+    threading.Thread(target=produce, args=(producer, "req-1", frames, 0.1)).start()
+    arrivals = []
+    for frame in stream:
+        arrivals.append(time.monotonic())
+        assert frame == frames[len(arrivals) - 1]
+    assert len(arrivals) == 6 and stream.frames_received == 6
+    assert arrivals[-1] - arrivals[0] > 0.3  # each frame was handed over as it came, not at the end
+
+
+def test_many_concurrent_transfers_produced_out_of_order(endpoints):
+    producer, consumer = endpoints()
+    transfers = {f"req-{i}": make_frames(5, seed=i) for i in range(16)}
+    streams = {tid: consumer.fetch(producer.endpoint, tid, timeout_s=20) for tid in transfers}
+    work = [(tid, f) for tid, frames in transfers.items() for f in frames]
+    rng = random.Random(7)
+    rng.shuffle(work)  # transfers interleave in random order; each keeps its own frame order
+    work.sort(key=lambda item: transfers[item[0]].index(item[1]))
+    rng.shuffle(work[: len(work) // 2])
+
+    def run():
+        order = {tid: 0 for tid in transfers}
+        pending = list(work)
+        while pending:
+            for item in list(pending):
+                tid, frame = item
+                if transfers[tid][order[tid]] is frame:
+                    producer.put(tid, frame)
+                    order[tid] += 1
+                    pending.remove(item)
+                    if order[tid] == len(transfers[tid]):
+                        producer.finish(tid)
+
+    threading.Thread(target=run).start()
+    results = {}
+    readers = [threading.Thread(target=lambda t=tid: results.__setitem__(t, list(streams[t]))) for tid in transfers]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join(30)
+    assert results == transfers
+
+
+def test_credits_bound_what_is_in_flight(endpoints):
+    producer, consumer = endpoints()
+    frames = make_frames(40)
+    stream = consumer.fetch(producer.endpoint, "slow-reader", timeout_s=20)
+    produce(producer, "slow-reader", frames)
+    time.sleep(0.5)
+    assert producer.stats["frames_sent"] == FAST.credit_frames  # the window, not everything
+    assert consumer.buffered_bytes <= FAST.credit_frames * max(map(len, frames))
+    assert list(stream) == frames
+
+
+def test_consumer_cancel_mid_stream_frees_both_sides(endpoints):
+    producer, consumer = endpoints()
+    frames = make_frames(10)
+    produce(producer, "cancel-me", frames[:5])
+    with consumer.fetch(producer.endpoint, "cancel-me", timeout_s=10) as stream:
+        assert next(stream) == frames[0]
+    assert wait_until(lambda: producer.transfers == 0)
+    with pytest.raises(TransferRefused, match="cancelled by the consumer"):
+        producer.put("cancel-me", frames[5])  # the producer learns to stop
+
+
+def test_producer_abort_reaches_the_consumer(endpoints):
+    producer, consumer = endpoints()
+    frames = make_frames(4)
+    producer.put("abort-me", frames[0])
+    stream = consumer.fetch(producer.endpoint, "abort-me", timeout_s=10)
+    assert next(stream) == frames[0]
+    producer.abort("abort-me", "prefill failed")
+    with pytest.raises(TransferRefused, match="prefill failed"):
+        next(stream)
+
+
+def test_deadline_gives_a_timeout_and_frees_both_sides(endpoints):
+    producer, consumer = endpoints()
+    producer.put("never-finished", make_frames(1)[0])
+    stream = consumer.fetch(producer.endpoint, "never-finished", timeout_s=0.5)
+    next(stream)
+    started = time.monotonic()
+    with pytest.raises(TransportTimeout):
+        next(stream)
+    assert time.monotonic() - started < 2
+
+
+def test_ttl_evicts_what_nobody_collects(endpoints):
+    producer, consumer = endpoints()
+    produce(producer, "orphan", make_frames(3))
+    assert producer.buffered_bytes > 0
+    assert wait_until(lambda: producer.transfers == 0, timeout=FAST.ttl_s + 2)
+    assert producer.buffered_bytes == 0 and producer.stats["evicted"] == 1
+    with pytest.raises(TransferRefused, match="evicted"):
+        list(consumer.fetch(producer.endpoint, "orphan", timeout_s=5))
+
+
+def test_a_reading_consumer_renews_its_lease(endpoints):
+    producer, consumer = endpoints()
+    frames = make_frames(3)
+    producer.put("long", frames[0])
+    stream = consumer.fetch(producer.endpoint, "long", timeout_s=10)
+    assert next(stream) == frames[0]
+    time.sleep(FAST.ttl_s * 2)  # heartbeats keep it alive although nothing is produced
+    produce(producer, "long", frames[1:])
+    assert list(stream) == frames[1:]
+
+
+def test_producer_dies(endpoints):
+    producer, consumer = endpoints(producer=False)
+    dead = FrameProducer(FAST)
+    stream = consumer.fetch(dead.endpoint, "lost", timeout_s=30)
+    dead.put("lost", make_frames(1)[0])
+    assert next(stream)
+    dead.close()
+    started = time.monotonic()
+    with pytest.raises(PeerGone):
+        next(stream)
+    assert time.monotonic() - started < FAST.peer_timeout_s + 1.5
+    assert wait_until(lambda: consumer.open_streams == 0 and consumer.buffered_bytes == 0)
+
+
+def test_producer_restart_is_detected_and_new_transfers_work(endpoints):
+    producer, consumer = endpoints(producer=False)
+    first = FrameProducer(FAST)
+    endpoint = first.endpoint
+    frames = make_frames(3)
+    first.put("before", frames[0])
+    stream = consumer.fetch(endpoint, "before", timeout_s=30)
+    assert next(stream) == frames[0]
+    first.close()
+    second = None
+    while second is None:  # ZeroMQ releases the port asynchronously after close
+        try:
+            second = FrameProducer(TransportConfig(**{**FAST.__dict__, "bind": endpoint}))
+        except zmq.ZMQError:
+            time.sleep(0.05)
+    try:
+        with pytest.raises(PeerGone):
+            next(stream)
+        produce(second, "after", frames)
+        assert list(consumer.fetch(endpoint, "after", timeout_s=10)) == frames
+        assert_no_leaks(second, consumer)
+    finally:
+        second.close()
+
+
+def test_consumer_restart_pulls_again_from_the_start(endpoints):
+    producer, consumer = endpoints()
+    frames = make_frames(5)
+    produce(producer, "resume", frames)
+    crashed = FrameConsumer(FAST)
+    assert next(crashed.fetch(producer.endpoint, "resume", timeout_s=10)) == frames[0]
+    crashed.close()  # dies without cancelling
+    assert producer.transfers == 1  # the frames wait for the consumer to come back
+    assert list(consumer.fetch(producer.endpoint, "resume", timeout_s=10)) == frames
+
+
+def test_corrupted_frame_is_caught_by_the_checksum(endpoints):
+    producer, consumer = endpoints()
+    frames = make_frames(3)
+    damaged = bytearray(frames[1])
+    damaged[len(damaged) // 2] ^= 0x10
+    stream = consumer.fetch(producer.endpoint, "bitrot", timeout_s=10)
+    produce(producer, "bitrot", [frames[0], bytes(damaged), frames[2]])
+    received = []
+    with pytest.raises(CorruptFrame, match="frame 1 of transfer bitrot: checksum"):
+        for frame in stream:
+            received.append(frame)
+    assert received in ([], frames[:1])  # a failed transfer may drop what was not yet read; never a bad frame
+    assert consumer.stats["failed_corrupt"] == 1
+
+
+def test_oversized_frames_are_refused_on_both_sides(endpoints):
+    small = TransportConfig(**{**FAST.__dict__, "max_frame_bytes": 1024})
+    frames = make_frames(2)
+    assert min(map(len, frames)) > 1024
+    producer, _ = endpoints(consumer=False)
+    _, consumer = endpoints(config=small, producer=False)
+    produce(producer, "big", frames)
+    with pytest.raises(TransferRefused, match="over the consumer's limit"):
+        list(consumer.fetch(producer.endpoint, "big", timeout_s=10))
+    assert wait_until(lambda: producer.transfers == 0 and consumer.open_streams == 0)
+    strict, _ = endpoints(config=small, consumer=False)
+    with pytest.raises(TransferRefused, match="exceeds max_frame_bytes=1024"):
+        strict.put("big", frames[0])
+    assert strict.transfers == 0
+
+
+def test_buffer_limit(endpoints):
+    frames = make_frames(4)
+    producer, _ = endpoints(config=TransportConfig(**{**FAST.__dict__, "max_buffer_bytes": 2 * len(frames[0])}), consumer=False)
+    producer.put("a", frames[0])
+    producer.put("b", frames[0])
+    with pytest.raises(BufferFull):
+        producer.put("c", frames[0])
+    producer.abort("a")
+    producer.abort("b")
+    assert wait_until(lambda: producer.buffered_bytes == 0 and producer.transfers == 0)
+
+
+def test_malformed_messages_are_dropped_and_counted(endpoints):
+    producer, consumer = endpoints()
+    rogue = zmq.Context.instance().socket(zmq.DEALER)
+    rogue.linger = 0
+    rogue.connect(producer.endpoint)
+    for parts in ([b"XXXX", b"id"], [P.PULL], [P.PULL, b"id", b"short"], [P.CRED, b"x" * 500, P.U32.pack(1)], [P.PING, b"extra"]):
+        rogue.send_multipart(parts)
+    rogue.send_multipart([P.PULL, b"id", b"\0" * 5000])  # over MAX_CONTROL_MESSAGE: the link is cut
+    assert wait_until(lambda: producer.stats["malformed"] >= 5)
+    rogue.close()
+    frames = make_frames(2)
+    produce(producer, "still-works", frames)
+    assert list(consumer.fetch(producer.endpoint, "still-works", timeout_s=10)) == frames
+    assert producer.stats["internal_errors"] == 0
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    for name in ("server", "client", "stranger"):
+        zmq.auth.create_certificates(tmp_path, name)
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    (authorized / "client.key").write_bytes((tmp_path / "client.key").read_bytes())
+    return tmp_path
+
+
+def _curve(certs, client: str) -> tuple[TransportConfig, TransportConfig]:
+    server = transport_config_from_dict({
+        "heartbeat_s": 0.1, "peer_timeout_s": 0.8,
+        "curve_secret_key_file": str(certs / "server.key_secret"),
+        "curve_authorized_keys_dir": str(certs / "authorized"),
+    })
+    consumer = transport_config_from_dict({
+        "heartbeat_s": 0.1, "peer_timeout_s": 0.8,
+        "curve_secret_key_file": str(certs / f"{client}.key_secret"),
+        "curve_server_public_key_file": str(certs / "server.key"),
+    })
+    return server, consumer
+
+
+def test_curve_serves_an_authorized_consumer(endpoints, certificates):
+    server, client = _curve(certificates, "client")
+    producer, _ = endpoints(config=server, consumer=False)
+    _, consumer = endpoints(config=client, producer=False)
+    frames = make_frames(3)
+    produce(producer, "secret", frames)
+    assert list(consumer.fetch(producer.endpoint, "secret", timeout_s=10)) == frames
+    assert wait_until(lambda: producer.transfers == 0)
+
+
+@pytest.mark.parametrize("who", ["stranger", "plaintext"])
+def test_curve_refuses_an_unauthorized_consumer(endpoints, certificates, who):
+    server, client = _curve(certificates, "stranger")
+    producer, _ = endpoints(config=server, consumer=False)
+    _, consumer = endpoints(config=client if who == "stranger" else FAST, producer=False)
+    frames = make_frames(2)
+    produce(producer, "secret", frames)
+    with pytest.raises((TransferRefused, PeerGone)):
+        list(consumer.fetch(producer.endpoint, "secret", timeout_s=10))
+    assert producer.stats["frames_sent"] == 0
+    assert wait_until(lambda: producer.stats["unauthenticated"] >= 1)
+    producer.abort("secret")
+    assert wait_until(lambda: producer.transfers == 0 and consumer.open_streams == 0)
+
+
+@pytest.mark.parametrize(
+    "data,field",
+    [
+        ({"bind": "127.0.0.1:5555"}, "transport.bind"),
+        ({"credit_frames": 0}, "transport.credit_frames"),
+        ({"ttl_s": -1}, "transport.ttl_s"),
+        ({"heartbeat_s": 5, "peer_timeout_s": 2}, "transport.peer_timeout_s"),
+        ({"curve_secret_key_file": "/nonexistent/key"}, "transport.curve_secret_key_file"),
+        ({"curve_authorized_keys_dir": "/tmp"}, "transport.curve_secret_key_file"),
+        ({"max_frame_byte": 1}, "transport.max_frame_byte"),
+    ],
+)
+def test_transport_config_errors_name_the_field(data, field):
+    with pytest.raises(ConfigError) as e:
+        transport_config_from_dict(data, prefix="transport.")
+    assert e.value.field == field
