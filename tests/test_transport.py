@@ -115,6 +115,18 @@ def test_many_concurrent_transfers_produced_out_of_order(endpoints):
     assert results == transfers
 
 
+def test_one_consumer_many_producers(endpoints):
+    _, consumer = endpoints(producer=False)
+    producers = [endpoints(consumer=False)[0] for _ in range(3)]
+    transfers = {(i, f"req-{j}"): make_frames(3, seed=10 * i + j) for i in range(3) for j in range(2)}
+    streams = {key: consumer.fetch(producers[key[0]].endpoint, key[1], timeout_s=10) for key in transfers}
+    for (i, tid), frames in transfers.items():  # the same transfer id on different producers is no clash
+        threading.Thread(target=produce, args=(producers[i], tid, frames, 0.01)).start()
+    assert {key: list(stream) for key, stream in streams.items()} == transfers
+    for producer in producers:
+        assert_no_leaks(producer, consumer)
+
+
 def test_credits_bound_what_is_in_flight(endpoints):
     producer, consumer = endpoints()
     frames = make_frames(40)
