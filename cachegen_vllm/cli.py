@@ -39,7 +39,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(run=_quality)
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("proxy", help="OpenAI-compatible front end for prefill + decode instances", add_help=False)
+    p.set_defaults(run=None)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "proxy":
+        from cachegen_vllm.proxy import main as proxy_main
+
+        return proxy_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.run(args)
 
 

@@ -1,0 +1,97 @@
+"""Reading and writing a request's tokens in vLLM's paged KV cache, whatever the page layout.
+
+vLLM 0.32 hands a connector one tensor per layer, logically
+``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (K then V on the last dimension). On the
+CPU backend (layout ``LBHNC``) each (block, head) page is one contiguous run of
+``2 * block_size * head_size`` elements: the K area, then the V area, each packed in an order that
+depends on the instruction set vLLM picked (``vec``, ``amx``, ``neon``...; with bf16 on AMX the rows
+are not token-major). Rather than re-implement each ISA's packing, `probe_page_order` asks vLLM's
+own ``cpu_attn_reshape_and_cache`` where each (token, channel) lands, once per layer geometry, and
+gather/scatter then are one indexed copy each. A layout that is not a permutation of the page is
+refused with a clear error instead of being guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PROBE_BASE = 64  # digits 1..64 are exact in every float dtype vLLM uses, bf16 included
+
+
+@dataclass(frozen=True)
+class PageOrder:
+    """Flat offsets, within a page, of each (token, channel) of its K and V areas."""
+
+    key: torch.Tensor  # int64 [block_size, head_size], offsets into the page's first half
+    value: torch.Tensor  # int64 [block_size, head_size], offsets into the whole page
+
+    @staticmethod
+    def token_major(block_size: int, head_size: int) -> "PageOrder":
+        offsets = torch.arange(block_size * head_size).view(block_size, head_size)
+        return PageOrder(offsets, offsets + block_size * head_size)
+
+
+def probe_page_order(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> PageOrder:
+    """Where vLLM's CPU cache writer puts each (token, channel) of one page, found by writing
+    known values through it: first ones (which offsets an area uses), then the index of every
+    element, one base-64 digit per pass (exact in bf16)."""
+    from vllm import _custom_ops as ops
+
+    count = block_size * head_size
+
+    def write(area: str, values: torch.Tensor) -> torch.Tensor:
+        data = values.to(dtype).view(block_size, 1, head_size)
+        zero = torch.zeros_like(data)
+        page = torch.zeros(1, 1, 2 * block_size, head_size, dtype=dtype)
+        key_cache, value_cache = page.chunk(2, dim=2)
+        k, v = (data, zero) if area == "key" else (zero, data)
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, torch.arange(block_size), isa)
+        return page.view(-1)
+
+    orders = {}
+    for area in ("key", "value"):
+        positions = (write(area, torch.ones(count)) != 0).nonzero().view(-1)
+        if positions.numel() != count:
+            raise RuntimeError(f"vLLM CPU page layout (isa={isa}): the {area} area has {positions.numel()} slots, not {count}")
+        index, scale = torch.zeros(count, dtype=torch.int64), 1
+        while scale < count:
+            digits = write(area, torch.arange(count) // scale % PROBE_BASE + 1)[positions].to(torch.int64)
+            if not ((digits >= 1) & (digits <= PROBE_BASE)).all():
+                raise RuntimeError(f"vLLM CPU page layout (isa={isa}) transforms the values it stores; unsupported")
+            index += (digits - 1) * scale
+            scale *= PROBE_BASE
+        offsets = torch.full((count,), -1, dtype=torch.int64)
+        offsets[index] = positions
+        if (offsets < 0).any():
+            raise RuntimeError(f"vLLM CPU page layout (isa={isa}): the {area} area is not a permutation; unsupported")
+        orders[area] = offsets.view(block_size, head_size)
+    return PageOrder(**orders)
+
+
+def _pages(layer: torch.Tensor) -> torch.Tensor:
+    num_blocks, heads, block_size, width = layer.shape
+    return layer.view(num_blocks, heads, block_size * width)
+
+
+def gather(layer: torch.Tensor, order: PageOrder, block_ids: torch.Tensor, num_tokens: int):
+    """K and V ``[num_tokens, heads, head_size]`` of the request whose first tokens are in
+    ``block_ids`` (in order)."""
+    heads, width = layer.shape[1], layer.shape[3]
+    pages = _pages(layer)[block_ids]  # [blocks, heads, page]
+    # pages[:, :, order] is [blocks, heads, block_size, head_size]; tokens are (block, row)
+    key, value = (pages[:, :, o].permute(0, 2, 1, 3).reshape(-1, heads, width // 2)[:num_tokens] for o in (order.key, order.value))
+    return key, value
+
+
+def scatter(layer: torch.Tensor, order: PageOrder, block_ids: torch.Tensor, first_token: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Write K and V of tokens ``[first_token, first_token + len(key))`` of a request into its blocks."""
+    _, heads, block_size, _ = layer.shape
+    positions = torch.arange(first_token, first_token + key.shape[0])
+    blocks = block_ids[positions // block_size]
+    rows = positions % block_size
+    pages = _pages(layer)
+    head = torch.arange(heads)
+    pages[blocks[:, None, None], head[None, :, None], order.key[rows][:, None, :]] = key
+    pages[blocks[:, None, None], head[None, :, None], order.value[rows][:, None, :]] = value

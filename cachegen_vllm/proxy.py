@@ -1,0 +1,146 @@
+"""An OpenAI-compatible front end for disaggregated serving: one endpoint for clients, a prefill
+instance and a decode instance behind it.
+
+Each completion is sent first to a prefill instance with ``max_tokens=1`` and
+``kv_transfer_params={"do_remote_decode": true, "transfer_id": ...}``: it computes the prompt's KV
+and its connector streams it out. The ``kv_transfer_params`` the prefill answers with (where the KV
+waits, and under which id) go with the original request to a decode instance, which loads the KV
+and generates; its answer, streamed or not, goes back to the client unchanged. Prefill and decode
+instances are chosen round robin. A backend's error comes back with its own status and body.
+
+The transfer id is made here, not taken from vLLM's request ids, which differ per instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import uuid
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+log = logging.getLogger("cachegen_vllm.proxy")
+
+HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "proxy_error", "code": status}}, status_code=status)
+
+
+def _passthrough(response: httpx.Response) -> Response:
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
+    return Response(response.content, status_code=response.status_code, headers=headers)
+
+
+def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float = 600.0) -> FastAPI:
+    if not prefill_urls or not decode_urls:
+        raise ValueError("the proxy needs at least one prefill and one decode URL")
+    prefills = itertools.cycle([u.rstrip("/") for u in prefill_urls])
+    decodes = itertools.cycle([u.rstrip("/") for u in decode_urls])
+    clients: dict[str, httpx.AsyncClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        clients["http"] = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0))
+        yield
+        await clients["http"].aclose()
+
+    app = FastAPI(title="cachegen-vllm proxy", lifespan=lifespan)
+
+    async def disaggregated(request: Request, path: str) -> Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return _error(400, "the request body is not valid JSON")
+        if not isinstance(body, dict):
+            return _error(400, "the request body must be a JSON object")
+        http = clients["http"]
+        transfer_id = f"cg-{uuid.uuid4().hex}"
+
+        prefill_body = dict(body, stream=False, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "transfer_id": transfer_id})
+        prefill_body.pop("stream_options", None)
+        if "max_completion_tokens" in prefill_body:
+            prefill_body["max_completion_tokens"] = 1
+        prefill_url = next(prefills)
+        try:
+            prefill = await http.post(f"{prefill_url}{path}", json=prefill_body)
+        except httpx.HTTPError as e:
+            return _error(502, f"prefill instance {prefill_url} unreachable: {e}")
+        if prefill.status_code != 200:
+            return _passthrough(prefill)
+        params = prefill.json().get("kv_transfer_params")
+        if not params:  # no connector on the prefill side: the decode instance will recompute
+            log.warning("prefill %s returned no kv_transfer_params; decode recomputes the prompt", prefill_url)
+        decode_body = dict(body, kv_transfer_params=params) if params else body
+
+        decode_url = next(decodes)
+        if not body.get("stream"):
+            try:
+                return _passthrough(await http.post(f"{decode_url}{path}", json=decode_body))
+            except httpx.HTTPError as e:
+                return _error(502, f"decode instance {decode_url} unreachable: {e}")
+        try:
+            upstream = await http.send(http.build_request("POST", f"{decode_url}{path}", json=decode_body), stream=True)
+        except httpx.HTTPError as e:
+            return _error(502, f"decode instance {decode_url} unreachable: {e}")
+        if upstream.status_code != 200:
+            await upstream.aread()
+            await upstream.aclose()
+            return _passthrough(upstream)
+
+        async def relay():
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            finally:
+                await upstream.aclose()
+
+        return StreamingResponse(relay(), status_code=200, media_type=upstream.headers.get("content-type", "text/event-stream"))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await disaggregated(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await disaggregated(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        url = next(decodes)
+        try:
+            return _passthrough(await clients["http"].get(f"{url}/v1/models"))
+        except httpx.HTTPError as e:
+            return _error(502, f"decode instance {url} unreachable: {e}")
+
+    @app.get("/health")
+    async def health() -> Response:
+        status = {}
+        for url in dict.fromkeys([*prefill_urls, *decode_urls]):
+            try:
+                status[url] = (await clients["http"].get(f"{url.rstrip('/')}/health", timeout=5.0)).status_code == 200
+            except httpx.HTTPError:
+                status[url] = False
+        healthy = any(status[u] for u in prefill_urls) and any(status[u] for u in decode_urls)
+        return JSONResponse({"healthy": healthy, "backends": status}, status_code=200 if healthy else 503)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cachegen-vllm proxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--prefill", nargs="+", required=True, help="prefill instance base URLs")
+    parser.add_argument("--decode", nargs="+", required=True, help="decode instance base URLs")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds for one backend request")
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    uvicorn.run(create_app(args.prefill, args.decode, args.timeout), host=args.host, port=args.port, log_level="info")

@@ -1,0 +1,142 @@
+"""The proxy against fake OpenAI backends on loopback: the P/D hand-off, streaming, errors."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cachegen_vllm.proxy import create_app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(app) -> tuple[str, uvicorn.Server]:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    return f"http://127.0.0.1:{port}", server
+
+
+def fake_backend(name: str, seen: list):
+    app = FastAPI()
+
+    async def handle(request: Request, path: str):
+        body = await request.json()
+        seen.append((name, path, body))
+        if body.get("model") == "broken":
+            return JSONResponse({"error": {"message": f"{name} says no"}}, status_code=422)
+        params = body.get("kv_transfer_params") or {}
+        if params.get("do_remote_decode"):  # a prefill instance hands back where the KV waits
+            return {"choices": [{"text": "x"}], "kv_transfer_params": {"do_remote_prefill": True,
+                    "transfer_id": params["transfer_id"], "producer": f"tcp://{name}"}}
+        if body.get("stream"):
+            async def events():
+                for word in ("hello", " world"):
+                    yield f"data: {json.dumps({'choices': [{'text': word}], 'from': name})}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return {"choices": [{"text": "hello world"}], "from": name}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await handle(request, "/v1/chat/completions")
+
+    app.get("/v1/models")(lambda: {"data": [{"id": "m"}], "from": name})
+    app.get("/health")(lambda: {"ok": True})
+    return app
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    seen: list = []
+    servers = []
+    urls = {}
+    for name in ("prefill-a", "prefill-b", "decode-a", "decode-b"):
+        urls[name], server = _serve(fake_backend(name, seen))
+        servers.append(server)
+    proxy_url, server = _serve(create_app([urls["prefill-a"], urls["prefill-b"]], [urls["decode-a"], urls["decode-b"]]))
+    servers.append(server)
+    yield proxy_url, seen, urls
+    for server in servers:
+        server.should_exit = True
+
+
+def test_completion_goes_prefill_then_decode_with_the_transfer_params(cluster):
+    proxy, seen, _ = cluster
+    seen.clear()
+    r = httpx.post(f"{proxy}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 20}, timeout=10)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello world"
+    (p_name, p_path, p_body), (d_name, d_path, d_body) = seen
+    assert p_name.startswith("prefill") and d_name.startswith("decode") and p_path == d_path == "/v1/completions"
+    assert p_body["max_tokens"] == 1 and p_body["stream"] is False
+    assert p_body["kv_transfer_params"]["do_remote_decode"] is True
+    tid = p_body["kv_transfer_params"]["transfer_id"]
+    assert d_body["max_tokens"] == 20 and d_body["prompt"] == "hi"
+    assert d_body["kv_transfer_params"] == {"do_remote_prefill": True, "transfer_id": tid, "producer": f"tcp://{p_name}"}
+
+
+def test_chat_streaming_is_relayed(cluster):
+    proxy, seen, _ = cluster
+    seen.clear()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "max_completion_tokens": 9, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{proxy}/v1/chat/completions", json=body, timeout=10) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1]) == "hello world"
+    prefill_body = seen[0][2]
+    assert prefill_body["max_completion_tokens"] == 1 and "stream_options" not in prefill_body
+    assert seen[1][2]["stream"] is True and seen[1][2]["max_completion_tokens"] == 9
+
+
+def test_round_robin_over_instances(cluster):
+    proxy, seen, _ = cluster
+    seen.clear()
+    for _ in range(4):
+        httpx.post(f"{proxy}/v1/completions", json={"model": "m", "prompt": "hi"}, timeout=10)
+    assert [name for name, _, _ in seen] == ["prefill-a", "decode-a", "prefill-b", "decode-b"] * 2 or \
+        [name for name, _, _ in seen] == ["prefill-b", "decode-b", "prefill-a", "decode-a"] * 2
+
+
+def test_backend_errors_pass_through_with_their_status(cluster):
+    proxy, _, _ = cluster
+    r = httpx.post(f"{proxy}/v1/completions", json={"model": "broken", "prompt": "hi"}, timeout=10)
+    assert r.status_code == 422 and "says no" in r.json()["error"]["message"]
+    r = httpx.post(f"{proxy}/v1/completions", content=b"{not json", timeout=10)
+    assert r.status_code == 400
+
+
+def test_models_and_health(cluster):
+    proxy, _, urls = cluster
+    assert httpx.get(f"{proxy}/v1/models", timeout=10).json()["data"] == [{"id": "m"}]
+    health = httpx.get(f"{proxy}/health", timeout=10)
+    assert health.status_code == 200 and all(health.json()["backends"].values())
+
+
+def test_unreachable_backend_is_a_502():
+    url, server = _serve(create_app([f"http://127.0.0.1:{_free_port()}"], [f"http://127.0.0.1:{_free_port()}"]))
+    try:
+        r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "hi"}, timeout=10)
+        assert r.status_code == 502 and "prefill instance" in r.json()["error"]["message"]
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 503
+    finally:
+        server.should_exit = True
