@@ -27,11 +27,6 @@ class PageOrder:
     key: torch.Tensor  # int64 [block_size, head_size], offsets into the page's first half
     value: torch.Tensor  # int64 [block_size, head_size], offsets into the whole page
 
-    @staticmethod
-    def token_major(block_size: int, head_size: int) -> "PageOrder":
-        offsets = torch.arange(block_size * head_size).view(block_size, head_size)
-        return PageOrder(offsets, offsets + block_size * head_size)
-
 
 def probe_page_order(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> PageOrder:
     """Where vLLM's CPU cache writer puts each (token, channel) of one page, found by writing

@@ -38,7 +38,7 @@ def _frames(tokens=45, layer=2, seed=0):
 @pytest.mark.parametrize("layer", [0, 3])
 @pytest.mark.parametrize("axis,rotation", [("token", "hadamard"), ("channel", "none")])
 def test_roundtrip(layer, axis, rotation):
-    profile = profile_from_dict({**{"chunk_tokens": 32, "group_tokens": 8, "rotation": rotation, "value_axis": axis},
+    profile = profile_from_dict({"chunk_tokens": 32, "group_tokens": 8, "rotation": rotation, "value_axis": axis,
                                  "bits": {"key": 4, "value": 4, "recent": [{"tokens": 3, "key": 16, "value": 16}]}}, "p")
     k, v = _kv(45, layer)
     frames = encode_layer(k, v, geometry=GEOMETRY, profile=profile, layer=layer, token_start=19, total_tokens=64)

@@ -126,7 +126,7 @@ def test_backend_errors_pass_through_with_their_status(cluster):
 
 
 def test_models_and_health(cluster):
-    proxy, _, urls = cluster
+    proxy, _, _ = cluster
     assert httpx.get(f"{proxy}/v1/models", timeout=10).json()["data"] == [{"id": "m"}]
     health = httpx.get(f"{proxy}/health", timeout=10)
     assert health.status_code == 200 and all(health.json()["backends"].values())

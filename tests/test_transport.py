@@ -14,7 +14,13 @@ import zmq.auth
 from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.config import ConfigError, TransportConfig, profile_from_dict, transport_config_from_dict
 from cachegen_vllm.transport import (
-    BufferFull, CorruptFrame, FrameConsumer, FrameProducer, PeerGone, TransferRefused, TransportTimeout,
+    BufferFull,
+    CorruptFrame,
+    FrameConsumer,
+    FrameProducer,
+    PeerGone,
+    TransferRefused,
+    TransportTimeout,
 )
 from cachegen_vllm.transport import protocol as P
 
@@ -193,7 +199,7 @@ def test_a_reading_consumer_renews_its_lease(endpoints):
 
 
 def test_producer_dies(endpoints):
-    producer, consumer = endpoints(producer=False)
+    _, consumer = endpoints(producer=False)
     dead = FrameProducer(FAST)
     stream = consumer.fetch(dead.endpoint, "lost", timeout_s=30)
     dead.put("lost", make_frames(1)[0])
@@ -207,7 +213,7 @@ def test_producer_dies(endpoints):
 
 
 def test_producer_restart_is_detected_and_new_transfers_work(endpoints):
-    producer, consumer = endpoints(producer=False)
+    _, consumer = endpoints(producer=False)
     first = FrameProducer(FAST)
     endpoint = first.endpoint
     frames = make_frames(3)

@@ -6,7 +6,12 @@ Independent of vLLM. Frames are the codec's (docs/FORMAT.md); the transport chec
 
 from cachegen_vllm.transport.consumer import FrameConsumer, TransferStream
 from cachegen_vllm.transport.errors import (
-    BufferFull, CorruptFrame, PeerGone, TransferRefused, TransportError, TransportTimeout,
+    BufferFull,
+    CorruptFrame,
+    PeerGone,
+    TransferRefused,
+    TransportError,
+    TransportTimeout,
 )
 from cachegen_vllm.transport.producer import FrameProducer
 

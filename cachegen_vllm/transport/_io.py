@@ -8,7 +8,7 @@ import queue
 import socket
 import threading
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 import zmq.auth

@@ -28,14 +28,14 @@ class _Peer:
     last_seen: float
     last_ping: float = 0.0
     epoch: bytes | None = None
-    streams: dict[bytes, "TransferStream"] = field(default_factory=dict)
+    streams: dict[bytes, TransferStream] = field(default_factory=dict)
 
 
 class TransferStream:
     """The frames of one transfer, in order. Iterate it (blocking, up to the deadline); use it as
     a context manager so that an abandoned transfer is cancelled on both sides."""
 
-    def __init__(self, consumer: "FrameConsumer", endpoint: str, transfer_id: str, deadline: float):
+    def __init__(self, consumer: FrameConsumer, endpoint: str, transfer_id: str, deadline: float):
         self.endpoint, self.transfer_id, self.deadline = endpoint, transfer_id, deadline
         self.frames_received = 0
         self.bytes_received = 0
