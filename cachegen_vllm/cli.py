@@ -39,14 +39,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(run=_quality)
 
-    p = sub.add_parser("proxy", help="OpenAI-compatible front end for prefill + decode instances", add_help=False)
-    p.set_defaults(run=None)
+    # These two parse their own options.
+    sub.add_parser("proxy", help="OpenAI-compatible front end for prefill + decode instances", add_help=False)
+    sub.add_parser("demo", help="the main job: local prefill + decode + proxy answering real requests", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
-    if args.command == "proxy":
-        from cachegen_vllm.proxy import main as proxy_main
+    if args.command in ("proxy", "demo"):
+        from importlib import import_module
 
-        return proxy_main(rest)
+        return import_module(f"cachegen_vllm.{args.command}").main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.run(args)

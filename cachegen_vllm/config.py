@@ -258,3 +258,42 @@ def transport_config_from_dict(data: dict, prefix: str = "") -> TransportConfig:
     if config.heartbeat_s >= config.peer_timeout_s:
         raise ConfigError(f("peer_timeout_s"), f"must exceed heartbeat_s ({config.heartbeat_s})")
     return config
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """``kv_connector_extra_config`` of the CacheGenConnector, validated once at start-up."""
+
+    profile: Profile
+    transport: TransportConfig
+    advertise: str  # producer: the endpoint decode instances connect to (default: bind)
+    load_timeout_s: float  # consumer: a transfer not complete by then fails (policy decides)
+
+
+CONNECTOR_FIELDS = {"profile", "advertise", "load_timeout_s"}
+EXTRA = "kv_connector_extra_config."
+
+
+def connector_config_from_dict(extra: dict, producer: bool) -> ConnectorConfig:
+    """Validate ``kv_connector_extra_config``; errors name the field, e.g.
+    ``kv_connector_extra_config.profile: unknown profile 'fast'``. Transport options (bind,
+    credit_frames, ttl_s, curve_* key files...) sit beside the connector's own."""
+    if not isinstance(extra, dict):
+        raise ConfigError(EXTRA.rstrip("."), "must be a JSON object")
+    transport_fields = {f.name for f in dataclasses.fields(TransportConfig)}
+    for key in extra:
+        if key not in CONNECTOR_FIELDS | transport_fields:
+            raise ConfigError(EXTRA + key, f"unknown option (known: {', '.join(sorted(CONNECTOR_FIELDS | transport_fields))})")
+    try:
+        profile = load_profile(extra.get("profile", "default"))
+    except ConfigError as e:
+        raise ConfigError(EXTRA + "profile", str(e).split(": ", 1)[1]) from None
+    transport = transport_config_from_dict({k: v for k, v in extra.items() if k in transport_fields}, prefix=EXTRA)
+    if producer and transport.bind.startswith("tcp://") and transport.bind.endswith(":0"):
+        raise ConfigError(EXTRA + "bind", "a producer needs a fixed port, e.g. tcp://127.0.0.1:5601 (decode instances connect to it)")
+    advertise = extra.get("advertise", transport.bind)
+    if not isinstance(advertise, str) or not advertise.startswith(("tcp://", "ipc://")):
+        raise ConfigError(EXTRA + "advertise", f"must be a ZeroMQ endpoint like tcp://10.0.0.5:5601; got {advertise!r}")
+    if not producer and transport.curve and not transport.curve_server_public_key_file:
+        raise ConfigError(EXTRA + "curve_server_public_key_file", "is required on a consumer when CURVE is on")
+    return ConnectorConfig(profile, transport, advertise, _seconds(EXTRA + "load_timeout_s", extra.get("load_timeout_s", 120.0)))

@@ -1,0 +1,70 @@
+"""Transfer metrics through vLLM's KVConnectorStats, exported on vLLM's /metrics.
+
+Workers count per event; vLLM ships the counters to its logger process, sums them across workers
+(`aggregate`), logs a summary (`reduce`) and feeds Prometheus (`CacheGenPromMetrics`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from vllm.v1.metrics.utils import create_metric_per_engine
+
+COUNTERS = {
+    "raw_bytes": "KV bytes, in the cache's dtype, of the tokens sent (prefill) or loaded (decode)",
+    "wire_bytes": "Bytes of the compressed frames sent (prefill) or received (decode)",
+    "encode_seconds": "Seconds spent gathering and encoding KV",
+    "decode_seconds": "Seconds spent decoding and scattering KV",
+    "transfer_seconds": "Seconds from asking for a transfer to having all of it (decode)",
+    "transfers": "Transfers completed",
+}
+FAILURE_PREFIX = "failed_"  # + an error kind: timeout, peer_gone, corrupt, refused, buffer_full, ...
+
+
+@dataclass
+class CacheGenStats(KVConnectorStats):
+    def add(self, **amounts: float) -> None:
+        for name, amount in amounts.items():
+            self.data[name] = self.data.get(name, 0) + amount
+
+    def reset(self):
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> "CacheGenStats":
+        self.add(**other.data)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out = dict(self.data)
+        if self.data.get("wire_bytes"):
+            out["compression_ratio"] = round(self.data.get("raw_bytes", 0) / self.data["wire_bytes"], 2)
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class CacheGenPromMetrics(KVConnectorPromMetrics):
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            name: create_metric_per_engine(
+                self._counter_cls(name=f"vllm:cachegen_{name}", documentation=doc, labelnames=labelnames),
+                per_engine_labelvalues,
+            )
+            for name, doc in COUNTERS.items()
+        }
+        self._failures = self._counter_cls(
+            name="vllm:cachegen_failures", documentation="Transfers that failed, by kind",
+            labelnames=[*labelnames, "kind"],
+        )
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
+        for name, amount in transfer_stats_data.items():
+            if name in self._counters and amount:
+                self._counters[name][engine_idx].inc(amount)
+            elif name.startswith(FAILURE_PREFIX) and amount:
+                labels = self.per_engine_labelvalues[engine_idx]
+                self._failures.labels(*labels, name[len(FAILURE_PREFIX):]).inc(amount)
+
