@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(run=_model)
 
     p = sub.add_parser("quality", help="bits/element and quality of profiles on real KV")
-    p.add_argument("--profiles", nargs="+", default=["exact", "high-quality", "default", "aggressive"],
-                   help="shipped profile names or .toml paths ('exact' = no compression)")
+    p.add_argument("--profiles", nargs="+", default=["raw", "high-quality", "default", "aggressive"],
+                   help="shipped profile names or .toml paths ('raw' = no compression)")
     p.add_argument("--model", type=Path, help="a Hugging Face model directory (default: the embedded model)")
     p.add_argument("--windows", type=int, default=16, help="text windows to average over")
     p.add_argument("--context-tokens", type=int, default=1024)

@@ -103,6 +103,7 @@ class CacheGenConnector(KVConnectorBase_V1):
         self._saving: dict[str, _Saving] = {}
         self._new_loads: list[LoadRequest] = []
         self._local_hits: dict[str, int] = {}
+        self._loaded: set[str] = set()  # requests whose load was scheduled: never a second attempt
         # worker side
         self._layers: dict[str, tuple[int, torch.Tensor]] = {}
         self._order: PageOrder | None = None
@@ -121,6 +122,10 @@ class CacheGenConnector(KVConnectorBase_V1):
         params = request.kv_transfer_params or {}
         if self.is_producer or not params.get("do_remote_prefill") or "transfer_id" not in params:
             return 0, False
+        if request.request_id in self._loaded:
+            # Asked again only after a failed load (or a preemption): the producer has released or
+            # lost the frames by then, so the prompt is recomputed.
+            return 0, False
         loadable = min(int(params.get("num_tokens", 0)), len(request.prompt_token_ids or [])) - 1
         count = loadable - num_computed_tokens
         if count <= 0:
@@ -133,6 +138,7 @@ class CacheGenConnector(KVConnectorBase_V1):
         if self.is_producer and params.get("do_remote_decode") and "transfer_id" in params:
             self._saving[request.request_id] = _Saving(str(params["transfer_id"]), len(request.prompt_token_ids or []), [])
         elif not self.is_producer and num_external_tokens > 0:
+            self._loaded.add(request.request_id)
             self._new_loads.append(LoadRequest(
                 req_id=request.request_id, transfer_id=str(params["transfer_id"]), producer=str(params["producer"]),
                 block_ids=list(blocks.get_block_ids()[0]), start=self._local_hits.pop(request.request_id, 0),
@@ -165,6 +171,7 @@ class CacheGenConnector(KVConnectorBase_V1):
         params = request.kv_transfer_params or {}
         self._saving.pop(request.request_id, None)
         self._local_hits.pop(request.request_id, None)
+        self._loaded.discard(request.request_id)
         if not (self.is_producer and params.get("do_remote_decode") and "transfer_id" in params):
             return False, None
         return False, {

@@ -32,18 +32,22 @@ def _cores(role: str) -> str:
     return f"0-{half - 1}" if role == "kv_producer" else f"{half}-{n - 1}"
 
 
-def start_instance(model: Path, port: int, role: str, extra: dict, log_path: Path, policy: str = "recompute",
-                   launcher: list[str] | None = None) -> subprocess.Popen:
-    """A vLLM OpenAI server with the CacheGenConnector in ``role`` (``launcher``: e.g. an
-    ``ip netns exec`` prefix)."""
-    transfer = {"kv_connector": "CacheGenConnector", "kv_role": role, "kv_connector_extra_config": extra}
+def kv_transfer_config(role: str, extra: dict, policy: str = "recompute") -> dict:
+    config = {"kv_connector": "CacheGenConnector", "kv_role": role, "kv_connector_extra_config": extra}
     if role == "kv_consumer":
-        transfer["kv_load_failure_policy"] = policy
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-               VLLM_CPU_OMP_THREADS_BIND=_cores(role))
+        config["kv_load_failure_policy"] = policy
+    return config
+
+
+def start_instance(model: Path, port: int, log_path: Path, transfer: dict | None = None,
+                   launcher: list[str] | None = None, cores: str = "nobind") -> subprocess.Popen:
+    """A vLLM OpenAI server, with the CacheGenConnector if ``transfer`` (a kv_transfer_config)
+    is given; ``launcher`` prefixes the command (e.g. ``ip netns exec NS``)."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), VLLM_CPU_OMP_THREADS_BIND=cores)
     argv = [*(launcher or []), sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "0.0.0.0" if launcher else "127.0.0.1", "--port", str(port), "--enforce-eager",
-            "--max-model-len", "4096", "--kv-transfer-config", json.dumps(transfer)]
+            "--host", "0.0.0.0" if launcher else "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "4096"]
+    if transfer is not None:
+        argv += ["--kv-transfer-config", json.dumps(transfer)]
     log = open(log_path, "w")  # noqa: SIM115 (the child owns it)
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -127,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         print(f"starting prefill and decode instances (logs in {args.logs}/), about a minute", flush=True)
-        procs.append(start_instance(model, 8100, "kv_producer", {"profile": args.profile, "bind": "tcp://127.0.0.1:5601"}, args.logs / "prefill.log"))
-        procs.append(start_instance(model, 8200, "kv_consumer", {}, args.logs / "decode.log"))
+        producer = kv_transfer_config("kv_producer", {"profile": args.profile, "bind": "tcp://127.0.0.1:5601"})
+        procs.append(start_instance(model, 8100, args.logs / "prefill.log", producer, cores=_cores("kv_producer")))
+        procs.append(start_instance(model, 8200, args.logs / "decode.log", kv_transfer_config("kv_consumer", {}), cores=_cores("kv_consumer")))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "cachegen_vllm.cli", "proxy", "--prefill", prefill_url, "--decode", decode_url, "--port", "8000"],
             stdout=open(args.logs / "proxy.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115

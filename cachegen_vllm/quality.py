@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 
 from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer
-from cachegen_vllm.config import EXACT_BITS, Profile, load_profile, profile_from_dict
+from cachegen_vllm.config import Profile, load_profile
 
-EXACT_PROFILE = profile_from_dict({"chunk_tokens": 256, "group_tokens": 1, "bits": {"key": EXACT_BITS, "value": EXACT_BITS}}, "exact")
 
 
 @dataclass
@@ -164,7 +163,7 @@ def run(profiles: list[str], model_dir: Path, windows: int, context_tokens: int,
     harness = Harness(model_dir, windows, context_tokens, continuation_tokens, greedy_tokens)
     results = []
     for i, name in enumerate(profiles, 1):
-        profile = EXACT_PROFILE if name == "exact" else load_profile(name)
+        profile = load_profile(name)
         print(f"[{i}/{len(profiles)}] {profile.name}", file=sys.stderr, flush=True)
         results.append(harness.evaluate(profile))
     print(format_table(results))

@@ -1,34 +1,14 @@
 """The proxy against fake OpenAI backends on loopback: the P/D hand-off, streaming, errors."""
 
 import json
-import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cachegen_vllm.proxy import create_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(app) -> tuple[str, uvicorn.Server]:
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    return f"http://127.0.0.1:{port}", server
+from conftest import free_port as _free_port, serve as _serve
 
 
 def fake_backend(name: str, seen: list):

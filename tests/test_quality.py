@@ -18,7 +18,7 @@ import pytest
 from cachegen_vllm.codec import encode_layer, parse_frame
 from cachegen_vllm.codec.format import frame_nbytes
 from cachegen_vllm.config import load_profile
-from cachegen_vllm.quality import EXACT_PROFILE, Harness
+from cachegen_vllm.quality import Harness
 
 pytestmark = pytest.mark.model
 
@@ -36,12 +36,11 @@ def harness(model_dir):
 
 @pytest.fixture(scope="module")
 def results(harness):
-    return {name: harness.evaluate(EXACT_PROFILE if name == "exact" else load_profile(name))
-            for name in ("exact", "high-quality", "default", "aggressive")}
+    return {name: harness.evaluate(load_profile(name)) for name in ("raw", "high-quality", "default", "aggressive")}
 
 
-def test_exact_profile_changes_nothing(results):
-    r = results["exact"]
+def test_raw_profile_changes_nothing(results):
+    r = results["raw"]
     assert r.delta_nll == 0 and r.kl == 0
     assert r.top1_agreement == 1 and r.greedy_match == 1
     assert 16 < r.bits_per_element < 16.05  # bf16 plus headers and checksums
