@@ -1,7 +1,12 @@
 # cachegen-vllm on the official vLLM OpenAI image of the pinned vLLM version (GPU).
 #   docker build -t cachegen-vllm .
-# The image runs vLLM's OpenAI server with this plugin installed; the prefill / decode commands
-# are documented in README.md once the connector lands (see NOTES.md, "What is next").
+# The image runs vLLM's OpenAI server with this plugin installed. Not yet usable on GPUs: the
+# connector reads vLLM's CPU paged cache only until the Triton kernels land (NOTES.md). Then:
+#   prefill: docker run ... cachegen-vllm --model MODEL --port 8100 --kv-transfer-config \
+#     '{"kv_connector":"CacheGenConnector","kv_role":"kv_producer","kv_connector_extra_config":{"bind":"tcp://0.0.0.0:5601","advertise":"tcp://PREFILL_HOST:5601"}}'
+#   decode:  docker run ... cachegen-vllm --model MODEL --port 8200 --kv-transfer-config \
+#     '{"kv_connector":"CacheGenConnector","kv_role":"kv_consumer","kv_load_failure_policy":"recompute"}'
+#   proxy:   docker run ... --entrypoint cachegen-vllm cachegen-vllm proxy --prefill URL --decode URL
 FROM vllm/vllm-openai:v0.32.0
 COPY pyproject.toml README.md /opt/cachegen-vllm/
 COPY cachegen_vllm /opt/cachegen-vllm/cachegen_vllm
