@@ -208,7 +208,8 @@ class TransportConfig:
     max_buffer_bytes: int = 2 << 30  # producer: frames held for consumers, all transfers together
     max_frame_bytes: int = 64 << 20  # larger frames are refused by the producer and the consumer
     credit_frames: int = 16  # consumer: frames a transfer may have in flight or unread
-    ttl_s: float = 60.0  # producer: a transfer its consumer stops renewing is evicted after this
+    ttl_s: float = 60.0  # producer: a transfer no consumer has pulled is evicted after this
+    lease_s: float = 15.0  # producer: a pulled transfer whose consumer stops renewing it (heartbeats) is evicted after this
     heartbeat_s: float = 1.0  # consumer: how often it pings the producers it waits on
     peer_timeout_s: float = 10.0  # consumer: silence after which a producer counts as gone
     # CurveZMQ (zmq.auth certificate files). Producer: its secret certificate and a directory of
@@ -246,7 +247,7 @@ def transport_config_from_dict(data: dict, prefix: str = "") -> TransportConfig:
             out[name] = value
         elif name in ("max_buffer_bytes", "max_frame_bytes", "credit_frames"):
             out[name] = _positive(f(name), value, 1 << 40)
-        elif name in ("ttl_s", "heartbeat_s", "peer_timeout_s"):
+        elif name in ("ttl_s", "lease_s", "heartbeat_s", "peer_timeout_s"):
             out[name] = _seconds(f(name), value)
         else:
             if value is not None and not Path(value).exists():

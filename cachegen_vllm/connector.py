@@ -11,9 +11,10 @@ blocks are free as soon as the request finishes, since the frames are then in th
 "producer", "num_tokens"}``.
 
 Decode instance (``kv_role: kv_consumer``): such a request reports its prompt (less the last token,
-which vLLM recomputes to sample from, and less any prefix it already holds) as loadable
-asynchronously; a worker thread pulls the frames, decodes each and scatters it into the allocated
-blocks while other requests run. A failed transfer marks the blocks as load errors, and vLLM's
+which vLLM recomputes to sample from, and less any prefix it already holds in its prefix cache) as
+loadable asynchronously; a worker thread pulls the frames from the first missing token on (so a
+conversation's earlier turns do not cross the wire again), decodes each and scatters it into the
+allocated blocks while other requests run. A failed transfer marks the blocks as load errors, and vLLM's
 ``kv_load_failure_policy`` decides (``recompute`` recomputes the prompt; ``fail`` fails the request).
 
 Transfers are keyed by the proxy's ``transfer_id``, never by vLLM's request ids (which differ
@@ -30,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from vllm.logger import init_logger
+from vllm.v1.request import RequestStatus
 
 from cachegen_vllm.codec import FrameError, KVGeometry, decode_chunk, encode_layer
 from cachegen_vllm.config import ConfigError, ConnectorConfig, connector_config_from_dict
-from cachegen_vllm.metrics import FAILURE_PREFIX, CacheGenPromMetrics, CacheGenStats
+from cachegen_vllm.metrics import FAILURE_PREFIX, PRODUCER_COUNTERS, CacheGenPromMetrics, CacheGenStats
 from cachegen_vllm.paged import PageOrder, gather, probe_page_order, scatter
-from cachegen_vllm.transport import FrameConsumer, FrameProducer, TransportError
+from cachegen_vllm.transport import FrameConsumer, FrameProducer, TransferStream, TransportError
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -76,6 +78,7 @@ class LoadRequest:
 class CacheGenMetadata(KVConnectorMetadata):
     saves: list[SaveRequest] = field(default_factory=list)
     loads: list[LoadRequest] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)  # requests aborted while their KV was loading
 
 
 @dataclass
@@ -102,6 +105,7 @@ class CacheGenConnector(KVConnectorBase_V1):
         # scheduler side
         self._saving: dict[str, _Saving] = {}
         self._new_loads: list[LoadRequest] = []
+        self._new_cancels: list[str] = []
         self._local_hits: dict[str, int] = {}
         self._loaded: set[str] = set()  # requests whose load was scheduled: never a second attempt
         # worker side
@@ -113,8 +117,11 @@ class CacheGenConnector(KVConnectorBase_V1):
         self._consumer: FrameConsumer | None = None
         self._lock = threading.Lock()
         self._done_loading: set[str] = set()
+        self._streams: dict[str, TransferStream] = {}  # loads in flight, by request id
+        self._cancelled: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._stats = CacheGenStats()
+        self._producer_reported: dict[str, int] = {}  # transport counters already in stats
 
     # ---- scheduler side -------------------------------------------------------------------------
 
@@ -126,7 +133,10 @@ class CacheGenConnector(KVConnectorBase_V1):
             # Asked again only after a failed load (or a preemption): the producer has released or
             # lost the frames by then, so the prompt is recomputed.
             return 0, False
-        loadable = min(int(params.get("num_tokens", 0)), len(request.prompt_token_ids or [])) - 1
+        # num_tokens (the prefill's prompt length) is absent when the proxy asks before the
+        # prefill has answered; frames then carry what was computed, checked on arrival.
+        prompt = len(request.prompt_token_ids or [])
+        loadable = min(int(params.get("num_tokens", prompt)), prompt) - 1
         count = loadable - num_computed_tokens
         if count <= 0:
             return 0, False
@@ -146,8 +156,8 @@ class CacheGenConnector(KVConnectorBase_V1):
             ))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = CacheGenMetadata(loads=self._new_loads)
-        self._new_loads = []
+        meta = CacheGenMetadata(loads=self._new_loads, cancels=self._new_cancels)
+        self._new_loads, self._new_cancels = [], []
         steps = [(r.req_id, r.block_ids[0], r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
         cached = scheduler_output.scheduled_cached_reqs
         steps += [
@@ -171,6 +181,8 @@ class CacheGenConnector(KVConnectorBase_V1):
         params = request.kv_transfer_params or {}
         self._saving.pop(request.request_id, None)
         self._local_hits.pop(request.request_id, None)
+        if request.request_id in self._loaded and request.status == RequestStatus.FINISHED_ABORTED:
+            self._new_cancels.append(request.request_id)  # stop its transfer: vLLM frees the blocks once it ends
         self._loaded.discard(request.request_id)
         if not (self.is_producer and params.get("do_remote_decode") and "transfer_id" in params):
             return False, None
@@ -244,7 +256,14 @@ class CacheGenConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         if self._consumer is None or not self.has_connector_metadata():
             return
-        for load in self._get_connector_metadata().loads:
+        meta = self._get_connector_metadata()
+        for req_id in meta.cancels:
+            with self._lock:
+                self._cancelled.add(req_id)
+                stream = self._streams.get(req_id)
+            if stream is not None:
+                stream.cancel()
+        for load in meta.loads:
             threading.Thread(target=self._load, args=(load,), name=f"cachegen-load-{load.transfer_id}", daemon=True).start()
 
     def _load(self, load: LoadRequest) -> None:
@@ -256,7 +275,12 @@ class CacheGenConnector(KVConnectorBase_V1):
         loaded = {index: 0 for index in layers}
         started, decoding = time.perf_counter(), 0.0
         try:
-            with self._consumer.fetch(load.producer, load.transfer_id, self.config.load_timeout_s) as stream:
+            fetch = self._consumer.fetch(load.producer, load.transfer_id, self.config.load_timeout_s, from_token=load.start)
+            with self._lock:
+                self._streams[load.req_id] = fetch
+                if load.req_id in self._cancelled:  # aborted before the fetch began
+                    fetch.cancel()
+            with fetch as stream:
                 for frame in stream:
                     t0 = time.perf_counter()
                     chunk = decode_chunk(frame, self._geometry)
@@ -276,10 +300,15 @@ class CacheGenConnector(KVConnectorBase_V1):
                 decode_seconds=decoding, transfer_seconds=time.perf_counter() - started, transfers=1,
             )
         except (TransportError, FrameError) as e:
-            log.warning("transfer %s failed (%s: %s); vLLM's kv_load_failure_policy applies", load.transfer_id, type(e).__name__, e)
-            failed = True
-            self._count(**{FAILURE_PREFIX + getattr(e, "kind", "corrupt"): 1})
+            failed = load.req_id not in self._cancelled  # an aborted request's blocks are simply freed
+            if failed:
+                log.warning("transfer %s failed (%s: %s); vLLM's kv_load_failure_policy applies", load.transfer_id, type(e).__name__, e)
+                self._count(**{FAILURE_PREFIX + getattr(e, "kind", "corrupt"): 1})
+            else:
+                log.info("transfer %s stopped: its request was aborted", load.transfer_id)
         with self._lock:  # both at once: vLLM wants the errors no later than the finish
+            self._streams.pop(load.req_id, None)
+            self._cancelled.discard(load.req_id)
             if failed:
                 self._failed_blocks.update(load.block_ids[load.start // self._block_size : -(-end // self._block_size)])
             self._done_loading.add(load.req_id)
@@ -302,6 +331,11 @@ class CacheGenConnector(KVConnectorBase_V1):
             self._stats.add(**amounts)
 
     def get_kv_connector_stats(self) -> CacheGenStats | None:
+        if self._producer is not None:  # what the transport's IO thread did since the last report
+            for metric, stat in PRODUCER_COUNTERS.items():
+                total = self._producer.stats[stat]
+                self._count(**{metric: total - self._producer_reported.get(metric, 0)})
+                self._producer_reported[metric] = total
         with self._lock:
             if self._stats.is_empty():
                 return None

@@ -40,14 +40,16 @@ def kv_transfer_config(role: str, extra: dict, policy: str = "recompute") -> dic
 
 
 def start_instance(model: Path, port: int, log_path: Path, transfer: dict | None = None,
-                   launcher: list[str] | None = None, cores: str = "nobind") -> subprocess.Popen:
+                   launcher: list[str] | None = None, cores: str = "nobind", extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
     """A vLLM OpenAI server, with the CacheGenConnector if ``transfer`` (a kv_transfer_config)
-    is given; ``launcher`` prefixes the command (e.g. ``ip netns exec NS``)."""
+    is given; ``launcher`` prefixes the command (e.g. ``ip netns exec NS``); ``extra_args`` go to
+    vLLM."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), VLLM_CPU_OMP_THREADS_BIND=cores)
     argv = [*(launcher or []), sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--host", "0.0.0.0" if launcher else "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "4096"]
     if transfer is not None:
         argv += ["--kv-transfer-config", json.dumps(transfer)]
+    argv += extra_args
     log = open(log_path, "w")  # noqa: SIM115 (the child owns it)
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -92,12 +94,15 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
 
 
 def cachegen_counters(url: str) -> dict[str, float]:
-    """The connector's counters from a vLLM instance's /metrics."""
+    """The connector's counters from a vLLM instance's /metrics; failures also by kind, as
+    ``failed_<kind>``."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
-    for name, value in re.findall(r"^vllm:cachegen_(\w+?)_total\{[^}]*\} (\S+)$", text, re.M):
-        out[name] = out.get(name, 0.0) + float(value)
+    for name, labels, value in re.findall(r"^vllm:cachegen_(\w+?)_total\{([^}]*)\} (\S+)$", text, re.M):
+        kind = re.search(r'kind="(\w+)"', labels)
+        for key in (name, *([f"failed_{kind[1]}"] if kind else [])):
+            out[key] = out.get(key, 0.0) + float(value)
     return out
 
 

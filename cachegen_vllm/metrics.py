@@ -18,7 +18,12 @@ COUNTERS = {
     "decode_seconds": "Seconds spent decoding and scattering KV",
     "transfer_seconds": "Seconds from asking for a transfer to having all of it (decode)",
     "transfers": "Transfers completed",
+    # prefill only: queued minus freed is what its send buffer holds now
+    "queued_bytes": "Bytes of frames put in the prefill's send buffer",
+    "freed_bytes": "Bytes of frames released from the prefill's send buffer (collected, cancelled or evicted)",
+    "evicted": "Transfers the prefill dropped because no decode pulled them within ttl_s or renewed its lease",
 }
+PRODUCER_COUNTERS = {"queued_bytes": "bytes_queued", "freed_bytes": "bytes_freed", "evicted": "evicted"}  # metric: transport stat
 FAILURE_PREFIX = "failed_"  # + an error kind: timeout, peer_gone, corrupt, refused, buffer_full, ...
 
 

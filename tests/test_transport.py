@@ -26,7 +26,7 @@ from cachegen_vllm.transport import protocol as P
 
 GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
 PROFILE = profile_from_dict({"chunk_tokens": 32, "group_tokens": 8, "bits": {"key": 4, "value": 4}}, "t")
-FAST = TransportConfig(credit_frames=4, ttl_s=1.5, heartbeat_s=0.1, peer_timeout_s=0.8)
+FAST = TransportConfig(credit_frames=4, ttl_s=1.5, lease_s=1.0, heartbeat_s=0.1, peer_timeout_s=0.8)
 
 
 def make_frames(count: int, seed: int = 0) -> list[bytes]:
@@ -155,6 +155,16 @@ def test_consumer_cancel_mid_stream_frees_both_sides(endpoints):
         producer.put("cancel-me", frames[5])  # the producer learns to stop
 
 
+def test_cancel_from_another_thread_wakes_a_blocked_reader(endpoints):
+    producer, consumer = endpoints()
+    stream = consumer.fetch(producer.endpoint, "abandoned", timeout_s=30)  # nothing is ever produced
+    threading.Timer(0.3, stream.cancel).start()
+    started = time.monotonic()
+    assert list(stream) == []
+    assert time.monotonic() - started < 2
+    assert wait_until(lambda: producer.transfers == 0)  # the PULL made it; the CANC ended it
+
+
 def test_producer_abort_reaches_the_consumer(endpoints):
     producer, consumer = endpoints()
     frames = make_frames(4)
@@ -196,6 +206,31 @@ def test_a_reading_consumer_renews_its_lease(endpoints):
     time.sleep(FAST.ttl_s * 2)  # heartbeats keep it alive although nothing is produced
     produce(producer, "long", frames[1:])
     assert list(stream) == frames[1:]
+
+
+def test_a_consumer_that_dies_mid_transfer_stops_pinning_the_buffer(endpoints):
+    producer, consumer = endpoints()
+    produce(producer, "dropped", make_frames(5))
+    crashed = FrameConsumer(FAST)
+    assert next(crashed.fetch(producer.endpoint, "dropped", timeout_s=10))
+    crashed.close()  # dies without cancelling: only its lease lapsing frees the frames
+    assert producer.transfers == 1
+    assert wait_until(lambda: producer.transfers == 0, timeout=FAST.lease_s + 1)
+    assert producer.stats["evicted"] == 1 and producer.stats["bytes_freed"] == producer.stats["bytes_queued"]
+    with pytest.raises(TransferRefused, match="stopped renewing"):
+        list(consumer.fetch(producer.endpoint, "dropped", timeout_s=5))
+
+
+def test_pull_from_a_token_skips_the_frames_the_consumer_holds(endpoints):
+    producer, consumer = endpoints()
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 150, 2, 16, generator=g).bfloat16()  # chunks [0,32) [32,64) [64,96) [96,128) [128,150)
+    layers = [encode_layer(k, v, geometry=GEOMETRY, profile=PROFILE, layer=layer) for layer in range(2)]
+    produce(producer, "turn2", [f for frames in layers for f in frames])
+    stream = consumer.fetch(producer.endpoint, "turn2", timeout_s=10, from_token=70)
+    wanted = [f for frames in layers for f in frames[2:]]  # frames holding tokens >= 70
+    assert list(stream) == wanted
+    assert stream.bytes_received == producer.stats["bytes_sent"] == sum(map(len, wanted))
 
 
 def test_producer_dies(endpoints):

@@ -35,8 +35,8 @@ class TransferStream:
     """The frames of one transfer, in order. Iterate it (blocking, up to the deadline); use it as
     a context manager so that an abandoned transfer is cancelled on both sides."""
 
-    def __init__(self, consumer: FrameConsumer, endpoint: str, transfer_id: str, deadline: float):
-        self.endpoint, self.transfer_id, self.deadline = endpoint, transfer_id, deadline
+    def __init__(self, consumer: FrameConsumer, endpoint: str, transfer_id: str, deadline: float, from_token: int):
+        self.endpoint, self.transfer_id, self.deadline, self.from_token = endpoint, transfer_id, deadline, from_token
         self.frames_received = 0
         self.bytes_received = 0
         self._consumer = consumer
@@ -72,13 +72,19 @@ class TransferStream:
         return item
 
     def cancel(self) -> None:
-        """Abandon the transfer: the producer frees its frames, and so do we."""
+        """Abandon the transfer: the producer frees its frames, and so do we. Safe from any
+        thread; a reader blocked on the stream stops (StopIteration)."""
         if not self._closed:
             self._fail_and_cancel()
 
     def _fail_and_cancel(self) -> None:
         self._closed = True
-        self._consumer.call(lambda: self._consumer._drop(self, cancel=True))
+
+        def drop():
+            self._consumer._drop(self, cancel=True)
+            self._items.put(_END)  # after the drop, which empties the queue: wakes a blocked reader
+
+        self._consumer.call(drop)
 
     def __enter__(self):
         return self
@@ -99,12 +105,13 @@ class FrameConsumer(IOThread):
         self._buffer_lock = threading.Lock()
         self.start()
 
-    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float) -> TransferStream:
-        """Start pulling a transfer; frames stream as the producer makes them."""
+    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float, from_token: int = 0) -> TransferStream:
+        """Start pulling a transfer; frames stream as the producer makes them. With ``from_token``,
+        only the frames that hold tokens at or after it come (the earlier ones are held here)."""
         tid = transfer_id.encode()
         if not 0 < len(tid) <= P.MAX_TRANSFER_ID:
             raise ValueError(f"transfer id must be 1..{P.MAX_TRANSFER_ID} bytes")
-        stream = TransferStream(self, endpoint, transfer_id, time.monotonic() + timeout_s)
+        stream = TransferStream(self, endpoint, transfer_id, time.monotonic() + timeout_s, from_token)
         self.call(lambda: self._open(stream))
         return stream
 
@@ -169,7 +176,7 @@ class FrameConsumer(IOThread):
             self._fail(old, TransferRefused(f"transfer {stream.transfer_id} was fetched again"), cancel=False)
         peer.streams[stream._tid] = stream
         stream._epoch = peer.epoch
-        args = P.PULL_ARGS.pack(0, self.config.credit_frames, self.config.max_frame_bytes)
+        args = P.PULL_ARGS.pack(stream.from_token, self.config.credit_frames, self.config.max_frame_bytes)
         self._send(stream.endpoint, [P.PULL, stream._tid, args])
 
     def _drop(self, stream: TransferStream, cancel: bool) -> None:

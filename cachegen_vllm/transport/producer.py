@@ -1,7 +1,9 @@
 """Producer side (the prefill instance): holds each transfer's frames in a bounded host buffer and
 streams them to the consumer that pulls the transfer, as they are produced, under credit-based
-flow control. Frames stay until the consumer confirms them (DONE), cancels, or stops renewing its
-lease (TTL), so a consumer that restarts can pull again and one that dies pins nothing."""
+flow control. Frames stay until the consumer confirms them (DONE) or cancels; a transfer nobody
+pulls is evicted after `ttl_s`, and one whose consumer stops renewing its lease (heartbeats) after
+`lease_s`, so a decode that never comes or dies pins nothing. A consumer that already holds a prefix
+of the tokens pulls from a token on, and only the frames holding later tokens cross the wire."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from cachegen_vllm.codec.format import frame_tokens
 from cachegen_vllm.config import TransportConfig
 from cachegen_vllm.transport import protocol as P
 from cachegen_vllm.transport._io import HANDSHAKE_FAILURES, IOThread, handshake_failed, log, secure_server
@@ -25,10 +28,14 @@ TOMBSTONES = 4096  # ended transfers remembered, so a late PULL is refused inste
 class _Transfer:
     expires: float
     frames: list[bytes] = field(default_factory=list)
+    token_ends: list[int] = field(default_factory=list)  # of each frame: one past its last token
     nbytes: int = 0
     finished: bool = False
+    pulled: bool = False  # from the first PULL on, the consumer's lease applies instead of the TTL
     consumer: bytes | None = None  # routing id of the consumer pulling it
-    next_seq: int = 0
+    from_token: int = 0  # frames holding only earlier tokens are skipped
+    next_frame: int = 0  # index in frames of the next one to consider
+    sent: int = 0  # DATA messages of the current PULL, the next one's seq
     credits: int = 0
     max_frame_bytes: int = 0
     end_sent: bool = False
@@ -64,6 +71,7 @@ class FrameProducer(IOThread):
         """Queue one frame of a transfer. Raises BufferFull or TransferRefused (too large, or the
         consumer cancelled it): the caller stops producing it."""
         tid = transfer_id.encode()
+        token_start, token_count = frame_tokens(frame)
         if len(frame) > self.config.max_frame_bytes:
             raise TransferRefused(f"frame of {len(frame)} bytes exceeds max_frame_bytes={self.config.max_frame_bytes}")
         with self._lock:
@@ -75,8 +83,10 @@ class FrameProducer(IOThread):
             if self._buffered + len(frame) > self.config.max_buffer_bytes:
                 raise BufferFull(f"{self._buffered} bytes buffered, max_buffer_bytes={self.config.max_buffer_bytes}")
             t.frames.append(frame)
+            t.token_ends.append(token_start + token_count)
             t.nbytes += len(frame)
             self._buffered += len(frame)
+            self.stats["bytes_queued"] += len(frame)
         self.call(lambda: None)
 
     def finish(self, transfer_id: str) -> None:
@@ -117,8 +127,11 @@ class FrameProducer(IOThread):
         t = self._transfers.get(tid)
         if t is None:
             t = self._transfers[tid] = _Transfer(expires=0.0)
-        t.expires = time.monotonic() + self.config.ttl_s
+        self._renew(t)
         return t
+
+    def _renew(self, t: _Transfer) -> None:
+        t.expires = time.monotonic() + (self.config.lease_s if t.pulled else self.config.ttl_s)
 
     def _end(self, tid: bytes, code: int, reason: str) -> None:
         with self._lock:
@@ -129,6 +142,7 @@ class FrameProducer(IOThread):
             if t is None:
                 return
             self._buffered -= t.nbytes
+            self.stats["bytes_freed"] += t.nbytes
         if t.consumer is not None and code != P.COMPLETED:
             self._send(t.consumer, [P.ERR, tid, P.ERR_CODE.pack(code), reason.encode()])
 
@@ -172,23 +186,24 @@ class FrameProducer(IOThread):
         consumer, kind, args = parts[0], parts[1], parts[2:]
         if kind == P.PING and not args:
             with self._lock:
-                now = time.monotonic()
                 for t in self._transfers.values():
                     if t.consumer == consumer:
-                        t.expires = now + self.config.ttl_s
+                        self._renew(t)
             self._send(consumer, [P.PONG, self.epoch])
             return
         if not args or not 0 < len(args[0]) <= P.MAX_TRANSFER_ID:
             return self._malformed(f"{kind[:8]!r} without a valid transfer id")
         tid = args[0]
         if kind == P.PULL and len(args) == 2 and len(args[1]) == P.PULL_ARGS.size:
-            from_seq, credits, max_frame = P.PULL_ARGS.unpack(args[1])
+            from_token, credits, max_frame = P.PULL_ARGS.unpack(args[1])
             with self._lock:
                 ended = self._ended.get(tid)
                 if ended is None:
                     t = self._transfer(tid)
-                    t.consumer, t.next_seq, t.credits, t.end_sent = consumer, from_seq, credits, False
-                    t.max_frame_bytes = max_frame
+                    t.pulled = True
+                    self._renew(t)
+                    t.consumer, t.from_token, t.credits, t.max_frame_bytes = consumer, from_token, credits, max_frame
+                    t.next_frame, t.sent, t.end_sent = 0, 0, False
             if ended is not None:
                 self._send(consumer, [P.ERR, tid, P.ERR_CODE.pack(ended[0]), ended[1].encode()])
         elif kind == P.CRED and len(args) == 2 and len(args[1]) == P.U32.size:
@@ -196,7 +211,7 @@ class FrameProducer(IOThread):
                 t = self._transfers.get(tid)
                 if t is not None and t.consumer == consumer:
                     t.credits += P.U32.unpack(args[1])[0]
-                    t.expires = time.monotonic() + self.config.ttl_s
+                    self._renew(t)
         elif kind == P.DONE and len(args) == 1:
             self._end(tid, P.COMPLETED, "completed")
         elif kind == P.CANC and len(args) == 1:
@@ -207,24 +222,29 @@ class FrameProducer(IOThread):
     def tick(self) -> None:
         now = time.monotonic()
         with self._lock:
-            expired = [tid for tid, t in self._transfers.items() if t.expires < now]
+            expired = [(tid, t.pulled) for tid, t in self._transfers.items() if t.expires < now]
             sendable = [(tid, t) for tid, t in self._transfers.items() if t.consumer is not None]
-        for tid in expired:
+        for tid, pulled in expired:
             self.stats["evicted"] += 1
-            self._end(tid, P.EVICTED, f"evicted: no consumer renewed it within ttl_s={self.config.ttl_s}")
+            why = f"its consumer stopped renewing it for lease_s={self.config.lease_s}" if pulled else f"nobody pulled it within ttl_s={self.config.ttl_s}"
+            self._end(tid, P.EVICTED, "evicted: " + why)
         for tid, t in sendable:
             self._pump(tid, t)
 
     def _pump(self, tid: bytes, t: _Transfer) -> None:
-        while t.consumer is not None and t.credits > 0 and t.next_seq < len(t.frames):
-            frame = t.frames[t.next_seq]
+        while t.consumer is not None and t.credits > 0 and t.next_frame < len(t.frames):
+            if t.token_ends[t.next_frame] <= t.from_token:  # the consumer holds these tokens
+                t.next_frame += 1
+                continue
+            frame = t.frames[t.next_frame]
             if len(frame) > t.max_frame_bytes:
-                return self._end(tid, P.TOO_LARGE, f"frame {t.next_seq} is {len(frame)} bytes, over the consumer's limit")
-            if not self._send(t.consumer, [P.DATA, tid, P.U32.pack(t.next_seq), frame]):
+                return self._end(tid, P.TOO_LARGE, f"frame {t.next_frame} is {len(frame)} bytes, over the consumer's limit")
+            if not self._send(t.consumer, [P.DATA, tid, P.U32.pack(t.sent), frame]):
                 return
-            t.next_seq += 1
+            t.next_frame += 1
+            t.sent += 1
             t.credits -= 1
             self.stats["frames_sent"] += 1
             self.stats["bytes_sent"] += len(frame)
-        if t.consumer is not None and t.finished and not t.end_sent and t.next_seq == len(t.frames):
-            t.end_sent = self._send(t.consumer, [P.END, tid, P.U32.pack(len(t.frames))])
+        if t.consumer is not None and t.finished and not t.end_sent and t.next_frame == len(t.frames):
+            t.end_sent = self._send(t.consumer, [P.END, tid, P.U32.pack(t.sent)])

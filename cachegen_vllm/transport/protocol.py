@@ -4,13 +4,14 @@ Every message is ``[kind, *parts]``; the ROUTER sees the consumer's routing id i
 travel as their own part (zero-copy, never pickled); small fixed fields are packed with struct.
 
 consumer -> producer
-    PULL  transfer_id  <from_seq u32, credits u32, max_frame_bytes u64>   stream frames from seq on
+    PULL  transfer_id  <from_token u32, credits u32, max_frame_bytes u64>  stream the frames that
+                                                                        hold tokens >= from_token
     CRED  transfer_id  <credits u32>                                    the consumer read that many
     DONE  transfer_id                                                   all read: free the buffers
     CANC  transfer_id                                                   abandoned: free the buffers
     PING                                                                heartbeat, renews leases
 producer -> consumer
-    DATA  transfer_id  <seq u32>  frame
+    DATA  transfer_id  <seq u32>  frame                                 seq counts this PULL's frames
     END   transfer_id  <frames u32>                                     no frame after seq frames-1
     ERR   transfer_id  <code u8>  message (utf-8)
     PONG  epoch (16 random bytes, new at every producer start)
