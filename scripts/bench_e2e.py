@@ -7,11 +7,10 @@ Per link rate and prompt length (1K, 2K, 3K tokens of English text), the median 
   prefill   the prefill instance alone computing the prompt (max_tokens=1, nothing sent): the part
             of P/D TTFT that is not transfer;
   recompute the decode instance computing the prompt itself, no transfer (its TTFT);
-  raw, default                      P/D with exact bf16 KV (profile "raw") or the default profile,
-                                    the proxy starting both legs at once (the transfer overlaps the
-                                    prefill's compute, layer by layer);
-  raw-sequential, default-sequential the same with `--no-overlap` (decode leg after the prefill's
-                                    answer: nothing hides the transfer).
+  raw-sequential, default-sequential P/D with exact bf16 KV (profile "raw") or the default
+                                    profile, the proxy's default: decode leg after the prefill's answer;
+  raw, default                      the same with the proxy's `--overlap`: both legs at once, the
+                                    transfer overlapping the prefill's compute layer by layer.
 The overhead of a P/D mode is its TTFT less `prefill`: what moving the KV costs (encode, wire,
 decode, the proxy's second leg). Prefix caching is off, so every repetition computes everything.
 The proxy and the client sit in the decode's namespace; the prefill's HTTP answers and its KV
@@ -78,7 +77,7 @@ def inside(near_ns: str, near_ip: str, rate: str, reps: int, logs: Path, out: Pa
         for mode in PD_MODES:
             procs[f"proxy-{mode}"] = subprocess.Popen(
                 [sys.executable, "-m", "cachegen_vllm.cli", "proxy", "--prefill", urls[mode.split("-")[0]], "--decode", urls["decode"],
-                 "--port", str(HTTP_PORTS[f"proxy-{mode}"]), *(["--no-overlap"] if mode.endswith("sequential") else [])],
+                 "--port", str(HTTP_PORTS[f"proxy-{mode}"]), *([] if mode.endswith("sequential") else ["--overlap"])],
                 stdout=open(logs / f"{rate}-proxy-{mode}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
             )
         for name, proc in procs.items():
@@ -144,6 +143,21 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def print_table(rows: list[dict], reps: int) -> None:
+    by = {(r["rate"], r["prompt_tokens"], r["mode"]): r for r in rows}
+    print(f"\nTTFT in s, median of {reps}; overhead (ovh) = TTFT - prefill; seq = the proxy's default, ovl = --overlap")
+    print(f"{'link':<9}{'tokens':>7}{'prefill':>9}{'recomp':>8}{'raw seq':>9}{'def seq':>9}{'raw ovl':>9}{'def ovl':>9}"
+          f"{'ovh raw':>9}{'ovh def':>9}{'def/raw':>9}{'ratio':>7}")
+    for rate in dict.fromkeys(r["rate"] for r in rows):
+        for tokens in LENGTHS:
+            t = {m: by[(rate, tokens, m)]["ttft_s"] for m in MODES}
+            raw_ovh, def_ovh = t["raw-sequential"] - t["prefill"], t["default-sequential"] - t["prefill"]
+            d = by[(rate, tokens, "default-sequential")]
+            ratio = d["raw_bytes"] / d["wire_bytes"] if d["wire_bytes"] else float("nan")
+            print(f"{rate:<9}{tokens:>7}{t['prefill']:>9.2f}{t['recompute']:>8.2f}{t['raw-sequential']:>9.2f}{t['default-sequential']:>9.2f}"
+                  f"{t['raw']:>9.2f}{t['default']:>9.2f}{raw_ovh:>9.2f}{def_ovh:>9.2f}{def_ovh / raw_ovh:>9.2f}{ratio:>7.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"])
@@ -151,7 +165,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("results/e2e.json"))
     parser.add_argument("--plot", type=Path, default=Path("results/e2e.png"))
     parser.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "cachegen-bench-e2e")
+    parser.add_argument("--from-json", type=Path, help="print the table and plot of an earlier run's JSON; measure nothing")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        print_table(saved["rows"], saved["reps"])
+        plot(saved["rows"], args.plot)
+        return
     from cachegen_vllm.model import ensure_default_model
     from cachegen_vllm.netem import shaped_link, unavailable
 
@@ -165,18 +185,7 @@ def main() -> None:
             subprocess.run(link.command("far", [sys.executable, __file__, "inside", link.near, link.near_ip, rate,
                                                 str(args.reps), str(args.logs), out.name]), check=True)
             rows += [dict(r, delay_ms_applied=link.delay_ms) for r in json.loads(Path(out.name).read_text())]
-    by = {(r["rate"], r["prompt_tokens"], r["mode"]): r for r in rows}
-    print(f"\nTTFT in s, median of {args.reps}; P/D overhead = TTFT - prefill; seq = --no-overlap")
-    print(f"{'link':<9}{'tokens':>7}{'prefill':>9}{'recomp':>8}{'raw seq':>9}{'def seq':>9}{'raw':>8}{'default':>9}"
-          f"{'ovh raw':>9}{'ovh def':>9}{'def/raw':>9}{'ratio':>7}")
-    for rate in args.rates:
-        for tokens in LENGTHS:
-            t = {m: by[(rate, tokens, m)]["ttft_s"] for m in MODES}
-            raw_ovh, def_ovh = t["raw"] - t["prefill"], t["default"] - t["prefill"]
-            d = by[(rate, tokens, "default")]
-            ratio = d["raw_bytes"] / d["wire_bytes"] if d["wire_bytes"] else float("nan")
-            print(f"{rate:<9}{tokens:>7}{t['prefill']:>9.2f}{t['recompute']:>8.2f}{t['raw-sequential']:>9.2f}{t['default-sequential']:>9.2f}"
-                  f"{t['raw']:>8.2f}{t['default']:>9.2f}{raw_ovh:>9.2f}{def_ovh:>9.2f}{def_ovh / raw_ovh:>9.2f}{ratio:>7.2f}")
+    print_table(rows, args.reps)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"max_tokens": MAX_TOKENS, "reps": args.reps, "rows": rows}, indent=1) + "\n")
     plot(rows, args.plot)

@@ -7,7 +7,9 @@ shaped links; root needed). The producer queues the frames of one transfer as fa
 goodput is frame bytes over the time from the first frame queued to the last frame read, so it
 counts ZeroMQ, TCP and the consumer's checksum check. First-frame latency is the time from the
 first frame queued to its arrival at the consumer, with the consumer already waiting (both clocks
-are the machine's one monotonic clock).
+are the machine's one monotonic clock). The "paced" row makes the frames at 80% of a 100 Mbit/s
+link's rate, one by one, as a prefill makes its layers: with the consumer pulling from the start,
+the last frame should arrive about when it was made ("made in" vs "s").
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _frame() -> bytes:
     return encode_layer(kv, kv, geometry=geometry, profile=profile, layer=0)[0]
 
 
-def produce(bind: str, frames: int) -> None:
+def produce(bind: str, frames: int, pace_ms: float = 0.0) -> None:
     from cachegen_vllm.config import TransportConfig
     from cachegen_vllm.transport import FrameProducer
 
@@ -44,13 +46,15 @@ def produce(bind: str, frames: int) -> None:
     print(json.dumps({"endpoint": producer.endpoint}), flush=True)
     sys.stdin.readline()  # the consumer is waiting
     first = time.monotonic()
-    for _ in range(frames):
+    for i in range(frames):
         producer.put(TRANSFER_ID, frame)
+        time.sleep(pace_ms / 1000)  # a producer that makes frames at a model's pace, not at once
+    produced = time.monotonic() - first
     producer.finish(TRANSFER_ID)
     deadline = time.monotonic() + 600
     while producer.transfers and time.monotonic() < deadline:
         time.sleep(0.01)
-    print(json.dumps({"first_put": first, "frame_bytes": len(frame)}), flush=True)
+    print(json.dumps({"first_put": first, "frame_bytes": len(frame), "produced_s": produced}), flush=True)
     producer.close()
 
 
@@ -71,10 +75,10 @@ def consume(endpoint: str) -> None:
     consumer.close()
 
 
-def run_transfer(frames: int, producer_cmd: list[str], consumer_cmd: list[str], bind: str) -> dict:
+def run_transfer(frames: int, producer_cmd: list[str], consumer_cmd: list[str], bind: str, pace_ms: float = 0.0) -> dict:
     """One transfer between two processes; returns bytes, goodput and first-frame latency."""
     me = [sys.executable, __file__]
-    prod = subprocess.Popen(producer_cmd + me + ["produce", bind, str(frames)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    prod = subprocess.Popen(producer_cmd + me + ["produce", bind, str(frames), str(pace_ms)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         endpoint = json.loads(prod.stdout.readline())["endpoint"]
         cons = subprocess.Popen(consumer_cmd + me + ["consume", endpoint], stdout=subprocess.PIPE, text=True)
@@ -92,15 +96,15 @@ def run_transfer(frames: int, producer_cmd: list[str], consumer_cmd: list[str], 
     return {
         "frames": got["frames"], "frames_expected": frames, "bytes": got["bytes"],
         "seconds": seconds, "goodput_gbit_s": 8 * got["bytes"] / seconds / 1e9,
-        "first_frame_ms": 1000 * (got["first_frame"] - sent["first_put"]),
+        "first_frame_ms": 1000 * (got["first_frame"] - sent["first_put"]), "produced_s": sent["produced_s"],
     }
 
 
-def run_link(rate: str, delay_ms: float, frames: int) -> dict:
+def run_link(rate: str, delay_ms: float, frames: int, pace_ms: float = 0.0) -> dict:
     from cachegen_vllm.netem import shaped_link
 
     with shaped_link(rate, delay_ms) as link:
-        result = run_transfer(frames, link.command("near", []), link.command("far", []), f"tcp://{link.near_ip}:0")
+        result = run_transfer(frames, link.command("near", []), link.command("far", []), f"tcp://{link.near_ip}:0", pace_ms)
         return {"delay_ms_applied": link.delay_ms, **result}
 
 
@@ -126,10 +130,15 @@ def main() -> None:
         row = {"link": f"{name}, {result['delay_ms_applied']:g} ms", **result}
         row["fraction_of_link"] = row["goodput_gbit_s"] / gbit
         rows.append(row)
-    print(f"{'link':<18}{'MiB':>8}{'s':>8}{'Gbit/s':>9}{'of link':>9}{'first frame':>13}")
+    if not skip:  # frames made at a pace the link could carry, as a prefill makes them: do they arrive as made?
+        frames = int(args.seconds * 0.1e9 / 8 / (1 << 20) * 0.8)
+        pace_ms = 1000 * args.seconds / frames
+        result = run_link("100mbit", args.delay_ms, frames, pace_ms)
+        rows.append({"link": f"100mbit paced {pace_ms:.0f}ms", **result, "fraction_of_link": result["goodput_gbit_s"] / 0.1})
+    print(f"{'link':<22}{'MiB':>8}{'made in':>9}{'s':>8}{'Gbit/s':>9}{'of link':>9}{'first frame':>13}")
     for r in rows:
         share = f"{100 * r['fraction_of_link']:.0f}%" if "fraction_of_link" in r else "-"
-        print(f"{r['link']:<18}{r['bytes'] / 2**20:>8.0f}{r['seconds']:>8.2f}{r['goodput_gbit_s']:>9.2f}{share:>9}{r['first_frame_ms']:>11.1f}ms")
+        print(f"{r['link']:<22}{r['bytes'] / 2**20:>8.0f}{r['produced_s']:>9.2f}{r['seconds']:>8.2f}{r['goodput_gbit_s']:>9.2f}{share:>9}{r['first_frame_ms']:>11.1f}ms")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"delay_ms": args.delay_ms, "rows": rows}, indent=2) + "\n")
@@ -137,7 +146,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "produce":
-        produce(sys.argv[2], int(sys.argv[3]))
+        produce(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
     elif len(sys.argv) > 1 and sys.argv[1] == "consume":
         consume(sys.argv[2])
     else:

@@ -71,7 +71,7 @@ def requests_to(seen, prefix):
 def test_first_request_hands_over_then_later_ones_overlap_the_legs():
     seen = []
     backends = [_serve(fake_backend(name, seen)) for name in ("prefill", "decode")]
-    proxy, server = _serve(create_app([backends[0][0]], [backends[1][0]]))
+    proxy, server = _serve(create_app([backends[0][0]], [backends[1][0]], overlap=True))
     try:
         r = httpx.post(f"{proxy}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 20}, timeout=10)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello world"
@@ -86,9 +86,11 @@ def test_first_request_hands_over_then_later_ones_overlap_the_legs():
         seen.clear()
         r = httpx.post(f"{proxy}/v1/completions", json={"model": "slow", "prompt": "hi"}, timeout=10)
         assert r.status_code == 200
-        assert [name for name, _, _ in seen] == ["prefill", "decode", "prefill"]  # prefill asked, decode asked, prefill answered
-        tid = seen[0][2]["kv_transfer_params"]["transfer_id"]
-        assert seen[1][2]["kv_transfer_params"] == {"do_remote_prefill": True, "transfer_id": tid, "producer": "tcp://prefill"}
+        assert sorted(name for name, _, _ in seen[:2]) == ["decode", "prefill"] and seen[2][:2] == ("prefill", "answered")
+        (_, p_body), = requests_to(seen, "prefill")
+        (_, d_body), = requests_to(seen, "decode")
+        tid = p_body["kv_transfer_params"]["transfer_id"]
+        assert d_body["kv_transfer_params"] == {"do_remote_prefill": True, "transfer_id": tid, "producer": "tcp://prefill"}
         # A failed prefill cancels the decode leg at once (it would take 5 s) and its error comes back.
         started = time.monotonic()
         r = httpx.post(f"{proxy}/v1/completions", json={"model": "broken", "prompt": "hi"}, timeout=10)
