@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def stream_ttft(url: str, body: dict) -> tuple[float, float]:
 
 def inside(near_ns: str, near_ip: str, rate: str, reps: int, logs: Path, out: Path) -> None:
     """Runs in the decode's namespace: starts everything, measures, writes JSON rows."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from cachegen_vllm.demo import cachegen_counters, kv_transfer_config, post, start_instance, stop_all, wait_healthy, warm_up
     from cachegen_vllm.model import default_model_dir
 
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "cachegen-bench-e2e")
     parser.add_argument("--from-json", type=Path, help="print the table and plot of an earlier run's JSON; measure nothing")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: servers stopped, namespaces removed
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         print_table(saved["rows"], saved["reps"])
@@ -182,8 +185,15 @@ def main() -> None:
     rows = []
     for rate in args.rates:
         with shaped_link(rate, delay_ms=1.0) as link, tempfile.NamedTemporaryFile(suffix=".json") as out:
-            subprocess.run(link.command("far", [sys.executable, __file__, "inside", link.near, link.near_ip, rate,
-                                                str(args.reps), str(args.logs), out.name]), check=True)
+            inner = subprocess.Popen(link.command("far", [sys.executable, __file__, "inside", link.near, link.near_ip, rate,
+                                                          str(args.reps), str(args.logs), out.name]))
+            try:
+                if inner.wait():
+                    sys.exit(f"the measurement at {rate} failed (logs in {args.logs})")
+            finally:  # on Ctrl-C or SIGTERM too: it stops the servers it started
+                if inner.poll() is None:
+                    inner.terminate()
+                    inner.wait(60)
             rows += [dict(r, delay_ms_applied=link.delay_ms) for r in json.loads(Path(out.name).read_text())]
     print_table(rows, args.reps)
     args.json.parent.mkdir(parents=True, exist_ok=True)
