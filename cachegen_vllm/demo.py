@@ -24,7 +24,9 @@ WARMUP_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)
 
 
 def _cores(role: str) -> str:
-    """Split the machine's cores between the two instances (vLLM's CPU backend pins threads)."""
+    """Split the machine's cores between the two instances. Each instance is pinned whole
+    (taskset), not only its compute threads: a decode waiting for KV steps its engine
+    continuously, and would otherwise take the core the prefill computes on."""
     n = os.cpu_count() or 1
     if n == 1:
         return "0"
@@ -40,13 +42,14 @@ def kv_transfer_config(role: str, extra: dict, policy: str = "recompute") -> dic
 
 
 def start_instance(model: Path, port: int, log_path: Path, transfer: dict | None = None,
-                   launcher: list[str] | None = None, cores: str = "nobind", extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+                   launcher: list[str] | None = None, cores: str = "nobind", extra_args: tuple[str, ...] = (),
+                   host: str = "127.0.0.1") -> subprocess.Popen:
     """A vLLM OpenAI server, with the CacheGenConnector if ``transfer`` (a kv_transfer_config)
-    is given; ``launcher`` prefixes the command (e.g. ``ip netns exec NS``); ``extra_args`` go to
-    vLLM."""
+    is given; ``launcher`` prefixes the command (e.g. ``ip netns exec NS``, ``taskset -c 0``);
+    ``cores`` binds vLLM's compute threads; ``extra_args`` go to vLLM."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), VLLM_CPU_OMP_THREADS_BIND=cores)
     argv = [*(launcher or []), sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "0.0.0.0" if launcher else "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "4096"]
+            "--host", host, "--port", str(port), "--enforce-eager", "--max-model-len", "4096"]
     if transfer is not None:
         argv += ["--kv-transfer-config", json.dumps(transfer)]
     argv += extra_args
@@ -137,8 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(f"starting prefill and decode instances (logs in {args.logs}/), about a minute", flush=True)
         producer = kv_transfer_config("kv_producer", {"profile": args.profile, "bind": "tcp://127.0.0.1:5601"})
-        procs.append(start_instance(model, 8100, args.logs / "prefill.log", producer, cores=_cores("kv_producer")))
-        procs.append(start_instance(model, 8200, args.logs / "decode.log", kv_transfer_config("kv_consumer", {}), cores=_cores("kv_consumer")))
+        for role, port, transfer in (("kv_producer", 8100, producer), ("kv_consumer", 8200, kv_transfer_config("kv_consumer", {}))):
+            cores = _cores(role)
+            procs.append(start_instance(model, port, args.logs / f"{'prefill' if role == 'kv_producer' else 'decode'}.log", transfer,
+                                        launcher=["taskset", "-c", cores], cores=cores))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "cachegen_vllm.cli", "proxy", "--prefill", prefill_url, "--decode", decode_url, "--port", "8000"],
             stdout=open(args.logs / "proxy.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115

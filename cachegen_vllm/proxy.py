@@ -7,16 +7,16 @@ and its connector streams it out, layer by layer. The decode instance gets the o
 with ``kv_transfer_params`` that say where the KV waits and under which id; it loads the KV and
 generates, and its answer, streamed or not, goes back to the client unchanged.
 
-With ``--overlap`` both legs start at once: the decode instance pulls each layer's frames while the prefill is still
+Both legs start at once: the decode instance pulls each layer's frames while the prefill is still
 computing later layers, so the transfer hides behind the prefill's compute. That needs the prefill's
 KV endpoint before it answers; the proxy learns it from the prefill's first answer (the
 ``producer`` of its ``kv_transfer_params``), so the first request to each prefill instance runs its
-legs one after the other (as all do without ``--overlap``, the default). If the prefill leg fails, the decode leg
+legs one after the other (as all do with ``--no-overlap``). If the prefill leg fails, the decode leg
 is cancelled (vLLM aborts it and the connector stops its transfer) and the prefill's error goes
 back. A decode leg waits for its KV up to the decode's ``load_timeout_s`` (then recomputes), so a
-prefill queue longer than that is a reason not to overlap. Measured so far (NOTES.md): overlap
-hides the transfer on loopback but made TTFT several times worse over a shaped 100 Mbit/s link, a
-cause not yet found; hence off by default.
+prefill queue longer than that is a reason for ``--no-overlap``. A decode instance waiting for KV
+steps its engine continuously (vLLM polls the connector), which costs a core: on a machine shared
+with the prefill, pin each instance to its own cores or the prefill slows down (NOTES.md).
 
 Prefill and decode instances are chosen round robin. A backend's error comes back with its own
 status and body. The transfer id is made here, not taken from vLLM's request ids, which differ per
@@ -68,7 +68,7 @@ async def _cancel(leg: asyncio.Task | None) -> None:
     await response.aclose()
 
 
-def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float = 600.0, overlap: bool = False) -> FastAPI:
+def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float = 600.0, overlap: bool = True) -> FastAPI:
     if not prefill_urls or not decode_urls:
         raise ValueError("the proxy needs at least one prefill and one decode URL")
     prefills = itertools.cycle([u.rstrip("/") for u in prefill_urls])
@@ -175,10 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for one backend request")
-    parser.add_argument("--overlap", action="store_true",
-                        help="start the decode leg with the prefill leg, so the transfer overlaps the prefill's compute "
-                             "(experimental: slower on a shaped 100 Mbit/s link in our benchmark, see NOTES.md)")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="send the decode leg only after the prefill answered (the transfer then starts after the prefill's compute)")
     args = parser.parse_args(argv)
     import uvicorn
 
-    uvicorn.run(create_app(args.prefill, args.decode, args.timeout, overlap=args.overlap), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(args.prefill, args.decode, args.timeout, overlap=not args.no_overlap), host=args.host, port=args.port, log_level="info")

@@ -7,14 +7,17 @@ Per link rate and prompt length (1K, 2K, 3K tokens of English text), the median 
   prefill   the prefill instance alone computing the prompt (max_tokens=1, nothing sent): the part
             of P/D TTFT that is not transfer;
   recompute the decode instance computing the prompt itself, no transfer (its TTFT);
-  raw-sequential, default-sequential P/D with exact bf16 KV (profile "raw") or the default
-                                    profile, the proxy's default: decode leg after the prefill's answer;
-  raw, default                      the same with the proxy's `--overlap`: both legs at once, the
-                                    transfer overlapping the prefill's compute layer by layer.
+  raw, default                      P/D with exact bf16 KV (profile "raw") or the default profile,
+                                    the proxy starting both legs at once (the transfer overlaps the
+                                    prefill's compute, layer by layer);
+  raw-sequential, default-sequential the same with the proxy's `--no-overlap` (decode leg after the
+                                    prefill's answer: nothing hides the transfer).
 The overhead of a P/D mode is its TTFT less `prefill`: what moving the KV costs (encode, wire,
 decode, the proxy's second leg). Prefix caching is off, so every repetition computes everything.
 The proxy and the client sit in the decode's namespace; the prefill's HTTP answers and its KV
-cross the shaped link. Each instance gets one core of the machine.
+cross the shaped link. Each instance, all its processes, is pinned to one core of the machine
+(taskset): a decode waiting for KV steps its engine continuously, and unpinned it steals the
+prefill's core.
 """
 
 from __future__ import annotations
@@ -73,13 +76,15 @@ def inside(near_ns: str, near_ip: str, rate: str, reps: int, logs: Path, out: Pa
         for profile, port in KV_PORTS.items():
             config = kv_transfer_config("kv_producer", {"profile": profile, "bind": f"tcp://{near_ip}:{port}"})
             procs[profile] = start_instance(model, HTTP_PORTS[profile], logs / f"{rate}-{profile}.log", config,
-                                            launcher=["ip", "netns", "exec", near_ns], cores="0", extra_args=no_cache)
+                                            launcher=["ip", "netns", "exec", near_ns, "taskset", "-c", "0"], cores="0", extra_args=no_cache,
+                                            host="0.0.0.0")
         procs["decode"] = start_instance(model, HTTP_PORTS["decode"], logs / f"{rate}-decode.log",
-                                         kv_transfer_config("kv_consumer", {}), cores="1", extra_args=no_cache)
+                                         kv_transfer_config("kv_consumer", {}), launcher=["taskset", "-c", "1"], cores="1",
+                                         extra_args=no_cache)
         for mode in PD_MODES:
             procs[f"proxy-{mode}"] = subprocess.Popen(
                 [sys.executable, "-m", "cachegen_vllm.cli", "proxy", "--prefill", urls[mode.split("-")[0]], "--decode", urls["decode"],
-                 "--port", str(HTTP_PORTS[f"proxy-{mode}"]), *([] if mode.endswith("sequential") else ["--overlap"])],
+                 "--port", str(HTTP_PORTS[f"proxy-{mode}"]), *(["--no-overlap"] if mode.endswith("sequential") else [])],
                 stdout=open(logs / f"{rate}-proxy-{mode}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
             )
         for name, proc in procs.items():
@@ -147,14 +152,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def print_table(rows: list[dict], reps: int) -> None:
     by = {(r["rate"], r["prompt_tokens"], r["mode"]): r for r in rows}
-    print(f"\nTTFT in s, median of {reps}; overhead (ovh) = TTFT - prefill; seq = the proxy's default, ovl = --overlap")
+    print(f"\nTTFT in s, median of {reps}; overhead (ovh, overlapped) = TTFT - prefill; seq = --no-overlap, ovl = the proxy's default")
     print(f"{'link':<9}{'tokens':>7}{'prefill':>9}{'recomp':>8}{'raw seq':>9}{'def seq':>9}{'raw ovl':>9}{'def ovl':>9}"
           f"{'ovh raw':>9}{'ovh def':>9}{'def/raw':>9}{'ratio':>7}")
     for rate in dict.fromkeys(r["rate"] for r in rows):
         for tokens in LENGTHS:
             t = {m: by[(rate, tokens, m)]["ttft_s"] for m in MODES}
-            raw_ovh, def_ovh = t["raw-sequential"] - t["prefill"], t["default-sequential"] - t["prefill"]
-            d = by[(rate, tokens, "default-sequential")]
+            raw_ovh, def_ovh = t["raw"] - t["prefill"], t["default"] - t["prefill"]  # the proxy's default mode
+            d = by[(rate, tokens, "default")]
             ratio = d["raw_bytes"] / d["wire_bytes"] if d["wire_bytes"] else float("nan")
             print(f"{rate:<9}{tokens:>7}{t['prefill']:>9.2f}{t['recompute']:>8.2f}{t['raw-sequential']:>9.2f}{t['default-sequential']:>9.2f}"
                   f"{t['raw']:>9.2f}{t['default']:>9.2f}{raw_ovh:>9.2f}{def_ovh:>9.2f}{def_ovh / raw_ovh:>9.2f}{ratio:>7.2f}")

@@ -71,7 +71,7 @@ def requests_to(seen, prefix):
 def test_first_request_hands_over_then_later_ones_overlap_the_legs():
     seen = []
     backends = [_serve(fake_backend(name, seen)) for name in ("prefill", "decode")]
-    proxy, server = _serve(create_app([backends[0][0]], [backends[1][0]], overlap=True))
+    proxy, server = _serve(create_app([backends[0][0]], [backends[1][0]]))
     try:
         r = httpx.post(f"{proxy}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 20}, timeout=10)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello world"
