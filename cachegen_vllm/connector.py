@@ -38,6 +38,7 @@ from cachegen_vllm.config import ConfigError, ConnectorConfig, connector_config_
 from cachegen_vllm.metrics import FAILURE_PREFIX, PRODUCER_COUNTERS, CacheGenPromMetrics, CacheGenStats
 from cachegen_vllm.paged import PageOrder, gather, probe_page_order, scatter
 from cachegen_vllm.transport import FrameConsumer, FrameProducer, TransferStream, TransportError
+from cachegen_vllm.transport.protocol import MAX_TRANSFER_ID
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -128,6 +129,9 @@ class CacheGenConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.kv_transfer_params or {}
         if self.is_producer or not params.get("do_remote_prefill") or "transfer_id" not in params:
+            return 0, False
+        if not 0 < len(str(params["transfer_id"]).encode()) <= MAX_TRANSFER_ID:
+            log.warning("request %s: transfer_id must be 1..%d bytes; recomputing", request.request_id, MAX_TRANSFER_ID)
             return 0, False
         if request.request_id in self._loaded:
             # Asked again only after a failed load (or a preemption): the producer has released or
@@ -257,16 +261,20 @@ class CacheGenConnector(KVConnectorBase_V1):
         if self._consumer is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
-        for req_id in meta.cancels:
+        for load in meta.loads:  # before the cancels: a request may be aborted in the step its load begins
+            stream = self._consumer.fetch(load.producer, load.transfer_id, self.config.load_timeout_s, from_token=load.start)
             with self._lock:
-                self._cancelled.add(req_id)
+                self._streams[load.req_id] = stream
+            threading.Thread(target=self._load, args=(load, stream), name=f"cachegen-load-{load.transfer_id}", daemon=True).start()
+        for req_id in meta.cancels:
+            with self._lock:  # a load already over has left _streams: nothing to stop
                 stream = self._streams.get(req_id)
+                if stream is not None:
+                    self._cancelled.add(req_id)
             if stream is not None:
                 stream.cancel()
-        for load in meta.loads:
-            threading.Thread(target=self._load, args=(load,), name=f"cachegen-load-{load.transfer_id}", daemon=True).start()
 
-    def _load(self, load: LoadRequest) -> None:
+    def _load(self, load: LoadRequest, fetch: TransferStream) -> None:
         """Fetch, decode and scatter one transfer; report it finished, with its blocks as load
         errors if anything failed."""
         blocks = torch.tensor(load.block_ids)
@@ -275,11 +283,6 @@ class CacheGenConnector(KVConnectorBase_V1):
         loaded = {index: 0 for index in layers}
         started, decoding = time.perf_counter(), 0.0
         try:
-            fetch = self._consumer.fetch(load.producer, load.transfer_id, self.config.load_timeout_s, from_token=load.start)
-            with self._lock:
-                self._streams[load.req_id] = fetch
-                if load.req_id in self._cancelled:  # aborted before the fetch began
-                    fetch.cancel()
             with fetch as stream:
                 for frame in stream:
                     t0 = time.perf_counter()
