@@ -1,7 +1,8 @@
 """CacheGenConnector: vLLM's V1 KV connector for disaggregated prefill/decode with compressed KV.
 
-Composes the other modules and holds no math: `paged` reads and writes vLLM's blocks, `codec`
-turns a layer's tokens into frames and back, `transport` streams the frames.
+Composes the other modules and holds no math: `paged` turns a layer's tokens in vLLM's blocks into
+frames and back (the Triton kernels on a CUDA cache, the reference codec on a CPU one), `transport`
+streams the frames.
 
 Prefill instance (``kv_role: kv_producer``): a request that carries
 ``kv_transfer_params={"do_remote_decode": true, "transfer_id": ...}`` (the proxy sets it) has each
@@ -33,10 +34,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.logger import init_logger
 from vllm.v1.request import RequestStatus
 
-from cachegen_vllm.codec import FrameError, KVGeometry, decode_chunk, encode_layer
+from cachegen_vllm.codec import FrameError, KVGeometry
 from cachegen_vllm.config import ConfigError, ConnectorConfig, connector_config_from_dict
 from cachegen_vllm.metrics import FAILURE_PREFIX, PRODUCER_COUNTERS, CacheGenPromMetrics, CacheGenStats
-from cachegen_vllm.paged import PageOrder, gather, probe_page_order, scatter
+from cachegen_vllm.paged import PageOrder, decode_into_blocks, encode_blocks, probe_page_order
 from cachegen_vllm.transport import FrameConsumer, FrameProducer, TransferStream, TransportError
 from cachegen_vllm.transport.protocol import MAX_TRANSFER_ID
 
@@ -208,7 +209,10 @@ class CacheGenConnector(KVConnectorBase_V1):
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
-            raise NotImplementedError("CacheGenConnector reads vLLM's paged cache on the CPU backend only so far (GPU kernels: issue 3)")
+            # The Triton kernels read and write GPU pages (cachegen_vllm.kernels), but encoding in
+            # save_kv_layer would wait on the forward pass's stream each layer: the GPU side needs
+            # a stream of its own and asynchronous copies, and a run of vLLM on a GPU, first.
+            raise NotImplementedError("CacheGenConnector runs on vLLM's CPU backend only so far; see NOTES.md, 'GPU path'")
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
         first = next(iter(kv_caches.values()))
@@ -232,11 +236,10 @@ class CacheGenConnector(KVConnectorBase_V1):
         layer, _ = self._layers[layer_name]
         for save in meta.saves:
             started = time.perf_counter()
-            key, value = gather(kv_layer, self._order, torch.tensor(save.block_ids), save.end)
-            key, value = key[save.start :], value[save.start :]
-            frames = encode_layer(
-                key, value, geometry=self._geometry, profile=self.config.profile,
-                layer=layer, token_start=save.start, total_tokens=save.total,
+            frames = encode_blocks(
+                kv_layer, self._order, torch.tensor(save.block_ids, device=kv_layer.device), geometry=self._geometry,
+                profile=self.config.profile, layer=layer, token_start=save.start, count=save.end - save.start,
+                total_tokens=save.total,
             )
             last = save.end == save.total and layer == self._geometry.num_layers - 1
             try:
@@ -249,8 +252,9 @@ class CacheGenConnector(KVConnectorBase_V1):
                 self._producer.abort(save.transfer_id, str(e))
                 self._count(**{FAILURE_PREFIX + e.kind: 1})
                 continue
+            g = self._geometry
             self._count(
-                raw_bytes=2 * key.numel() * key.element_size(), wire_bytes=sum(map(len, frames)),
+                raw_bytes=2 * (save.end - save.start) * g.channels * g.dtype.itemsize, wire_bytes=sum(map(len, frames)),
                 encode_seconds=time.perf_counter() - started, transfers=int(last),
             )
 
@@ -277,21 +281,19 @@ class CacheGenConnector(KVConnectorBase_V1):
     def _load(self, load: LoadRequest, fetch: TransferStream) -> None:
         """Fetch, decode and scatter one transfer; report it finished, with its blocks as load
         errors if anything failed."""
-        blocks = torch.tensor(load.block_ids)
-        end = load.start + load.count
         layers = {index: tensor for index, tensor in self._layers.values()}
+        blocks = torch.tensor(load.block_ids, device=next(iter(layers.values())).device)
+        end = load.start + load.count
         loaded = {index: 0 for index in layers}
         started, decoding = time.perf_counter(), 0.0
         try:
             with fetch as stream:
                 for frame in stream:
                     t0 = time.perf_counter()
-                    chunk = decode_chunk(frame, self._geometry)
-                    lo, hi = max(chunk.token_start, load.start), min(chunk.token_start + chunk.key.shape[0], end)
-                    if lo < hi:
-                        rows = slice(lo - chunk.token_start, hi - chunk.token_start)
-                        scatter(layers[chunk.layer], self._order, blocks, lo, chunk.key[rows], chunk.value[rows])
-                        loaded[chunk.layer] += hi - lo
+                    layer, written = decode_into_blocks(
+                        frame, layers, self._order, blocks, geometry=self._geometry, write_start=load.start, write_end=end,
+                    )
+                    loaded[layer] += written
                     decoding += time.perf_counter() - t0
             missing = {layer: load.count - n for layer, n in loaded.items() if n != load.count}
             if missing:

@@ -1,21 +1,29 @@
-"""Reading and writing a request's tokens in vLLM's paged KV cache, whatever the page layout.
+"""Reading and writing a request's tokens in vLLM's paged KV cache, whatever the page layout, and
+the codec entry points that work on it: `encode_blocks` and `decode_into_blocks`, the Triton
+kernels (`cachegen_vllm.kernels`) on a CUDA cache, the reference codec on a CPU one.
 
 vLLM 0.32 hands a connector one tensor per layer, logically
 ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (K then V on the last dimension). On the
-CPU backend (layout ``LBHNC``) each (block, head) page is one contiguous run of
-``2 * block_size * head_size`` elements: the K area, then the V area, each packed in an order that
-depends on the instruction set vLLM picked (``vec``, ``amx``, ``neon``...; with bf16 on AMX the rows
-are not token-major). Rather than re-implement each ISA's packing, `probe_page_order` asks vLLM's
-own ``cpu_attn_reshape_and_cache`` where each (token, channel) lands, once per layer geometry, and
-gather/scatter then are one indexed copy each. A layout that is not a permutation of the page is
-refused with a clear error instead of being guessed.
+GPU backends that view's strides say where everything is (``LBNHC``, ``LBHNC``...), and gather and
+scatter index it directly (``order=None``). On the CPU backend (layout ``LBHNC``) each
+(block, head) page is one contiguous run of ``2 * block_size * head_size`` elements: the K area,
+then the V area, each packed in an order that depends on the instruction set vLLM picked (``vec``,
+``amx``, ``neon``...; with bf16 on AMX the rows are not token-major). Rather than re-implement each
+ISA's packing, `probe_page_order` asks vLLM's own ``cpu_attn_reshape_and_cache`` where each
+(token, channel) lands, once per layer geometry, and gather/scatter then are one indexed copy each.
+A layout that is not a permutation of the page is refused with a clear error instead of being
+guessed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer
+from cachegen_vllm.config import Profile
 
 PROBE_BASE = 64  # digits 1..64 are exact in every float dtype vLLM uses, bf16 included
 
@@ -70,23 +78,87 @@ def _pages(layer: torch.Tensor) -> torch.Tensor:
     return layer.view(num_blocks, heads, block_size * width)
 
 
-def gather(layer: torch.Tensor, order: PageOrder, block_ids: torch.Tensor, num_tokens: int):
+def gather(layer: torch.Tensor, order: PageOrder | None, block_ids: torch.Tensor, num_tokens: int):
     """K and V ``[num_tokens, heads, head_size]`` of the request whose first tokens are in
-    ``block_ids`` (in order)."""
+    ``block_ids`` (in order). ``order`` None: the tensor's logical view is the layout (its strides
+    say where things are, as on the GPU backends)."""
     heads, width = layer.shape[1], layer.shape[3]
+    if order is None:
+        rows = layer[block_ids].permute(0, 2, 1, 3).reshape(-1, heads, width)[:num_tokens]
+        return rows[..., : width // 2], rows[..., width // 2 :]
     pages = _pages(layer)[block_ids]  # [blocks, heads, page]
     # pages[:, :, order] is [blocks, heads, block_size, head_size]; tokens are (block, row)
     key, value = (pages[:, :, o].permute(0, 2, 1, 3).reshape(-1, heads, width // 2)[:num_tokens] for o in (order.key, order.value))
     return key, value
 
 
-def scatter(layer: torch.Tensor, order: PageOrder, block_ids: torch.Tensor, first_token: int, key: torch.Tensor, value: torch.Tensor) -> None:
+def scatter(layer: torch.Tensor, order: PageOrder | None, block_ids: torch.Tensor, first_token: int, key: torch.Tensor, value: torch.Tensor) -> None:
     """Write K and V of tokens ``[first_token, first_token + len(key))`` of a request into its blocks."""
-    _, heads, block_size, _ = layer.shape
-    positions = torch.arange(first_token, first_token + key.shape[0])
-    blocks = block_ids[positions // block_size]
-    rows = positions % block_size
+    _, heads, block_size, width = layer.shape
+    positions = torch.arange(first_token, first_token + key.shape[0], device=block_ids.device)
+    blocks = block_ids[positions // block_size][:, None]
+    rows = (positions % block_size)[:, None]
+    head = torch.arange(heads, device=block_ids.device)[None, :]
+    if order is None:
+        layer[blocks, head, rows, : width // 2] = key
+        layer[blocks, head, rows, width // 2 :] = value
+        return
     pages = _pages(layer)
-    head = torch.arange(heads)
-    pages[blocks[:, None, None], head[None, :, None], order.key[rows][:, None, :]] = key
-    pages[blocks[:, None, None], head[None, :, None], order.value[rows][:, None, :]] = value
+    pages[blocks[..., None], head[..., None], order.key[rows]] = key
+    pages[blocks[..., None], head[..., None], order.value[rows]] = value
+
+
+def encode_blocks(
+    layer_cache: torch.Tensor,
+    order: PageOrder | None,
+    block_ids: torch.Tensor,
+    *,
+    geometry: KVGeometry,
+    profile: Profile,
+    layer: int,
+    token_start: int,
+    count: int,
+    total_tokens: int,
+) -> list[bytes | memoryview]:
+    """Frames of tokens ``[token_start, token_start + count)`` of one layer of a request, read from
+    its blocks: the Triton kernels on a CUDA cache, the reference codec on a CPU one."""
+    if layer_cache.is_cuda:
+        from cachegen_vllm import kernels
+
+        return kernels.encode_layer_paged(
+            layer_cache, block_ids, geometry=geometry, profile=profile, layer=layer,
+            token_start=token_start, count=count, total_tokens=total_tokens,
+        )
+    key, value = gather(layer_cache, order, block_ids, token_start + count)
+    return encode_layer(
+        key[token_start:], value[token_start:], geometry=geometry, profile=profile, layer=layer,
+        token_start=token_start, total_tokens=total_tokens,
+    )
+
+
+def decode_into_blocks(
+    frame: bytes | bytearray | memoryview,
+    layer_caches: Mapping[int, torch.Tensor],
+    order: PageOrder | None,
+    block_ids: torch.Tensor,
+    *,
+    geometry: KVGeometry,
+    write_start: int,
+    write_end: int,
+) -> tuple[int, int]:
+    """Decode one frame into the request's blocks of its layer, writing only the tokens in
+    ``[write_start, write_end)``. Returns (layer, tokens written); raises FrameError on bad bytes."""
+    if next(iter(layer_caches.values())).is_cuda:
+        from cachegen_vllm import kernels
+
+        header = kernels.decode_frames_paged(
+            [frame], layer_caches, block_ids, geometry=geometry, write_start=write_start, write_end=write_end,
+        )[0]
+        lo, hi = max(header.token_start, write_start), min(header.token_start + header.token_count, write_end)
+        return header.layer, max(0, hi - lo)
+    chunk = decode_chunk(frame, geometry)
+    lo, hi = max(chunk.token_start, write_start), min(chunk.token_start + chunk.key.shape[0], write_end)
+    if lo < hi:
+        rows = slice(lo - chunk.token_start, hi - chunk.token_start)
+        scatter(layer_caches[chunk.layer], order, block_ids, lo, chunk.key[rows], chunk.value[rows])
+    return chunk.layer, max(0, hi - lo)

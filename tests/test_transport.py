@@ -88,6 +88,19 @@ def test_streams_frames_in_order_as_they_are_produced(endpoints):
     assert arrivals[-1] - arrivals[0] > 0.3  # each frame was handed over as it came, not at the end
 
 
+def test_frames_may_be_views_of_one_buffer(endpoints):
+    """The GPU encoder seals frames in place in one host buffer and hands over views of it."""
+    producer, consumer = endpoints()
+    frames = make_frames(3)
+    shared = bytearray(b"".join(frames))
+    offsets = [sum(map(len, frames[:i])) for i in range(len(frames))]
+    views = [memoryview(shared)[o : o + len(f)] for o, f in zip(offsets, frames)]
+    stream = consumer.fetch(producer.endpoint, "req-views", timeout_s=10)
+    produce(producer, "req-views", views)
+    assert list(stream) == frames
+    assert producer.stats["bytes_queued"] == sum(map(len, frames))
+
+
 def test_many_concurrent_transfers_produced_out_of_order(endpoints):
     producer, consumer = endpoints()
     transfers = {f"req-{i}": make_frames(5, seed=i) for i in range(16)}

@@ -118,18 +118,26 @@ def frame_nbytes(header: FrameHeader, geometry: KVGeometry) -> int:
     return payload_offset(len(header.segments)) + payload + CHECKSUM.size
 
 
-def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: list[bytes]) -> bytes:
-    """Assemble a frame from its payload arrays, in `payload_arrays` order."""
-    flags = (FLAG_VALUE_PER_TOKEN if header.value_axis == "token" else 0) | (FLAG_HADAMARD if header.hadamard else 0)
+def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | memoryview) -> None:
+    """Write the header, segment table and checksum into a `frame_nbytes`-long buffer whose payload
+    arrays (and zero padding) are already in place: what a kernel that wrote the payload needs."""
     total = frame_nbytes(header, geometry)
-    out = bytearray(total)
+    if len(frame) != total:
+        raise ValueError(f"frame buffer must be {total} bytes, got {len(frame)}")
+    flags = (FLAG_VALUE_PER_TOKEN if header.value_axis == "token" else 0) | (FLAG_HADAMARD if header.hadamard else 0)
     HEADER.pack_into(
-        out, 0, MAGIC, VERSION, flags, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
+        frame, 0, MAGIC, VERSION, flags, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
         geometry.head_dim, DTYPE_CODES[geometry.dtype], len(header.segments), header.layer,
         header.group_tokens, header.token_start, header.token_count, total,
     )
     for i, seg in enumerate(header.segments):
-        SEGMENT.pack_into(out, HEADER.size + i * SEGMENT.size, seg.tokens, seg.key_bits, seg.value_bits, 0)
+        SEGMENT.pack_into(frame, HEADER.size + i * SEGMENT.size, seg.tokens, seg.key_bits, seg.value_bits, 0)
+    CHECKSUM.pack_into(frame, total - CHECKSUM.size, xxhash.xxh3_64_intdigest(memoryview(frame)[: total - CHECKSUM.size]))
+
+
+def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: list[bytes]) -> bytes:
+    """Assemble a frame from its payload arrays, in `payload_arrays` order."""
+    out = bytearray(frame_nbytes(header, geometry))
     slots = [slot for seg in payload_arrays(header, geometry) for slot in seg]
     if len(slots) != len(arrays):
         raise ValueError(f"frame layout has {len(slots)} arrays, got {len(arrays)}")
@@ -137,7 +145,7 @@ def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: list[bytes]) 
         if len(data) != n:
             raise ValueError(f"array at offset {offset} must be {n} bytes, got {len(data)}")
         out[offset : offset + n] = data
-    CHECKSUM.pack_into(out, total - CHECKSUM.size, xxhash.xxh3_64_intdigest(memoryview(out)[: total - CHECKSUM.size]))
+    seal_frame(header, geometry, out)
     return bytes(out)
 
 

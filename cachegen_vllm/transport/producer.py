@@ -67,7 +67,7 @@ class FrameProducer(IOThread):
 
     # ---- API for the producing threads -------------------------------------------------------
 
-    def put(self, transfer_id: str, frame: bytes) -> None:
+    def put(self, transfer_id: str, frame: bytes | memoryview) -> None:
         """Queue one frame of a transfer. Raises BufferFull or TransferRefused (too large, or the
         consumer cancelled it): the caller stops producing it."""
         tid = transfer_id.encode()

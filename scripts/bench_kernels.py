@@ -1,0 +1,267 @@
+"""Benchmark the Triton paged-cache codec against the device's copy bandwidth and plain torch.
+
+On a CUDA GPU (the lent H100: see NOTES.md):
+
+    python scripts/bench_kernels.py --json results/kernels.json
+
+For a Llama-3-8B-like cache (32 layers, 8 KV heads, head_dim 128, block size 16, bf16, pages in
+FlashAttention's order, shuffled block ids) at 4K, 16K and 32K tokens it times, per layer:
+encode and decode kernels alone (CUDA events, median of --reps), the whole `encode_layer_paged`
+call (planning, kernels, copy to the host, headers, checksums), and the torch reference codec on the
+same device; GB/s counts bytes read plus bytes written, and "of copy" divides by a device-to-device
+copy measured in the same run.
+
+Without a GPU, ``--ptxas`` compiles the kernels for sm_90a (the H100) and reports what ptxas
+allocates: registers per thread, spills, shared memory. That is what decides occupancy, and it is
+the one figure about the GPU path that can be measured on a CPU machine:
+
+    python scripts/bench_kernels.py --ptxas --json results/kernels_ptxas.json
+
+``--host`` times the encode call's work on the host per layer (layout, sealing frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cachegen_vllm.codec import KVGeometry
+from cachegen_vllm.config import load_profile
+
+LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
+TOKENS = (4096, 16384, 32768)  # x 32 layers: up to 4 GiB of bf16 KV
+PROFILES = ("default", "aggressive")
+GEOMETRY = KVGeometry(LAYERS, HEADS, HEAD_DIM, DTYPE, model="llama-3-8b-like")
+
+
+def _ptxas_report(profile_name: str) -> list[dict]:
+    """Compile each (key bits, value bits) variant the profile uses for sm_90a; ptxas's allocation."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cachegen_vllm.kernels import plan_encode
+    from cachegen_vllm.kernels.paged_codec import decode_kernel, encode_kernel
+
+    profile = load_profile(profile_name)
+    plan = plan_encode(GEOMETRY, profile, layer=0, token_start=0, count=4096, total_tokens=4096, device=torch.device("cpu"))
+    constants = dict(plan.constants)
+    num_warps = constants.pop("num_warps")
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[GEOMETRY.dtype]
+    types = {
+        "cache": f"*{dtype}", "block_table": "*i64", "tiles": "*i64", "out": "*u8", "src": "*u8", "out_f16": "*fp16",
+        "src_f16": "*fp16", "out_raw": f"*{dtype}", "src_raw": f"*{dtype}", "bad_tiles": "*i32", "write_start": "i32",
+        "write_end": "i64", "block_size": "i32", "stride_block": "i32", "stride_head": "i32", "stride_token": "i32",
+    }
+    # what a launch specializes: pointers from torch and integers that are multiples of 16 are
+    # marked divisible by 16, and the unit channel stride is a constant
+    divisible = {"block_size", "stride_block", "stride_head", "stride_token"}
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas-blackwell"  # reads the PTX version Triton emits
+    rows = []
+    for key_bits, value_bits in sorted({widths for widths, _, _ in plan.launches}):
+        for kernel in (encode_kernel, decode_kernel):
+            const = {**constants, "KEY_BITS": key_bits, "VALUE_BITS": value_bits, "stride_channel": 1}
+            signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                     if signature[name].startswith("*") or name in divisible}
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=const, attrs=attrs),
+                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                ptx.write(compiled.asm["ptx"])
+                ptx.flush()
+                info = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
+                                      capture_output=True, text=True, check=True).stderr
+            registers = int(info.split("Used ")[1].split(" registers")[0])
+            spilled = int(info.split(" bytes spill stores")[0].rsplit(" ", 1)[1])
+            rows.append(dict(profile=profile_name, kernel=kernel.__name__, key_bits=key_bits, value_bits=value_bits,
+                             num_warps=num_warps, block_t=constants["BLOCK_T"], registers=registers,
+                             spill_store_bytes=spilled, shared_bytes=compiled.metadata.shared))
+    return rows
+
+
+def _host_rows(profile_name: str) -> list[dict]:
+    """The encode call's host work per layer: the layout (first layer of a save step, then each
+    later one) and sealing the frames (header, checksum) in one host buffer."""
+    import numpy as np
+
+    from cachegen_vllm import kernels
+    from cachegen_vllm.codec.format import frame_nbytes, seal_frame
+
+    profile, cpu, rows = load_profile(profile_name), torch.device("cpu"), []
+    for tokens in TOKENS:
+        kernels._LAYOUTS.clear()
+        t0 = time.perf_counter()
+        headers, bases, size, launches = kernels._encode_layout(GEOMETRY, profile, 0, 0, tokens, tokens, cpu)
+        t1 = time.perf_counter()
+        for layer in range(1, LAYERS):
+            kernels._encode_layout(GEOMETRY, profile, layer, 0, tokens, tokens, cpu)
+        t2 = time.perf_counter()
+        host = np.ones(size, dtype=np.uint8)  # touched, as the copy from the device leaves it
+        t3 = time.perf_counter()
+        payload = memoryview(host)
+        for header, base in zip(headers, bases):
+            seal_frame(header, GEOMETRY, payload[base : base + frame_nbytes(header, GEOMETRY)])
+        t4 = time.perf_counter()
+        rows.append(dict(profile=profile_name, tokens=tokens, wire_mib=round(size / 2**20, 1),
+                         tiles=sum(len(frames) for _, frames, _ in launches), layout_first_ms=round((t1 - t0) * 1e3, 2),
+                         layout_later_ms=round((t2 - t1) * 1e3 / (LAYERS - 1), 3), seal_ms=round((t4 - t3) * 1e3, 2)))
+    return rows
+
+
+def _time(fn, reps: int) -> float:
+    """Median seconds of ``fn``: CUDA events on a GPU (device time of what it enqueues), wall time
+    on the CPU (the interpreter smoke run)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            times.append(_wall(fn, 1, warm=False))
+    return statistics.median(times)
+
+
+def _wall(fn, reps: int, warm: bool = True) -> float:
+    """Median wall seconds of ``fn`` until its device work is done: what a caller waits."""
+    if warm:
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _copy_bandwidth(device: str, nbytes: int, reps: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _time(lambda: dst.copy_(src), reps)
+
+
+def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, device: str) -> dict:
+    from cachegen_vllm import kernels
+    from cachegen_vllm.codec import decode_chunk, encode_layer
+    from cachegen_vllm.codec.bitpack import pack
+    from cachegen_vllm.codec.quant import quantize
+    from cachegen_vllm.paged import gather
+
+    profile = load_profile(profile_name)
+    blocks = -(-tokens // BLOCK_SIZE)
+    generator = torch.Generator().manual_seed(tokens)
+    # FlashAttention's page order (LBNHC): [blocks, block_size, heads, K|V], viewed as vLLM hands it over
+    store = torch.randn(blocks + 64, BLOCK_SIZE, HEADS, 2 * HEAD_DIM, generator=generator).to(DTYPE).to(device)
+    cache = store.permute(0, 2, 1, 3)
+    table = torch.randperm(blocks + 64, generator=generator)[:blocks].to(device)
+    raw = 2 * tokens * HEADS * HEAD_DIM * DTYPE.itemsize  # K and V of one layer
+
+    plan = kernels.plan_encode(GEOMETRY, profile, layer=0, token_start=0, count=tokens, total_tokens=tokens, device=cache.device)
+    wire = plan.buffer.numel()
+    encode_s = _time(lambda: kernels.launch_encode(plan, cache, table, GEOMETRY), reps)
+    frames = kernels.finish_encode(plan, cache, table, GEOMETRY, profile)
+    api_s = _wall(lambda: kernels.encode_layer_paged(cache, table, geometry=GEOMETRY, profile=profile, layer=0,
+                                                       token_start=0, count=tokens, total_tokens=tokens), max(3, reps // 4))
+    dplan = kernels.plan_decode(frames, GEOMETRY, cache.device)
+    target = torch.empty_like(store).permute(0, 2, 1, 3)
+    decode_s = _time(lambda: kernels.launch_decode(dplan, {0: target}, table, GEOMETRY), reps)
+
+    key, value = gather(cache, None, table, tokens)
+    torch_quant_s = _time(lambda: [pack(quantize(t.float(), 4, "channel", 64)[0], 4) for t in (key, value)], reps)
+    torch_encode_s = _wall(lambda: encode_layer(key, value, geometry=GEOMETRY, profile=profile, layer=0), 3)
+    torch_decode_s = _wall(lambda: [decode_chunk(f, GEOMETRY, device=device) for f in frames], 3)
+    # the kernels' frames are the reference's, byte for byte, and decode to what the reference decodes
+    identical = frames == encode_layer(key, value, geometry=GEOMETRY, profile=profile, layer=0)
+    chunks = [decode_chunk(f, GEOMETRY, device=device) for f in frames]
+    expected = (torch.cat([c.key for c in chunks]), torch.cat([c.value for c in chunks]))
+    decoded = gather(target, None, table, tokens)
+    # one bfloat16 ulp where a fused multiply-add rounds differently; float errors, not wrong codes
+    agree = all(torch.allclose(a.float(), b.float(), rtol=2**-7, atol=1e-3) for a, b in zip(decoded, expected))
+    if not (identical and agree):
+        raise SystemExit(f"{profile_name} at {tokens} tokens: frames identical to the reference's: {identical}; "
+                         f"decoded values equal to the reference's: {agree}")
+
+    def rate(seconds, moved):
+        return dict(ms=round(seconds * 1e3, 3), gbps=round(moved / seconds / 1e9, 1), of_copy=round(moved / seconds / copy_bps, 3))
+
+    return dict(
+        profile=profile_name, tokens=tokens, identical_to_reference=identical, decode_agrees=agree, raw_bytes=raw, wire_bytes=wire, ratio=round(raw / wire, 2),
+        encode_kernel=rate(encode_s, raw + wire), decode_kernel=rate(decode_s, raw + wire),
+        encode_api=rate(api_s, raw + wire), torch_quantize_pack=rate(torch_quant_s, raw + raw // 4),
+        torch_encode=rate(torch_encode_s, raw + wire), torch_decode=rate(torch_decode_s, raw + wire),
+        all_layers_encode_ms=round(encode_s * LAYERS * 1e3, 2), all_layers_decode_ms=round(decode_s * LAYERS * 1e3, 2),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ptxas", action="store_true", help="compile for sm_90a and report ptxas's allocation (no GPU needed)")
+    parser.add_argument("--host", action="store_true", help="time the encode call's host work per layer (no GPU needed)")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run under TRITON_INTERPRET=1")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    if args.host:
+        rows = [row for name in PROFILES for row in _host_rows(name)]
+        print("| profile | tokens | wire MiB/layer | tiles/layer | layout, first layer (ms) | layout, each later layer (ms) | seal a layer's frames (ms) |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['profile']} | {r['tokens']} | {r['wire_mib']} | {r['tiles']} | {r['layout_first_ms']} | "
+                  f"{r['layout_later_ms']} | {r['seal_ms']} |")
+        result = dict(machine="host CPU", geometry=str(GEOMETRY), rows=rows)
+    elif args.ptxas:
+        rows = [row for name in PROFILES for row in _ptxas_report(name)]
+        print(f"{'profile':<11} {'kernel':<14} {'bits k/v':>8} {'warps':>5} {'tile':>5} {'regs':>5} {'spill B':>7} {'smem B':>6}")
+        for r in rows:
+            print(f"{r['profile']:<11} {r['kernel']:<14} {r['key_bits']:>4}/{r['value_bits']:<3} {r['num_warps']:>5} "
+                  f"{r['block_t']:>5} {r['registers']:>5} {r['spill_store_bytes']:>7} {r['shared_bytes']:>6}")
+        result = dict(target="sm_90a", geometry=str(GEOMETRY), triton=__import__("triton").__version__, rows=rows)
+    else:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            sys.exit("no CUDA device: run on the GPU, or use --ptxas for what can be measured without one")
+        if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 (a smoke run, not a benchmark)")
+        copy_bps = _copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 1 << 24, args.reps)
+        name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
+        print(f"device: {name}; device-to-device copy {copy_bps / 1e9:.0f} GB/s (read + written)")
+        rows = [_timed_rows(p, tokens, args.reps, copy_bps, args.device) for p in PROFILES for tokens in args.tokens]
+        print(f"{'profile':<11} {'tokens':>6} {'ratio':>5} | {'encode kernel':>22} | {'decode kernel':>22} | "
+              f"{'encode call':>14} | {'torch quant+pack':>16} | {'torch encode':>12} | {'torch decode':>12}")
+        for r in rows:
+            def cell(k, full=True):
+                c = r[k]
+                return f"{c['ms']:>7.3f} ms {c['gbps']:>6.0f} GB/s" + (f" {c['of_copy']:>4.0%}" if full else "")
+            print(f"{r['profile']:<11} {r['tokens']:>6} {r['ratio']:>5} | {cell('encode_kernel')} | {cell('decode_kernel')} | "
+                  f"{r['encode_api']['ms']:>11.2f} ms | {r['torch_quantize_pack']['gbps']:>11.0f} GB/s | "
+                  f"{r['torch_encode']['ms']:>9.1f} ms | {r['torch_decode']['ms']:>9.1f} ms")
+        result = dict(device=name, torch=torch.__version__, triton=__import__("triton").__version__,
+                      copy_gbps=round(copy_bps / 1e9, 1), geometry=str(GEOMETRY), block_size=BLOCK_SIZE, rows=rows)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

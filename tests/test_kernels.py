@@ -1,0 +1,233 @@
+"""The Triton kernels against the reference codec, under TRITON_INTERPRET=1 (no GPU needed).
+
+Every output is poisoned first, so a byte the kernel should write and does not, or writes wrong,
+fails the comparison; bytes it must not touch are checked to keep their poison.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on the CPU
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
+    pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
+
+from cachegen_vllm import kernels
+from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer, parse_frame
+from cachegen_vllm.codec.format import payload_arrays
+from cachegen_vllm.config import EXACT_BITS, load_profile, profile_from_dict
+from cachegen_vllm.paged import decode_into_blocks, encode_blocks, gather, scatter
+
+DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] != "1" else "cpu"
+NUM_BLOCKS, BLOCK_SIZE = 12, 16
+
+
+def _profile(bits=(4, 4), value_axis="token", rotation="hadamard", group=16, chunk=32, recent=(), sink=()):
+    return profile_from_dict({
+        "chunk_tokens": chunk, "group_tokens": group, "rotation": rotation, "value_axis": value_axis,
+        "bits": {
+            "key": bits[0], "value": bits[1],
+            "recent": [{"tokens": t, "key": k, "value": v} for t, k, v in recent],
+            "sink": [{"tokens": t, "key": k, "value": v} for t, k, v in sink],
+        },
+    }, "test")
+
+
+def _cache(layout: str, heads: int, head_dim: int, dtype, seed: int):
+    """A poisoned layer cache in the logical [blocks, heads, block_size, 2*head_dim] view, physically
+    ordered as ``layout`` (NHD: token-major pages as FlashAttention; HND: head-major)."""
+    physical = (NUM_BLOCKS, BLOCK_SIZE, heads, 2 * head_dim) if layout == "NHD" else (NUM_BLOCKS, heads, BLOCK_SIZE, 2 * head_dim)
+    store = torch.randn(physical, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+    return store.permute(0, 2, 1, 3) if layout == "NHD" else store
+
+
+BLOCKS = torch.tensor([7, 2, 9, 0, 11, 4, 5, 1, 3], dtype=torch.int32)  # shuffled, non-contiguous
+
+
+def _geometry(heads, head_dim, dtype):
+    return KVGeometry(num_layers=2, num_kv_heads=heads, head_dim=head_dim, dtype=dtype, model="test")
+
+
+CASES = [
+    # (layout, heads, head_dim, dtype, profile kwargs, token_start, count, total)
+    ("NHD", 2, 32, torch.bfloat16, dict(), 0, 100, 100),
+    ("HND", 3, 64, torch.float16, dict(value_axis="channel", rotation="none", group=8, chunk=48), 5, 90, 101),
+    ("NHD", 1, 16, torch.float32, dict(sink=[(3, EXACT_BITS, EXACT_BITS)], recent=[(20, 8, 6)]), 0, 77, 77),
+    ("HND", 2, 128, torch.bfloat16, dict(group=32, chunk=64, recent=[(9, EXACT_BITS, 7)]), 33, 70, 110),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-h{c[1]}-d{c[2]}-{str(c[3])[6:]}")
+@pytest.mark.parametrize("bits", [(1, 2), (3, 5), (4, 4), (6, 7), (8, 8)], ids=lambda b: f"k{b[0]}v{b[1]}")
+def test_encode_matches_reference_bytes(case, bits):
+    layout, heads, head_dim, dtype, kw, start, count, total = case
+    cache = _cache(layout, heads, head_dim, dtype, seed=sum(bits))
+    geometry, profile = _geometry(heads, head_dim, dtype), _profile(bits, **kw)
+    table = BLOCKS.to(DEVICE)
+    frames = kernels.encode_layer_paged(
+        cache, table, geometry=geometry, profile=profile, layer=1, token_start=start, count=count, total_tokens=total,
+    )
+    key, value = gather(cache.cpu(), None, BLOCKS, start + count)
+    expected = encode_layer(
+        key[start:], value[start:], geometry=geometry, profile=profile, layer=1, token_start=start, total_tokens=total,
+    )
+    assert len(frames) == len(expected)
+    for ours, theirs in zip(frames, expected):
+        assert ours == theirs
+
+
+def test_each_layer_gets_its_own_widths_and_header():
+    """Layouts are shared between layers of equal widths (made once per save step); a layer with
+    other widths gets its own, and every frame names its layer."""
+    geometry = _geometry(2, 32, torch.float16)
+    profile = profile_from_dict({
+        "chunk_tokens": 32, "group_tokens": 16, "rotation": "hadamard", "value_axis": "token",
+        "bits": {"key": 4, "value": 2, "layers": [{"first": 1, "last": 1, "key": 6, "value": 3}]},
+    }, "layered")
+    cache = _cache("NHD", 2, 32, torch.float16, seed=6)
+    key, value = gather(cache.cpu(), None, BLOCKS, 50)
+    for layer in (0, 1, 0):
+        frames = kernels.encode_layer_paged(cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=layer,
+                                            token_start=0, count=50, total_tokens=50)
+        assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=layer)
+
+
+def test_encode_writes_every_payload_byte(monkeypatch):
+    """With the frame buffer poisoned instead of zeroed, every byte of every payload array still
+    equals the reference's: none is left unwritten (only the padding between arrays keeps poison)."""
+    layout, heads, head_dim, dtype, kw, start, count, total = CASES[2]
+    geometry, profile = _geometry(heads, head_dim, dtype), _profile((3, 1), **kw)
+    cache = _cache(layout, heads, head_dim, dtype, seed=9)
+    monkeypatch.setattr(kernels, "_frame_buffer", lambda size, device: torch.full((size,), 0xA5, dtype=torch.uint8, device=device))
+    frames = kernels.encode_layer_paged(cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0,
+                                        token_start=start, count=count, total_tokens=total)
+    key, value = gather(cache.cpu(), None, BLOCKS, start + count)
+    expected = encode_layer(key[start:], value[start:], geometry=geometry, profile=profile, layer=0, token_start=start,
+                            total_tokens=total)
+    widths = {b for f in expected for s in parse_frame(f, geometry).segments for b in (s.key_bits, s.value_bits)}
+    assert widths == {EXACT_BITS, 8, 6, 3, 1}  # exact and quantized arrays both checked
+    for ours, theirs in zip(frames, expected):
+        for offset, n in [slot for seg in payload_arrays(parse_frame(theirs, geometry), geometry) for slot in seg]:
+            assert ours[offset : offset + n] == theirs[offset : offset + n], f"array at {offset}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-h{c[1]}-d{c[2]}-{str(c[3])[6:]}")
+@pytest.mark.parametrize("bits", [(1, 5), (2, 2), (4, 3), (6, 7), (8, 8)], ids=lambda b: f"k{b[0]}v{b[1]}")
+def test_decode_matches_reference_and_writes_only_its_tokens(case, bits):
+    layout, heads, head_dim, dtype, kw, start, count, total = case
+    geometry, profile = _geometry(heads, head_dim, dtype), _profile(bits, **kw)
+    source = _cache(layout, heads, head_dim, dtype, seed=1).cpu()
+    key, value = gather(source, None, BLOCKS, start + count)
+    frames = encode_layer(key[start:], value[start:], geometry=geometry, profile=profile, layer=0,
+                          token_start=start, total_tokens=total)
+    write_start, write_end = start + 3, start + count - 2  # a prefix held already, a tail not wanted
+
+    ours = torch.full_like(source, float("nan")).to(DEVICE)
+    headers = kernels.decode_frames_paged(frames, {0: ours}, BLOCKS.to(DEVICE), geometry=geometry,
+                                          write_start=write_start, write_end=write_end)
+    assert [h.token_start for h in headers] == [parse_frame(f, geometry).token_start for f in frames]
+    theirs = torch.full_like(source, float("nan"))
+    for frame in frames:
+        chunk = decode_chunk(frame, geometry)
+        lo, hi = max(chunk.token_start, write_start), min(chunk.token_start + chunk.key.shape[0], write_end)
+        if lo < hi:
+            rows = slice(lo - chunk.token_start, hi - chunk.token_start)
+            scatter(theirs, None, BLOCKS, lo, chunk.key[rows], chunk.value[rows])
+    ours = ours.cpu()
+    written = ~torch.isnan(theirs.float())
+    assert torch.equal(written, ~torch.isnan(ours.float()))  # the same slots, none more, none fewer
+    # The reference rounds codes * scale + min twice, a GPU fuses it into one FMA: one ulp of fp32,
+    # which may flip a tie in the cast to the cache's dtype (one ulp of that), rarely.
+    torch.testing.assert_close(ours[written].float(), theirs[written].float(), rtol=torch.finfo(dtype).eps, atol=1e-5)
+    if dtype == torch.float32 or all(b == EXACT_BITS for b in bits):
+        return
+    exact_share = (ours[written] == theirs[written]).float().mean().item()
+    assert exact_share > 0.99  # at most a rounding tie flips in the cast
+
+
+def test_round_trip_through_both_paths():
+    """A payload from the kernels decodes on the CPU path and back, into a CPU vLLM-style cache."""
+    geometry, profile = _geometry(2, 64, torch.bfloat16), load_profile("default")
+    cache = _cache("NHD", 2, 64, torch.bfloat16, seed=3)
+    frames = kernels.encode_layer_paged(cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0,
+                                        token_start=0, count=130, total_tokens=130)
+    cpu = torch.zeros_like(cache).cpu()
+    for frame in frames:
+        decode_into_blocks(frame, {0: cpu}, None, BLOCKS, geometry=geometry, write_start=0, write_end=130)
+    again = encode_blocks(cpu, None, BLOCKS, geometry=geometry, profile=profile, layer=0, token_start=0, count=130,
+                          total_tokens=130)
+    back = torch.zeros_like(cache)
+    kernels.decode_frames_paged(again, {0: back}, BLOCKS.to(DEVICE), geometry=geometry)
+    k0, v0 = gather(cache.cpu(), None, BLOCKS, 130)
+    k1, v1 = gather(back.cpu(), None, BLOCKS, 130)
+    assert (k1 - k0).float().abs().mean() < 0.1 and (v1 - v0).float().abs().mean() < 0.1  # 4-bit error, not garbage
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e6])
+def test_values_the_statistics_cannot_hold_travel_exact(poison):
+    """inf, nan and values beyond float16 make the reference send the tensor exact; so do the kernels."""
+    geometry, profile = _geometry(2, 32, torch.float32), _profile((4, 4), group=8, chunk=16)
+    cache = _cache("HND", 2, 32, torch.float32, seed=4)
+    cache[BLOCKS[1], 1, 5, 40] = poison  # token 21's value, head 1: the second frame
+    frames = kernels.encode_layer_paged(cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0,
+                                        token_start=0, count=40, total_tokens=40)
+    key, value = gather(cache.cpu(), None, BLOCKS, 40)
+    assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=0)
+    assert parse_frame(frames[1], geometry).segments[0].value_bits == EXACT_BITS
+
+
+def test_unsupported_geometry_is_refused_by_name():
+    with pytest.raises(ValueError, match="head_dim 96"):
+        kernels.check_supported(_geometry(2, 96, torch.float16), 64)
+    with pytest.raises(ValueError, match="group_tokens 512"):
+        kernels.check_supported(_geometry(2, 64, torch.float16), 512)
+
+
+def test_constant_groups_get_the_smallest_scale():
+    """A group whose values are all equal has step 0; its scale is float16's smallest, as the reference's."""
+    geometry, profile = _geometry(2, 32, torch.bfloat16), _profile((4, 2), value_axis="channel", group=8, chunk=16)
+    cache = _cache("NHD", 2, 32, torch.bfloat16, seed=5)
+    cache[BLOCKS[0]] = 0.5  # the first 16 tokens: every channel constant, before and after rotation
+    frames = kernels.encode_layer_paged(cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0,
+                                        token_start=0, count=20, total_tokens=20)
+    key, value = gather(cache.cpu(), None, BLOCKS, 20)
+    assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=0)
+    assert torch.equal(decode_chunk(frames[0], geometry).key, key[:16])  # the constant, not nan
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(tmp_path, *args, interpret: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | ({"TRITON_INTERPRET": "1"} if interpret else {})
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts/bench_kernels.py"), *args, "--json", str(out)], env=env, check=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_kernels_compile_for_the_h100_without_spilling(tmp_path):
+    """The interpreter accepts code the compiler refuses (it did, twice): compile every variant the
+    shipped profiles launch for sm_90a, as on the lent H100, and hold ptxas to no spills."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas-blackwell").exists():
+        pytest.skip("this triton wheel ships no ptxas")
+    rows = _bench(tmp_path, "--ptxas", interpret=False)["rows"]
+    assert {(r["kernel"], r["key_bits"], r["value_bits"]) for r in rows} >= {
+        ("encode_kernel", 4, 4), ("decode_kernel", 4, 4), ("encode_kernel", 16, 16), ("decode_kernel", 3, 2),
+    }
+    assert all(r["spill_store_bytes"] == 0 for r in rows), rows
+
+
+def test_benchmark_checks_its_kernels_against_the_reference(tmp_path):
+    """scripts/bench_kernels.py on the interpreter: a smoke run of the GPU benchmark's own checks."""
+    rows = _bench(tmp_path, "--device", "cpu", "--tokens", "300", "--reps", "1", interpret=True)["rows"]
+    assert [r["tokens"] for r in rows] == [300, 300]
+    assert all(r["identical_to_reference"] and r["decode_agrees"] and r["ratio"] > 3 for r in rows)
