@@ -1,8 +1,16 @@
+import os
 import socket
 import threading
 import time
 
 import pytest
+import torch
+
+# Triton decides when it is imported whether its kernels run in its interpreter, and collecting
+# the tests imports vLLM, which imports Triton: without a GPU, ask for the interpreter before that,
+# so that tests/test_kernels.py runs the kernels on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The Triton kernels against the reference codec, under TRITON_INTERPRET=1 (no GPU needed).
+"""The Triton kernels against the reference codec: on a GPU, or in Triton's interpreter on the CPU
+(TRITON_INTERPRET=1, which conftest.py sets where there is no GPU).
 
 Every output is poisoned first, so a byte the kernel should write and does not, or writes wrong,
 fails the comparison; bytes it must not touch are checked to keep their poison.
@@ -10,14 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on the CPU
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
-if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest.py before Triton is imported
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("no GPU, and Triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
 
 from cachegen_vllm import kernels
 from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer, parse_frame
@@ -25,7 +25,7 @@ from cachegen_vllm.codec.format import payload_arrays
 from cachegen_vllm.config import EXACT_BITS, load_profile, profile_from_dict
 from cachegen_vllm.paged import decode_into_blocks, encode_blocks, gather, scatter
 
-DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] != "1" else "cpu"
+DEVICE = "cpu" if INTERPRET else "cuda"
 NUM_BLOCKS, BLOCK_SIZE = 12, 16
 
 
