@@ -2,12 +2,13 @@
 
 One program per (tile, KV head) (`codec.tiles`), one launch per (key bits, value bits) pair of
 the tiles (a layer has a few: sink, body, recent tokens), so that the widths are compile-time
-constants: 8 codes of b bits are one b-byte word, stored as one uint8/16/32 for b = 1, 2, 4 and
-byte by byte only for b = 3, 5, 6, 7. Each program loads the tile's K rows from the request's
-pages, rotates, takes the statistics, quantizes and packs, writing the frame's arrays in place;
-then the same for V. Each cache byte is read once and each payload byte written once: the group's
-statistics are taken over the tile while it sits in registers, so there is no second pass, and no
-gathered copy of the request's KV is ever made. Decoding is the mirror image.
+constants: 8 codes of b bits are one b-byte word, stored as one uint8/16/32 for b = 1, 2, 4, the
+codes themselves for b = 8, and byte by byte only for b = 3, 5, 6, 7. Each program loads the
+tile's K rows from the request's pages, rotates, takes the statistics, quantizes and packs, writing
+the frame's arrays in place; then the same for V. Each cache byte is read once and each payload
+byte written once: the group's statistics are taken over the tile while it sits in registers, so
+there is no second pass, and no gathered copy of the request's KV is ever made. Decoding is the
+mirror image.
 
 The arithmetic repeats `codec.quant` operation for operation in fp32 (butterflies in the same
 order, IEEE division via `div_rn`, round-to-nearest casts), so the codes are the reference's byte
