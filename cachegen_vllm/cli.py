@@ -20,6 +20,17 @@ def _quality(args) -> None:
     run(args.profiles, Path(model_dir), args.windows, args.context_tokens, args.continuation_tokens, args.greedy_tokens, args.json)
 
 
+def _calibrate(args) -> None:
+    from cachegen_vllm.calibrate import run
+    from cachegen_vllm.model import ensure_default_model
+
+    model_dir = args.model or ensure_default_model()
+    calibration = run(Path(model_dir), args.text, args.target_dnll, args.out, args.base, args.windows,
+                      args.context_tokens, args.continuation_tokens)
+    m = calibration.measured
+    print(f"{args.out}: {m.bits_per_element:.3f} bits/element, dNLL {m.delta_nll:+.4f} (target <= {args.target_dnll}), KL {m.kl:.5f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cachegen-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +49,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--greedy-tokens", type=int, default=32)
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(run=_quality)
+
+    p = sub.add_parser("calibrate", help="per-layer bit widths meeting a dNLL target with the fewest bits; writes a profile")
+    p.add_argument("model", type=Path, nargs="?", help="a Hugging Face model directory (default: the embedded model)")
+    p.add_argument("--text", type=Path, help="a UTF-8 sample text (default: the CPython language reference)")
+    p.add_argument("--target-dnll", type=float, required=True, help="largest mean dNLL, nats/token, e.g. 0.01 (about +1%% perplexity)")
+    p.add_argument("--out", type=Path, default=Path("configs/calibrated.toml"), help="the profile file to write")
+    p.add_argument("--base", default="default", help="profile giving chunks, groups, rotation, sink and recent tiers")
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--context-tokens", type=int, default=1024)
+    p.add_argument("--continuation-tokens", type=int, default=64)
+    p.set_defaults(run=_calibrate)
 
     # These two parse their own options.
     sub.add_parser("proxy", help="OpenAI-compatible front end for prefill + decode instances", add_help=False)

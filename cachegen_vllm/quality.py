@@ -47,11 +47,13 @@ class QualityResult:
     greedy_match: float  # nan when no greedy tokens were asked for
 
 
-def load_windows(tokenizer, count: int, length: int) -> list[torch.Tensor]:
-    """``count`` non-overlapping token windows of ``length`` from the Python language reference."""
-    from pydoc_data.topics import topics
+def load_windows(tokenizer, count: int, length: int, corpus: str | None = None) -> list[torch.Tensor]:
+    """``count`` non-overlapping token windows of ``length``, spread over ``corpus`` (default: the
+    Python language reference)."""
+    if corpus is None:
+        from pydoc_data.topics import topics
 
-    corpus = "\n\n".join(topics[name] for name in sorted(topics))
+        corpus = "\n\n".join(topics[name] for name in sorted(topics))
     ids = torch.tensor(tokenizer(corpus).input_ids)
     available = len(ids) // length
     if available < count:
@@ -63,7 +65,8 @@ def load_windows(tokenizer, count: int, length: int) -> list[torch.Tensor]:
 class Harness:
     """A transformers model plus the exact-KV baseline for a set of windows."""
 
-    def __init__(self, model_dir: Path, windows: int, context_tokens: int, continuation_tokens: int, greedy_tokens: int):
+    def __init__(self, model_dir: Path, windows: int, context_tokens: int, continuation_tokens: int, greedy_tokens: int,
+                 corpus: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -74,7 +77,7 @@ class Harness:
             torch.bfloat16, model=Path(model_dir).name,
         )
         self.context_tokens, self.greedy_tokens = context_tokens, greedy_tokens
-        self.windows = load_windows(self.tokenizer, windows, context_tokens + continuation_tokens)
+        self.windows = load_windows(self.tokenizer, windows, context_tokens + continuation_tokens, corpus)
         self.exact_kv = [self._prefill(w[: context_tokens - 1]) for w in self.windows]
         self.baseline = [self._score(kv, w) for kv, w in zip(self.exact_kv, self.windows)]
 
