@@ -39,7 +39,6 @@ class Calibration:
     profile: Profile
     measured: QualityResult
     target_dnll: float
-    sensitivity: dict[tuple[int, str], float]  # (layer, "key" | "value") -> KL at PROBE_BITS
 
 
 def _isolated(base: Profile, layer: int, tensor: str, bits: int) -> Profile:
@@ -105,7 +104,7 @@ def calibrate(harness: Harness, base: Profile, target_dnll: float, name: str, mi
         measured = harness.evaluate(profile)
         if measured.delta_nll <= target_dnll and measured.kl <= target_dnll * KL_SHARE:
             if best is None or measured.bits_per_element < best.measured.bits_per_element:
-                best = Calibration(profile, measured, target_dnll, sens)
+                best = Calibration(profile, measured, target_dnll)
             passed = budget
         else:
             failed = budget

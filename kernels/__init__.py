@@ -18,6 +18,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 
@@ -206,8 +207,9 @@ def plan_decode(frames: list[bytes | bytearray | memoryview], geometry: KVGeomet
     for (layer, group_tokens, value_axis, hadamard), members in groups.items():
         bases, size = frame_slots([headers[i] for i in members], geometry)
         host = torch.zeros(size, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
+        staging = host.numpy()  # one copy of each frame, straight from its (read-only) bytes
         for i, base in zip(members, bases):
-            host[base : base + len(frames[i])] = torch.frombuffer(bytearray(frames[i]), dtype=torch.uint8)
+            staging[base : base + len(frames[i])] = np.frombuffer(frames[i], dtype=np.uint8)
         tiles = [(i, t) for i, base in zip(members, bases) for t in frame_tiles(headers[i], geometry, base)]
         launches.append((layer, host.to(device, non_blocking=True), _by_widths(tiles, device),
                          kernel_constants(geometry, group_tokens, value_axis, hadamard)))
