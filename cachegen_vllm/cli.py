@@ -26,7 +26,7 @@ def _calibrate(args) -> None:
 
     model_dir = args.model or ensure_default_model()
     calibration = run(Path(model_dir), args.text, args.target_dnll, args.out, args.base, args.windows,
-                      args.context_tokens, args.continuation_tokens)
+                      args.context_tokens, args.continuation_tokens, args.min_bits, args.sensitivity_cache)
     m = calibration.measured
     print(f"{args.out}: {m.bits_per_element:.3f} bits/element, dNLL {m.delta_nll:+.4f} (target <= {args.target_dnll}), KL {m.kl:.5f}")
 
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--context-tokens", type=int, default=1024)
     p.add_argument("--continuation-tokens", type=int, default=64)
+    p.add_argument("--min-bits", type=int, default=2, choices=range(1, 9), metavar="1..8", help="narrowest width a layer may get")
+    p.add_argument("--sensitivity-cache", type=Path, help="a JSON file keeping the layer probes, so that calibrating "
+                   "other targets on the same model, text and base probes once")
     p.set_defaults(run=_calibrate)
 
     # These two parse their own options.

@@ -22,7 +22,9 @@ EXACT_BITS = 16
 QUANT_BITS = range(1, 9)
 ROTATIONS = ("none", "hadamard")
 VALUE_AXES = ("channel", "token")
+CODINGS = ("packed", "rans")
 MAX_CHUNK_TOKENS = 1 << 16
+MAX_LANE_SYMBOLS = (1 << 16) - 1  # a lane's word count travels as a u16
 
 
 class ConfigError(ValueError):
@@ -64,6 +66,8 @@ class Profile:
     layers: tuple[LayerBits, ...] = ()
     recent: tuple[TokenBits, ...] = ()  # counted back from the request's last token
     sink: tuple[TokenBits, ...] = ()  # counted from its first token (attention sinks)
+    coding: str = "packed"  # "rans": uniform steps, entropy-coded (wire format, docs/FORMAT.md)
+    lane_symbols: int = 1024  # rans: codes per lane (each lane costs 6 bytes; fewer lanes, fewer steps of parallelism)
 
     def check_geometry(self, num_layers: int, head_dim: int) -> None:
         """Raise ConfigError if this profile cannot serve a model of this shape."""
@@ -129,7 +133,7 @@ def profile_from_dict(data: dict, name: str) -> Profile:
     top = _table(
         "",
         data,
-        {"chunk_tokens", "group_tokens", "rotation", "value_axis", "bits"},
+        {"chunk_tokens", "group_tokens", "rotation", "value_axis", "coding", "lane_symbols", "bits"},
         {"chunk_tokens", "group_tokens", "bits"},
     )
     chunk_tokens = _positive("chunk_tokens", top["chunk_tokens"], MAX_CHUNK_TOKENS)
@@ -165,6 +169,8 @@ def profile_from_dict(data: dict, name: str) -> Profile:
         group_tokens=group_tokens,
         rotation=_choice("rotation", top.get("rotation", "none"), ROTATIONS),
         value_axis=_choice("value_axis", top.get("value_axis", "channel"), VALUE_AXES),
+        coding=_choice("coding", top.get("coding", "packed"), CODINGS),
+        lane_symbols=_positive("lane_symbols", top.get("lane_symbols", 1024), MAX_LANE_SYMBOLS),
         key_bits=_bits("bits.key", bits["key"]),
         value_bits=_bits("bits.value", bits["value"]),
         layers=tuple(layers),

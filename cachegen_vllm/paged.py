@@ -1,6 +1,7 @@
 """Reading and writing a request's tokens in vLLM's paged KV cache, whatever the page layout, and
 the codec entry points that work on it: `encode_blocks` and `decode_into_blocks`, the Triton
-kernels (`cachegen_vllm.kernels`) on a CUDA cache, the reference codec on a CPU one.
+kernels (`cachegen_vllm.kernels`) on a CUDA cache, the reference codec on a CPU one (and for
+entropy-coded frames, which the kernels do not code yet, on either).
 
 vLLM 0.32 hands a connector one tensor per layer, logically
 ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (K then V on the last dimension). On the
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer
+from cachegen_vllm.codec.format import frame_coding
 from cachegen_vllm.config import Profile
 
 PROBE_BASE = 64  # digits 1..64 are exact in every float dtype vLLM uses, bf16 included
@@ -122,7 +124,7 @@ def encode_blocks(
 ) -> list[bytes | memoryview]:
     """Frames of tokens ``[token_start, token_start + count)`` of one layer of a request, read from
     its blocks: the Triton kernels on a CUDA cache, the reference codec on a CPU one."""
-    if layer_cache.is_cuda:
+    if layer_cache.is_cuda and profile.coding == "packed":
         from cachegen_vllm import kernels
 
         return kernels.encode_layer_paged(
@@ -148,7 +150,7 @@ def decode_into_blocks(
 ) -> tuple[int, int]:
     """Decode one frame into the request's blocks of its layer, writing only the tokens in
     ``[write_start, write_end)``. Returns (layer, tokens written); raises FrameError on bad bytes."""
-    if next(iter(layer_caches.values())).is_cuda:
+    if next(iter(layer_caches.values())).is_cuda and frame_coding(frame) == "packed":
         from cachegen_vllm import kernels
 
         header = kernels.decode_frames_paged(
@@ -156,7 +158,7 @@ def decode_into_blocks(
         )[0]
         lo, hi = max(header.token_start, write_start), min(header.token_start + header.token_count, write_end)
         return header.layer, max(0, hi - lo)
-    chunk = decode_chunk(frame, geometry)
+    chunk = decode_chunk(frame, geometry, device=next(iter(layer_caches.values())).device)
     lo, hi = max(chunk.token_start, write_start), min(chunk.token_start + chunk.key.shape[0], write_end)
     if lo < hi:
         rows = slice(lo - chunk.token_start, hi - chunk.token_start)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer
+from cachegen_vllm.codec import KVGeometry, decode_frames, encode_layer
 from cachegen_vllm.config import Profile, load_profile
 
 
@@ -116,7 +116,7 @@ class Harness:
         for layer, (k, v) in enumerate(kv):
             frames = encode_layer(k, v, geometry=self.geometry, profile=profile, layer=layer)
             nbytes += sum(len(f) for f in frames)
-            chunks = [decode_chunk(f, self.geometry) for f in frames]
+            chunks = decode_frames(frames, self.geometry)
             out.append((torch.cat([c.key for c in chunks]), torch.cat([c.value for c in chunks])))
         return out, nbytes
 

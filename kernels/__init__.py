@@ -101,6 +101,8 @@ def plan_encode(
     device: torch.device,
 ) -> EncodePlan:
     """The frames `codec.encode_layer` makes of tokens ``[token_start, token_start + count)``."""
+    if profile.coding != "packed":
+        raise ValueError(f"coding {profile.coding!r}: the kernels code 'packed' frames (paged.encode_blocks routes the rest)")
     headers, bases, size, launches = _encode_layout(geometry, profile, layer, token_start, count, total_tokens, device)
     return EncodePlan(
         [dataclasses.replace(h, layer=layer) for h in headers], bases, _frame_buffer(size, device), launches,
@@ -200,6 +202,8 @@ def plan_decode(frames: list[bytes | bytearray | memoryview], geometry: KVGeomet
     """Validate frames (`FrameError` on any bad byte, before anything is written) and copy them to
     the device, grouped by layer and format flags."""
     headers = [parse_frame(frame, geometry) for frame in frames]
+    if any(h.coding != "packed" for h in headers):
+        raise ValueError("the kernels decode 'packed' frames only (paged.decode_into_blocks routes the rest)")
     groups: dict[tuple, list[int]] = {}
     for i, h in enumerate(headers):
         groups.setdefault((h.layer, h.group_tokens, h.value_axis, h.hadamard), []).append(i)

@@ -18,6 +18,11 @@ the one figure about the GPU path that can be measured on a CPU machine:
     python scripts/bench_kernels.py --ptxas --json results/kernels_ptxas.json
 
 ``--host`` times the encode call's work on the host per layer (layout, sealing frames).
+
+The entropy-coded profile (``entropy``: rANS, wire format v2) is timed too: the rANS lane kernel
+alone on one chunk, and whole ``encode_layer`` / ``decode_frames`` calls on the device (torch
+quantization and tables, the Triton coder, frames on the host), in GB/s of raw KV, with a check that
+the frames are byte for byte the CPU coder's.
 """
 
 from __future__ import annotations
@@ -45,10 +50,6 @@ GEOMETRY = KVGeometry(LAYERS, HEADS, HEAD_DIM, DTYPE, model="llama-3-8b-like")
 
 def _ptxas_report(profile_name: str) -> list[dict]:
     """Compile each (key bits, value bits) variant the profile uses for sm_90a; ptxas's allocation."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from cachegen_vllm.kernels import plan_encode
     from cachegen_vllm.kernels.paged_codec import decode_kernel, encode_kernel
 
@@ -65,7 +66,6 @@ def _ptxas_report(profile_name: str) -> list[dict]:
     # what a launch specializes: pointers from torch and integers that are multiples of 16 are
     # marked divisible by 16, and the unit channel stride is a constant
     divisible = {"block_size", "stride_block", "stride_head", "stride_token"}
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas-blackwell"  # reads the PTX version Triton emits
     rows = []
     for key_bits, value_bits in sorted({widths for widths, _, _ in plan.launches}):
         for kernel in (encode_kernel, decode_kernel):
@@ -73,18 +73,43 @@ def _ptxas_report(profile_name: str) -> list[dict]:
             signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                      if signature[name].startswith("*") or name in divisible}
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=const, attrs=attrs),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-                ptx.write(compiled.asm["ptx"])
-                ptx.flush()
-                info = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
-                                      capture_output=True, text=True, check=True).stderr
-            registers = int(info.split("Used ")[1].split(" registers")[0])
-            spilled = int(info.split(" bytes spill stores")[0].rsplit(" ", 1)[1])
             rows.append(dict(profile=profile_name, kernel=kernel.__name__, key_bits=key_bits, value_bits=value_bits,
-                             num_warps=num_warps, block_t=constants["BLOCK_T"], registers=registers,
-                             spill_store_bytes=spilled, shared_bytes=compiled.metadata.shared))
+                             num_warps=num_warps, block_t=constants["BLOCK_T"],
+                             **_sm90a(kernel, signature, const, attrs, num_warps)))
+    return rows
+
+
+def _sm90a(kernel, signature: dict, constexprs: dict, attrs: dict, num_warps: int) -> dict:
+    """Compile a kernel for the H100 and read ptxas's allocation."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas-blackwell"  # reads the PTX version Triton emits
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        info = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+    return dict(registers=int(info.split("Used ")[1].split(" registers")[0]),
+                spill_store_bytes=int(info.split(" bytes spill stores")[0].rsplit(" ", 1)[1]),
+                shared_bytes=compiled.metadata.shared)
+
+
+def _ptxas_rans() -> list[dict]:
+    """The rANS lane kernels for sm_90a (one variant each: bit widths are data, not constants)."""
+    from cachegen_vllm.kernels import rans_coder
+
+    rows = []
+    for kernel, constexprs in ((rans_coder.encode_kernel, {}), (rans_coder.decode_kernel, {"SEARCH": 6})):
+        signature = {name: "constexpr" if name in ("BLOCK", "SEARCH") else "i32" if name in ("steps", "lanes") else
+                     "*i8" if name in ("emitted", "active", "ok") else "*i64" for name in kernel.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if signature[name].startswith("*")}
+        rows.append(dict(profile="entropy", kernel=f"rans_coder.{kernel.__name__}", key_bits=None, value_bits=None,
+                         num_warps=4, block_t=rans_coder.BLOCK_LANES,
+                         **_sm90a(kernel, signature, {**constexprs, "BLOCK": rans_coder.BLOCK_LANES}, attrs, 4)))
     return rows
 
 
@@ -213,6 +238,37 @@ def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, devi
     )
 
 
+def _rans_rows(tokens: int, reps: int, copy_bps: float, device: str) -> dict:
+    """The entropy profile on one layer: the coder kernels alone and whole encode/decode calls
+    (quantize, tables, coder, frames), raw KV bytes per second; frames checked against the CPU's."""
+    from cachegen_vllm.codec import decode_frames, encode_layer, entropy
+    from cachegen_vllm.codec.reference import _encode_tensor
+    from cachegen_vllm.kernels import rans_coder
+
+    profile = load_profile("entropy")
+    generator = torch.Generator().manual_seed(tokens)
+    key, value = (torch.randn(tokens, HEADS, HEAD_DIM, generator=generator).to(DTYPE) for _ in range(2))
+    raw = 2 * tokens * HEADS * HEAD_DIM * DTYPE.itemsize
+    key_d, value_d = key.to(device), value.to(device)
+    frames = encode_layer(key_d, value_d, geometry=GEOMETRY, profile=profile, layer=0)
+    identical = frames == encode_layer(key, value, geometry=GEOMETRY, profile=profile, layer=0)  # the CPU's torch coder
+    # the coder's own input for this layer, as encode_layer builds it
+    pending = [_encode_tensor(x[: profile.chunk_tokens], profile.key_bits, "channel", 0, True, "rans") for x in (key_d, value_d)]
+    freq, start, _ = entropy.encode_grids([(p.symbols, p.tables, p.bits) for p in pending], profile.lane_symbols)
+    coder_encode_s = _time(lambda: rans_coder.encode(freq, start), reps)
+    encode_s = _wall(lambda: encode_layer(key_d, value_d, geometry=GEOMETRY, profile=profile, layer=0), max(3, reps // 4))
+    decode_s = _wall(lambda: decode_frames(frames, GEOMETRY, device=device), max(3, reps // 4))
+    chunk_raw = 2 * pending[0].symbols.numel() * DTYPE.itemsize
+
+    def rate(seconds, moved):
+        return dict(ms=round(seconds * 1e3, 3), gbps=round(moved / seconds / 1e9, 2), of_copy=round(moved / seconds / copy_bps, 4))
+
+    wire = sum(len(f) for f in frames)
+    return dict(profile="entropy", tokens=tokens, identical_to_cpu=identical, raw_bytes=raw, wire_bytes=wire,
+                ratio=round(raw / wire, 2), coder_encode_one_chunk=rate(coder_encode_s, chunk_raw),
+                encode_layer=rate(encode_s, raw), decode_frames=rate(decode_s, raw))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ptxas", action="store_true", help="compile for sm_90a and report ptxas's allocation (no GPU needed)")
@@ -232,10 +288,10 @@ def main() -> None:
                   f"{r['layout_later_ms']} | {r['seal_ms']} |")
         result = dict(machine="host CPU", geometry=str(GEOMETRY), rows=rows)
     elif args.ptxas:
-        rows = [row for name in PROFILES for row in _ptxas_report(name)]
-        print(f"{'profile':<11} {'kernel':<14} {'bits k/v':>8} {'warps':>5} {'tile':>5} {'regs':>5} {'spill B':>7} {'smem B':>6}")
+        rows = [row for name in PROFILES for row in _ptxas_report(name)] + _ptxas_rans()
+        print(f"{'profile':<11} {'kernel':<28} {'bits k/v':>8} {'warps':>5} {'tile':>5} {'regs':>5} {'spill B':>7} {'smem B':>6}")
         for r in rows:
-            print(f"{r['profile']:<11} {r['kernel']:<14} {r['key_bits']:>4}/{r['value_bits']:<3} {r['num_warps']:>5} "
+            print(f"{r['profile']:<11} {r['kernel']:<28} {r['key_bits'] or '-':>4}/{r['value_bits'] or '-':<3} {r['num_warps']:>5} "
                   f"{r['block_t']:>5} {r['registers']:>5} {r['spill_store_bytes']:>7} {r['shared_bytes']:>6}")
         result = dict(target="sm_90a", geometry=str(GEOMETRY), triton=__import__("triton").__version__, rows=rows)
     else:
@@ -256,8 +312,15 @@ def main() -> None:
             print(f"{r['profile']:<11} {r['tokens']:>6} {r['ratio']:>5} | {cell('encode_kernel')} | {cell('decode_kernel')} | "
                   f"{r['encode_api']['ms']:>11.2f} ms | {r['torch_quantize_pack']['gbps']:>11.0f} GB/s | "
                   f"{r['torch_encode']['ms']:>9.1f} ms | {r['torch_decode']['ms']:>9.1f} ms")
+        entropy_rows = [_rans_rows(tokens, args.reps, copy_bps, args.device) for tokens in args.tokens]
+        print("entropy profile (rans): raw KV GB/s of the coder kernel on one chunk, and of whole calls on a layer")
+        for r in entropy_rows:
+            print(f"{r['tokens']:>6} tokens, ratio {r['ratio']}: coder {r['coder_encode_one_chunk']['gbps']} GB/s, "
+                  f"encode_layer {r['encode_layer']['gbps']} GB/s, decode_frames {r['decode_frames']['gbps']} GB/s, "
+                  f"frames identical to the CPU's: {r['identical_to_cpu']}")
         result = dict(device=name, torch=torch.__version__, triton=__import__("triton").__version__,
-                      copy_gbps=round(copy_bps / 1e9, 1), geometry=str(GEOMETRY), block_size=BLOCK_SIZE, rows=rows)
+                      copy_gbps=round(copy_bps / 1e9, 1), geometry=str(GEOMETRY), block_size=BLOCK_SIZE, rows=rows,
+                      entropy_rows=entropy_rows)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")

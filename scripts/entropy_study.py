@@ -6,7 +6,8 @@ On the embedded model's KV (rotated as the default profile does), for each layer
   values: min/max per token and head), and what an ideal entropy coder would pay for their codes
   with tables of different scope, estimated on half the windows and paid on the other half
   (cross-entropy: a table shipped with a profile cannot have seen the request);
-- token deltas (CacheGen's locality: a code minus the previous token's code, per channel);
+- token deltas (CacheGen's locality: a code minus the previous token's code, per channel), of the
+  min/max codes and of the uniform quantizer's;
 - an entropy-coded uniform quantizer (no per-group statistics: one step for the layer's tensor,
   one table per channel) at the same mean squared error: what the same distortion costs when the
   bits follow the data's distribution instead of its range.
@@ -79,12 +80,17 @@ def study(harness: Harness, bits: int) -> dict:
                 step *= math.sqrt(mse / err) if err > 0 else 1.0
             u_train = torch.round((flat_train - mean) / step).long()
             u_test = torch.round((flat_test - mean) / step).long()
+
+            def deltas(codes, windows):  # per window, per channel, the first token kept as is
+                return torch.cat([torch.cat([w[:1], w.diff(dim=0)]) for w in codes.split([len(x) for x in windows])])
+
             rows[name].append(dict(
                 layer=layer, mse=mse, stat_bits=stat_bits,
                 one_table=entropy_bits(c_train.reshape(-1, 1), c_test.reshape(-1, 1)),
                 table_per_channel=entropy_bits(c_train, c_test),
                 deltas_per_channel=entropy_bits(d_train, d_test),
                 uniform_step=step, uniform_per_channel=entropy_bits(u_train, u_test),
+                uniform_deltas_per_channel=entropy_bits(deltas(u_train, train), deltas(u_test, test)),
             ))
     summary = {}
     for name, layers in rows.items():
@@ -95,7 +101,7 @@ def study(harness: Harness, bits: int) -> dict:
             fixed=bits + avg("stat_bits"), one_table=avg("one_table") + avg("stat_bits"),
             table_per_channel=avg("table_per_channel") + avg("stat_bits"),
             deltas_per_channel=avg("deltas_per_channel") + avg("stat_bits"),
-            uniform_per_channel=avg("uniform_per_channel"),
+            uniform_per_channel=avg("uniform_per_channel"), uniform_deltas_per_channel=avg("uniform_deltas_per_channel"),
         )
     return dict(bits=bits, summary=summary, layers=rows)
 
@@ -110,11 +116,12 @@ def main() -> None:
     harness = Harness(ensure_default_model(), args.windows, args.context_tokens, 1, 0)
     results = [study(harness, b) for b in args.bits]
     print("bits per element (codes + per-group statistics; ideal coder, tables from other windows)")
-    print(f"{'tensor':<7}{'quantizer':>10}{'fixed':>8}{'1 table':>9}{'per chan':>9}{'deltas':>8}{'uniform EC, same MSE':>22}")
+    print(f"{'tensor':<7}{'quantizer':>10}{'fixed':>8}{'1 table':>9}{'per chan':>9}{'deltas':>8}{'uniform EC, same MSE':>22}"
+          f"{'its deltas':>11}")
     for result in results:
         for name, s in result["summary"].items():
             print(f"{name:<7}{result['bits']:>7}-bit{s['fixed']:>8.3f}{s['one_table']:>9.3f}{s['table_per_channel']:>9.3f}"
-                  f"{s['deltas_per_channel']:>8.3f}{s['uniform_per_channel']:>22.3f}")
+                  f"{s['deltas_per_channel']:>8.3f}{s['uniform_per_channel']:>22.3f}{s['uniform_deltas_per_channel']:>11.3f}")
     if args.json:
         setup = dict(windows=args.windows, context_tokens=args.context_tokens, group_tokens=GROUP, rotation="hadamard",
                      value_axis="token", model=harness.geometry.model)

@@ -2,21 +2,55 @@
 
 import pytest
 
-from cachegen_vllm.calibrate import PROBE_BITS, allocate, as_profile, run
+from types import SimpleNamespace
+
+import torch
+
+from cachegen_vllm.calibrate import PROBE_BITS, allocate, as_profile, estimated_kl, run, sensitivity
+from cachegen_vllm.codec import KVGeometry
 from cachegen_vllm.config import load_profile
 
 
 def test_allocation_gives_sensitive_tensors_more_bits_and_spends_its_budget():
-    sens = {(0, "key"): 0.01, (0, "value"): 0.0001, (1, "key"): 0.001, (1, "value"): 0.0001}
+    # probes at 3 and 2 bits; these quadruple per bit, as the squared error does
+    sens = {(0, "key"): (0.01, 0.04), (0, "value"): (0.0001, 0.0004), (1, "key"): (0.001, 0.004), (1, "value"): (0.0001, 0.0004)}
     tight, loose = allocate(sens, 0.001, 2, 8), allocate(sens, 0.01, 2, 8)
     assert tight[(0, "key")] > tight[(1, "key")] > tight[(0, "value")]  # in order of sensitivity
     assert sum(loose.values()) < sum(tight.values())  # a looser target costs fewer bits
     for widths, budget in ((tight, 0.001), (loose, 0.01)):
-        estimate = sum(sens[i] * 4.0 ** (PROBE_BITS - w) for i, w in widths.items())
+        estimate = sum(sens[i][0] * 4.0 ** (PROBE_BITS - w) for i, w in widths.items())
         assert estimate <= budget
         # greedy to the end: any further step down would break the budget
-        assert all(w == 2 or estimate + sens[i] * 4.0 ** (PROBE_BITS - w) * 3 > budget for i, w in widths.items())
+        assert all(w == 2 or estimate + sens[i][0] * 4.0 ** (PROBE_BITS - w) * 3 > budget for i, w in widths.items())
     assert allocate(sens, 1e-12, 2, 8) == {i: 8 for i in sens}  # nothing affordable: widest everywhere
+
+
+def test_a_steep_probe_keeps_a_tensor_off_coarse_widths():
+    """Two tensors alike at 3 bits; one loses 20x as much at 2 bits. The budget that takes one of
+    them to 2 bits takes the other."""
+    sens = {(0, "key"): (0.001, 0.004), (0, "value"): (0.001, 0.02)}
+    widths = allocate(sens, 0.006, 2, 8)
+    assert widths == {(0, "key"): 2, (0, "value"): 3}
+    assert estimated_kl((0.001, 0.02), 1) == pytest.approx(0.02 * 20)  # below the probes, the measured ratio
+    assert estimated_kl((0.001, 0.0005), 2) > estimated_kl((0.001, 0.0005), 3)  # noise never makes fewer bits cheaper
+
+
+def test_sensitivity_cache_probes_a_setting_once(tmp_path):
+    class Stub:  # a harness whose every probe costs a call
+        geometry = KVGeometry(2, 1, 8, torch.bfloat16)
+        windows = [torch.arange(5)]
+        calls = 0
+
+        def evaluate(self, profile):
+            Stub.calls += 1
+            return SimpleNamespace(kl=0.001 * Stub.calls)
+
+    cache = tmp_path / "probes.json"
+    first = sensitivity(Stub(), load_profile("entropy"), cache=cache)
+    assert Stub.calls == 8 and len(first) == 4  # 2 layers x (K, V) x 2 widths
+    assert sensitivity(Stub(), load_profile("entropy"), cache=cache) == first and Stub.calls == 8
+    other = sensitivity(Stub(), load_profile("default"), cache=cache)  # another base profile: probed anew
+    assert Stub.calls == 16 and other != first
 
 
 def test_profile_lists_only_the_layers_that_differ():
@@ -28,15 +62,17 @@ def test_profile_lists_only_the_layers_that_differ():
 
 
 @pytest.mark.model
-def test_calibrated_profile_meets_its_target_with_fewer_bits(model_dir, tmp_path):
+@pytest.mark.parametrize("base", ["default", "entropy"])
+def test_calibrated_profile_meets_its_target_with_fewer_bits(model_dir, tmp_path, base):
     from cachegen_vllm.quality import Harness
 
     out = tmp_path / "calibrated.toml"
     target = 0.02
-    calibration = run(model_dir, None, target, out, "default", windows=2, context_tokens=256, continuation_tokens=32)
+    calibration = run(model_dir, None, target, out, base, windows=2, context_tokens=256, continuation_tokens=32)
     profile = load_profile(out)  # the file it wrote is a valid profile
     assert profile.layers == calibration.profile.layers and len(profile.layers) > 0  # per-layer widths
+    assert profile.coding == load_profile(base).coding
     harness = Harness(model_dir, 2, 256, 32, 0)
     measured = harness.evaluate(profile)
     assert measured.delta_nll <= target
-    assert measured.bits_per_element < harness.evaluate(load_profile("default")).bits_per_element - 0.5
+    assert measured.bits_per_element < harness.evaluate(load_profile(base)).bits_per_element - 0.5

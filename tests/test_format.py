@@ -103,7 +103,7 @@ def _resign(frame: bytearray) -> bytes:
     "offset,fmt,value,message",
     [
         (0, "4s", b"XXXX", "bad magic"),
-        (4, "H", 2, "version 2"),
+        (4, "H", 1, "version 1"),
         (6, "H", 0x80, "unknown flags"),
         (22, "B", 9, "geometry"),
         (23, "B", 0, "no segments"),
@@ -113,6 +113,9 @@ def _resign(frame: bytearray) -> bytes:
         (HEADER.size + 4, "B", 9, "key bits is 9"),
         (HEADER.size + 5, "B", 0, "value bits is 0"),
         (HEADER.size + 6, "H", 1, "malformed"),
+        (40, "H", 5, "lane_symbols 5"),  # lanes on a packed frame
+        (42, "H", 1, "reserved 1"),
+        (HEADER.size + 8, "I", 3, "key stream has 3 words, at most 0"),
         (HEADER.size, "I", 31, "segments hold 38 tokens"),
     ],
 )

@@ -5,6 +5,7 @@ Every output is poisoned first, so a byte the kernel should write and does not, 
 fails the comparison; bytes it must not touch are checked to keep their poison.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -219,11 +220,76 @@ def test_kernels_compile_for_the_h100_without_spilling(tmp_path):
     assert {(r["kernel"], r["key_bits"], r["value_bits"]) for r in rows} >= {
         ("encode_kernel", 4, 4), ("decode_kernel", 4, 4), ("encode_kernel", 16, 16), ("decode_kernel", 3, 2),
     }
+    assert {"rans_coder.encode_kernel", "rans_coder.decode_kernel"} <= {r["kernel"] for r in rows}
     assert all(r["spill_store_bytes"] == 0 for r in rows), rows
 
 
 def test_benchmark_checks_its_kernels_against_the_reference(tmp_path):
     """scripts/bench_kernels.py on the interpreter: a smoke run of the GPU benchmark's own checks."""
-    rows = _bench(tmp_path, "--device", "cpu", "--tokens", "300", "--reps", "1", interpret=True)["rows"]
+    result = _bench(tmp_path, "--device", "cpu", "--tokens", "300", "--reps", "1", interpret=True)
+    rows = result["rows"]
     assert [r["tokens"] for r in rows] == [300, 300]
     assert all(r["identical_to_reference"] and r["decode_agrees"] and r["ratio"] > 3 for r in rows)
+    entropy_rows = result["entropy_rows"]
+    assert [r["tokens"] for r in entropy_rows] == [300] and entropy_rows[0]["identical_to_cpu"]
+
+
+# --- rANS lanes (entropy-coded frames, wire format v2) -------------------------------------------
+
+from cachegen_vllm.codec import entropy, rans  # noqa: E402
+from cachegen_vllm.kernels import rans_coder  # noqa: E402
+
+
+def _rans_grid(steps, lanes, alphabet, seed):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(4):
+        freq = torch.randint(1, 5000, (alphabet,), generator=g).double()
+        freq = (freq / freq.sum() * (rans.PROB_SCALE - alphabet)).floor().long() + 1
+        freq[-1] += rans.PROB_SCALE - freq.sum()
+        rows.append(torch.nn.functional.pad(torch.cumsum(freq, 0), (1, 0)))
+    cum = torch.stack(rows)
+    row = torch.randint(0, 4, (steps, lanes), generator=g)
+    symbols = torch.randint(0, alphabet, (steps, lanes), generator=g)
+    active = torch.rand(steps, lanes, generator=g) < 0.97  # scattered padding steps
+    lo, hi = cum[row, symbols], cum[row, symbols + 1]
+    freq = torch.where(active, hi - lo, rans.PROB_SCALE)
+    return freq, torch.where(active, lo, 0), cum, row, active, torch.where(active, symbols, 0)
+
+
+@pytest.mark.parametrize("steps,lanes,alphabet", [(40, 3, 4), (70, 130, 33), (25, 9, 513)])
+def test_triton_rans_lanes_match_the_torch_coder(steps, lanes, alphabet):
+    freq, start, cum, row, active, symbols = _rans_grid(steps, lanes, alphabet, seed=lanes)
+    want = rans.encode(freq, start)
+    got = rans_coder.encode(freq.to(DEVICE), start.to(DEVICE))
+    for a, b in zip(want, got):
+        assert torch.equal(a, b.cpu())
+    args = (cum.reshape(-1), torch.arange(4) * (alphabet + 1), row, active)
+    assert torch.equal(rans.decode(*want, *args), symbols)
+    back = rans_coder.decode(*(t.to(DEVICE) for t in want), *(t.to(DEVICE) for t in args))
+    assert torch.equal(back.cpu(), symbols)
+    states, stream, lane_words = want
+    bad = stream.clone()
+    bad[len(bad) // 2] ^= 0x100
+    with pytest.raises(rans.RansError):
+        rans_coder.decode(*(t.to(DEVICE) for t in (states, bad, lane_words)), *(t.to(DEVICE) for t in args))
+
+
+def test_rans_frames_are_the_same_bytes_from_either_coder(monkeypatch):
+    """A frame whose lanes the Triton coder ran is byte for byte the torch coder's, and each side
+    decodes the other's: a GPU producer and a CPU consumer interoperate."""
+    geometry = _geometry(2, 32, torch.bfloat16)
+    profile = dataclasses.replace(_profile(bits=(3, 2), recent=[(8, 6, 6)], sink=[(2, 16, 16)]), coding="rans", lane_symbols=300)
+    g = torch.Generator().manual_seed(3)
+    key = (torch.randn(90, 2, 32, generator=g) * 2).bfloat16()
+    value = torch.randn(90, 2, 32, generator=g).bfloat16()
+    torch_frames = encode_layer(key, value, geometry=geometry, profile=profile, layer=1)
+    monkeypatch.setattr(entropy, "_coder", lambda device: rans_coder)
+    triton_frames = encode_layer(key, value, geometry=geometry, profile=profile, layer=1)
+    assert triton_frames == torch_frames
+    from cachegen_vllm.codec import decode_frames
+
+    by_triton = decode_frames(torch_frames, geometry)
+    monkeypatch.undo()
+    by_torch = decode_frames(torch_frames, geometry)
+    assert all(torch.equal(a.key, b.key) and torch.equal(a.value, b.value) for a, b in zip(by_triton, by_torch))

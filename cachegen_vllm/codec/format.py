@@ -16,18 +16,19 @@ import xxhash
 from cachegen_vllm.codec.allocation import Segment
 from cachegen_vllm.codec.bitpack import packed_nbytes
 from cachegen_vllm.codec.quant import STAT_DTYPE, stats_count
-from cachegen_vllm.config import EXACT_BITS, QUANT_BITS
+from cachegen_vllm.config import EXACT_BITS, MAX_CHUNK_TOKENS, QUANT_BITS
 
 MAGIC = b"CGKV"
-VERSION = 1
+VERSION = 2
 ALIGN = 16  # every array in the payload starts at a multiple of 16 bytes of the frame
 
 FLAG_VALUE_PER_TOKEN = 1 << 0
 FLAG_HADAMARD = 1 << 1
-KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD
+FLAG_RANS = 1 << 2
+KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD | FLAG_RANS
 
-HEADER = struct.Struct("<4sHHQHHHBBHHIII")
-SEGMENT = struct.Struct("<IBBH")
+HEADER = struct.Struct("<4sHHQHHHBBHHIIIHH")
+SEGMENT = struct.Struct("<IBBHII")
 CHECKSUM = struct.Struct("<Q")
 
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
@@ -67,9 +68,15 @@ class FrameHeader:
     layer: int
     token_start: int
     group_tokens: int
-    value_axis: str  # "channel" | "token"
+    value_axis: str  # "channel" | "token" (packed tensors only)
     hadamard: bool
     segments: tuple[Segment, ...]
+    coding: str = "packed"  # quantized tensors: "packed" (bit-packed min/max codes) or "rans"
+    lane_symbols: int = 0  # rans: most codes per lane
+    stream_words: tuple[tuple[int, int], ...] = ()  # rans: (key, value) stream words per segment
+
+    def words(self, index: int, tensor: int) -> int:
+        return self.stream_words[index][tensor] if self.stream_words else 0
 
     @property
     def token_count(self) -> int:
@@ -80,11 +87,21 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def array_sizes(tokens: int, bits: int, axis: str, geometry: KVGeometry, group_tokens: int) -> list[int]:
-    """Byte sizes of the arrays one tensor (K or V) of one segment puts on the wire, in order."""
+def rans_lanes(elements: int, lane_symbols: int) -> int:
+    return -(-elements // lane_symbols)
+
+
+def array_sizes(tokens: int, bits: int, axis: str, geometry: KVGeometry, group_tokens: int,
+                rans: tuple[int, int] | None = None) -> list[int]:
+    """Byte sizes of the arrays one tensor (K or V) of one segment puts on the wire, in order;
+    ``rans`` = (lane_symbols, stream words) for an entropy-coded tensor."""
     elements = tokens * geometry.channels
     if bits == EXACT_BITS:
         return [elements * geometry.dtype.itemsize]
+    if rans is not None:
+        lanes = rans_lanes(elements, rans[0])
+        # centers fp16, table ids u8, step fp32, final states u32, words per lane u16, stream u16
+        return [2 * geometry.channels, geometry.channels, 4, 4 * lanes, 2 * lanes, 2 * rans[1]]
     stats = stats_count(tokens, geometry.num_kv_heads, geometry.head_dim, axis, group_tokens)
     stat_bytes = stats * STAT_DTYPE.itemsize
     return [stat_bytes, stat_bytes, packed_nbytes(elements, bits)]
@@ -94,27 +111,33 @@ def payload_offset(num_segments: int) -> int:
     return _aligned(HEADER.size + SEGMENT.size * num_segments)
 
 
+def tensor_arrays(header: FrameHeader, geometry: KVGeometry) -> list[list[list[int]]]:
+    """For each segment, the byte sizes of the K arrays and of the V arrays, in frame order."""
+    out = []
+    for i, seg in enumerate(header.segments):
+        tensors = []
+        for t, (bits, axis) in enumerate(((seg.key_bits, "channel"), (seg.value_bits, header.value_axis))):
+            rans = (header.lane_symbols, header.words(i, t)) if header.coding == "rans" else None
+            tensors.append(array_sizes(seg.tokens, bits, axis, geometry, header.group_tokens, rans))
+        out.append(tensors)
+    return out
+
+
 def payload_arrays(header: FrameHeader, geometry: KVGeometry) -> list[list[tuple[int, int]]]:
     """For each segment, [(offset, nbytes) of each K array] + [... of each V array] in the frame."""
     offset = payload_offset(len(header.segments))
     layout = []
-    for seg in header.segments:
+    for tensors in tensor_arrays(header, geometry):
         arrays = []
-        for bits, axis in ((seg.key_bits, "channel"), (seg.value_bits, header.value_axis)):
-            for n in array_sizes(seg.tokens, bits, axis, geometry, header.group_tokens):
-                arrays.append((offset, n))
-                offset += _aligned(n)
+        for n in tensors[0] + tensors[1]:
+            arrays.append((offset, n))
+            offset += _aligned(n)
         layout.append(arrays)
     return layout
 
 
 def frame_nbytes(header: FrameHeader, geometry: KVGeometry) -> int:
-    payload = sum(
-        _aligned(n)
-        for seg in header.segments
-        for bits, axis in ((seg.key_bits, "channel"), (seg.value_bits, header.value_axis))
-        for n in array_sizes(seg.tokens, bits, axis, geometry, header.group_tokens)
-    )
+    payload = sum(_aligned(n) for tensors in tensor_arrays(header, geometry) for sizes in tensors for n in sizes)
     return payload_offset(len(header.segments)) + payload + CHECKSUM.size
 
 
@@ -124,14 +147,18 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
     total = frame_nbytes(header, geometry)
     if len(frame) != total:
         raise ValueError(f"frame buffer must be {total} bytes, got {len(frame)}")
-    flags = (FLAG_VALUE_PER_TOKEN if header.value_axis == "token" else 0) | (FLAG_HADAMARD if header.hadamard else 0)
+    flags = (
+        (FLAG_VALUE_PER_TOKEN if header.value_axis == "token" else 0) | (FLAG_HADAMARD if header.hadamard else 0)
+        | (FLAG_RANS if header.coding == "rans" else 0)
+    )
     HEADER.pack_into(
         frame, 0, MAGIC, VERSION, flags, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
         geometry.head_dim, DTYPE_CODES[geometry.dtype], len(header.segments), header.layer,
-        header.group_tokens, header.token_start, header.token_count, total,
+        header.group_tokens, header.token_start, header.token_count, total, header.lane_symbols, 0,
     )
     for i, seg in enumerate(header.segments):
-        SEGMENT.pack_into(frame, HEADER.size + i * SEGMENT.size, seg.tokens, seg.key_bits, seg.value_bits, 0)
+        SEGMENT.pack_into(frame, HEADER.size + i * SEGMENT.size, seg.tokens, seg.key_bits, seg.value_bits, 0,
+                          header.words(i, 0), header.words(i, 1))
     CHECKSUM.pack_into(frame, total - CHECKSUM.size, xxhash.xxh3_64_intdigest(memoryview(frame)[: total - CHECKSUM.size]))
 
 
@@ -162,7 +189,7 @@ def check_integrity(frame: bytes | bytearray | memoryview) -> memoryview:
     if size < HEADER.size + SEGMENT.size + CHECKSUM.size:
         raise FrameError(f"frame is {size} bytes, shorter than the smallest possible frame")
     fields = HEADER.unpack_from(view, 0)
-    magic, version, total = fields[0], fields[1], fields[-1]
+    magic, version, total = fields[0], fields[1], fields[-3]
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -182,7 +209,16 @@ def frame_tokens(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
     if len(view) < HEADER.size or bytes(view[:4]) != MAGIC:
         raise FrameError("not a frame: too short or bad magic")
     fields = HEADER.unpack_from(view, 0)
-    return fields[-3], fields[-2]
+    return fields[-5], fields[-4]
+
+
+def frame_coding(frame: bytes | bytearray | memoryview) -> str:
+    """How a frame's quantized tensors are coded ("packed" or "rans"), from its flags alone: for a
+    caller that picks a decoder before `parse_frame` checks the rest."""
+    view = memoryview(frame).cast("B")
+    if len(view) < HEADER.size or bytes(view[:4]) != MAGIC:
+        raise FrameError("not a frame: too short or bad magic")
+    return "rans" if HEADER.unpack_from(view, 0)[2] & FLAG_RANS else "packed"
 
 
 def parse_frame(
@@ -195,7 +231,7 @@ def parse_frame(
     view = check_integrity(frame)
     size = len(view)
     (_, _, flags, fingerprint, num_layers, num_kv_heads, head_dim, dtype_code, num_segments,
-     layer, group_tokens, token_start, token_count, _) = HEADER.unpack_from(view, 0)
+     layer, group_tokens, token_start, token_count, _, lane_symbols, header_reserved) = HEADER.unpack_from(view, 0)
     if flags & ~KNOWN_FLAGS:
         raise FrameError(f"unknown flags 0x{flags & ~KNOWN_FLAGS:x}")
     got = (num_layers, num_kv_heads, head_dim, DTYPES.get(dtype_code, f"code {dtype_code}"))
@@ -212,18 +248,27 @@ def parse_frame(
         raise FrameError(f"frame starts at token {token_start}, expected token {expect_token_start}")
     if group_tokens == 0:
         raise FrameError("group_tokens is 0")
+    coding = "rans" if flags & FLAG_RANS else "packed"
+    if header_reserved != 0 or (lane_symbols == 0) != (coding == "packed"):
+        raise FrameError(f"lane_symbols {lane_symbols} / reserved {header_reserved} do not fit coding {coding!r}")
     if num_segments == 0:
         raise FrameError("frame has no segments")
     if payload_offset(num_segments) + CHECKSUM.size > size:
         raise FrameError(f"{num_segments} segments do not fit in a {size}-byte frame")
-    segments = []
+    segments, words = [], []
     for i in range(num_segments):
-        tokens, key_bits, value_bits, reserved = SEGMENT.unpack_from(view, HEADER.size + i * SEGMENT.size)
+        tokens, key_bits, value_bits, reserved, key_words, value_words = SEGMENT.unpack_from(view, HEADER.size + i * SEGMENT.size)
         if tokens == 0 or reserved != 0:
             raise FrameError(f"segment {i} is malformed (tokens={tokens}, reserved={reserved})")
         _check_bits(f"segment {i} key bits", key_bits)
         _check_bits(f"segment {i} value bits", value_bits)
+        for name, bits, n in (("key", key_bits, key_words), ("value", value_bits, value_words)):
+            # a rans lane emits at most one word per code; nothing else has a stream
+            most = tokens * geometry.channels if coding == "rans" and bits != EXACT_BITS else 0
+            if n > most:
+                raise FrameError(f"segment {i} {name} stream has {n} words, at most {most} possible")
         segments.append(Segment(tokens, key_bits, value_bits))
+        words.append((key_words, value_words))
     header = FrameHeader(
         layer=layer,
         token_start=token_start,
@@ -231,9 +276,14 @@ def parse_frame(
         value_axis="token" if flags & FLAG_VALUE_PER_TOKEN else "channel",
         hadamard=bool(flags & FLAG_HADAMARD),
         segments=tuple(segments),
+        coding=coding,
+        lane_symbols=lane_symbols,
+        stream_words=tuple(words) if coding == "rans" else (),
     )
     if header.token_count != token_count:
         raise FrameError(f"segments hold {header.token_count} tokens, header says {token_count}")
+    if token_count > MAX_CHUNK_TOKENS:  # rans codes can be far denser than a bit each: bound the decode
+        raise FrameError(f"frame holds {token_count} tokens, more than a chunk can ({MAX_CHUNK_TOKENS})")
     if header.hadamard and head_dim & (head_dim - 1):
         raise FrameError(f"hadamard rotation on head_dim {head_dim}, which is not a power of two")
     expected = frame_nbytes(header, geometry)

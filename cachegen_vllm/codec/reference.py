@@ -1,5 +1,9 @@
 """The reference codec in plain torch: runs on CPU and CUDA tensors, and is the oracle that every
 kernel is tested against. It produces and reads exactly the bytes of docs/FORMAT.md.
+
+rANS-coded tensors (profile ``coding = "rans"``) are quantized one by one, then all the lanes of
+every frame of a call go through one pass of the coder (`entropy.encode`), whose cost is a Python
+step per code of a lane, not per tensor.
 """
 
 from __future__ import annotations
@@ -8,10 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from cachegen_vllm.codec import entropy
 from cachegen_vllm.codec.allocation import Segment, chunk_bounds, plan_segments
 from cachegen_vllm.codec.bitpack import pack, unpack
-from cachegen_vllm.codec.format import FrameHeader, KVGeometry, parse_frame, payload_arrays, write_frame
+from cachegen_vllm.codec.format import (
+    FrameError, FrameHeader, KVGeometry, parse_frame, payload_arrays, write_frame,
+)
 from cachegen_vllm.codec.quant import STAT_DTYPE, dequantize, hadamard_, quantize
+from cachegen_vllm.codec.rans import RansError
 from cachegen_vllm.config import EXACT_BITS, Profile
 
 
@@ -27,17 +35,82 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
-def _encode_tensor(x: torch.Tensor, bits: int, axis: str, group_tokens: int, hadamard: bool):
-    """Arrays of one tensor of one segment, or None if fp16 statistics cannot represent it."""
+@dataclass
+class _RansTensor:
+    """A quantized tensor waiting for the coder: its first three arrays, and what to code."""
+
+    arrays: list[bytes]
+    symbols: torch.Tensor
+    tables: torch.Tensor
+    bits: int
+
+
+def _encode_tensor(x: torch.Tensor, bits: int, axis: str, group_tokens: int, hadamard: bool, coding: str):
+    """Arrays of one tensor of one segment (a `_RansTensor` to finish, for rans), or None if its
+    values are not finite or too large for fp16 statistics."""
     if bits == EXACT_BITS:
         return [_to_bytes(x)]
     work = x.float().contiguous()  # a copy: the rotation works in place
     if hadamard:
         hadamard_(work)
+    if coding == "rans":
+        if not torch.isfinite(work).all():
+            return None
+        symbols, centers, step = entropy.quantize(work.view(x.shape[0], -1), bits)
+        if not torch.isfinite(centers).all():
+            return None
+        tables = entropy.choose_tables(symbols, bits)
+        return _RansTensor([_to_bytes(centers), _to_bytes(tables), _to_bytes(step)], symbols, tables, bits)
     codes, mins, scales = quantize(work, bits, axis, group_tokens)
     if not (torch.isfinite(mins).all() and torch.isfinite(scales).all()):
         return None
     return [_to_bytes(mins), _to_bytes(scales), _to_bytes(pack(codes, bits))]
+
+
+def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes]:
+    """Frames for ``chunks``: (key, value, layer, token_start, segments) each."""
+    hadamard = profile.rotation == "hadamard"
+    plans, pending = [], []
+    for key, value, layer, token_start, segments in chunks:
+        expected = (sum(s.tokens for s in segments), geometry.num_kv_heads, geometry.head_dim)
+        for name, t in (("key", key), ("value", value)):
+            if tuple(t.shape) != expected or t.dtype != geometry.dtype:
+                raise ValueError(f"{name} must be {list(expected)} {geometry.dtype}, got {list(t.shape)} {t.dtype}")
+        tensors, final_segments, row = [], [], 0
+        for seg in segments:
+            widths = []
+            for x, bits, axis in ((key, seg.key_bits, "channel"), (value, seg.value_bits, profile.value_axis)):
+                part = x[row : row + seg.tokens]
+                arrays = _encode_tensor(part, bits, axis, profile.group_tokens, hadamard, profile.coding)
+                if arrays is None:  # sent exact rather than wrong
+                    arrays, bits = [_to_bytes(part)], EXACT_BITS
+                if isinstance(arrays, _RansTensor):
+                    pending.append(arrays)
+                tensors.append(arrays)
+                widths.append(bits)
+            row += seg.tokens
+            final_segments.append(Segment(seg.tokens, *widths))
+        plans.append((layer, token_start, final_segments, tensors))
+    coded = entropy.encode([(t.symbols, t.tables, t.bits) for t in pending], profile.lane_symbols) if pending else []
+    streams = {id(t): c for t, c in zip(pending, coded)}  # Lanes of each pending tensor
+    frames = []
+    for layer, token_start, segments, tensors in plans:
+        arrays, words = [], []
+        for tensor in tensors:
+            if isinstance(tensor, _RansTensor):
+                lanes = streams[id(tensor)]
+                arrays += tensor.arrays + [_to_bytes(lanes.states), _to_bytes(lanes.lane_words), _to_bytes(lanes.stream)]
+                words.append(lanes.stream.numel())
+            else:
+                arrays += tensor
+                words.append(0)
+        header = FrameHeader(
+            layer, token_start, profile.group_tokens, profile.value_axis, hadamard, tuple(segments),
+            coding=profile.coding, lane_symbols=profile.lane_symbols if profile.coding == "rans" else 0,
+            stream_words=tuple(zip(words[::2], words[1::2])) if profile.coding == "rans" else (),
+        )
+        frames.append(write_frame(header, geometry, arrays))
+    return frames
 
 
 def encode_chunk(
@@ -52,30 +125,10 @@ def encode_chunk(
 ) -> bytes:
     """One frame for tokens ``[token_start, token_start + len(key))`` of one layer.
 
-    key, value: [tokens, kv_heads, head_dim] in ``geometry.dtype``. A segment whose range fp16
+    key, value: [tokens, kv_heads, head_dim] in ``geometry.dtype``. A segment whose values fp16
     statistics cannot hold (inf/nan or beyond +-65504) is sent exact rather than wrong.
     """
-    expected = (sum(s.tokens for s in segments), geometry.num_kv_heads, geometry.head_dim)
-    for name, t in (("key", key), ("value", value)):
-        if tuple(t.shape) != expected or t.dtype != geometry.dtype:
-            raise ValueError(f"{name} must be {list(expected)} {geometry.dtype}, got {list(t.shape)} {t.dtype}")
-    hadamard = profile.rotation == "hadamard"
-    arrays, final_segments, row = [], [], 0
-    for seg in segments:
-        k, v = key[row : row + seg.tokens], value[row : row + seg.tokens]
-        row += seg.tokens
-        k_arrays = _encode_tensor(k, seg.key_bits, "channel", profile.group_tokens, hadamard)
-        v_arrays = _encode_tensor(v, seg.value_bits, profile.value_axis, profile.group_tokens, hadamard)
-        if k_arrays is None:
-            k_arrays = _encode_tensor(k, EXACT_BITS, "channel", 0, False)
-        if v_arrays is None:
-            v_arrays = _encode_tensor(v, EXACT_BITS, "channel", 0, False)
-        key_bits = seg.key_bits if len(k_arrays) > 1 else EXACT_BITS
-        value_bits = seg.value_bits if len(v_arrays) > 1 else EXACT_BITS
-        final_segments.append(Segment(seg.tokens, key_bits, value_bits))
-        arrays += k_arrays + v_arrays
-    header = FrameHeader(layer, token_start, profile.group_tokens, profile.value_axis, hadamard, tuple(final_segments))
-    return write_frame(header, geometry, arrays)
+    return _encode_frames([(key, value, layer, token_start, segments)], geometry, profile)[0]
 
 
 def encode_layer(
@@ -94,33 +147,91 @@ def encode_layer(
     token distances for the recent-token bit tiers are counted.
     """
     total = token_start + key.shape[0] if total_tokens is None else total_tokens
-    frames = []
+    chunks = []
     for start, count in chunk_bounds(profile, token_start, key.shape[0]):
         rows = slice(start - token_start, start - token_start + count)
-        frames.append(
-            encode_chunk(
-                key[rows], value[rows], geometry=geometry, profile=profile, layer=layer, token_start=start,
-                segments=plan_segments(profile, layer, start, count, total),
-            )
-        )
-    return frames
+        chunks.append((key[rows], value[rows], layer, start, plan_segments(profile, layer, start, count, total)))
+    return _encode_frames(chunks, geometry, profile)
 
 
-def _decode_tensor(frame: torch.Tensor, arrays, tokens: int, bits: int, axis: str, header: FrameHeader, geometry: KVGeometry):
-    shape = (tokens, geometry.num_kv_heads, geometry.head_dim)
-
-    def array(i: int) -> torch.Tensor:
-        offset, n = arrays[i]
-        return frame[offset : offset + n]
-
-    if bits == EXACT_BITS:
-        return array(0).view(geometry.dtype).view(shape)
-    mins, scales = array(0).view(STAT_DTYPE), array(1).view(STAT_DTYPE)
-    codes = unpack(array(2), bits, tokens * geometry.channels)
-    out = dequantize(codes, mins, scales, shape, axis, header.group_tokens)
+def _dequantized(x: torch.Tensor, header: FrameHeader, geometry: KVGeometry) -> torch.Tensor:
     if header.hadamard:
-        hadamard_(out)
-    return out.to(geometry.dtype)
+        hadamard_(x)
+    return x.to(geometry.dtype)
+
+
+@dataclass(frozen=True)
+class _RansPart:
+    """An entropy-coded tensor read from a frame, waiting for the coder."""
+
+    coded: entropy.Coded
+    centers: torch.Tensor
+    step: torch.Tensor
+    shape: tuple[int, int, int]
+
+
+def _rans_part(arrays: list[torch.Tensor], header: FrameHeader, bits: int, shape: tuple[int, int, int]) -> _RansPart:
+    """The six arrays of a rans tensor, checked where the checksum cannot vouch for the producer."""
+    centers, tables, step, states, lane_words, stream = arrays
+    step = step.view(torch.float32)
+    if bool((tables >= entropy.TABLES).any()):
+        raise FrameError(f"a table id is {int(tables.max())}, the bank has {entropy.TABLES}")
+    if not (bool(torch.isfinite(step).all()) and float(step) > 0):
+        raise FrameError(f"quantization step {float(step)} is not a positive number")
+    lane_words = lane_words.view(torch.uint16)
+    if int(lane_words.to(torch.int64).sum()) * 2 != stream.numel():
+        raise FrameError("the lanes' word counts do not add up to the stream")
+    lanes = entropy.Lanes(states.view(torch.uint32), lane_words, stream.view(torch.uint16))
+    coded = entropy.Coded(lanes, tables, bits, (shape[0], shape[1] * shape[2]), header.lane_symbols)
+    return _RansPart(coded, centers.view(torch.float16), step, shape)
+
+
+def decode_frames(
+    frames: list[bytes | bytearray | memoryview],
+    geometry: KVGeometry,
+    *,
+    device: torch.device | str = "cpu",
+    expect_layer: int | None = None,
+    expect_token_start: int | None = None,
+) -> list[DecodedChunk]:
+    """Decode frames to K and V on ``device``, the rANS lanes of all of them in one pass. Raises
+    FrameError on any bad byte of any frame."""
+    parsed, pending = [], []  # per frame: its header and per segment (K, V), a tensor or a _RansPart
+    for frame in frames:
+        header = parse_frame(frame, geometry, expect_layer, expect_token_start)
+        data = torch.frombuffer(bytearray(frame), dtype=torch.uint8).to(device)
+        segments = []
+        for seg, slots in zip(header.segments, payload_arrays(header, geometry)):
+            arrays = [data[offset : offset + n] for offset, n in slots]
+            pair = []
+            for bits, axis in ((seg.key_bits, "channel"), (seg.value_bits, header.value_axis)):
+                shape = (seg.tokens, geometry.num_kv_heads, geometry.head_dim)
+                if bits == EXACT_BITS:
+                    pair.append(arrays.pop(0).view(geometry.dtype).view(shape))
+                elif header.coding == "rans":
+                    pair.append(_rans_part(arrays[:6], header, bits, shape))
+                    pending.append(pair[-1])
+                    del arrays[:6]
+                else:
+                    mins, scales, packed = (arrays.pop(0) for _ in range(3))
+                    codes = unpack(packed, bits, seg.tokens * geometry.channels)
+                    x = dequantize(codes, mins.view(STAT_DTYPE), scales.view(STAT_DTYPE), shape, axis, header.group_tokens)
+                    pair.append(_dequantized(x, header, geometry))
+            segments.append(pair)
+        parsed.append((header, segments))
+    try:
+        symbols = dict(zip(map(id, pending), entropy.decode([p.coded for p in pending]))) if pending else {}
+    except RansError as e:
+        raise FrameError(str(e)) from None
+    out = []
+    for header, segments in parsed:
+        tensors = [
+            _dequantized(entropy.dequantize(symbols[id(x)], x.centers, x.step, x.coded.bits).view(x.shape), header, geometry)
+            if isinstance(x, _RansPart) else x
+            for pair in segments for x in pair
+        ]
+        out.append(DecodedChunk(header.layer, header.token_start, torch.cat(tensors[::2]), torch.cat(tensors[1::2])))
+    return out
 
 
 def decode_chunk(
@@ -132,11 +243,4 @@ def decode_chunk(
     expect_token_start: int | None = None,
 ) -> DecodedChunk:
     """Decode one frame to K and V on ``device``. Raises FrameError on any bad byte."""
-    header = parse_frame(frame, geometry, expect_layer, expect_token_start)
-    data = torch.frombuffer(bytearray(frame), dtype=torch.uint8).to(device)
-    keys, values = [], []
-    for seg, arrays in zip(header.segments, payload_arrays(header, geometry)):
-        n_key = 1 if seg.key_bits == EXACT_BITS else 3
-        keys.append(_decode_tensor(data, arrays[:n_key], seg.tokens, seg.key_bits, "channel", header, geometry))
-        values.append(_decode_tensor(data, arrays[n_key:], seg.tokens, seg.value_bits, header.value_axis, header, geometry))
-    return DecodedChunk(header.layer, header.token_start, torch.cat(keys), torch.cat(values))
+    return decode_frames([frame], geometry, device=device, expect_layer=expect_layer, expect_token_start=expect_token_start)[0]

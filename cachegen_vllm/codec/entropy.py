@@ -1,0 +1,258 @@
+"""Entropy-coded quantization (wire format version 2, coding "rans"): a uniform step sized to the
+data, codes centred per channel, and rANS with a frequency table per channel picked from a fixed bank.
+
+Why this quantizer (NOTES.md, "Entropy coding"): min/max grids spread codes almost uniformly, so
+entropy-coding them saves little, and their per-group statistics cost 0.5-1 bit/element. A uniform
+step with the codes entropy-coded spends bits where the data is: at the same squared error it costs
+0.5-1.1 bit/element less on the embedded model.
+
+For one tensor of one segment, ``x`` [tokens, channels] in fp32 (rotated if the frame says so):
+
+1. **Fixed-point statistics**, exact integer sums, so that any reduction order (torch on CPU, a
+   GPU kernel) gives the same bits: ``e`` is the power of two that puts ``max|x|`` in
+   [2**15, 2**16); per channel ``center = fp16(fp32(sum(round(x * 2**e))) / fp32(tokens) * 2**-e)``;
+   ``d = round((x - center) * 2**e)``; ``step = fp32(sqrt(fp32(sum(d*d)) / fp32(n)) * GAIN) *
+   2**(-e - bits)``, or ``2**-e`` if that is 0. GAIN = sqrt(2 pi e) makes a Gaussian's codes cost
+   about ``bits`` bits each at high rate, so the segment's width still reads as a rate.
+2. **Codes** ``q = clamp(floor((x - center) / step + 0.5), -2**bits, 2**bits - 1)``, symbols
+   ``q + 2**bits`` (an alphabet of ``2**(bits+1)``); values come back as ``q * step + center``.
+3. **Tables**: each channel codes with one of `TABLES` discretized Gaussians (`bank`), the one that
+   codes that channel's symbols in the fewest bits (integer costs, lowest index on ties): one byte
+   per channel on the wire instead of a table.
+4. **Lanes**: the ``n`` codes in token-major order are dealt to ``K = ceil(n / lane_symbols)``
+   lanes, code ``i * K + j`` being step ``i`` of lane ``j`` (so a step touches K consecutive codes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import xxhash
+
+from cachegen_vllm.codec import rans
+
+TABLES = 128
+GAIN = math.sqrt(2 * math.pi * math.e)
+COST_SCALE = 1 << 10  # integer costs in 1/1024 bit
+
+
+def table_width(index: int) -> float:
+    """Standard deviation, in steps, of bank table ``index``: 2**(index/8 - 5), 0.03 to 1,900."""
+    return 2.0 ** (index / 8 - 5)
+
+
+# xxh3-64 of each width's bank (freq then costs, int64 little-endian): the bank is computed with
+# the math library's erfc and log2, and a platform whose results differ would pick other tables or
+# code other bytes. It is checked before first use; a mismatch refuses to code rather than emit
+# bytes another machine reads differently.
+BANK_DIGESTS = {
+    1: 0x82CC45CD38DAA952, 2: 0xA76934C69601830F, 3: 0x2F651A99315D67FC, 4: 0x7B7BEF5A4F7351C4,
+    5: 0x8EE55C69CBE12DAF, 6: 0x52BB710B920E200B, 7: 0x0259E8EEB00D9EF2, 8: 0xA85A880BAC0A3217,
+}
+
+
+def _gaussian_freqs(sigma: float, half: int) -> list[int]:
+    """Frequencies (out of PROB_SCALE, each >= 1) of q in [-half, half) for N(0, sigma) rounded to
+    the nearest integer, the tails folded into the end symbols."""
+    def tail(z: float) -> float:  # P(X > z), exact in the tails where 1 - cdf would cancel
+        return 0.5 * math.erfc(z / (sigma * math.sqrt(2)))
+
+    def mass(a: float, b: float) -> float:  # P(a < X < b), by symmetry from upper tails only
+        if a >= 0:
+            return tail(a) - tail(b)
+        if b <= 0:
+            return tail(-b) - tail(-a)
+        return 1.0 - tail(b) - tail(-a)
+
+    probs = [
+        mass(-math.inf if q == -half else q - 0.5, math.inf if q == half - 1 else q + 0.5) for q in range(-half, half)
+    ]
+    spare = rans.PROB_SCALE - len(probs)  # every symbol gets 1 so that every code can be coded
+    freqs = [1 + int(p * spare) for p in probs]
+    freqs[max(range(len(freqs)), key=lambda i: (freqs[i], -i))] += rans.PROB_SCALE - sum(freqs)
+    return freqs
+
+
+@lru_cache(maxsize=None)
+def bank(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cumulative frequencies [TABLES, 2**(bits+1) + 1], costs [TABLES, 2**(bits+1)] in 1/COST_SCALE
+    bit), int64 on the CPU. RuntimeError if this machine computes other tables than the format's."""
+    half = 1 << bits
+    freqs = torch.tensor([_gaussian_freqs(table_width(k), half) for k in range(TABLES)], dtype=torch.int64)
+    costs = torch.tensor(
+        [[round(COST_SCALE * math.log2(rans.PROB_SCALE / f)) for f in row] for row in freqs.tolist()], dtype=torch.int64
+    )
+    digest = xxhash.xxh3_64_intdigest(freqs.numpy().tobytes() + costs.numpy().tobytes())
+    if digest != BANK_DIGESTS[bits]:
+        raise RuntimeError(
+            f"the rANS tables for {bits}-bit codes computed here (xxh3 {digest:016x}) differ from the wire "
+            f"format's ({BANK_DIGESTS[bits]:016x}): this machine's math library rounds erfc/log2 differently"
+        )
+    cum = torch.nn.functional.pad(torch.cumsum(freqs, 1), (1, 0))
+    return cum, costs
+
+
+def _bank_on(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    cum, costs = bank(bits)
+    return cum.to(device), costs.to(device)
+
+
+def _coder(device: torch.device):
+    """The rANS implementation for tensors on ``device``: the Triton kernels on a GPU (a thread per
+    lane), the torch loop elsewhere; they produce the same bytes."""
+    if device.type == "cuda":
+        from cachegen_vllm.kernels import rans_coder
+
+        return rans_coder
+    return rans
+
+
+def lanes_of(count: int, lane_symbols: int) -> tuple[int, int]:
+    """(lanes, steps) for ``count`` codes at most ``lane_symbols`` per lane."""
+    lanes = -(-count // lane_symbols)
+    return lanes, -(-count // lanes)
+
+
+def _fixed_point_exponent(x: torch.Tensor) -> int:
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if peak == 0.0:
+        return 0
+    return 15 - math.frexp(peak)[1] + 1  # peak * 2**e in [2**15, 2**16)
+
+
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: fp32 [tokens, channels], finite. Returns (symbols int64 [tokens, channels], centers fp16
+    [channels], step fp32 [1])."""
+    tokens, count = x.shape[0], x.numel()
+    e = _fixed_point_exponent(x)
+    scale = 2.0**e
+    sums = torch.round(x * scale).to(torch.int64).sum(0)
+    centers = (sums.to(torch.float32) / float(tokens) * (1.0 / scale)).to(torch.float16)
+    deviation = x - centers.float()
+    d = torch.round(deviation * scale).to(torch.int64)
+    squares = (d * d).sum().reshape(1)
+    sigma = torch.sqrt(squares.to(torch.float32) / float(count))
+    step = torch.where(
+        squares > 0, (sigma * GAIN) * 2.0 ** (-e - bits), torch.full_like(sigma, 1.0 / scale)
+    ).to(torch.float32)
+    half = 1 << bits
+    q = torch.floor(deviation / step + 0.5).clamp_(-half, half - 1)
+    return q.to(torch.int64) + half, centers, step
+
+
+def dequantize(symbols: torch.Tensor, centers: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 [tokens, channels] from `quantize`'s outputs."""
+    return (symbols - (1 << bits)).to(torch.float32) * step + centers.float()
+
+
+def choose_tables(symbols: torch.Tensor, bits: int) -> torch.Tensor:
+    """For each channel, the bank table that codes its symbols [tokens, channels] in the fewest
+    bits: uint8 [channels]. Costs are integers summed in float64 (exact below 2**53)."""
+    _, costs = _bank_on(bits, symbols.device)
+    counts = torch.zeros((symbols.shape[1], costs.shape[1]), dtype=torch.float64, device=symbols.device)
+    counts.scatter_add_(1, symbols.T, torch.ones(symbols.T.shape, dtype=torch.float64, device=symbols.device))
+    return torch.argmin(counts @ costs.T.to(torch.float64), dim=1).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """A tensor's rANS lanes as they travel."""
+
+    states: torch.Tensor  # uint32 [lanes]: final encoder states
+    lane_words: torch.Tensor  # uint16 [lanes]: 16-bit words of each lane's stream
+    stream: torch.Tensor  # uint16 [words]: the lanes' streams back to back
+
+
+@dataclass(frozen=True)
+class Coded:
+    """What decoding one tensor needs."""
+
+    lanes: Lanes
+    tables: torch.Tensor  # uint8 [channels]
+    bits: int
+    shape: tuple[int, int]  # (tokens, channels)
+    lane_symbols: int
+
+
+def _lane_grid(count: int, lane_symbols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(code index [steps, lanes], real code?) of each lane step; padding steps index code 0."""
+    lanes, steps = lanes_of(count, lane_symbols)
+    index = torch.arange(steps * lanes, device=device).view(steps, lanes)
+    active = index < count
+    return torch.where(active, index, 0), active
+
+
+def _padded(grids: list[torch.Tensor], fill: int) -> torch.Tensor:
+    """[steps, lanes] grids side by side, the shorter ones extended with ``fill`` steps."""
+    steps = max(g.shape[0] for g in grids)
+    return torch.cat([torch.nn.functional.pad(g, (0, 0, 0, steps - g.shape[0]), value=fill) for g in grids], dim=1)
+
+
+def encode_grids(tensors: list[tuple[torch.Tensor, torch.Tensor, int]], lane_symbols: int):
+    """The coder's input for `encode`: (frequencies [steps, lanes], cumulative starts [steps,
+    lanes], lanes of each tensor)."""
+    freqs, starts, lane_counts = [], [], []
+    for symbols, tables, bits in tensors:
+        cum, _ = _bank_on(bits, symbols.device)
+        index, active = _lane_grid(symbols.numel(), lane_symbols, symbols.device)
+        rows = tables.long()[index % symbols.shape[1]]
+        code = symbols.reshape(-1)[index]
+        lo, hi = cum[rows, code], cum[rows, code + 1]
+        freqs.append(torch.where(active, hi - lo, rans.PROB_SCALE))
+        starts.append(torch.where(active, lo, 0))
+        lane_counts.append(index.shape[1])
+    return _padded(freqs, rans.PROB_SCALE), _padded(starts, 0), lane_counts
+
+
+def encode(tensors: list[tuple[torch.Tensor, torch.Tensor, int]], lane_symbols: int) -> list[Lanes]:
+    """rANS-code several tensors at once, each ``(symbols [tokens, channels], table ids [channels],
+    bits)``, their lanes side by side (one pass of steps for all). Returns their `Lanes`."""
+    freq, start, lane_counts = encode_grids(tensors, lane_symbols)
+    states, stream, lane_words = _coder(freq.device).encode(freq, start)
+    out, lane, word = [], 0, 0
+    for lanes in lane_counts:
+        words = lane_words[lane : lane + lanes]
+        total = int(words.sum())
+        out.append(Lanes(states[lane : lane + lanes].to(torch.uint32), words.to(torch.uint16), stream[word : word + total].to(torch.uint16)))
+        lane, word = lane + lanes, word + total
+    return out
+
+
+def decode_grids(tensors: list[Coded]) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+    """The coder's input for `decode` (states, stream, words per lane, cumulative rows, row starts,
+    row of each step, active steps) and each tensor's active-step grid."""
+    device = tensors[0].lanes.states.device
+    tables, starts, rows, actives, base, offset = [], [], [], [], 0, 0
+    for t in tensors:
+        tokens, channels = t.shape
+        cum, _ = _bank_on(t.bits, device)
+        tables.append(cum[t.tables.long()].reshape(-1))  # each channel's row of cumulative frequencies
+        starts.append(offset + torch.arange(channels, device=device) * cum.shape[1])
+        index, active = _lane_grid(tokens * channels, t.lane_symbols, device)
+        rows.append(base + index % channels)
+        actives.append(active)
+        base, offset = base + channels, offset + channels * cum.shape[1]
+
+    def cat(field: str) -> torch.Tensor:
+        return torch.cat([getattr(t.lanes, field).to(torch.int64) for t in tensors])
+
+    args = (cat("states"), cat("stream"), cat("lane_words"), torch.cat(tables), torch.cat(starts), _padded(rows, 0),
+            _padded(actives, False))
+    return args, actives
+
+
+def decode(tensors: list[Coded]) -> list[torch.Tensor]:
+    """Symbols, int64 [tokens, channels], of tensors that `encode` coded, all lanes in one pass.
+    rans.RansError if a stream is corrupted."""
+    args, actives = decode_grids(tensors)
+    symbols = _coder(args[0].device).decode(*args)
+    out, lane = [], 0
+    for t, grid in zip(tensors, actives):
+        steps, lanes = grid.shape
+        codes = symbols[:steps, lane : lane + lanes].reshape(-1)  # step-major is code order
+        out.append(codes[: t.shape[0] * t.shape[1]].view(t.shape))
+        lane += lanes
+    return out

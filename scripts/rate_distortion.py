@@ -1,0 +1,157 @@
+"""Rate-distortion of every profile and anchor on the embedded model: one table, one JSON, one plot.
+
+Rows (the quality harness of `cachegen-vllm quality`: 1K-token windows of the CPython language
+reference, teacher-forced 128-token continuations, every frame byte counted):
+
+- the shipped profiles, packed and entropy-coded (rans), and a sweep of the entropy-coded
+  quantizer at equal key and value widths (the curve the calibrated profiles sit below);
+- anchors (scripts/anchors/): KIVI-style 4- and 2-bit, per-channel int8;
+- where the bytes of the entropy-coded profile go (tables, statistics, lanes, streams);
+- LMCache's own CacheGen serializer, measured on the same windows by scripts/lmcache_anchor.py in
+  its own environment (lmcache pins numpy<=2.2.6), read from its JSON if given.
+
+    .venv/bin/python scripts/rate_distortion.py --lmcache results/lmcache_cachegen.json \
+        --json results/rate_distortion.json --plot results/rate_distortion.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import xxhash
+
+from cachegen_vllm.config import load_profile, shipped_profiles
+from cachegen_vllm.model import ensure_default_model
+from cachegen_vllm.quality import Harness, QualityResult, format_table, result_dict
+
+ANCHORS = Path(__file__).parent / "anchors"
+SWEEP = [1, 2, 3, 5]  # the entropy profile's quantizer with every layer's key and value at this width
+
+
+def rows() -> list[tuple[str, object]]:
+    """(family, profile) of every measured row: every shipped profile but raw, the sweep, the anchors."""
+    shipped = [load_profile(name) for name in shipped_profiles() if name != "raw"]
+    entropy = load_profile("entropy")
+    out = [("rans" if p.coding == "rans" else "packed", p) for p in shipped]
+    out += [("rans sweep", dataclasses.replace(entropy, name=f"entropy k{b} v{b}", key_bits=b, value_bits=b)) for b in SWEEP]
+    out += [("anchor", load_profile(path)) for path in sorted(ANCHORS.glob("*.toml"))]
+    return out
+
+
+def _key(profile, args) -> str:
+    """What a row's figures depend on: the profile's every field and the harness setting."""
+    return xxhash.xxh3_64_hexdigest(repr((profile, args.windows, args.context_tokens, args.continuation_tokens)).encode())
+
+
+def byte_shares(harness: Harness, profile) -> dict[str, float]:
+    """Where a rans profile's bytes go, over the harness's windows: shares of all frame bytes."""
+    from cachegen_vllm.codec import encode_layer
+    from cachegen_vllm.codec.format import parse_frame, payload_arrays, tensor_arrays
+
+    names = ["centers", "table ids", "step", "lane states", "lane word counts", "rans streams"]
+    totals = dict.fromkeys(["frame header, segment table, checksum, padding", "exact tokens (sinks)", *names], 0)
+    for kv in harness.exact_kv:
+        for layer, (k, v) in enumerate(kv):
+            for frame in encode_layer(k, v, geometry=harness.geometry, profile=profile, layer=layer):
+                header = parse_frame(frame, harness.geometry)
+                counted = 0
+                for seg_sizes in tensor_arrays(header, harness.geometry):
+                    for sizes in seg_sizes:
+                        if len(sizes) == 1:
+                            totals["exact tokens (sinks)"] += sizes[0]
+                        else:
+                            for name, n in zip(names, sizes):
+                                totals[name] += n
+                        counted += sum(sizes)
+                totals["frame header, segment table, checksum, padding"] += len(frame) - counted
+    total = sum(totals.values())
+    return {name: round(n / total, 4) for name, n in totals.items()}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Two panels on the same rows: dNLL (the target's measure, noisy near 0: symlog) and KL (log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"packed": ("o", "tab:blue"), "rans": ("*", "tab:red"), "anchor": ("s", "tab:gray"), "lmcache": ("D", "tab:green")}
+    sweep = sorted((r for r in results if r["family"] == "rans sweep" or r["profile"] == "entropy"), key=lambda r: r["bits_per_element"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, field, label in ((axes[0], "delta_nll", "dNLL, nats/token (symlog; +0.01 is +1% perplexity)"),
+                             (axes[1], "kl", "KL(exact || compressed), nats/token (log)")):
+        ax.plot([r["bits_per_element"] for r in sweep], [r[field] for r in sweep], "-", color="tab:red", alpha=0.4,
+                label="rans, equal widths in every layer (1, 2, 3, 4, 5 bits)")
+        for family, (marker, color) in styles.items():
+            members = [r for r in results if r["family"] == family]
+            if members:
+                ax.scatter([r["bits_per_element"] for r in members], [r[field] for r in members], marker=marker, color=color,
+                           s=110 if marker == "*" else 45, label=family, zorder=3)
+            for r in members:
+                ax.annotate(r["profile"], (r["bits_per_element"], r[field]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if field == "kl":
+            ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.axhline(0.00995, color="black", lw=0.6, ls="--")
+        ax.set_xlabel("bits per KV element on the wire (headers, statistics, tables included)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper right")
+    fig.suptitle("SmolLM2-135M, 16 windows of 1,024 + 128 tokens: rate vs damage of compressed KV (lower left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _result(row: dict) -> QualityResult:
+    """A QualityResult from a JSON row (null back to NaN)."""
+    return QualityResult(**{k: float("nan") if v is None else v for k, v in row.items() if k not in ("family", "key")})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--context-tokens", type=int, default=1024)
+    parser.add_argument("--continuation-tokens", type=int, default=128)
+    parser.add_argument("--lmcache", type=Path, help="scripts/lmcache_anchor.py's JSON (same windows)")
+    parser.add_argument("--json", type=Path, default=Path("results/rate_distortion.json"))
+    parser.add_argument("--plot", type=Path, default=Path("results/rate_distortion.png"))
+    parser.add_argument("--fresh", action="store_true", help="measure every row again, even those --json already holds")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    harness = Harness(ensure_default_model(), args.windows, args.context_tokens, args.continuation_tokens, 0)
+    # rows measured before with the same profile and setting are kept (--fresh measures all again)
+    kept = {} if args.fresh or not args.json.exists() else {r["key"]: r for r in json.loads(args.json.read_text())["results"]
+                                                             if "key" in r}
+    results: list[QualityResult] = []
+    table = []
+    for i, (family, profile) in enumerate(rows(), 1):
+        key = _key(profile, args)
+        if key in kept:
+            row = kept[key]
+        else:
+            print(f"[{i}] {profile.name}", file=sys.stderr, flush=True)
+            row = dict(result_dict(harness.evaluate(profile)), family=family, key=key)
+        table.append(row)
+        results.append(_result(row))
+    if args.lmcache:
+        lmcache = json.loads(args.lmcache.read_text())
+        results.append(_result(lmcache["result"]))
+        table.append(dict(lmcache["result"], family="lmcache"))
+    print(format_table(results))
+    shares = byte_shares(harness, load_profile("entropy"))
+    print("bytes of the entropy profile's frames: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
+    setup = dict(model=harness.geometry.model, windows=args.windows, context_tokens=args.context_tokens,
+                 continuation_tokens=args.continuation_tokens, seconds=round(time.perf_counter() - started, 1))
+    args.json.write_text(json.dumps(dict(setup=setup, results=table, entropy_byte_shares=shares), indent=1) + "\n")
+    plot(table, args.plot)
+    print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
