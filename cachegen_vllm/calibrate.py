@@ -5,9 +5,9 @@
    at ``PROBE_BITS`` and at one bit less, and everything else stays exact.
 2. **Allocation.** Above the probe each added bit quarters the squared quantization error, so the
    KL of a tensor at width w is estimated as ``KL_probe * 4 ** (PROBE_BITS - w)``; below it, by the
-   ratio the two probes measured (`estimated_kl`); the KLs of small, independent errors add up. Starting from every tensor at the widest width, the tensor whose next step down
-   costs the least estimated KL per bit saved is lowered, while the estimated total stays within
-   the budget.
+   ratio the two probes measured (`estimated_kl`); the KLs of small, independent errors add up.
+   Starting from every tensor at the widest width, the tensor whose next step down costs the least
+   estimated KL per bit saved is lowered, while the estimated total stays within the budget.
 3. **Verification.** Each candidate is measured whole (every byte, dNLL and KL) on the same
    windows; it meets the target if its dNLL does and its KL is within `KL_SHARE` of it. A geometric
    search over the KL budget (from half the target) finds the largest budget whose profile meets

@@ -17,7 +17,8 @@ the one figure about the GPU path that can be measured on a CPU machine:
 
     python scripts/bench_kernels.py --ptxas --json results/kernels_ptxas.json
 
-``--host`` times the encode call's work on the host per layer (layout, sealing frames).
+``--host`` times the encode call's work on the host per layer (layout, sealing frames);
+``--cpu-codec`` the reference codec (packed and rans) on this CPU, one layer of the embedded model.
 
 The entropy-coded profile (``entropy``: rANS, wire format v2) is timed too: the rANS lane kernel
 alone on one chunk, and whole ``encode_layer`` / ``decode_frames`` calls on the device (torch
@@ -242,7 +243,7 @@ def _rans_rows(tokens: int, reps: int, copy_bps: float, device: str) -> dict:
     """The entropy profile on one layer: the coder kernels alone and whole encode/decode calls
     (quantize, tables, coder, frames), raw KV bytes per second; frames checked against the CPU's."""
     from cachegen_vllm.codec import decode_frames, encode_layer, entropy
-    from cachegen_vllm.codec.reference import _encode_tensor
+    from cachegen_vllm.codec.quant import hadamard_
     from cachegen_vllm.kernels import rans_coder
 
     profile = load_profile("entropy")
@@ -252,13 +253,16 @@ def _rans_rows(tokens: int, reps: int, copy_bps: float, device: str) -> dict:
     key_d, value_d = key.to(device), value.to(device)
     frames = encode_layer(key_d, value_d, geometry=GEOMETRY, profile=profile, layer=0)
     identical = frames == encode_layer(key, value, geometry=GEOMETRY, profile=profile, layer=0)  # the CPU's torch coder
-    # the coder's own input for this layer, as encode_layer builds it
-    pending = [_encode_tensor(x[: profile.chunk_tokens], profile.key_bits, "channel", 0, True, "rans") for x in (key_d, value_d)]
-    freq, start, _ = entropy.encode_grids([(p.symbols, p.tables, p.bits) for p in pending], profile.lane_symbols)
+    # the coder's input for one chunk at the base width (the sink and recent tiers aside)
+    chunk = []
+    for x in (key_d, value_d):
+        symbols, _, _ = entropy.quantize(hadamard_(x[: profile.chunk_tokens].float()).view(-1, HEADS * HEAD_DIM), profile.key_bits)
+        chunk.append((symbols, entropy.choose_tables(symbols, profile.key_bits), profile.key_bits))
+    freq, start, _ = entropy.encode_grids(chunk, profile.lane_symbols)
     coder_encode_s = _time(lambda: rans_coder.encode(freq, start), reps)
     encode_s = _wall(lambda: encode_layer(key_d, value_d, geometry=GEOMETRY, profile=profile, layer=0), max(3, reps // 4))
     decode_s = _wall(lambda: decode_frames(frames, GEOMETRY, device=device), max(3, reps // 4))
-    chunk_raw = 2 * pending[0].symbols.numel() * DTYPE.itemsize
+    chunk_raw = 2 * chunk[0][0].numel() * DTYPE.itemsize
 
     def rate(seconds, moved):
         return dict(ms=round(seconds * 1e3, 3), gbps=round(moved / seconds / 1e9, 2), of_copy=round(moved / seconds / copy_bps, 4))
@@ -269,17 +273,40 @@ def _rans_rows(tokens: int, reps: int, copy_bps: float, device: str) -> dict:
                 encode_layer=rate(encode_s, raw), decode_frames=rate(decode_s, raw))
 
 
+def _cpu_codec_rows(reps: int) -> list[dict]:
+    """The reference codec on this CPU: one layer of 1,024 random bf16 tokens, the embedded model's
+    geometry, packed (default) and entropy-coded (entropy) profiles."""
+    from cachegen_vllm.codec import decode_frames, encode_layer
+
+    geometry = KVGeometry(30, 3, 64, torch.bfloat16, model="SmolLM2-135M-Instruct")
+    key, value = (torch.randn(1024, 3, 64, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (1, 2))
+    rows = []
+    for name in ("default", "entropy"):
+        profile = load_profile(name)
+        frames = encode_layer(key, value, geometry=geometry, profile=profile, layer=3)
+        encode_s = _wall(lambda: encode_layer(key, value, geometry=geometry, profile=profile, layer=3), reps)
+        decode_s = _wall(lambda: decode_frames(frames, geometry), reps)
+        rows.append(dict(profile=name, tokens=1024, encode_ms=round(encode_s * 1e3, 1), decode_ms=round(decode_s * 1e3, 1)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ptxas", action="store_true", help="compile for sm_90a and report ptxas's allocation (no GPU needed)")
     parser.add_argument("--host", action="store_true", help="time the encode call's host work per layer (no GPU needed)")
+    parser.add_argument("--cpu-codec", action="store_true", help="time the reference codec on this CPU, packed and rans")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run under TRITON_INTERPRET=1")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    if args.host:
+    if args.cpu_codec:
+        rows = _cpu_codec_rows(max(3, args.reps // 4))
+        for r in rows:
+            print(f"{r['profile']:<8} encode {r['encode_ms']} ms, decode {r['decode_ms']} ms per layer of {r['tokens']} tokens")
+        result = dict(machine="host CPU", torch=torch.__version__, rows=rows)
+    elif args.host:
         rows = [row for name in PROFILES for row in _host_rows(name)]
         print("| profile | tokens | wire MiB/layer | tiles/layer | layout, first layer (ms) | layout, each later layer (ms) | seal a layer's frames (ms) |")
         print("|---|---|---|---|---|---|---|")

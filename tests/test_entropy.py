@@ -198,7 +198,7 @@ def test_corrupted_rans_payloads_are_refused():
     key, value = _kv(64, seed=4)
     (frame,) = encode_layer(key, value, geometry=GEOMETRY, profile=dataclasses.replace(RANS, sink=(), recent=()), layer=0)
     header = parse_frame(frame, GEOMETRY)
-    (centers, tables, step, states, lane_words, stream), _ = [payload_arrays(header, GEOMETRY)[0][:6], None]
+    centers, tables, step, states, lane_words, stream = payload_arrays(header, GEOMETRY)[0][:6]
     # any flipped bit fails the checksum
     for offset, _ in (tables, states, stream):
         bad = bytearray(frame)

@@ -33,6 +33,7 @@ import torch
 import xxhash
 
 from cachegen_vllm.codec import rans
+from cachegen_vllm.codec.format import rans_lanes
 
 TABLES = 128
 GAIN = math.sqrt(2 * math.pi * math.e)
@@ -95,7 +96,9 @@ def bank(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cum, costs
 
 
+@lru_cache(maxsize=None)
 def _bank_on(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bank` on ``device``, copied there once."""
     cum, costs = bank(bits)
     return cum.to(device), costs.to(device)
 
@@ -112,7 +115,7 @@ def _coder(device: torch.device):
 
 def lanes_of(count: int, lane_symbols: int) -> tuple[int, int]:
     """(lanes, steps) for ``count`` codes at most ``lane_symbols`` per lane."""
-    lanes = -(-count // lane_symbols)
+    lanes = rans_lanes(count, lane_symbols)
     return lanes, -(-count // lanes)
 
 
@@ -135,9 +138,7 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
     d = torch.round(deviation * scale).to(torch.int64)
     squares = (d * d).sum().reshape(1)
     sigma = torch.sqrt(squares.to(torch.float32) / float(count))
-    step = torch.where(
-        squares > 0, (sigma * GAIN) * 2.0 ** (-e - bits), torch.full_like(sigma, 1.0 / scale)
-    ).to(torch.float32)
+    step = torch.where(squares > 0, (sigma * GAIN) * 2.0 ** (-e - bits), torch.full_like(sigma, 1.0 / scale))
     half = 1 << bits
     q = torch.floor(deviation / step + 0.5).clamp_(-half, half - 1)
     return q.to(torch.int64) + half, centers, step

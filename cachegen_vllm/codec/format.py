@@ -88,6 +88,7 @@ def _aligned(n: int) -> int:
 
 
 def rans_lanes(elements: int, lane_symbols: int) -> int:
+    """Lanes of an entropy-coded tensor: its codes dealt out at most ``lane_symbols`` per lane."""
     return -(-elements // lane_symbols)
 
 
@@ -202,23 +203,25 @@ def check_integrity(frame: bytes | bytearray | memoryview) -> memoryview:
     return view
 
 
-def frame_tokens(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """``(token_start, token_count)`` from a frame's header, without checking the rest: for the
-    producer, which routes its own frames by the tokens they hold."""
+def _header_fields(frame: bytes | bytearray | memoryview) -> tuple:
+    """The header's fields, checking only that it is one (nothing else is vouched for)."""
     view = memoryview(frame).cast("B")
     if len(view) < HEADER.size or bytes(view[:4]) != MAGIC:
         raise FrameError("not a frame: too short or bad magic")
-    fields = HEADER.unpack_from(view, 0)
+    return HEADER.unpack_from(view, 0)
+
+
+def frame_tokens(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """``(token_start, token_count)`` from a frame's header, without checking the rest: for the
+    producer, which routes its own frames by the tokens they hold."""
+    fields = _header_fields(frame)
     return fields[-5], fields[-4]
 
 
 def frame_coding(frame: bytes | bytearray | memoryview) -> str:
     """How a frame's quantized tensors are coded ("packed" or "rans"), from its flags alone: for a
     caller that picks a decoder before `parse_frame` checks the rest."""
-    view = memoryview(frame).cast("B")
-    if len(view) < HEADER.size or bytes(view[:4]) != MAGIC:
-        raise FrameError("not a frame: too short or bad magic")
-    return "rans" if HEADER.unpack_from(view, 0)[2] & FLAG_RANS else "packed"
+    return "rans" if _header_fields(frame)[2] & FLAG_RANS else "packed"
 
 
 def parse_frame(
