@@ -24,8 +24,13 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import os
+
+import torch
 import xxhash
 
+from cachegen_vllm.codec.basis import Basis, fit
+from cachegen_vllm.codec.basis import load as load_basis
 from cachegen_vllm.config import EXACT_BITS, LayerBits, Profile
 from cachegen_vllm.quality import Harness, QualityResult
 
@@ -61,7 +66,8 @@ def sensitivity(harness: Harness, base: Profile, progress=None, cache: Path | No
     """KL of each (layer, tensor) quantized alone at PROBE_BITS and at one bit less. With ``cache``
     (a JSON file), the probes of an identical setting (model, windows, base profile) are read from
     it, and new ones written to it: calibrating several targets then probes once."""
-    key = xxhash.xxh3_64_hexdigest(repr((harness.geometry, [w.tolist() for w in harness.windows], base, PROBE_BITS)).encode())
+    basis = load_basis(base.basis).digest if base.basis else None  # the file's contents, not just its path
+    key = xxhash.xxh3_64_hexdigest(repr((harness.geometry, [w.tolist() for w in harness.windows], base, basis, PROBE_BITS)).encode())
     if cache is not None and cache.exists():
         stored = json.loads(cache.read_text())
         if stored.get("setting") == key:
@@ -156,7 +162,7 @@ def calibrate(harness: Harness, base: Profile, target_dnll: float, name: str, mi
     return best
 
 
-def profile_toml(calibration: Calibration, base_name: str, sample: str) -> str:
+def profile_toml(calibration: Calibration, base_name: str, sample: str, out_dir: Path) -> str:
     """A profile file: the base profile's settings, the calibrated widths, and how they were found."""
     p, m = calibration.profile, calibration.measured
     lines = [
@@ -169,6 +175,7 @@ def profile_toml(calibration: Calibration, base_name: str, sample: str) -> str:
         f"chunk_tokens = {p.chunk_tokens}",
         f"group_tokens = {p.group_tokens}",
         f'rotation = "{p.rotation}"',
+        *([f'basis = "{Path(os.path.relpath(p.basis, out_dir)).as_posix()}"'] if p.basis else []),
         f'value_axis = "{p.value_axis}"',
         f'coding = "{p.coding}"',
         f"lane_symbols = {p.lane_symbols}",
@@ -196,10 +203,60 @@ def run(model_dir: Path, text: Path | None, target_dnll: float, out: Path, base_
     base = load_profile(base_name)
     corpus = text.read_text() if text else None
     harness = Harness(model_dir, windows, context_tokens, continuation_tokens, 0, corpus=corpus)
-    base.check_geometry(harness.geometry.num_layers, harness.geometry.head_dim)
+    base.check_geometry(harness.geometry.num_layers, harness.geometry.head_dim, harness.geometry.num_kv_heads)
     with tqdm(total=PROBES * harness.geometry.num_layers, desc="layer sensitivity", unit="probe") as bar:
         calibration = calibrate(harness, base, target_dnll, out.stem, min_bits=min_bits, progress=bar, log=bar.write,
                                 sensitivity_cache=sensitivity_cache)
     sample = f"{windows} windows of {context_tokens}+{continuation_tokens} tokens of " + (text.name if text else "the CPython language reference")
-    out.write_text(profile_toml(calibration, base_name, sample))
+    out.write_text(profile_toml(calibration, base_name, sample, out.parent))
     return calibration
+
+
+@torch.inference_mode()
+def basis_statistics(harness: Harness, chunk_tokens: int, skip_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `codec.basis.fit` needs, float64 [layers, 2, kv heads, dim, dim] each, from the
+    harness's windows: the covariance of K and V (centred per chunk of ``chunk_tokens``, as the
+    quantizer centres them; the first ``skip_tokens``, sent exact, left out), and the metric: the
+    second moment of the queries of each KV head's query heads (after RoPE) for keys, the Gram
+    matrix of its columns of the output projection for values. Llama-style attention modules
+    (q_proj, o_proj, rotary embeddings passed in) as transformers writes them."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = harness.geometry
+    shape = (g.num_layers, 2, g.num_kv_heads, g.head_dim, g.head_dim)
+    covariance, metric = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    for kv in harness.exact_kv:
+        for layer, tensors in enumerate(kv):
+            for t, x in enumerate(tensors):
+                for chunk in x[skip_tokens:].double().split(chunk_tokens):
+                    centred = chunk - chunk.mean(0)
+                    covariance[layer, t] += torch.einsum("thd,the->hde", centred, centred)
+
+    attention = [block.self_attn for block in harness.model.model.layers]
+
+    def queries(layer: int):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, g.head_dim).transpose(1, 2)
+            q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+            q = q[0].double().reshape(g.num_kv_heads, -1, g.head_dim)  # a KV head's query heads are consecutive
+            metric[layer, 0] += q.mT @ q
+        return hook
+
+    hooks = [a.register_forward_pre_hook(queries(i), with_kwargs=True) for i, a in enumerate(attention)]
+    try:
+        for window in harness.windows:
+            harness.model(window[: harness.context_tokens - 1][None])
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer, a in enumerate(attention):
+        columns = a.o_proj.weight.double().view(-1, g.num_kv_heads, a.o_proj.weight.shape[1] // g.num_kv_heads // g.head_dim, g.head_dim)
+        metric[layer, 1] = torch.einsum("ohgd,ohge->hde", columns, columns)
+    return covariance, metric
+
+
+def fit_basis(harness: Harness, chunk_tokens: int, skip_tokens: int) -> Basis:
+    """The calibrated basis (codec/basis.py) of the harness's model on its windows."""
+    return fit(*basis_statistics(harness, chunk_tokens, skip_tokens))

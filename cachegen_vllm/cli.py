@@ -31,6 +31,22 @@ def _calibrate(args) -> None:
     print(f"{args.out}: {m.bits_per_element:.3f} bits/element, dNLL {m.delta_nll:+.4f} (target <= {args.target_dnll}), KL {m.kl:.5f}")
 
 
+def _basis(args) -> None:
+    from cachegen_vllm.calibrate import fit_basis
+    from cachegen_vllm.codec.basis import save
+    from cachegen_vllm.model import ensure_default_model
+    from cachegen_vllm.quality import Harness
+
+    model_dir = Path(args.model or ensure_default_model())
+    harness = Harness(model_dir, args.windows, args.context_tokens, 1, 0, corpus=args.text.read_text() if args.text else None,
+                      offset=args.offset)
+    basis = fit_basis(harness, args.chunk_tokens, args.skip_tokens)
+    sample = (f"{args.windows} windows of {args.context_tokens} tokens of "
+              + (args.text.name if args.text else "the CPython language reference") + f", moved {args.offset} tokens on")
+    save(basis, args.out, {"model": model_dir.name, "sample": sample, "chunk_tokens": str(args.chunk_tokens)})
+    print(f"{args.out}: basis {basis.digest:016x} for (layers, kv heads, head dim) {basis.shape}, fitted on {sample}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cachegen-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +79,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sensitivity-cache", type=Path, help="a JSON file keeping the layer probes, so that calibrating "
                    "other targets on the same model, text and base probes once")
     p.set_defaults(run=_calibrate)
+
+    p = sub.add_parser("basis", help="fit a calibrated per-head basis for rotation = \"basis\" profiles; writes a .safetensors file")
+    p.add_argument("model", type=Path, nargs="?", help="a Hugging Face model directory (default: the embedded model)")
+    p.add_argument("--text", type=Path, help="a UTF-8 sample text (default: the CPython language reference)")
+    p.add_argument("--out", type=Path, required=True, help="the basis file to write (a profile names it in `basis`)")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--context-tokens", type=int, default=1151, help="tokens per window (+1, the harness's continuation)")
+    p.add_argument("--offset", type=int, default=1152, help="tokens each window is moved on: the defaults fit on the text "
+                   "between the quality windows (`cachegen-vllm quality`: 16 windows of 1024+128 tokens), never on them")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="the profiles' chunk: the covariance is centred per chunk")
+    p.add_argument("--skip-tokens", type=int, default=4, help="leading tokens the profiles send exact (attention sinks)")
+    p.set_defaults(run=_basis)
 
     # These two parse their own options.
     sub.add_parser("proxy", help="OpenAI-compatible front end for prefill + decode instances", add_help=False)

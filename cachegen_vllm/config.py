@@ -20,11 +20,12 @@ EXACT_BITS = 16
 """A bit width of 16 means "not quantized": the token's KV travels in the cache's own dtype."""
 
 QUANT_BITS = range(1, 9)
-ROTATIONS = ("none", "hadamard")
+ROTATIONS = ("none", "hadamard", "basis")
 VALUE_AXES = ("channel", "token")
 CODINGS = ("packed", "rans")
 MAX_CHUNK_TOKENS = 1 << 16
-MAX_LANE_SYMBOLS = (1 << 16) - 1  # a lane's word count travels as a u16
+MAX_LANE_SYMBOLS = (1 << 16) - 1
+MAX_BASIS_BITS = 5  # wider codes in a calibrated basis would clip its largest coefficients (codec/entropy.py)  # a lane's word count travels as a u16
 
 
 class ConfigError(ValueError):
@@ -59,7 +60,7 @@ class Profile:
     name: str
     chunk_tokens: int  # tokens per frame; chunks are aligned to multiples of this position
     group_tokens: int  # consecutive tokens sharing one min/scale per channel
-    rotation: str  # "hadamard": per-head orthonormal rotation before quantizing (decorrelates)
+    rotation: str  # "hadamard": per-head orthonormal rotation; "basis": a calibrated per-head basis (rans only)
     value_axis: str  # "channel": values quantized like keys; "token": min/scale per token and head
     key_bits: int
     value_bits: int
@@ -68,9 +69,17 @@ class Profile:
     sink: tuple[TokenBits, ...] = ()  # counted from its first token (attention sinks)
     coding: str = "packed"  # "rans": uniform steps, entropy-coded (wire format, docs/FORMAT.md)
     lane_symbols: int = 1024  # rans: codes per lane (each lane costs 6 bytes; fewer lanes, fewer steps of parallelism)
+    basis: str | None = None  # rotation "basis": the basis file (codec/basis.py), an absolute path
 
-    def check_geometry(self, num_layers: int, head_dim: int) -> None:
+    def check_geometry(self, num_layers: int, head_dim: int, num_kv_heads: int | None = None) -> None:
         """Raise ConfigError if this profile cannot serve a model of this shape."""
+        if self.basis is not None:
+            from cachegen_vllm.codec.basis import load
+
+            fitted = load(self.basis).shape
+            if (fitted[0], fitted[2]) != (num_layers, head_dim) or num_kv_heads not in (None, fitted[1]):
+                raise ConfigError("basis", f"{self.basis} was fitted on (layers, kv heads, head dim) {fitted}, "
+                                  f"this model has ({num_layers}, {num_kv_heads}, {head_dim})")
         for i, rule in enumerate(self.layers):
             if rule.last >= num_layers:
                 raise ConfigError(
@@ -128,12 +137,33 @@ def _list(field: str, value: Any) -> list:
     return value
 
 
-def profile_from_dict(data: dict, name: str) -> Profile:
-    """Validate a parsed profile. Every error names its field."""
+def _basis_file(rotation: str, coding: str, value: Any, root: Path | None) -> str | None:
+    """The absolute path of a profile's basis file (relative paths are from the profile's directory),
+    loaded once here so that a bad file fails at startup."""
+    if rotation != "basis":
+        if value is not None:
+            raise ConfigError("basis", f'is only read with rotation = "basis" (rotation is {rotation!r})')
+        return None
+    if coding != "rans":
+        raise ConfigError("rotation", f'"basis" needs coding = "rans": bit-packed codes cannot spend bits per component')
+    if not isinstance(value, str):
+        raise ConfigError("basis", f'rotation = "basis" needs the path of a basis file; got {value!r}')
+    path = Path(value) if root is None else root / value
+    from cachegen_vllm.codec.basis import load
+
+    try:
+        load(str(path.resolve()))
+    except ValueError as e:
+        raise ConfigError("basis", str(e)) from None
+    return str(path.resolve())
+
+
+def profile_from_dict(data: dict, name: str, root: Path | None = None) -> Profile:
+    """Validate a parsed profile (``root``: where its relative paths start). Every error names its field."""
     top = _table(
         "",
         data,
-        {"chunk_tokens", "group_tokens", "rotation", "value_axis", "coding", "lane_symbols", "bits"},
+        {"chunk_tokens", "group_tokens", "rotation", "value_axis", "coding", "lane_symbols", "basis", "bits"},
         {"chunk_tokens", "group_tokens", "bits"},
     )
     chunk_tokens = _positive("chunk_tokens", top["chunk_tokens"], MAX_CHUNK_TOKENS)
@@ -163,13 +193,16 @@ def profile_from_dict(data: dict, name: str) -> Profile:
             out.append(TokenBits(_positive(f"{f}.tokens", tier["tokens"]), _bits(f"{f}.key", tier["key"]), _bits(f"{f}.value", tier["value"])))
         return tuple(out)
 
-    return Profile(
+    rotation = _choice("rotation", top.get("rotation", "none"), ROTATIONS)
+    coding = _choice("coding", top.get("coding", "packed"), CODINGS)
+    profile = Profile(
         name=name,
         chunk_tokens=chunk_tokens,
         group_tokens=group_tokens,
-        rotation=_choice("rotation", top.get("rotation", "none"), ROTATIONS),
+        rotation=rotation,
         value_axis=_choice("value_axis", top.get("value_axis", "channel"), VALUE_AXES),
-        coding=_choice("coding", top.get("coding", "packed"), CODINGS),
+        coding=coding,
+        basis=_basis_file(rotation, coding, top.get("basis"), root),
         lane_symbols=_positive("lane_symbols", top.get("lane_symbols", 1024), MAX_LANE_SYMBOLS),
         key_bits=_bits("bits.key", bits["key"]),
         value_bits=_bits("bits.value", bits["value"]),
@@ -177,6 +210,15 @@ def profile_from_dict(data: dict, name: str) -> Profile:
         recent=tiers("recent"),
         sink=tiers("sink"),
     )
+    if rotation == "basis":  # a basis's alphabet spans 2**(bits+4) steps, up to the widest table (codec/entropy.py)
+        widths = [("bits.key", profile.key_bits), ("bits.value", profile.value_bits)]
+        widths += [(f"bits.layers[{i}].{n}", w) for i, r in enumerate(profile.layers) for n, w in (("key", r.key), ("value", r.value))]
+        widths += [(f"bits.{field}[{i}].{n}", w) for field in ("sink", "recent") for i, t in enumerate(getattr(profile, field))
+                   for n, w in (("key", t.key), ("value", t.value))]
+        for field, width in widths:
+            if MAX_BASIS_BITS < width < EXACT_BITS:
+                raise ConfigError(field, f'rotation = "basis" codes at most {MAX_BASIS_BITS} bits (or {EXACT_BITS}, exact); got {width}')
+    return profile
 
 
 def shipped_profiles() -> list[str]:
@@ -191,18 +233,19 @@ def load_profile(name_or_path: str | Path) -> Profile:
     if text_path.suffix == ".toml" or text_path.exists():
         if not text_path.is_file():
             raise ConfigError("profile", f"no profile file at {text_path}")
-        text, name = text_path.read_text(), text_path.stem
+        text, name, root = text_path.read_text(), text_path.stem, text_path.parent
     else:
         resource = importlib.resources.files("cachegen_vllm.configs") / f"{name_or_path}.toml"
         if not resource.is_file():
             known = ", ".join(shipped_profiles())
             raise ConfigError("profile", f"unknown profile {str(name_or_path)!r} (shipped: {known}; or give a .toml path)")
         text, name = resource.read_text(), str(name_or_path)
+        root = Path(str(importlib.resources.files("cachegen_vllm.configs")))
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("profile", f"{name}: not valid TOML: {e}") from None
-    return profile_from_dict(data, name)
+    return profile_from_dict(data, name, root)
 
 
 

@@ -35,6 +35,7 @@ from vllm.logger import init_logger
 from vllm.v1.request import RequestStatus
 
 from cachegen_vllm.codec import FrameError, KVGeometry
+from cachegen_vllm.codec.basis import load as load_basis
 from cachegen_vllm.config import ConfigError, ConnectorConfig, connector_config_from_dict
 from cachegen_vllm.metrics import FAILURE_PREFIX, PRODUCER_COUNTERS, CacheGenPromMetrics, CacheGenStats
 from cachegen_vllm.paged import PageOrder, decode_into_blocks, encode_blocks, probe_page_order
@@ -220,7 +221,9 @@ class CacheGenConnector(KVConnectorBase_V1):
         self._block_size = block_size
         self._layers = {name: (extract_layer_index(name), t) for name, t in kv_caches.items()}
         self._geometry = KVGeometry(len(kv_caches), heads, width // 2, first.dtype, model=str(self.model_name))
-        self.config.profile.check_geometry(self._geometry.num_layers, self._geometry.head_dim)
+        self.config.profile.check_geometry(self._geometry.num_layers, self._geometry.head_dim, self._geometry.num_kv_heads)
+        # a consumer reads frames coded in its own profile's basis too, not only in the shipped ones
+        self._bases = (load_basis(self.config.profile.basis),) if self.config.profile.basis else ()
         self._order = probe_page_order(_get_attn_isa(first.dtype, block_size, width // 2), first.dtype, block_size, width // 2)
         if self.is_producer:
             self._producer = FrameProducer(self.config.transport)
@@ -292,6 +295,7 @@ class CacheGenConnector(KVConnectorBase_V1):
                     t0 = time.perf_counter()
                     layer, written = decode_into_blocks(
                         frame, layers, self._order, blocks, geometry=self._geometry, write_start=load.start, write_end=end,
+                        bases=self._bases,
                     )
                     loaded[layer] += written
                     decoding += time.perf_counter() - t0

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer
+from cachegen_vllm.codec.basis import Basis
 from cachegen_vllm.codec.format import frame_coding
 from cachegen_vllm.config import Profile
 
@@ -147,9 +148,11 @@ def decode_into_blocks(
     geometry: KVGeometry,
     write_start: int,
     write_end: int,
+    bases: tuple[Basis, ...] = (),
 ) -> tuple[int, int]:
     """Decode one frame into the request's blocks of its layer, writing only the tokens in
-    ``[write_start, write_end)``. Returns (layer, tokens written); raises FrameError on bad bytes."""
+    ``[write_start, write_end)``; ``bases``: calibrated bases besides the shipped ones that frames
+    may be coded in. Returns (layer, tokens written); raises FrameError on bad bytes."""
     if next(iter(layer_caches.values())).is_cuda and frame_coding(frame) == "packed":
         from cachegen_vllm import kernels
 
@@ -158,7 +161,7 @@ def decode_into_blocks(
         )[0]
         lo, hi = max(header.token_start, write_start), min(header.token_start + header.token_count, write_end)
         return header.layer, max(0, hi - lo)
-    chunk = decode_chunk(frame, geometry, device=next(iter(layer_caches.values())).device)
+    chunk = decode_chunk(frame, geometry, device=next(iter(layer_caches.values())).device, bases=bases)
     lo, hi = max(chunk.token_start, write_start), min(chunk.token_start + chunk.key.shape[0], write_end)
     if lo < hi:
         rows = slice(lo - chunk.token_start, hi - chunk.token_start)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from cachegen_vllm.codec import KVGeometry, decode_frames, encode_layer
+from cachegen_vllm.codec.basis import load as load_basis
 from cachegen_vllm.config import Profile, load_profile
 
 
@@ -47,9 +48,11 @@ class QualityResult:
     greedy_match: float  # nan when no greedy tokens were asked for
 
 
-def load_windows(tokenizer, count: int, length: int, corpus: str | None = None) -> list[torch.Tensor]:
+def load_windows(tokenizer, count: int, length: int, corpus: str | None = None, offset: int = 0) -> list[torch.Tensor]:
     """``count`` non-overlapping token windows of ``length``, spread over ``corpus`` (default: the
-    Python language reference)."""
+    Python language reference), each moved ``offset`` tokens on: with an offset of at least
+    ``length`` (and a stride that leaves room), windows between those of offset 0, e.g. to fit a
+    basis on text the quality windows do not hold."""
     if corpus is None:
         from pydoc_data.topics import topics
 
@@ -59,14 +62,16 @@ def load_windows(tokenizer, count: int, length: int, corpus: str | None = None) 
     if available < count:
         raise ValueError(f"the corpus holds {available} windows of {length} tokens, {count} asked for")
     stride = available // count  # spread the windows over the whole reference
-    return [ids[i * stride * length : (i * stride + 1) * length] for i in range(count)]
+    if offset + ((count - 1) * stride + 1) * length > len(ids):
+        raise ValueError(f"windows moved {offset} tokens on run past the corpus's {len(ids)} tokens")
+    return [ids[i * stride * length + offset : (i * stride + 1) * length + offset] for i in range(count)]
 
 
 class Harness:
     """A transformers model plus the exact-KV baseline for a set of windows."""
 
     def __init__(self, model_dir: Path, windows: int, context_tokens: int, continuation_tokens: int, greedy_tokens: int,
-                 corpus: str | None = None):
+                 corpus: str | None = None, offset: int = 0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -77,7 +82,7 @@ class Harness:
             torch.bfloat16, model=Path(model_dir).name,
         )
         self.context_tokens, self.greedy_tokens = context_tokens, greedy_tokens
-        self.windows = load_windows(self.tokenizer, windows, context_tokens + continuation_tokens, corpus)
+        self.windows = load_windows(self.tokenizer, windows, context_tokens + continuation_tokens, corpus, offset)
         self.exact_kv = [self._prefill(w[: context_tokens - 1]) for w in self.windows]
         self.baseline = [self._score(kv, w) for kv, w in zip(self.exact_kv, self.windows)]
 
@@ -113,15 +118,16 @@ class Harness:
     def roundtrip(self, profile: Profile, kv):
         """KV after encode + decode, and the bytes the frames took."""
         out, nbytes = [], 0
+        bases = (load_basis(profile.basis),) if profile.basis else ()
         for layer, (k, v) in enumerate(kv):
             frames = encode_layer(k, v, geometry=self.geometry, profile=profile, layer=layer)
             nbytes += sum(len(f) for f in frames)
-            chunks = decode_frames(frames, self.geometry)
+            chunks = decode_frames(frames, self.geometry, bases=bases)
             out.append((torch.cat([c.key for c in chunks]), torch.cat([c.value for c in chunks])))
         return out, nbytes
 
     def evaluate(self, profile: Profile) -> QualityResult:
-        profile.check_geometry(self.geometry.num_layers, self.geometry.head_dim)
+        profile.check_geometry(self.geometry.num_layers, self.geometry.head_dim, self.geometry.num_kv_heads)
         total_bytes = elements = 0
         dnll, kl, top1, greedy = [], [], [], []
         for kv, window, (base_nll, base_logprobs, base_greedy) in zip(self.exact_kv, self.windows, self.baseline):
@@ -150,9 +156,10 @@ def result_dict(result: QualityResult) -> dict:
 
 
 def format_table(results: list[QualityResult]) -> str:
-    head = f"{'profile':<16}{'bits/elem':>10}{'vs bf16':>9}{'dNLL':>10}{'ppl':>9}{'KL':>9}{'top-1':>8}{'greedy':>8}"
+    width = max([16, *(len(r.profile) + 2 for r in results)])
+    head = f"{'profile':<{width}}{'bits/elem':>10}{'vs bf16':>9}{'dNLL':>10}{'ppl':>9}{'KL':>9}{'top-1':>8}{'greedy':>8}"
     rows = [
-        f"{r.profile:<16}{r.bits_per_element:>10.3f}{r.ratio_vs_bf16:>8.2f}x{r.delta_nll:>+10.4f}"
+        f"{r.profile:<{width}}{r.bits_per_element:>10.3f}{r.ratio_vs_bf16:>8.2f}x{r.delta_nll:>+10.4f}"
         f"{r.perplexity_change_pct:>+8.2f}%{r.kl:>9.4f}{r.top1_agreement:>8.3f}{r.greedy_match:>8.3f}"
         for r in results
     ]

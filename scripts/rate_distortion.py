@@ -3,8 +3,8 @@
 Rows (the quality harness of `cachegen-vllm quality`: 1K-token windows of the CPython language
 reference, teacher-forced 128-token continuations, every frame byte counted):
 
-- the shipped profiles, packed and entropy-coded (rans), and a sweep of the entropy-coded
-  quantizer at equal key and value widths (the curve the calibrated profiles sit below);
+- the shipped profiles, packed and entropy-coded (rans, in the Hadamard rotation or in a calibrated
+  basis), and sweeps of both entropy-coded quantizers at equal key and value widths;
 - anchors (scripts/anchors/): KIVI-style 4- and 2-bit, per-channel int8;
 - where the bytes of the entropy-coded profile go (tables, statistics, lanes, streams);
 - LMCache's own CacheGen serializer, measured on the same windows by scripts/lmcache_anchor.py in
@@ -30,15 +30,17 @@ from cachegen_vllm.model import ensure_default_model
 from cachegen_vllm.quality import Harness, QualityResult, format_table, result_dict
 
 ANCHORS = Path(__file__).parent / "anchors"
-SWEEP = [1, 2, 3, 5]  # the entropy profile's quantizer with every layer's key and value at this width
+SWEEP = [1, 2, 3, 5]  # every layer's key and value at this width, in the Hadamard rotation and in the basis
+SWEEPS = {"rans sweep": "entropy", "basis sweep": "smollm2-basis"}  # family: the profile swept
 
 
 def rows() -> list[tuple[str, object]]:
     """(family, profile) of every measured row: every shipped profile but raw, the sweep, the anchors."""
     shipped = [load_profile(name) for name in shipped_profiles() if name != "raw"]
-    entropy = load_profile("entropy")
-    out = [("rans" if p.coding == "rans" else "packed", p) for p in shipped]
-    out += [("rans sweep", dataclasses.replace(entropy, name=f"entropy k{b} v{b}", key_bits=b, value_bits=b)) for b in SWEEP]
+    out = [("packed" if p.coding == "packed" else "rans + basis" if p.basis else "rans", p) for p in shipped]
+    for family, name in SWEEPS.items():
+        base = load_profile(name)
+        out += [(family, dataclasses.replace(base, name=f"{name} k{b} v{b}", key_bits=b, value_bits=b)) for b in SWEEP]
     out += [("anchor", load_profile(path)) for path in sorted(ANCHORS.glob("*.toml"))]
     return out
 
@@ -80,13 +82,16 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"packed": ("o", "tab:blue"), "rans": ("*", "tab:red"), "anchor": ("s", "tab:gray"), "lmcache": ("D", "tab:green")}
-    sweep = sorted((r for r in results if r["family"] == "rans sweep" or r["profile"] == "entropy"), key=lambda r: r["bits_per_element"])
+    styles = {"packed": ("o", "tab:blue"), "rans": ("*", "tab:red"), "rans + basis": ("P", "tab:purple"),
+              "anchor": ("s", "tab:gray"), "lmcache": ("D", "tab:green")}
+    lines = {"rans sweep": ("entropy", "tab:red", "rans, Hadamard"), "basis sweep": ("smollm2-basis", "tab:purple", "rans, basis")}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for ax, field, label in ((axes[0], "delta_nll", "dNLL, nats/token (symlog; +0.01 is +1% perplexity)"),
                              (axes[1], "kl", "KL(exact || compressed), nats/token (log)")):
-        ax.plot([r["bits_per_element"] for r in sweep], [r[field] for r in sweep], "-", color="tab:red", alpha=0.4,
-                label="rans, equal widths in every layer (1, 2, 3, 4, 5 bits)")
+        for family, (name, color, what) in lines.items():
+            sweep = sorted((r for r in results if r["family"] == family or r["profile"] == name), key=lambda r: r["bits_per_element"])
+            ax.plot([r["bits_per_element"] for r in sweep], [r[field] for r in sweep], "-", color=color, alpha=0.4,
+                    label=f"{what}, equal widths in every layer")
         for family, (marker, color) in styles.items():
             members = [r for r in results if r["family"] == family]
             if members:

@@ -76,3 +76,31 @@ def test_calibrated_profile_meets_its_target_with_fewer_bits(model_dir, tmp_path
     measured = harness.evaluate(profile)
     assert measured.delta_nll <= target
     assert measured.bits_per_element < harness.evaluate(load_profile(base)).bits_per_element - 0.5
+
+
+def test_a_calibrated_basis_profile_names_its_basis_relative_to_itself(tmp_path):
+    """A profile written from a basis profile points at the same basis file, from wherever it lies."""
+    from cachegen_vllm.calibrate import Calibration, profile_toml
+    from cachegen_vllm.quality import QualityResult
+
+    base = load_profile("smollm2-basis")
+    measured = QualityResult("x", 1, 2.5, 6.4, 0.001, 0.1, 0.001, 0.99, 1.0)
+    out = tmp_path / "deep" / "x.toml"
+    out.parent.mkdir()
+    out.write_text(profile_toml(Calibration(base, measured, 0.01), "smollm2-basis", "a sample", out.parent))
+    written = load_profile(out)
+    assert (written.rotation, written.basis) == ("basis", base.basis)
+
+
+@pytest.mark.model
+def test_the_basis_command_fits_a_basis_a_profile_can_use(model_dir, tmp_path):
+    from cachegen_vllm.cli import main
+    from cachegen_vllm.codec.basis import load
+    from cachegen_vllm.config import profile_from_dict
+
+    out = tmp_path / "fitted.safetensors"
+    main(["basis", str(model_dir), "--windows", "2", "--context-tokens", "255", "--offset", "256", "--out", str(out)])
+    assert load(str(out)).shape == (30, 3, 64)
+    profile = profile_from_dict({"chunk_tokens": 256, "group_tokens": 64, "rotation": "basis", "basis": out.name,
+                                 "coding": "rans", "bits": {"key": 3, "value": 3}}, "fitted", root=tmp_path)
+    profile.check_geometry(30, 64, 3)

@@ -12,7 +12,7 @@ import xxhash
 
 from cachegen_vllm.codec import FrameError, KVGeometry, decode_chunk, decode_frames, encode_layer, parse_frame
 from cachegen_vllm.codec import entropy, rans
-from cachegen_vllm.codec.format import payload_arrays
+from cachegen_vllm.codec.format import HEADER, payload_arrays
 from cachegen_vllm.config import ConfigError, load_profile, profile_from_dict
 
 GEOMETRY = KVGeometry(4, 2, 16, torch.bfloat16, model="test")
@@ -56,6 +56,31 @@ def test_rans_round_trip_is_exact(steps, lanes, alphabet):
     starts = torch.arange(5) * (alphabet + 1)
     back = rans.decode(states, stream, lane_words, cum.reshape(-1), starts, row, active)
     assert torch.equal(back, torch.where(active, symbols, 0))
+
+
+@pytest.mark.parametrize("steps,lanes,alphabet", [(1, 1, 2), (37, 5, 4), (300, 17, 64), (64, 3, 512)])
+def test_the_compiled_cpu_coder_is_the_torch_coder(steps, lanes, alphabet):
+    """rans_numba (what a CPU producer and consumer run) gives the reference's states, words and
+    symbols, and refuses what it refuses."""
+    from cachegen_vllm.codec import rans_numba
+
+    cum, row, symbols = _random_tables(steps, lanes, alphabet, seed=steps + 1)
+    active = torch.ones(steps, lanes, dtype=torch.bool)
+    active[steps // 3 :, -1] = False
+    lo, hi = cum[row, symbols], cum[row, symbols + 1]
+    freq, start = torch.where(active, hi - lo, rans.PROB_SCALE), torch.where(active, lo, 0)
+    want = rans.encode(freq, start)
+    got = rans_numba.encode(freq, start)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    args = (cum.reshape(-1), torch.arange(5) * (alphabet + 1), row, active)
+    assert torch.equal(rans_numba.decode(*want, *args), rans.decode(*want, *args))
+    states, stream, lane_words = want
+    for bad in (states + 1, states.flip(0) if lanes > 1 else states + 3):
+        with pytest.raises(rans.RansError):
+            rans_numba.decode(bad, stream, lane_words, *args)
+    if stream.numel():
+        with pytest.raises(rans.RansError):
+            rans_numba.decode(states, stream[:-1], lane_words, *args)
 
 
 def test_rans_rate_is_near_the_entropy():
@@ -264,7 +289,7 @@ def test_a_frame_claiming_more_tokens_than_a_chunk_is_refused():
     key, value = _kv(64, seed=6)
     (frame,) = encode_layer(key, value, geometry=GEOMETRY, profile=dataclasses.replace(RANS, sink=(), recent=()), layer=0)
     bad = bytearray(frame)
-    struct.pack_into("<I", bad, 32, 70000)  # header token_count
-    struct.pack_into("<I", bad, 44, 70000)  # the one segment's tokens
+    struct.pack_into("<I", bad, 40, 70000)  # header token_count
+    struct.pack_into("<I", bad, HEADER.size, 70000)  # the one segment's tokens
     with pytest.raises(FrameError, match="more than a chunk"):
         decode_chunk(_resign(bad), GEOMETRY)

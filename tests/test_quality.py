@@ -8,6 +8,7 @@ The bounds are measured, not picked: `cachegen-vllm quality --windows 3 --contex
     default        4.881      -0.0004   0.00153
     aggressive     3.565      +0.0131   0.0131
     entropy        4.507      -0.0004   0.0028     (wire format v2; the default at 4.883 that run)
+    smollm2-basis  2.868      +0.0091   0.0152     (wire format v3, a calibrated basis)
 
 KL bounds are the measured figure with 1.5-2x headroom, so that a real regression (one bit less
 for the keys of the default profile quadruples its KL) fails. dNLL is noisier on 192 tokens; its
@@ -30,6 +31,8 @@ HQ_MAX_ABS_DNLL = 0.001
 HQ_MAX_KL = 0.00003
 ENTROPY_MIN_BITS_SAVED = 0.3  # measured 0.376 (4.507 vs 4.883 bits)
 ENTROPY_MAX_KL = 0.0042  # measured 0.0028
+BASIS_MAX_BITS = 3.0  # measured 2.868: the issue's target, <= 3 bits within +1% perplexity (16 windows: 2.73, +0.89%)
+BASIS_MAX_KL = 0.025  # measured 0.0152
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,8 @@ def harness(model_dir):
 
 @pytest.fixture(scope="module")
 def results(harness):
-    return {name: harness.evaluate(load_profile(name)) for name in ("raw", "high-quality", "default", "aggressive", "entropy")}
+    names = ("raw", "high-quality", "default", "aggressive", "entropy", "smollm2-basis")
+    return {name: harness.evaluate(load_profile(name)) for name in names}
 
 
 def test_raw_profile_changes_nothing(results):
@@ -51,7 +55,7 @@ def test_raw_profile_changes_nothing(results):
 
 def test_bits_on_the_wire_are_what_the_profile_predicts(harness, results):
     """Every byte is counted: the measured bits equal the frame layout's prediction."""
-    for name in ("high-quality", "default", "aggressive", "entropy"):
+    for name in ("high-quality", "default", "aggressive", "entropy", "smollm2-basis"):
         profile = load_profile(name)
         kv = harness.exact_kv[0]
         _, nbytes = harness.roundtrip(profile, kv)
@@ -91,3 +95,13 @@ def test_entropy_coding_saves_bits_at_about_the_same_loss(results):
     assert r.bits_per_element < default.bits_per_element - ENTROPY_MIN_BITS_SAVED
     assert r.kl < ENTROPY_MAX_KL
     assert r.delta_nll < DEFAULT_MAX_DNLL
+
+
+def test_a_calibrated_basis_codes_3_bit_widths_under_3_bits(results):
+    """smollm2-basis (3-bit widths, entropy-coded in the fitted basis): under 3 bits per element
+    with every byte counted, at a KL that the same widths in the Hadamard rotation only reach with
+    about 0.6 bit/element more (NOTES.md). Fitting the basis on other data, or coding in the
+    Hadamard rotation, fails the bits bound."""
+    r = results["smollm2-basis"]
+    assert r.bits_per_element < BASIS_MAX_BITS
+    assert r.kl < BASIS_MAX_KL

@@ -34,6 +34,7 @@ import xxhash
 
 from cachegen_vllm.codec import rans
 from cachegen_vllm.codec.format import rans_lanes
+from cachegen_vllm.codec.quant import fixed_point_exponent
 
 TABLES = 128
 GAIN = math.sqrt(2 * math.pi * math.e)
@@ -105,11 +106,15 @@ def _bank_on(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
 
 def _coder(device: torch.device):
     """The rANS implementation for tensors on ``device``: the Triton kernels on a GPU (a thread per
-    lane), the torch loop elsewhere; they produce the same bytes."""
+    lane), the compiled lane loops on a CPU; both produce the torch reference's bytes (`rans`)."""
     if device.type == "cuda":
         from cachegen_vllm.kernels import rans_coder
 
         return rans_coder
+    if device.type == "cpu":
+        from cachegen_vllm.codec import rans_numba
+
+        return rans_numba
     return rans
 
 
@@ -119,18 +124,19 @@ def lanes_of(count: int, lane_symbols: int) -> tuple[int, int]:
     return lanes, -(-count // lanes)
 
 
-def _fixed_point_exponent(x: torch.Tensor) -> int:
-    peak = float(x.abs().max()) if x.numel() else 0.0
-    if peak == 0.0:
-        return 0
-    return 15 - math.frexp(peak)[1] + 1  # peak * 2**e in [2**15, 2**16)
+def alphabet_bits(bits: int, basis: bool) -> int:
+    """The symbol alphabet (``2**(a+1)`` symbols, bank ``a``) of a ``bits``-wide tensor. A
+    calibrated basis concentrates the variance: its largest coefficients reach 38 sigma of the
+    tensor on the embedded model, beyond the +-4.1 sigma that ``2**bits`` steps span, so its
+    alphabet is 16 times wider, up to the widest bank (which limits basis profiles to 5 bits)."""
+    return min(bits + 4, max(BANK_DIGESTS)) if basis else bits
 
 
-def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: fp32 [tokens, channels], finite. Returns (symbols int64 [tokens, channels], centers fp16
-    [channels], step fp32 [1])."""
+def quantize(x: torch.Tensor, bits: int, alphabet: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: fp32 [tokens, channels], finite; ``alphabet``: `alphabet_bits` (default ``bits``).
+    Returns (symbols int64 [tokens, channels], centers fp16 [channels], step fp32 [1])."""
     tokens, count = x.shape[0], x.numel()
-    e = _fixed_point_exponent(x)
+    e = fixed_point_exponent(x)
     scale = 2.0**e
     sums = torch.round(x * scale).to(torch.int64).sum(0)
     centers = (sums.to(torch.float32) / float(tokens) * (1.0 / scale)).to(torch.float16)
@@ -139,7 +145,7 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
     squares = (d * d).sum().reshape(1)
     sigma = torch.sqrt(squares.to(torch.float32) / float(count))
     step = torch.where(squares > 0, (sigma * GAIN) * 2.0 ** (-e - bits), torch.full_like(sigma, 1.0 / scale))
-    half = 1 << bits
+    half = 1 << (bits if alphabet is None else alphabet)
     q = torch.floor(deviation / step + 0.5).clamp_(-half, half - 1)
     return q.to(torch.int64) + half, centers, step
 

@@ -19,7 +19,7 @@ from cachegen_vllm.codec.quant import STAT_DTYPE, stats_count
 from cachegen_vllm.config import EXACT_BITS, MAX_CHUNK_TOKENS, QUANT_BITS
 
 MAGIC = b"CGKV"
-VERSION = 2
+VERSION = 3
 ALIGN = 16  # every array in the payload starts at a multiple of 16 bytes of the frame
 
 FLAG_VALUE_PER_TOKEN = 1 << 0
@@ -27,7 +27,7 @@ FLAG_HADAMARD = 1 << 1
 FLAG_RANS = 1 << 2
 KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD | FLAG_RANS
 
-HEADER = struct.Struct("<4sHHQHHHBBHHIIIHH")
+HEADER = struct.Struct("<4sHHQQHHHBBHHIIIHH")
 SEGMENT = struct.Struct("<IBBHII")
 CHECKSUM = struct.Struct("<Q")
 
@@ -74,6 +74,7 @@ class FrameHeader:
     coding: str = "packed"  # quantized tensors: "packed" (bit-packed min/max codes) or "rans"
     lane_symbols: int = 0  # rans: most codes per lane
     stream_words: tuple[tuple[int, int], ...] = ()  # rans: (key, value) stream words per segment
+    basis: int = 0  # rans: digest of the calibrated basis the tensors are coded in (codec.basis), 0 if none
 
     def words(self, index: int, tensor: int) -> int:
         return self.stream_words[index][tensor] if self.stream_words else 0
@@ -153,7 +154,7 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
         | (FLAG_RANS if header.coding == "rans" else 0)
     )
     HEADER.pack_into(
-        frame, 0, MAGIC, VERSION, flags, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
+        frame, 0, MAGIC, VERSION, flags, geometry.fingerprint, header.basis, geometry.num_layers, geometry.num_kv_heads,
         geometry.head_dim, DTYPE_CODES[geometry.dtype], len(header.segments), header.layer,
         header.group_tokens, header.token_start, header.token_count, total, header.lane_symbols, 0,
     )
@@ -233,7 +234,7 @@ def parse_frame(
     """Validate a whole frame and return its header; raise FrameError on anything wrong."""
     view = check_integrity(frame)
     size = len(view)
-    (_, _, flags, fingerprint, num_layers, num_kv_heads, head_dim, dtype_code, num_segments,
+    (_, _, flags, fingerprint, basis, num_layers, num_kv_heads, head_dim, dtype_code, num_segments,
      layer, group_tokens, token_start, token_count, _, lane_symbols, header_reserved) = HEADER.unpack_from(view, 0)
     if flags & ~KNOWN_FLAGS:
         raise FrameError(f"unknown flags 0x{flags & ~KNOWN_FLAGS:x}")
@@ -254,6 +255,8 @@ def parse_frame(
     coding = "rans" if flags & FLAG_RANS else "packed"
     if header_reserved != 0 or (lane_symbols == 0) != (coding == "packed"):
         raise FrameError(f"lane_symbols {lane_symbols} / reserved {header_reserved} do not fit coding {coding!r}")
+    if basis and (coding != "rans" or flags & FLAG_HADAMARD):
+        raise FrameError(f"basis {basis:016x} on a {coding} frame{' with a hadamard rotation' if flags & FLAG_HADAMARD else ''}")
     if num_segments == 0:
         raise FrameError("frame has no segments")
     if payload_offset(num_segments) + CHECKSUM.size > size:
@@ -282,6 +285,7 @@ def parse_frame(
         coding=coding,
         lane_symbols=lane_symbols,
         stream_words=tuple(words) if coding == "rans" else (),
+        basis=basis,
     )
     if header.token_count != token_count:
         raise FrameError(f"segments hold {header.token_count} tokens, header says {token_count}")

@@ -41,6 +41,15 @@ def hadamard_(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(1.0 / math.sqrt(d))
 
 
+def fixed_point_exponent(x: torch.Tensor) -> int:
+    """The power of two ``e`` that puts ``max|x| * 2**e`` in [2**15, 2**16) (0 if all zero): the
+    fixed-point scale under which sums of rounded values are exact integers on any device."""
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if peak == 0.0:
+        return 0
+    return 15 - math.frexp(peak)[1] + 1
+
+
 def _grouped(x: torch.Tensor, axis: str, group_tokens: int) -> torch.Tensor:
     """View [T, H, D] as [groups, members, lanes]; statistics reduce over members."""
     tokens, heads, dim = x.shape

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cachegen_vllm.codec import basis as bases_
 from cachegen_vllm.codec import entropy
 from cachegen_vllm.codec.allocation import Segment, chunk_bounds, plan_segments
 from cachegen_vllm.codec.bitpack import pack, unpack
@@ -45,22 +46,46 @@ class _RansTensor:
     bits: int
 
 
-def _encode_tensor(x: torch.Tensor, bits: int, axis: str, group_tokens: int, hadamard: bool, coding: str):
+@dataclass(frozen=True)
+class _Rotation:
+    """What a frame's tensors are rotated by before quantizing: nothing, Hadamard, or a basis."""
+
+    hadamard: bool = False
+    basis: bases_.Basis | None = None
+
+    def apply(self, x: torch.Tensor, layer: int, tensor: int) -> torch.Tensor:
+        """fp32 [T, H, D] (a new tensor) for finite ``x``; ``tensor`` 0 = K, 1 = V."""
+        if self.basis is not None:
+            return self.basis.apply(x.float(), layer, tensor)
+        work = x.float().contiguous()  # a copy: the rotation works in place
+        return hadamard_(work) if self.hadamard else work
+
+    def invert(self, y: torch.Tensor, layer: int, tensor: int) -> torch.Tensor:
+        if self.basis is not None:
+            return self.basis.invert(y, layer, tensor)
+        return hadamard_(y) if self.hadamard else y
+
+
+def _profile_rotation(profile: Profile) -> _Rotation:
+    return _Rotation(profile.rotation == "hadamard", bases_.load(profile.basis) if profile.rotation == "basis" else None)
+
+
+def _encode_tensor(x: torch.Tensor, bits: int, axis: str, group_tokens: int, coding: str, rotation: _Rotation,
+                   where: tuple[int, int]):
     """Arrays of one tensor of one segment (a `_RansTensor` to finish, for rans), or None if its
-    values are not finite or too large for fp16 statistics."""
+    values are not finite or too large for fp16 statistics. ``where``: (layer, 0 for K or 1 for V)."""
     if bits == EXACT_BITS:
         return [_to_bytes(x)]
-    work = x.float().contiguous()  # a copy: the rotation works in place
-    if hadamard:
-        hadamard_(work)
+    work = rotation.apply(x, *where)
     if coding == "rans":
         if not torch.isfinite(work).all():
             return None
-        symbols, centers, step = entropy.quantize(work.view(x.shape[0], -1), bits)
+        alphabet = entropy.alphabet_bits(bits, rotation.basis is not None)
+        symbols, centers, step = entropy.quantize(work.view(x.shape[0], -1), bits, alphabet)
         if not torch.isfinite(centers).all():
             return None
-        tables = entropy.choose_tables(symbols, bits)
-        return _RansTensor([_to_bytes(centers), _to_bytes(tables), _to_bytes(step)], symbols, tables, bits)
+        tables = entropy.choose_tables(symbols, alphabet)
+        return _RansTensor([_to_bytes(centers), _to_bytes(tables), _to_bytes(step)], symbols, tables, alphabet)
     codes, mins, scales = quantize(work, bits, axis, group_tokens)
     if not (torch.isfinite(mins).all() and torch.isfinite(scales).all()):
         return None
@@ -69,7 +94,7 @@ def _encode_tensor(x: torch.Tensor, bits: int, axis: str, group_tokens: int, had
 
 def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes]:
     """Frames for ``chunks``: (key, value, layer, token_start, segments) each."""
-    hadamard = profile.rotation == "hadamard"
+    rotation = _profile_rotation(profile)
     plans, pending = [], []
     for key, value, layer, token_start, segments in chunks:
         expected = (sum(s.tokens for s in segments), geometry.num_kv_heads, geometry.head_dim)
@@ -79,9 +104,9 @@ def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes
         tensors, final_segments, row = [], [], 0
         for seg in segments:
             widths = []
-            for x, bits, axis in ((key, seg.key_bits, "channel"), (value, seg.value_bits, profile.value_axis)):
+            for tensor, (x, bits, axis) in enumerate(((key, seg.key_bits, "channel"), (value, seg.value_bits, profile.value_axis))):
                 part = x[row : row + seg.tokens]
-                arrays = _encode_tensor(part, bits, axis, profile.group_tokens, hadamard, profile.coding)
+                arrays = _encode_tensor(part, bits, axis, profile.group_tokens, profile.coding, rotation, (layer, tensor))
                 if arrays is None:  # sent exact rather than wrong
                     arrays, bits = [_to_bytes(part)], EXACT_BITS
                 if isinstance(arrays, _RansTensor):
@@ -105,9 +130,10 @@ def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes
                 arrays += tensor
                 words.append(0)
         header = FrameHeader(
-            layer, token_start, profile.group_tokens, profile.value_axis, hadamard, tuple(segments),
+            layer, token_start, profile.group_tokens, profile.value_axis, rotation.hadamard, tuple(segments),
             coding=profile.coding, lane_symbols=profile.lane_symbols if profile.coding == "rans" else 0,
             stream_words=tuple(zip(words[::2], words[1::2])) if profile.coding == "rans" else (),
+            basis=rotation.basis.digest if rotation.basis is not None else 0,
         )
         frames.append(write_frame(header, geometry, arrays))
     return frames
@@ -154,10 +180,18 @@ def encode_layer(
     return _encode_frames(chunks, geometry, profile)
 
 
-def _dequantized(x: torch.Tensor, header: FrameHeader, geometry: KVGeometry) -> torch.Tensor:
-    if header.hadamard:
-        hadamard_(x)
-    return x.to(geometry.dtype)
+def _frame_rotation(header: FrameHeader, geometry: KVGeometry, known: tuple[bases_.Basis, ...]) -> _Rotation:
+    if not header.basis:
+        return _Rotation(header.hadamard)
+    basis = bases_.find(header.basis, known)
+    if basis is None:
+        raise FrameError(
+            f"the frame is coded in basis {header.basis:016x}, which this decoder does not have: give it the "
+            "producer's profile (its basis file), or ship the basis in configs/"
+        )
+    if basis.shape != (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim):
+        raise FrameError(f"basis {header.basis:016x} is for (layers, kv heads, head dim) {basis.shape}, not this model's")
+    return _Rotation(basis=basis)
 
 
 @dataclass(frozen=True)
@@ -193,42 +227,46 @@ def decode_frames(
     device: torch.device | str = "cpu",
     expect_layer: int | None = None,
     expect_token_start: int | None = None,
+    bases: tuple[bases_.Basis, ...] = (),
 ) -> list[DecodedChunk]:
-    """Decode frames to K and V on ``device``, the rANS lanes of all of them in one pass. Raises
-    FrameError on any bad byte of any frame."""
-    parsed, pending = [], []  # per frame: its header and per segment (K, V), a tensor or a _RansPart
+    """Decode frames to K and V on ``device``, the rANS lanes of all of them in one pass. ``bases``:
+    calibrated bases frames may name besides the shipped ones. Raises FrameError on any bad byte of
+    any frame, or a basis it does not have."""
+    parsed, pending = [], []  # per frame: its header, rotation, and per segment (K, V) a tensor or a _RansPart
     for frame in frames:
         header = parse_frame(frame, geometry, expect_layer, expect_token_start)
+        rotation = _frame_rotation(header, geometry, bases)
         data = torch.frombuffer(bytearray(frame), dtype=torch.uint8).to(device)
         segments = []
         for seg, slots in zip(header.segments, payload_arrays(header, geometry)):
             arrays = [data[offset : offset + n] for offset, n in slots]
             pair = []
-            for bits, axis in ((seg.key_bits, "channel"), (seg.value_bits, header.value_axis)):
+            for tensor, (bits, axis) in enumerate(((seg.key_bits, "channel"), (seg.value_bits, header.value_axis))):
                 shape = (seg.tokens, geometry.num_kv_heads, geometry.head_dim)
                 if bits == EXACT_BITS:
                     pair.append(arrays.pop(0).view(geometry.dtype).view(shape))
                 elif header.coding == "rans":
-                    pair.append(_rans_part(arrays[:6], header, bits, shape))
+                    pair.append(_rans_part(arrays[:6], header, entropy.alphabet_bits(bits, bool(header.basis)), shape))
                     pending.append(pair[-1])
                     del arrays[:6]
                 else:
                     mins, scales, packed = (arrays.pop(0) for _ in range(3))
                     codes = unpack(packed, bits, seg.tokens * geometry.channels)
                     x = dequantize(codes, mins.view(STAT_DTYPE), scales.view(STAT_DTYPE), shape, axis, header.group_tokens)
-                    pair.append(_dequantized(x, header, geometry))
+                    pair.append(rotation.invert(x, header.layer, tensor).to(geometry.dtype))
             segments.append(pair)
-        parsed.append((header, segments))
+        parsed.append((header, rotation, segments))
     try:
         symbols = dict(zip(map(id, pending), entropy.decode([p.coded for p in pending]))) if pending else {}
     except RansError as e:
         raise FrameError(str(e)) from None
     out = []
-    for header, segments in parsed:
+    for header, rotation, segments in parsed:
         tensors = [
-            _dequantized(entropy.dequantize(symbols[id(x)], x.centers, x.step, x.coded.bits).view(x.shape), header, geometry)
+            rotation.invert(entropy.dequantize(symbols[id(x)], x.centers, x.step, x.coded.bits).view(x.shape), header.layer,
+                            tensor).to(geometry.dtype)
             if isinstance(x, _RansPart) else x
-            for pair in segments for x in pair
+            for pair in segments for tensor, x in enumerate(pair)
         ]
         out.append(DecodedChunk(header.layer, header.token_start, torch.cat(tensors[::2]), torch.cat(tensors[1::2])))
     return out
@@ -241,6 +279,8 @@ def decode_chunk(
     device: torch.device | str = "cpu",
     expect_layer: int | None = None,
     expect_token_start: int | None = None,
+    bases: tuple[bases_.Basis, ...] = (),
 ) -> DecodedChunk:
-    """Decode one frame to K and V on ``device``. Raises FrameError on any bad byte."""
-    return decode_frames([frame], geometry, device=device, expect_layer=expect_layer, expect_token_start=expect_token_start)[0]
+    """Decode one frame to K and V on ``device`` (`decode_frames`). Raises FrameError on any bad byte."""
+    return decode_frames([frame], geometry, device=device, expect_layer=expect_layer, expect_token_start=expect_token_start,
+                         bases=bases)[0]
