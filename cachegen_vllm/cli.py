@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default="default", help="profile giving chunks, groups, rotation, sink and recent tiers")
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--context-tokens", type=int, default=1024)
-    p.add_argument("--continuation-tokens", type=int, default=64)
+    p.add_argument("--continuation-tokens", type=int, default=128,
+                   help="teacher-forced tokens per window (64 made dNLL too noisy to choose by: NOTES.md)")
     p.add_argument("--min-bits", type=int, default=2, choices=range(1, 9), metavar="1..8", help="narrowest width a layer may get")
     p.add_argument("--sensitivity-cache", type=Path, help="a JSON file keeping the layer probes, so that calibrating "
                    "other targets on the same model, text and base probes once")

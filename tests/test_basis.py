@@ -155,7 +155,7 @@ def test_basis_profiles_are_validated(tmp_path):
 
 
 def test_the_shipped_basis_profiles_load():
-    for name in ("smollm2-basis", "smollm2-basis-small"):
+    for name in ("smollm2-basis", "smollm2-basis-calibrated", "smollm2-basis-small"):
         p = load_profile(name)
         assert p.rotation == "basis" and p.coding == "rans"
         assert load(p.basis).shape == (30, 3, 64)

@@ -53,6 +53,28 @@ def test_sensitivity_cache_probes_a_setting_once(tmp_path):
     assert Stub.calls == 16 and other != first
 
 
+def test_a_basis_profile_is_never_calibrated_past_its_widest_code():
+    """A basis codes at most 5 bits (config.MAX_BASIS_BITS): calibration must not hand a sensitive
+    tensor 6-8 bits there (it did, and wrote a profile that did not load)."""
+    from cachegen_vllm.calibrate import calibrate
+    from cachegen_vllm.config import MAX_BASIS_BITS
+
+    widest = []
+
+    class Stub:  # probes say one tensor is very sensitive; every candidate meets any target
+        geometry = KVGeometry(2, 1, 8, torch.bfloat16)
+        windows = [torch.arange(5)]
+
+        def evaluate(self, profile):
+            bits = [w for r in profile.layers for w in (r.key, r.value)] + [profile.key_bits, profile.value_bits]
+            widest.append(max(b for b in bits if b != 16))
+            kl = 1.0 if profile.name == "probe key 0" else 1e-6
+            return SimpleNamespace(kl=kl, delta_nll=0.0, bits_per_element=float(sum(bits)))
+
+    calibrate(Stub(), load_profile("smollm2-basis"), 0.01, "x", min_bits=1)
+    assert max(widest) == MAX_BASIS_BITS  # the sensitive keys got the widest a basis allows, no more
+
+
 def test_profile_lists_only_the_layers_that_differ():
     widths = {(layer, t): 4 for layer in range(6) for t in ("key", "value")} | {(2, "key"): 6, (3, "key"): 6}
     profile = as_profile(load_profile("default"), widths, "x")
