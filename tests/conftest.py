@@ -1,4 +1,5 @@
 import os
+import random
 import socket
 import threading
 import time
@@ -20,10 +21,26 @@ def model_dir():
     return ensure_default_model()
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below Linux's ephemeral range (32768-60999). A port the OS hands out
+    for bind(0) is free now but not reserved: vLLM's servers bind their internal sockets to port 0
+    while they start, and one took a port chosen that way for a producer before its worker bound
+    it ("Address already in use", a CI failure). Below the range, only these tests pick ports."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32768)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 def serve(app):
