@@ -42,14 +42,17 @@ from cachegen_vllm.codec.quant import fixed_point_exponent
 
 FRACTION_BITS = 16
 MAX_ENTRY = 1 << 24  # |forward| below this keeps every product sum under 2**16 * 2**24 * dim < 2**53
-REGULARIZATION = 0.1  # added to the metric's eigenvalues (mean 1): measured best of 0.01-1 (NOTES.md)
+REGULARIZATION = 0.1  # added to the metric's eigenvalues (mean 1); 0.01 and 1 trade bits for KL (scripts/basis_study.py)
 
 
 @dataclass(frozen=True, eq=False)
 class Basis:
-    """A model's bases: ``forward`` int32 [layers, 2, heads, dim, dim], and its float64 inverse."""
+    """A model's bases: ``forward`` int32 [layers, 2, heads, dim, dim] (what the file holds and the
+    digest covers), the same integers in float64 (what `apply` multiplies by, converted once), and
+    the float64 inverse."""
 
     forward: torch.Tensor
+    weights: torch.Tensor
     inverse: torch.Tensor
     digest: int
 
@@ -64,7 +67,7 @@ class Basis:
         if not bool((torch.isfinite(condition) & (condition < 1e8)).all()):
             raise ValueError("a basis matrix is singular or nearly so")
         digest = xxhash.xxh3_64_intdigest(str(list(forward.shape)).encode() + forward.contiguous().numpy().tobytes())
-        return cls(forward.contiguous(), torch.linalg.inv(matrices), digest)
+        return cls(forward.contiguous(), forward.double(), torch.linalg.inv(matrices), digest)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -78,7 +81,7 @@ class Basis:
             return torch.full_like(x, float("nan"))
         e = fixed_point_exponent(x)
         fixed = torch.round(x.double() * 2.0**e)
-        y = torch.einsum("thd,hjd->thj", fixed, self.forward[layer, tensor].to(x.device, torch.float64))
+        y = torch.einsum("thd,hjd->thj", fixed, self.weights[layer, tensor].to(x.device))
         return (y * 2.0 ** -(e + FRACTION_BITS)).float().contiguous()
 
     def invert(self, y: torch.Tensor, layer: int, tensor: int) -> torch.Tensor:
@@ -121,10 +124,12 @@ def load(path: str) -> Basis:
     return Basis.from_forward(tensors["forward"])
 
 
-def shipped() -> list[str]:
-    """Paths of the basis files shipped in configs/."""
+@lru_cache(maxsize=None)
+def _shipped() -> dict[int, Basis]:
+    """The basis files shipped in configs/, by digest: listed and loaded once, not per frame."""
     root = importlib.resources.files("cachegen_vllm.configs")
-    return sorted(str(p) for p in root.iterdir() if p.name.endswith(".safetensors"))
+    bases = (load(str(p)) for p in sorted(root.iterdir(), key=lambda p: p.name) if p.name.endswith(".safetensors"))
+    return {b.digest: b for b in bases}
 
 
 def find(digest: int, known: tuple[Basis, ...] = ()) -> Basis | None:
@@ -132,7 +137,4 @@ def find(digest: int, known: tuple[Basis, ...] = ()) -> Basis | None:
     for basis in known:
         if basis.digest == digest:
             return basis
-    for path in shipped():
-        if load(path).digest == digest:
-            return load(path)
-    return None
+    return _shipped().get(digest)

@@ -93,6 +93,8 @@ def encode(freq: torch.Tensor, cum: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def decode(states, stream, lane_words, cum, row_start, rows, active) -> torch.Tensor:
     """`cachegen_vllm.codec.rans.decode`, compiled. RansError if a lane does not end exactly."""
+    # The compiled loop reads stream[ptr] without bounds checks (ptr stays below each lane's end):
+    # word counts beyond the stream must be refused here, whatever the caller checked.
     if int(lane_words.sum()) != stream.numel():
         raise RansError("an entropy-coded lane does not decode to its end: the stream is corrupted")
     out = np.empty((rows.shape[1], rows.shape[0]), np.int64)
