@@ -9,6 +9,8 @@ smollm2-basis profile's tiers), every byte counted, KL and dNLL on the quality h
   keys, the output projection for values), at several regularizations;
 - the same on text of another kind (Python source from the standard library: code, not prose),
   with the basis still fitted on the language reference: does it carry over?
+- how far the shipped basis's coefficients reach, in standard deviations of their tensor (per
+  256-token chunk, sinks left out): why basis frames code with a wider alphabet.
 
 Bases are fitted on windows between the quality windows (`cachegen-vllm basis`'s defaults).
 
@@ -29,6 +31,7 @@ import torch
 
 from cachegen_vllm.calibrate import basis_statistics
 from cachegen_vllm.codec.basis import REGULARIZATION, fit, save
+from cachegen_vllm.codec.basis import load as load_basis
 from cachegen_vllm.config import load_profile
 from cachegen_vllm.model import ensure_default_model
 from cachegen_vllm.quality import Harness, result_dict
@@ -44,6 +47,20 @@ def python_source(limit_chars: int = 2_000_000) -> str:
         if sum(map(len, text)) > limit_chars:
             break
     return "\n\n".join(text)
+
+
+def coefficient_peaks(harness: Harness, basis) -> torch.Tensor:
+    """max |y - centre| / sigma of each (window, layer, K/V, 256-token chunk) in the basis, sigma
+    over the chunk's whole tensor as the quantizer's step is."""
+    peaks = []
+    for kv in harness.exact_kv:
+        for layer, tensors in enumerate(kv):
+            for t, x in enumerate(tensors):
+                for chunk in x[4:].float().split(256):
+                    y = basis.apply(chunk, layer, t).reshape(len(chunk), -1)
+                    d = y - y.mean(0)
+                    peaks.append(float(d.abs().max() / d.pow(2).mean().sqrt()))
+    return torch.tensor(peaks)
 
 
 def main() -> None:
@@ -65,9 +82,13 @@ def main() -> None:
         path = tmp / f"{len(variants)}.safetensors"
         save(fit(covariance, m, reg), path)
         variants[name] = dataclasses.replace(base, basis=str(path))
-    rows = []
+    rows, peaks = [], []
     for corpus_name, corpus in (("language reference", None), ("python source", python_source())):
         harness = Harness(model_dir, args.windows, 1024, 128, 0, corpus=corpus)
+        if corpus is None:
+            peaks = coefficient_peaks(harness, load_basis(base.basis))
+            print(f"shipped basis: max |coefficient - centre| / sigma per chunk: median {peaks.median():.1f}, "
+                  f"99th percentile {peaks.quantile(0.99):.1f}, max {peaks.max():.1f}", flush=True)
         for name, profile in variants.items():
             if corpus is not None and name not in ("hadamard", "metric"):
                 continue
@@ -80,7 +101,8 @@ def main() -> None:
     if args.json:
         setup = dict(windows=args.windows, context_tokens=1024, continuation_tokens=128, base="smollm2-basis",
                      seconds=round(time.perf_counter() - started))
-        args.json.write_text(json.dumps(dict(setup=setup, rows=rows), indent=1) + "\n")
+        peak = dict(median=float(peaks.median()), p99=float(peaks.quantile(0.99)), max=float(peaks.max()))
+        args.json.write_text(json.dumps(dict(setup=setup, rows=rows, coefficient_peak_sigmas=peak), indent=1) + "\n")
         print(f"wrote {args.json}")
 
 

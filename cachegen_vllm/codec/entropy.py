@@ -126,7 +126,7 @@ def lanes_of(count: int, lane_symbols: int) -> tuple[int, int]:
 
 def alphabet_bits(bits: int, basis: bool) -> int:
     """The symbol alphabet (``2**(a+1)`` symbols, bank ``a``) of a ``bits``-wide tensor. A
-    calibrated basis concentrates the variance: its largest coefficients reach 38 sigma of the
+    calibrated basis concentrates the variance: its largest coefficients reach 38.5 sigma of the
     tensor on the embedded model, beyond the +-4.1 sigma that ``2**bits`` steps span, so its
     alphabet is 16 times wider, up to the widest bank (which limits basis profiles to 5 bits)."""
     return min(bits + 4, max(BANK_DIGESTS)) if basis else bits
