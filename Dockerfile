@@ -1,7 +1,7 @@
 # cachegen-vllm on the official vLLM OpenAI image of the pinned vLLM version (GPU).
 #   docker build -t cachegen-vllm .
 # The image runs vLLM's OpenAI server with this plugin installed. Not yet usable on GPUs: the
-# connector reads vLLM's CPU paged cache only until the Triton kernels land (NOTES.md). Then:
+# connector runs on vLLM's CPU backend only so far (docs/DESIGN.md, "What runs where"). Then:
 #   prefill: docker run ... cachegen-vllm --model MODEL --port 8100 --kv-transfer-config \
 #     '{"kv_connector":"CacheGenConnector","kv_role":"kv_producer","kv_connector_extra_config":{"bind":"tcp://0.0.0.0:5601","advertise":"tcp://PREFILL_HOST:5601"}}'
 #   decode:  docker run ... cachegen-vllm --model MODEL --port 8200 --kv-transfer-config \

@@ -21,26 +21,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import os
 
 import torch
 import xxhash
 
 from cachegen_vllm.codec.basis import Basis, fit
 from cachegen_vllm.codec.basis import load as load_basis
-from cachegen_vllm.config import EXACT_BITS, MAX_BASIS_BITS, LayerBits, Profile
+from cachegen_vllm.codec.profile import EXACT_BITS, MAX_BASIS_BITS, LayerBits, Profile
 from cachegen_vllm.quality import Harness, QualityResult
 
 PROBE_BITS = 3
 PROBES = 4  # per layer: keys and values, each at PROBE_BITS and one bit less
 BUDGET_ROUNDS = 7  # whole-profile measurements in the search for the budget
-# dNLL over a sample of a few windows swings by +-0.005; KL, far steadier, ran at 0.4-0.6 of dNLL
-# on every packed profile measured here and at 0.7-0.8 on the entropy-coded ones. A profile must
-# meet both dNLL <= target and KL <= this share of it, or a lucky sample passes a profile that
-# misses the target elsewhere (it did, with KL 0.88 of the target: NOTES.md).
+# dNLL over a sample of a few windows swings widely; KL, far steadier, runs below dNLL on every
+# profile measured (docs/JOURNAL.md, "Calibration"). A profile must meet both dNLL <= target and
+# KL <= this share of it, or a lucky sample passes a profile that misses the target elsewhere.
 KL_SHARE = 0.8
 
 
@@ -57,14 +55,21 @@ def _isolated(base: Profile, layer: int, tensor: str, bits: int) -> Profile:
     sinks made the probes of a basis profile add up to 6.7x the KL of all tensors quantized together,
     and the allocation spent bits against that.)"""
     key, value = (bits, EXACT_BITS) if tensor == "key" else (EXACT_BITS, bits)
-    return replace(base, name=f"probe {tensor} {layer}", key_bits=EXACT_BITS, value_bits=EXACT_BITS,
-                   layers=(LayerBits(layer, layer, key, value),))
+    return replace(
+        base,
+        name=f"probe {tensor} {layer}",
+        key_bits=EXACT_BITS,
+        value_bits=EXACT_BITS,
+        layers=(LayerBits(layer, layer, key, value),),
+    )
 
 
 Probes = tuple[float, float]  # KL of a tensor quantized alone at PROBE_BITS and at PROBE_BITS - 1
 
 
-def sensitivity(harness: Harness, base: Profile, progress=None, cache: Path | None = None) -> dict[tuple[int, str], Probes]:
+def sensitivity(
+    harness: Harness, base: Profile, progress=None, cache: Path | None = None
+) -> dict[tuple[int, str], Probes]:
     """KL of each (layer, tensor) quantized alone at PROBE_BITS and at one bit less. With ``cache``
     (a JSON file), the probes of an identical setting (model, windows, base profile) are read from
     it, and new ones written to it: calibrating several targets then probes once."""
@@ -85,7 +90,7 @@ def sensitivity(harness: Harness, base: Profile, progress=None, cache: Path | No
                 kls.append(max(harness.evaluate(_isolated(base, layer, tensor, bits)).kl, 0.0))
                 if progress is not None:
                     progress.update(1)
-            out[(layer, tensor)] = tuple(kls)
+            out[(layer, tensor)] = (kls[0], kls[1])
     if cache is not None:
         probes = [[layer, tensor, *kls] for (layer, tensor), kls in out.items()]
         cache.write_text(json.dumps({"setting": key, "probes": probes}) + "\n")
@@ -104,12 +109,16 @@ def estimated_kl(probes: Probes, bits: int) -> float:
     return max(low, 2.0 * high) * ratio ** (PROBE_BITS - 1 - bits)
 
 
-def allocate(sens: dict[tuple[int, str], Probes], budget_kl: float, min_bits: int, max_bits: int) -> dict[tuple[int, str], int]:
+def allocate(
+    sens: dict[tuple[int, str], Probes], budget_kl: float, min_bits: int, max_bits: int
+) -> dict[tuple[int, str], int]:
     """Fewest bits whose estimated total KL stays within ``budget_kl`` (greedy, one bit at a time)."""
     widths = {item: max_bits for item in sens}
     total = sum(estimated_kl(sens[item], max_bits) for item in sens)
     while True:
-        steps = [(estimated_kl(sens[i], w - 1) - estimated_kl(sens[i], w), i) for i, w in widths.items() if w > min_bits]
+        steps = [
+            (estimated_kl(sens[i], w - 1) - estimated_kl(sens[i], w), i) for i, w in widths.items() if w > min_bits
+        ]
         if not steps:
             return widths
         extra, item = min(steps)
@@ -129,13 +138,30 @@ def as_profile(base: Profile, widths: dict[tuple[int, str], int], name: str) -> 
         else:
             layers.append(LayerBits(layer, layer, key, value))
     # the base widths are those of the most layers, so that the file lists only the exceptions
-    common = max({(r.key, r.value) for r in layers}, key=lambda kv: sum(r.last - r.first + 1 for r in layers if (r.key, r.value) == kv))
-    return replace(base, name=name, key_bits=common[0], value_bits=common[1],
-                   layers=tuple(r for r in layers if (r.key, r.value) != common))
+    common = max(
+        {(r.key, r.value) for r in layers},
+        key=lambda kv: sum(r.last - r.first + 1 for r in layers if (r.key, r.value) == kv),
+    )
+    return replace(
+        base,
+        name=name,
+        key_bits=common[0],
+        value_bits=common[1],
+        layers=tuple(r for r in layers if (r.key, r.value) != common),
+    )
 
 
-def calibrate(harness: Harness, base: Profile, target_dnll: float, name: str, min_bits: int = 2, max_bits: int = 8,
-              progress=None, log=None, sensitivity_cache: Path | None = None) -> Calibration:
+def calibrate(
+    harness: Harness,
+    base: Profile,
+    target_dnll: float,
+    name: str,
+    min_bits: int = 2,
+    max_bits: int = 8,
+    progress=None,
+    log=None,
+    sensitivity_cache: Path | None = None,
+) -> Calibration:
     """The profile with the fewest bits whose measured dNLL on the harness's windows is at most
     ``target_dnll`` (and KL at most ``KL_SHARE`` of it); ValueError if no candidate is. ``log``
     (a callable) hears one line per measured candidate."""
@@ -148,8 +174,11 @@ def calibrate(harness: Harness, base: Profile, target_dnll: float, name: str, mi
         measured = harness.evaluate(profile)
         meets = measured.delta_nll <= target_dnll and measured.kl <= target_dnll * KL_SHARE
         if log is not None:
-            log(f"candidate {round_ + 1}/{BUDGET_ROUNDS}: KL budget {budget:.3g} -> {measured.bits_per_element:.3f} bits, "
-                f"dNLL {measured.delta_nll:+.4f}, KL {measured.kl:.4f}: {'meets' if meets else 'misses'} the target")
+            log(
+                f"candidate {round_ + 1}/{BUDGET_ROUNDS}: KL budget {budget:.3g} -> "
+                f"{measured.bits_per_element:.3f} bits, "
+                f"dNLL {measured.delta_nll:+.4f}, KL {measured.kl:.4f}: {'meets' if meets else 'misses'} the target"
+            )
         if meets:
             if best is None or measured.bits_per_element < best.measured.bits_per_element:
                 best = Calibration(profile, measured, target_dnll)
@@ -163,7 +192,9 @@ def calibrate(harness: Harness, base: Profile, target_dnll: float, name: str, mi
         else:
             budget = math.sqrt(passed * failed)
     if best is None:
-        raise ValueError(f"no allocation met dNLL <= {target_dnll} (the last: {measured.delta_nll:+.4f} at {budget:.2g} KL)")
+        raise ValueError(
+            f"no allocation met dNLL <= {target_dnll} (the last: {measured.delta_nll:+.4f} at {budget:.2g} KL)"
+        )
     return best
 
 
@@ -190,15 +221,32 @@ def profile_toml(calibration: Calibration, base_name: str, sample: str, out_dir:
         f"value = {p.value_bits}",
     ]
     for rule in p.layers:
-        lines += ["", "[[bits.layers]]", f"first = {rule.first}", f"last = {rule.last}", f"key = {rule.key}", f"value = {rule.value}"]
+        lines += [
+            "",
+            "[[bits.layers]]",
+            f"first = {rule.first}",
+            f"last = {rule.last}",
+            f"key = {rule.key}",
+            f"value = {rule.value}",
+        ]
     for field, tiers in (("sink", p.sink), ("recent", p.recent)):
         for tier in tiers:
             lines += ["", f"[[bits.{field}]]", f"tokens = {tier.tokens}", f"key = {tier.key}", f"value = {tier.value}"]
     return "\n".join(lines) + "\n"
 
 
-def run(model_dir: Path, text: Path | None, target_dnll: float, out: Path, base_name: str, windows: int,
-        context_tokens: int, continuation_tokens: int, min_bits: int = 2, sensitivity_cache: Path | None = None) -> Calibration:
+def run(
+    model_dir: Path,
+    text: Path | None,
+    target_dnll: float,
+    out: Path,
+    base_name: str,
+    windows: int,
+    context_tokens: int,
+    continuation_tokens: int,
+    min_bits: int = 2,
+    sensitivity_cache: Path | None = None,
+) -> Calibration:
     from tqdm import tqdm
 
     from cachegen_vllm.config import load_profile
@@ -210,9 +258,19 @@ def run(model_dir: Path, text: Path | None, target_dnll: float, out: Path, base_
     harness = Harness(model_dir, windows, context_tokens, continuation_tokens, 0, corpus=corpus)
     base.check_geometry(harness.geometry.num_layers, harness.geometry.head_dim, harness.geometry.num_kv_heads)
     with tqdm(total=PROBES * harness.geometry.num_layers, desc="layer sensitivity", unit="probe") as bar:
-        calibration = calibrate(harness, base, target_dnll, out.stem, min_bits=min_bits, progress=bar, log=bar.write,
-                                sensitivity_cache=sensitivity_cache)
-    sample = f"{windows} windows of {context_tokens}+{continuation_tokens} tokens of " + (text.name if text else "the CPython language reference")
+        calibration = calibrate(
+            harness,
+            base,
+            target_dnll,
+            out.stem,
+            min_bits=min_bits,
+            progress=bar,
+            log=bar.write,
+            sensitivity_cache=sensitivity_cache,
+        )
+    sample = f"{windows} windows of {context_tokens}+{continuation_tokens} tokens of " + (
+        text.name if text else "the CPython language reference"
+    )
     out.write_text(profile_toml(calibration, base_name, sample, out.parent))
     load_profile(out)  # what was written must load: a ConfigError here is a calibration bug, not the user's
     return calibration
@@ -248,6 +306,7 @@ def basis_statistics(harness: Harness, chunk_tokens: int, skip_tokens: int) -> t
             q, _ = apply_rotary_pos_emb(q, q, cos, sin)
             q = q[0].double().reshape(g.num_kv_heads, -1, g.head_dim)  # a KV head's query heads are consecutive
             metric[layer, 0] += q.mT @ q
+
         return hook
 
     hooks = [a.register_forward_pre_hook(queries(i), with_kwargs=True) for i, a in enumerate(attention)]
@@ -258,7 +317,9 @@ def basis_statistics(harness: Harness, chunk_tokens: int, skip_tokens: int) -> t
         for h in hooks:
             h.remove()
     for layer, a in enumerate(attention):
-        columns = a.o_proj.weight.double().view(-1, g.num_kv_heads, a.o_proj.weight.shape[1] // g.num_kv_heads // g.head_dim, g.head_dim)
+        columns = a.o_proj.weight.double().view(
+            -1, g.num_kv_heads, a.o_proj.weight.shape[1] // g.num_kv_heads // g.head_dim, g.head_dim
+        )
         metric[layer, 1] = torch.einsum("ohgd,ohge->hde", columns, columns)
     return covariance, metric
 

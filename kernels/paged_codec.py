@@ -1,6 +1,6 @@
 """Quantize + pack straight out of vLLM's paged KV cache, and unpack + dequantize straight back in.
 
-One program per (tile, KV head) (`codec.tiles`), one launch per (key bits, value bits) pair of
+One program per (tile, KV head) (`kernels.tiles`), one launch per (key bits, value bits) pair of
 the tiles (a layer has a few: sink, body, recent tokens), so that the widths are compile-time
 constants: 8 codes of b bits are one b-byte word, stored as one uint8/16/32 for b = 1, 2, 4, the
 codes themselves for b = 8, and byte by byte only for b = 3, 5, 6, 7. Each program loads the
@@ -10,17 +10,40 @@ byte written once: the group's statistics are taken over the tile while it sits 
 there is no second pass, and no gathered copy of the request's KV is ever made. Decoding is the
 mirror image.
 
-The arithmetic repeats `codec.quant` operation for operation in fp32 (butterflies in the same
-order, IEEE division via `div_rn`, round-to-nearest casts), so the codes are the reference's byte
-for byte. Pages are addressed through the cache tensor's own strides (any `KVCacheLayout`: the
-4-D view ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` with K then V on the last
-dimension, whatever its physical order) and the request's block table.
+The arithmetic repeats `codec.quant` operation for operation in fp32 (butterflies in the same order,
+IEEE division via `div_rn`, round-to-nearest casts), so the codes are the reference's byte for byte
+where the compiler keeps those operations apart: Triton's interpreter does; compiled for sm_90a, the
+Hadamard scale and the subtraction of the minimum fuse into one `fma.rn.f32`, which a GPU run has
+yet to measure (docs/DESIGN.md, "Open questions"). Pages are addressed through the cache tensor's
+own strides (any `KVCacheLayout`: the 4-D view ``[num_blocks, num_kv_heads, block_size, 2 *
+head_size]`` with K then V on the last dimension, whatever its physical order) and the request's
+block table.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 import triton
 import triton.language as tl
+
+from cachegen_vllm.codec.geometry import KVGeometry
+from cachegen_vllm.codec.profile import EXACT_BITS
+from cachegen_vllm.kernels.tiles import TILE_FIELDS, TensorField, Tile
+
+# A tile (one statistics group of one head) lives in registers: 256 tokens x 128 channels of fp32
+# is 128 KiB per tensor, the most 16 warps hold without spilling heavily.
+MAX_GROUP_TOKENS = 256
+
+# The tile row's columns (kernels/tiles.py) as compile-time constants of the kernels.
+TOKEN = tl.constexpr(Tile.TOKEN)
+TOKENS = tl.constexpr(Tile.TOKENS)
+KEY = tl.constexpr(Tile.KEY)
+VALUE = tl.constexpr(Tile.VALUE)
+CODES = tl.constexpr(TensorField.CODES)
+MINS = tl.constexpr(TensorField.MINS)
+SCALES = tl.constexpr(TensorField.SCALES)
 
 
 @triton.jit
@@ -71,7 +94,9 @@ def _pack_store(codes, base, t, h, tmask, H: tl.constexpr, D: tl.constexpr, BLOC
     else:
         WORD: tl.constexpr = tl.uint32 if BITS <= 4 else tl.uint64  # holds 8 codes
         lane = tl.arange(0, 8)
-        words = tl.sum(tl.reshape(codes, [BLOCK_T, D // 8, 8]).to(WORD) << (lane * BITS).to(WORD)[None, None, :], axis=2)
+        words = tl.sum(
+            tl.reshape(codes, [BLOCK_T, D // 8, 8]).to(WORD) << (lane * BITS).to(WORD)[None, None, :], axis=2
+        )
         at = base + row[:, None] + (tl.arange(0, D // 8) * BITS)[None, :]
         if BITS == 1:
             tl.store(at, words.to(tl.uint8), mask=tmask[:, None])
@@ -83,7 +108,11 @@ def _pack_store(codes, base, t, h, tmask, H: tl.constexpr, D: tl.constexpr, BLOC
             LANES: tl.constexpr = 4 if BITS == 3 else 8
             k = tl.arange(0, LANES)
             data = (words[:, :, None] >> (k * 8).to(WORD)[None, None, :]) & 0xFF
-            tl.store(at[:, :, None] + k[None, None, :], data.to(tl.uint8), mask=tmask[:, None, None] & (k < BITS)[None, None, :])
+            tl.store(
+                at[:, :, None] + k[None, None, :],
+                data.to(tl.uint8),
+                mask=tmask[:, None, None] & (k < BITS)[None, None, :],
+            )
 
 
 @triton.jit
@@ -104,7 +133,9 @@ def _load_unpack(base, t, h, tmask, H: tl.constexpr, D: tl.constexpr, BLOCK_T: t
         else:
             LANES: tl.constexpr = 4 if BITS == 3 else 8
             k = tl.arange(0, LANES)
-            data = tl.load(at[:, :, None] + k[None, None, :], mask=tmask[:, None, None] & (k < BITS)[None, None, :], other=0)
+            data = tl.load(
+                at[:, :, None] + k[None, None, :], mask=tmask[:, None, None] & (k < BITS)[None, None, :], other=0
+            )
             words = tl.sum(data.to(WORD) << (k * 8).to(WORD)[None, None, :], axis=2)
         lane = tl.arange(0, 8)
         codes = (words[:, :, None] >> (lane * BITS).to(WORD)[None, None, :]) & ((1 << BITS) - 1)
@@ -112,13 +143,31 @@ def _load_unpack(base, t, h, tmask, H: tl.constexpr, D: tl.constexpr, BLOCK_T: t
 
 
 @triton.jit
-def _encode_tensor(x_raw, t, d, h, tmask, desc, out, out_f16, out_raw,
-                   H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr,
-                   ITEM: tl.constexpr, PER_TOKEN: tl.constexpr, HADAMARD: tl.constexpr,
-                   LOG2_D: tl.constexpr, INV_SQRT_D: tl.constexpr):
-    """Write one tensor (K or V) of one tile and head; return how many of its values or statistics
-    are not finite (the host then sends that frame the reference's way: exact)."""
-    codes_at = tl.load(desc)
+def _encode_tensor(
+    x_raw,
+    t,
+    d,
+    h,
+    tmask,
+    desc,
+    out,
+    out_f16,
+    out_raw,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BITS: tl.constexpr,
+    EXACT: tl.constexpr,
+    ITEM: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+    HADAMARD: tl.constexpr,
+    LOG2_D: tl.constexpr,
+    INV_SQRT_D: tl.constexpr,
+):
+    """Write one tensor (K or V) of one tile and head, ``desc`` its block of the tile row; return
+    how many of its values or statistics are not finite (the host then sends that frame the
+    reference's way: exact)."""
+    codes_at = tl.load(desc + CODES)
     if BITS == EXACT:
         tl.store(out_raw + codes_at // ITEM + (t[:, None] * H + h) * D + d[None, :], x_raw, mask=tmask[:, None])
         return 0
@@ -145,8 +194,8 @@ def _encode_tensor(x_raw, t, d, h, tmask, desc, out, out_f16, out_raw,
         codes = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
         _pack_store(codes, out + codes_at, t, h, tmask, H, D, BLOCK_T, BITS)
 
-        mins_at = tl.load(desc + 1) // 2
-        scales_at = tl.load(desc + 2) // 2
+        mins_at = tl.load(desc + MINS) // 2
+        scales_at = tl.load(desc + SCALES) // 2
         if PER_TOKEN:
             tl.store(out_f16 + mins_at + t * H + h, tl.reshape(mins, [BLOCK_T]), mask=tmask)
             tl.store(out_f16 + scales_at + t * H + h, tl.reshape(scales, [BLOCK_T]), mask=tmask)
@@ -169,42 +218,117 @@ def _page_rows(block_table, token, tmask, h, block_size, stride_block, stride_he
 
 
 @triton.jit
-def encode_kernel(cache, block_table, tiles, out, out_f16, out_raw, bad_tiles,
-                  block_size, stride_block, stride_head, stride_token, stride_channel,
-                  H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, FIELDS: tl.constexpr,
-                  KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, EXACT: tl.constexpr, ITEM: tl.constexpr,
-                  VALUE_PER_TOKEN: tl.constexpr, HADAMARD: tl.constexpr, LOG2_D: tl.constexpr,
-                  INV_SQRT_D: tl.constexpr):
+def encode_kernel(
+    cache,
+    block_table,
+    tiles,
+    out,
+    out_f16,
+    out_raw,
+    bad_tiles,
+    block_size,
+    stride_block,
+    stride_head,
+    stride_token,
+    stride_channel,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    FIELDS: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    VALUE_BITS: tl.constexpr,
+    EXACT: tl.constexpr,
+    ITEM: tl.constexpr,
+    VALUE_PER_TOKEN: tl.constexpr,
+    HADAMARD: tl.constexpr,
+    LOG2_D: tl.constexpr,
+    INV_SQRT_D: tl.constexpr,
+):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     desc = tiles + tile * FIELDS
     t = tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
-    tmask = t < tl.load(desc + 1)
-    token = tl.load(desc) + t
+    tmask = t < tl.load(desc + TOKENS)
+    token = tl.load(desc + TOKEN) + t
     page = _page_rows(block_table, token, tmask, h, block_size, stride_block, stride_head, stride_token)
     key = tl.load(cache + page[:, None] + d[None, :] * stride_channel, mask=tmask[:, None], other=0.0)
-    bad = _encode_tensor(key, t, d, h, tmask, desc + 3, out, out_f16, out_raw, H, D, BLOCK_T, KEY_BITS, EXACT,
-                         ITEM, False, HADAMARD, LOG2_D, INV_SQRT_D)
+    bad = _encode_tensor(
+        key,
+        t,
+        d,
+        h,
+        tmask,
+        desc + KEY,
+        out,
+        out_f16,
+        out_raw,
+        H,
+        D,
+        BLOCK_T,
+        KEY_BITS,
+        EXACT,
+        ITEM,
+        False,
+        HADAMARD,
+        LOG2_D,
+        INV_SQRT_D,
+    )
     value = tl.load(cache + page[:, None] + (D + d[None, :]) * stride_channel, mask=tmask[:, None], other=0.0)
-    bad += _encode_tensor(value, t, d, h, tmask, desc + 7, out, out_f16, out_raw, H, D, BLOCK_T, VALUE_BITS, EXACT,
-                          ITEM, VALUE_PER_TOKEN, HADAMARD, LOG2_D, INV_SQRT_D)
+    bad += _encode_tensor(
+        value,
+        t,
+        d,
+        h,
+        tmask,
+        desc + VALUE,
+        out,
+        out_f16,
+        out_raw,
+        H,
+        D,
+        BLOCK_T,
+        VALUE_BITS,
+        EXACT,
+        ITEM,
+        VALUE_PER_TOKEN,
+        HADAMARD,
+        LOG2_D,
+        INV_SQRT_D,
+    )
     tl.store(bad_tiles + tile * H + h, bad)
 
 
 @triton.jit
-def _decode_tensor(dst, t, d, h, tmask, desc, src, src_f16, src_raw,
-                   H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr,
-                   ITEM: tl.constexpr, PER_TOKEN: tl.constexpr, HADAMARD: tl.constexpr,
-                   LOG2_D: tl.constexpr, INV_SQRT_D: tl.constexpr):
-    codes_at = tl.load(desc)
+def _decode_tensor(
+    dst,
+    t,
+    d,
+    h,
+    tmask,
+    desc,
+    src,
+    src_f16,
+    src_raw,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BITS: tl.constexpr,
+    EXACT: tl.constexpr,
+    ITEM: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+    HADAMARD: tl.constexpr,
+    LOG2_D: tl.constexpr,
+    INV_SQRT_D: tl.constexpr,
+):
+    codes_at = tl.load(desc + CODES)
     if BITS == EXACT:
         raw = tl.load(src_raw + codes_at // ITEM + (t[:, None] * H + h) * D + d[None, :], mask=tmask[:, None])
         tl.store(dst, raw, mask=tmask[:, None])
     else:
         codes = _load_unpack(src + codes_at, t, h, tmask, H, D, BLOCK_T, BITS).to(tl.float32)
-        mins_at = tl.load(desc + 1) // 2
-        scales_at = tl.load(desc + 2) // 2
+        mins_at = tl.load(desc + MINS) // 2
+        scales_at = tl.load(desc + SCALES) // 2
         if PER_TOKEN:
             mins = tl.load(src_f16 + mins_at + t * H + h, mask=tmask, other=0.0).to(tl.float32)[:, None]
             scales = tl.load(src_f16 + scales_at + t * H + h, mask=tmask, other=0.0).to(tl.float32)[:, None]
@@ -218,23 +342,177 @@ def _decode_tensor(dst, t, d, h, tmask, desc, src, src_f16, src_raw,
 
 
 @triton.jit
-def decode_kernel(cache, block_table, tiles, src, src_f16, src_raw, write_start, write_end,
-                  block_size, stride_block, stride_head, stride_token, stride_channel,
-                  H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, FIELDS: tl.constexpr,
-                  KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, EXACT: tl.constexpr, ITEM: tl.constexpr,
-                  VALUE_PER_TOKEN: tl.constexpr, HADAMARD: tl.constexpr, LOG2_D: tl.constexpr,
-                  INV_SQRT_D: tl.constexpr):
+def decode_kernel(
+    cache,
+    block_table,
+    tiles,
+    src,
+    src_f16,
+    src_raw,
+    write_start,
+    write_end,
+    block_size,
+    stride_block,
+    stride_head,
+    stride_token,
+    stride_channel,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    FIELDS: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    VALUE_BITS: tl.constexpr,
+    EXACT: tl.constexpr,
+    ITEM: tl.constexpr,
+    VALUE_PER_TOKEN: tl.constexpr,
+    HADAMARD: tl.constexpr,
+    LOG2_D: tl.constexpr,
+    INV_SQRT_D: tl.constexpr,
+):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     desc = tiles + tile * FIELDS
     t = tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
-    token = tl.load(desc) + t
+    token = tl.load(desc + TOKEN) + t
     # only tokens [write_start, write_end) are written: the rest of the request's blocks may hold
     # a prefix the decode computed itself, or belong to no one yet
-    tmask = (t < tl.load(desc + 1)) & (token >= write_start) & (token < write_end)
+    tmask = (t < tl.load(desc + TOKENS)) & (token >= write_start) & (token < write_end)
     page = _page_rows(block_table, token, tmask, h, block_size, stride_block, stride_head, stride_token)
-    _decode_tensor(cache + page[:, None] + d[None, :] * stride_channel, t, d, h, tmask, desc + 3, src, src_f16, src_raw,
-                   H, D, BLOCK_T, KEY_BITS, EXACT, ITEM, False, HADAMARD, LOG2_D, INV_SQRT_D)
-    _decode_tensor(cache + page[:, None] + (D + d[None, :]) * stride_channel, t, d, h, tmask, desc + 7, src, src_f16,
-                   src_raw, H, D, BLOCK_T, VALUE_BITS, EXACT, ITEM, VALUE_PER_TOKEN, HADAMARD, LOG2_D, INV_SQRT_D)
+    _decode_tensor(
+        cache + page[:, None] + d[None, :] * stride_channel,
+        t,
+        d,
+        h,
+        tmask,
+        desc + KEY,
+        src,
+        src_f16,
+        src_raw,
+        H,
+        D,
+        BLOCK_T,
+        KEY_BITS,
+        EXACT,
+        ITEM,
+        False,
+        HADAMARD,
+        LOG2_D,
+        INV_SQRT_D,
+    )
+    _decode_tensor(
+        cache + page[:, None] + (D + d[None, :]) * stride_channel,
+        t,
+        d,
+        h,
+        tmask,
+        desc + VALUE,
+        src,
+        src_f16,
+        src_raw,
+        H,
+        D,
+        BLOCK_T,
+        VALUE_BITS,
+        EXACT,
+        ITEM,
+        VALUE_PER_TOKEN,
+        HADAMARD,
+        LOG2_D,
+        INV_SQRT_D,
+    )
+
+
+def check_supported(geometry: KVGeometry, group_tokens: int) -> None:
+    """Raise ValueError, naming the field, for what the kernels cannot encode or decode."""
+    d = geometry.head_dim
+    if d < 8 or d & (d - 1):
+        raise ValueError(f"head_dim {d}: the kernels need a power of two >= 8 (the CPU path takes any)")
+    if not 1 <= group_tokens <= MAX_GROUP_TOKENS:
+        raise ValueError(f"group_tokens {group_tokens}: the kernels take 1..{MAX_GROUP_TOKENS}")
+
+
+def kernel_constants(geometry: KVGeometry, group_tokens: int, value_axis: str, hadamard: bool) -> dict:
+    """Compile-time arguments of both kernels, widths aside (one compiled variant per pair)."""
+    check_supported(geometry, group_tokens)
+    d, block_t = geometry.head_dim, triton.next_power_of_2(group_tokens)
+    return dict(
+        H=geometry.num_kv_heads,
+        D=d,
+        BLOCK_T=block_t,
+        FIELDS=TILE_FIELDS,
+        EXACT=EXACT_BITS,
+        ITEM=geometry.dtype.itemsize,
+        VALUE_PER_TOKEN=value_axis == "token",
+        HADAMARD=hadamard,
+        LOG2_D=d.bit_length() - 1,
+        INV_SQRT_D=1.0 / math.sqrt(d),
+        # ~32 fp32 values of a tile per thread: fewer warps spill (benchmarks/bench_kernels.py --ptxas)
+        num_warps=min(16, max(4, block_t * d // 512)),
+    )
+
+
+def _layout(cache: torch.Tensor) -> tuple[int, ...]:
+    """block_size and the element strides of (block, head, token, channel): from the tensor itself."""
+    if cache.dim() != 4:
+        raise ValueError(
+            f"a layer's cache must be [num_blocks, num_kv_heads, block_size, 2 * head_size], got {list(cache.shape)}"
+        )
+    return (cache.shape[2], *cache.stride())
+
+
+def _buffer_views(buffer: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The frame buffer as bytes, float16 statistics and cache-dtype exact values."""
+    return buffer, buffer.view(torch.float16), buffer.view(dtype)
+
+
+def encode_tiles(
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    tiles: torch.Tensor,
+    buffer: torch.Tensor,
+    bad: torch.Tensor,
+    key_bits: int,
+    value_bits: int,
+    constants: dict,
+) -> None:
+    """One program per (tile, KV head): ``tiles`` (rows of `kernels.tiles`) at these widths, read
+    from the request's blocks of ``cache``, written into ``buffer``; ``bad`` [tiles, heads] gets
+    each program's count of non-finite values."""
+    encode_kernel[(tiles.shape[0], constants["H"])](
+        cache,
+        block_table,
+        tiles,
+        *_buffer_views(buffer, cache.dtype),
+        bad,
+        *_layout(cache),
+        KEY_BITS=key_bits,
+        VALUE_BITS=value_bits,
+        **constants,
+    )
+
+
+def decode_tiles(
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    tiles: torch.Tensor,
+    buffer: torch.Tensor,
+    write_start: int,
+    write_end: int,
+    key_bits: int,
+    value_bits: int,
+    constants: dict,
+) -> None:
+    """The inverse of `encode_tiles`, writing only tokens ``[write_start, write_end)``."""
+    decode_kernel[(tiles.shape[0], constants["H"])](
+        cache,
+        block_table,
+        tiles,
+        *_buffer_views(buffer, cache.dtype),
+        write_start,
+        write_end,
+        *_layout(cache),
+        KEY_BITS=key_bits,
+        VALUE_BITS=value_bits,
+        **constants,
+    )

@@ -1,7 +1,8 @@
 """rANS lanes in Triton: one thread per lane, the same integer steps as `cachegen_vllm.codec.rans`
 (whose torch loop runs one tensor operation per step for all lanes; here each lane runs its own
 loop), so the states, words and symbols are identical, which the tests check under
-TRITON_INTERPRET=1. `encode` and `decode` take and return what the torch functions do.
+TRITON_INTERPRET=1. `encode` and `decode` take and return what the torch functions do; importing
+the module registers them with the codec for CUDA tensors (`codec.entropy.register_coder`).
 
 Encoding writes every step's candidate word and whether it was emitted to a [steps, lanes]
 scratch grid; the lanes' streams are then compacted in lane order by one boolean index (as the
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cachegen_vllm.codec import rans
+from cachegen_vllm.codec import entropy, rans
 from cachegen_vllm.codec.rans import RansError
 
 BLOCK_LANES = 128
@@ -43,8 +44,23 @@ def encode_kernel(freq, cum, words, emitted, states, steps, lanes, BLOCK: tl.con
 
 
 @triton.jit
-def decode_kernel(states, stream, lane_begin, lane_end, cum, row_start, row_end, rows, active, out, ok, steps, lanes,
-                  SEARCH: tl.constexpr, BLOCK: tl.constexpr):
+def decode_kernel(
+    states,
+    stream,
+    lane_begin,
+    lane_end,
+    cum,
+    row_start,
+    row_end,
+    rows,
+    active,
+    out,
+    ok,
+    steps,
+    lanes,
+    SEARCH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = lane < lanes
     x = tl.load(states + lane, mask=valid, other=65536)
@@ -82,7 +98,14 @@ def encode(freq: torch.Tensor, cum: torch.Tensor) -> tuple[torch.Tensor, torch.T
     emitted = torch.empty((steps, lanes), dtype=torch.int8, device=freq.device)
     states = torch.empty(lanes, dtype=torch.int64, device=freq.device)
     encode_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
-        freq.contiguous(), cum.contiguous(), words, emitted, states, steps, lanes, BLOCK=BLOCK_LANES,
+        freq.contiguous(),
+        cum.contiguous(),
+        words,
+        emitted,
+        states,
+        steps,
+        lanes,
+        BLOCK=BLOCK_LANES,
     )
     emitted = emitted.bool()
     return states, words.T[emitted.T], emitted.sum(0)
@@ -98,10 +121,26 @@ def decode(states, stream, lane_words, cum, row_start, rows, active) -> torch.Te
     out = torch.empty((steps, lanes), dtype=torch.int64, device=device)
     ok = torch.empty(lanes, dtype=torch.int8, device=device)
     decode_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
-        states.contiguous(), stream.contiguous(), (end - lane_words).contiguous(), end, cum.contiguous(), row_start.contiguous(),
-        row_end, rows.contiguous(), active.to(torch.int8).contiguous(), out, ok, steps, lanes,
-        SEARCH=max(1, (widest - 1).bit_length()), BLOCK=BLOCK_LANES,
+        states.contiguous(),
+        stream.contiguous(),
+        (end - lane_words).contiguous(),
+        end,
+        cum.contiguous(),
+        row_start.contiguous(),
+        row_end,
+        rows.contiguous(),
+        active.to(torch.int8).contiguous(),
+        out,
+        ok,
+        steps,
+        lanes,
+        SEARCH=max(1, (widest - 1).bit_length()),
+        BLOCK=BLOCK_LANES,
     )
     if not bool(ok.all()):
         raise RansError("an entropy-coded lane does not decode to its end: the stream is corrupted")
     return out
+
+
+# Importing this module is what makes the codec code CUDA tensors' lanes here.
+entropy.register_coder("cuda", entropy.RansCoder(encode, decode))

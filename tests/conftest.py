@@ -1,3 +1,4 @@
+import contextlib
 import os
 import random
 import socket
@@ -94,10 +95,8 @@ class FaultyLink:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def _damage(self, data: bytearray) -> bytearray | None:
         with self._lock:

@@ -1,3 +1,5 @@
+import itertools
+
 from cachegen_vllm.codec import Segment, chunk_bounds, plan_segments
 from cachegen_vllm.codec.allocation import token_widths
 from cachegen_vllm.config import profile_from_dict
@@ -43,7 +45,8 @@ def test_segments_split_at_tier_boundaries_and_cover_the_range():
             assert sum(s.tokens for s in segments) == count
             widths = [w for s in segments for w in [(s.key_bits, s.value_bits)] * s.tokens]
             assert widths == [token_widths(PROFILE, layer, p, total) for p in range(start, start + count)]
-            assert all((a.key_bits, a.value_bits) != (b.key_bits, b.value_bits) for a, b in zip(segments, segments[1:]))
+            runs = [(s.key_bits, s.value_bits) for s in segments]
+            assert all(a != b for a, b in itertools.pairwise(runs))
 
 
 def test_chunks_align_to_absolute_positions():

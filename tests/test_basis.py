@@ -39,14 +39,23 @@ def _kv(tokens: int, layer: int, mixing: torch.Tensor, seed: int):
 def _fitted(seed: int = 0, metric: torch.Tensor | None = None) -> Basis:
     mixing = _mixing(seed)
     covariance = mixing @ mixing.mT
-    return fit(covariance, torch.eye(GEOMETRY.head_dim, dtype=torch.float64).expand(SHAPE) if metric is None else metric)
+    return fit(
+        covariance, torch.eye(GEOMETRY.head_dim, dtype=torch.float64).expand(SHAPE) if metric is None else metric
+    )
 
 
 def _profile(tmp_path, fitted: Basis, **fields):
     path = tmp_path / "basis.safetensors"
     save(fitted, path)
-    data = {"chunk_tokens": 64, "group_tokens": 64, "rotation": "basis", "basis": path.name, "coding": "rans",
-            "lane_symbols": 256, "bits": {"key": 3, "value": 3, "sink": [{"tokens": 2, "key": 16, "value": 16}]}}
+    data = {
+        "chunk_tokens": 64,
+        "group_tokens": 64,
+        "rotation": "basis",
+        "basis": path.name,
+        "coding": "rans",
+        "lane_symbols": 256,
+        "bits": {"key": 3, "value": 3, "sink": [{"tokens": 2, "key": 16, "value": 16}]},
+    }
     data.update(fields)
     return profile_from_dict(data, "b", root=tmp_path)
 
@@ -119,15 +128,19 @@ def test_a_basis_saves_bits_on_correlated_kv_at_no_more_error(tmp_path):
         frames = encode_layer(key, value, geometry=GEOMETRY, profile=p, layer=2)
         chunks = decode_frames(frames, GEOMETRY, bases=(basis,))
         size[name] = sum(len(f) for f in frames)
-        error[name] = sum(float((torch.cat([getattr(c, n) for c in chunks]).float() - x.float()).pow(2).mean())
-                          for n, x in (("key", key), ("value", value)))
+        error[name] = sum(
+            float((torch.cat([getattr(c, n) for c in chunks]).float() - x.float()).pow(2).mean())
+            for n, x in (("key", key), ("value", value))
+        )
     assert size["basis"] < 0.8 * size["hadamard"]
     assert error["basis"] < 1.1 * error["hadamard"]
 
 
 def test_a_re_signed_basis_field_is_refused(tmp_path):
     basis = _fitted()
-    frame = encode_layer(*_kv(64, 0, _mixing(0), seed=7), geometry=GEOMETRY, profile=_profile(tmp_path, basis), layer=0)[0]
+    frame = encode_layer(
+        *_kv(64, 0, _mixing(0), seed=7), geometry=GEOMETRY, profile=_profile(tmp_path, basis), layer=0
+    )[0]
     bad = bytearray(frame)
     struct.pack_into("<Q", bad, 16, basis.digest ^ 1)
     struct.pack_into("<Q", bad, len(bad) - 8, xxhash.xxh3_64_intdigest(bytes(bad[:-8])))
@@ -137,16 +150,16 @@ def test_a_re_signed_basis_field_is_refused(tmp_path):
 
 def test_basis_profiles_are_validated(tmp_path):
     basis = _fitted()
-    with pytest.raises(ConfigError, match='^rotation: "basis" needs coding = "rans"'):
+    with pytest.raises(ConfigError, match=r'^rotation: "basis" needs coding = "rans"'):
         _profile(tmp_path, basis, coding="packed")
     with pytest.raises(ConfigError, match=r"^bits.recent\[0\].key: rotation = \"basis\" codes at most 5 bits"):
         _profile(tmp_path, basis, bits={"key": 3, "value": 3, "recent": [{"tokens": 8, "key": 8, "value": 16}]})
-    with pytest.raises(ConfigError, match="^basis: .*not a readable safetensors file"):
+    with pytest.raises(ConfigError, match=r"^basis: .*not a readable safetensors file"):
         _profile(tmp_path, basis, basis="missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a basis")
-    with pytest.raises(ConfigError, match="^basis: .*not a readable safetensors file"):
+    with pytest.raises(ConfigError, match=r"^basis: .*not a readable safetensors file"):
         _profile(tmp_path, basis, basis="junk.safetensors")
-    with pytest.raises(ConfigError, match='^basis: is only read with rotation = "basis"'):
+    with pytest.raises(ConfigError, match=r'^basis: is only read with rotation = "basis"'):
         _profile(tmp_path, basis, rotation="hadamard")
     profile = _profile(tmp_path, basis)
     profile.check_geometry(3, 16, 2)

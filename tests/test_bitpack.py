@@ -9,7 +9,9 @@ SIZES = [1, 2, 7, 8, 9, 13, 63, 64, 65, 1001]
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("count", SIZES)
 def test_roundtrip_is_exact(bits, count):
-    codes = torch.randint(0, 1 << bits, (count,), dtype=torch.uint8, generator=torch.Generator().manual_seed(count * 9 + bits))
+    codes = torch.randint(
+        0, 1 << bits, (count,), dtype=torch.uint8, generator=torch.Generator().manual_seed(count * 9 + bits)
+    )
     packed = pack(codes, bits)
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_nbytes(count, bits) == -(-count * bits // 8)

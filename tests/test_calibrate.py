@@ -1,9 +1,9 @@
 """Calibration: the allocation rule, and the command on the embedded model."""
 
-import pytest
-
 from types import SimpleNamespace
+from typing import ClassVar
 
+import pytest
 import torch
 
 from cachegen_vllm.calibrate import PROBE_BITS, allocate, as_profile, estimated_kl, run, sensitivity
@@ -13,7 +13,12 @@ from cachegen_vllm.config import load_profile
 
 def test_allocation_gives_sensitive_tensors_more_bits_and_spends_its_budget():
     # probes at 3 and 2 bits; these quadruple per bit, as the squared error does
-    sens = {(0, "key"): (0.01, 0.04), (0, "value"): (0.0001, 0.0004), (1, "key"): (0.001, 0.004), (1, "value"): (0.0001, 0.0004)}
+    sens = {
+        (0, "key"): (0.01, 0.04),
+        (0, "value"): (0.0001, 0.0004),
+        (1, "key"): (0.001, 0.004),
+        (1, "value"): (0.0001, 0.0004),
+    }
     tight, loose = allocate(sens, 0.001, 2, 8), allocate(sens, 0.01, 2, 8)
     assert tight[(0, "key")] > tight[(1, "key")] > tight[(0, "value")]  # in order of sensitivity
     assert sum(loose.values()) < sum(tight.values())  # a looser target costs fewer bits
@@ -38,7 +43,7 @@ def test_a_steep_probe_keeps_a_tensor_off_coarse_widths():
 def test_sensitivity_cache_probes_a_setting_once(tmp_path):
     class Stub:  # a harness whose every probe costs a call
         geometry = KVGeometry(2, 1, 8, torch.bfloat16)
-        windows = [torch.arange(5)]
+        windows: ClassVar = [torch.arange(5)]
         calls = 0
 
         def evaluate(self, profile):
@@ -57,13 +62,13 @@ def test_a_basis_profile_is_never_calibrated_past_its_widest_code():
     """A basis codes at most 5 bits (config.MAX_BASIS_BITS): calibration must not hand a sensitive
     tensor 6-8 bits there (it did, and wrote a profile that did not load)."""
     from cachegen_vllm.calibrate import calibrate
-    from cachegen_vllm.config import MAX_BASIS_BITS
+    from cachegen_vllm.codec.profile import MAX_BASIS_BITS
 
     widest = []
 
     class Stub:  # probes say one tensor is very sensitive; every candidate meets any target
         geometry = KVGeometry(2, 1, 8, torch.bfloat16)
-        windows = [torch.arange(5)]
+        windows: ClassVar = [torch.arange(5)]
 
         def evaluate(self, profile):
             bits = [w for r in profile.layers for w in (r.key, r.value)] + [profile.key_bits, profile.value_bits]
@@ -123,6 +128,16 @@ def test_the_basis_command_fits_a_basis_a_profile_can_use(model_dir, tmp_path):
     out = tmp_path / "fitted.safetensors"
     main(["basis", str(model_dir), "--windows", "2", "--context-tokens", "255", "--offset", "256", "--out", str(out)])
     assert load(str(out)).shape == (30, 3, 64)
-    profile = profile_from_dict({"chunk_tokens": 256, "group_tokens": 64, "rotation": "basis", "basis": out.name,
-                                 "coding": "rans", "bits": {"key": 3, "value": 3}}, "fitted", root=tmp_path)
+    profile = profile_from_dict(
+        {
+            "chunk_tokens": 256,
+            "group_tokens": 64,
+            "rotation": "basis",
+            "basis": out.name,
+            "coding": "rans",
+            "bits": {"key": 3, "value": 3},
+        },
+        "fitted",
+        root=tmp_path,
+    )
     profile.check_geometry(30, 64, 3)

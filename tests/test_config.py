@@ -29,7 +29,13 @@ def _with(path: str, value):
         (_with("colour", "blue"), "colour"),
         (_with("bits.keys", 4), "bits.keys"),
         ({"group_tokens": 64, "bits": {"key": 4, "value": 4}}, "chunk_tokens"),
-        (_with("bits.layers", [{"first": 0, "last": 1, "key": 8, "value": 8}, {"first": 1, "last": 2, "key": 4, "value": 12}]), "bits.layers[1].first"),
+        (
+            _with(
+                "bits.layers",
+                [{"first": 0, "last": 1, "key": 8, "value": 8}, {"first": 1, "last": 2, "key": 4, "value": 12}],
+            ),
+            "bits.layers[1].first",
+        ),
         (_with("bits.layers", [{"first": 3, "last": 1, "key": 8, "value": 8}]), "bits.layers[0].last"),
         (_with("bits.layers", [{"first": 0, "last": 1, "key": 8, "value": 7.5}]), "bits.layers[0].value"),
         (_with("bits.recent", [{"tokens": 0, "key": 8, "value": 8}]), "bits.recent[0].tokens"),
@@ -49,18 +55,18 @@ def test_geometry_checks_name_the_field():
     profile = profile_from_dict(_with("bits.layers", [{"first": 0, "last": 40, "key": 8, "value": 8}]), "p")
     with pytest.raises(ConfigError, match=r"^bits.layers\[0\].last: layer 40 does not exist"):
         profile.check_geometry(num_layers=30, head_dim=64)
-    with pytest.raises(ConfigError, match="^rotation: "):
+    with pytest.raises(ConfigError, match=r"^rotation: "):
         profile_from_dict(_with("rotation", "hadamard"), "p").check_geometry(num_layers=30, head_dim=80)
 
 
 def test_unknown_profile_and_bad_file(tmp_path):
-    with pytest.raises(ConfigError, match="^profile: unknown profile 'nope'"):
+    with pytest.raises(ConfigError, match=r"^profile: unknown profile 'nope'"):
         load_profile("nope")
-    with pytest.raises(ConfigError, match="^profile: no profile file"):
+    with pytest.raises(ConfigError, match=r"^profile: no profile file"):
         load_profile(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("chunk_tokens = [")
-    with pytest.raises(ConfigError, match="^profile: bad: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"^profile: bad: not valid TOML"):
         load_profile(bad)
 
 

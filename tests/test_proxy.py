@@ -6,11 +6,12 @@ import time
 
 import httpx
 import pytest
+from conftest import free_port as _free_port
+from conftest import serve as _serve
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cachegen_vllm.proxy import create_app
-from conftest import free_port as _free_port, serve as _serve
 
 
 def fake_backend(name: str, seen: list):
@@ -26,13 +27,21 @@ def fake_backend(name: str, seen: list):
             return JSONResponse({"error": {"message": f"{name} says no"}}, status_code=422)
         if params.get("do_remote_decode"):  # a prefill instance hands back where the KV waits
             seen.append((name, "answered", None))
-            return {"choices": [{"text": "x"}], "kv_transfer_params": {"do_remote_prefill": True,
-                    "transfer_id": params["transfer_id"], "producer": f"tcp://{name}"}}
+            return {
+                "choices": [{"text": "x"}],
+                "kv_transfer_params": {
+                    "do_remote_prefill": True,
+                    "transfer_id": params["transfer_id"],
+                    "producer": f"tcp://{name}",
+                },
+            }
         if body.get("stream"):
+
             async def events():
                 for word in ("hello", " world"):
                     yield f"data: {json.dumps({'choices': [{'text': word}], 'from': name})}\n\n"
                 yield "data: [DONE]\n\n"
+
             return StreamingResponse(events(), media_type="text/event-stream")
         return {"choices": [{"text": "hello world"}], "from": name}
 
@@ -78,19 +87,34 @@ def test_first_request_hands_over_then_later_ones_overlap_the_legs():
         # The first request to a prefill instance: prefill, its answer, then decode with that answer.
         assert [name for name, _, _ in seen] == ["prefill", "prefill", "decode"]
         p_body, d_body = seen[0][2], seen[2][2]
-        assert p_body["max_tokens"] == 1 and p_body["stream"] is False and p_body["kv_transfer_params"]["do_remote_decode"] is True
+        assert (
+            p_body["max_tokens"] == 1
+            and p_body["stream"] is False
+            and p_body["kv_transfer_params"]["do_remote_decode"] is True
+        )
         tid = p_body["kv_transfer_params"]["transfer_id"]
         assert d_body["max_tokens"] == 20 and d_body["prompt"] == "hi"
-        assert d_body["kv_transfer_params"] == {"do_remote_prefill": True, "transfer_id": tid, "producer": "tcp://prefill"}
+        assert d_body["kv_transfer_params"] == {
+            "do_remote_prefill": True,
+            "transfer_id": tid,
+            "producer": "tcp://prefill",
+        }
         # Later ones: the decode leg starts while the (slow) prefill is still computing.
         seen.clear()
         r = httpx.post(f"{proxy}/v1/completions", json={"model": "slow", "prompt": "hi"}, timeout=10)
         assert r.status_code == 200
-        assert sorted(name for name, _, _ in seen[:2]) == ["decode", "prefill"] and seen[2][:2] == ("prefill", "answered")
-        (_, p_body), = requests_to(seen, "prefill")
-        (_, d_body), = requests_to(seen, "decode")
+        assert sorted(name for name, _, _ in seen[:2]) == ["decode", "prefill"] and seen[2][:2] == (
+            "prefill",
+            "answered",
+        )
+        ((_, p_body),) = requests_to(seen, "prefill")
+        ((_, d_body),) = requests_to(seen, "decode")
         tid = p_body["kv_transfer_params"]["transfer_id"]
-        assert d_body["kv_transfer_params"] == {"do_remote_prefill": True, "transfer_id": tid, "producer": "tcp://prefill"}
+        assert d_body["kv_transfer_params"] == {
+            "do_remote_prefill": True,
+            "transfer_id": tid,
+            "producer": "tcp://prefill",
+        }
         # A failed prefill cancels the decode leg at once (it would take 5 s) and its error comes back.
         started = time.monotonic()
         r = httpx.post(f"{proxy}/v1/completions", json={"model": "broken", "prompt": "hi"}, timeout=10)
@@ -104,15 +128,20 @@ def test_first_request_hands_over_then_later_ones_overlap_the_legs():
 def test_chat_streaming_is_relayed(cluster):
     proxy, seen, _ = cluster
     seen.clear()
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-            "max_completion_tokens": 9, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "max_completion_tokens": 9,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", f"{proxy}/v1/chat/completions", json=body, timeout=10) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1]) == "hello world"
-    (_, prefill_body), = requests_to(seen, "prefill")
-    (_, decode_body), = requests_to(seen, "decode")
+    ((_, prefill_body),) = requests_to(seen, "prefill")
+    ((_, decode_body),) = requests_to(seen, "decode")
     assert prefill_body["max_completion_tokens"] == 1 and "stream_options" not in prefill_body
     assert decode_body["stream"] is True and decode_body["max_completion_tokens"] == 9
 

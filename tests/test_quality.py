@@ -1,14 +1,14 @@
 """Round trips of the embedded model's real KV through the shipped profiles.
 
 The bounds are measured, not picked: `cachegen-vllm quality --windows 3 --context-tokens 512
---continuation-tokens 64 --greedy-tokens 8` (the setting below) gave these figures (NOTES.md):
+--continuation-tokens 64 --greedy-tokens 8` (the setting below) gave these figures (docs/RESULTS.md):
 
     profile        bits/elem   dNLL      KL
     high-quality   8.442      -0.0003   0.0000165
     default        4.881      -0.0004   0.00153
     aggressive     3.565      +0.0131   0.0131
-    entropy        4.507      -0.0004   0.0028     (wire format v2; the default at 4.883 that run)
-    smollm2-basis  2.868      +0.0091   0.0152     (wire format v3, a calibrated basis)
+    entropy        4.507      -0.0004   0.0028     (rans; the default at 4.883 that run)
+    smollm2-basis  2.868      +0.0091   0.0152     (rans in a calibrated basis)
 
 KL bounds are the measured figure with 1.5-2x headroom, so that a real regression (one bit less
 for the keys of the default profile quadruples its KL) fails. dNLL is noisier on 192 tokens; its
@@ -64,7 +64,9 @@ def test_bits_on_the_wire_are_what_the_profile_predicts(harness, results):
             for frame in encode_layer(k, v, geometry=harness.geometry, profile=profile, layer=layer):
                 predicted += frame_nbytes(parse_frame(frame, harness.geometry), harness.geometry)
         assert nbytes == predicted
-        assert results[name].bits_per_element == pytest.approx(8 * nbytes / sum(k.numel() + v.numel() for k, v in kv), rel=0.02)
+        assert results[name].bits_per_element == pytest.approx(
+            8 * nbytes / sum(k.numel() + v.numel() for k, v in kv), rel=0.02
+        )
 
 
 def test_profiles_order_size_against_quality(results):
@@ -100,7 +102,7 @@ def test_entropy_coding_saves_bits_at_about_the_same_loss(results):
 def test_a_calibrated_basis_codes_3_bit_widths_under_3_bits(results):
     """smollm2-basis (3-bit widths, entropy-coded in the fitted basis): under 3 bits per element
     with every byte counted, at a KL that the same widths in the Hadamard rotation only reach with
-    about 0.6 bit/element more (NOTES.md). Fitting the basis on other data, or coding in the
+    about 0.6 bit/element more (docs/RESULTS.md). Fitting the basis on other data, or coding in the
     Hadamard rotation, fails the bits bound."""
     r = results["smollm2-basis"]
     assert r.bits_per_element < BASIS_MAX_BITS

@@ -12,7 +12,7 @@ import zmq
 import zmq.auth
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
-from cachegen_vllm.config import ConfigError, TransportConfig, profile_from_dict, transport_config_from_dict
+from cachegen_vllm.config import ConfigError, profile_from_dict, transport_config_from_dict
 from cachegen_vllm.transport import (
     BufferFull,
     CorruptFrame,
@@ -23,6 +23,7 @@ from cachegen_vllm.transport import (
     TransportTimeout,
 )
 from cachegen_vllm.transport import protocol as P
+from cachegen_vllm.transport.config import TransportConfig
 
 GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
 PROFILE = profile_from_dict({"chunk_tokens": 32, "group_tokens": 8, "bits": {"key": 4, "value": 4}}, "t")
@@ -46,8 +47,14 @@ def wait_until(predicate, timeout=5.0):
 
 
 def assert_no_leaks(producer, consumer):
-    assert wait_until(lambda: producer.transfers == 0 and producer.buffered_bytes == 0), (producer.transfers, producer.buffered_bytes)
-    assert wait_until(lambda: consumer.open_streams == 0 and consumer.buffered_bytes == 0), (consumer.open_streams, consumer.buffered_bytes)
+    assert wait_until(lambda: producer.transfers == 0 and producer.buffered_bytes == 0), (
+        producer.transfers,
+        producer.buffered_bytes,
+    )
+    assert wait_until(lambda: consumer.open_streams == 0 and consumer.buffered_bytes == 0), (
+        consumer.open_streams,
+        consumer.buffered_bytes,
+    )
 
 
 @pytest.fixture
@@ -329,7 +336,9 @@ def test_oversized_frames_are_refused_on_both_sides(endpoints):
 
 def test_buffer_limit(endpoints):
     frames = make_frames(4)
-    producer, _ = endpoints(config=TransportConfig(**{**FAST.__dict__, "max_buffer_bytes": 2 * len(frames[0])}), consumer=False)
+    producer, _ = endpoints(
+        config=TransportConfig(**{**FAST.__dict__, "max_buffer_bytes": 2 * len(frames[0])}), consumer=False
+    )
     producer.put("a", frames[0])
     producer.put("b", frames[0])
     with pytest.raises(BufferFull):
@@ -344,7 +353,13 @@ def test_malformed_messages_are_dropped_and_counted(endpoints):
     rogue = zmq.Context.instance().socket(zmq.DEALER)
     rogue.linger = 0
     rogue.connect(producer.endpoint)
-    for parts in ([b"XXXX", b"id"], [P.PULL], [P.PULL, b"id", b"short"], [P.CRED, b"x" * 500, P.U32.pack(1)], [P.PING, b"extra"]):
+    for parts in (
+        [b"XXXX", b"id"],
+        [P.PULL],
+        [P.PULL, b"id", b"short"],
+        [P.CRED, b"x" * 500, P.U32.pack(1)],
+        [P.PING, b"extra"],
+    ):
         rogue.send_multipart(parts)
     rogue.send_multipart([P.PULL, b"id", b"\0" * 5000])  # over MAX_CONTROL_MESSAGE: the link is cut
     assert wait_until(lambda: producer.stats["malformed"] >= 5)
@@ -366,16 +381,22 @@ def certificates(tmp_path):
 
 
 def _curve(certs, client: str) -> tuple[TransportConfig, TransportConfig]:
-    server = transport_config_from_dict({
-        "heartbeat_s": 0.1, "peer_timeout_s": 0.8,
-        "curve_secret_key_file": str(certs / "server.key_secret"),
-        "curve_authorized_keys_dir": str(certs / "authorized"),
-    })
-    consumer = transport_config_from_dict({
-        "heartbeat_s": 0.1, "peer_timeout_s": 0.8,
-        "curve_secret_key_file": str(certs / f"{client}.key_secret"),
-        "curve_server_public_key_file": str(certs / "server.key"),
-    })
+    server = transport_config_from_dict(
+        {
+            "heartbeat_s": 0.1,
+            "peer_timeout_s": 0.8,
+            "curve_secret_key_file": str(certs / "server.key_secret"),
+            "curve_authorized_keys_dir": str(certs / "authorized"),
+        }
+    )
+    consumer = transport_config_from_dict(
+        {
+            "heartbeat_s": 0.1,
+            "peer_timeout_s": 0.8,
+            "curve_secret_key_file": str(certs / f"{client}.key_secret"),
+            "curve_server_public_key_file": str(certs / "server.key"),
+        }
+    )
     return server, consumer
 
 

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from cachegen_vllm.netem import unavailable
+from cachegen_vllm.testing.netns import unavailable
 
 REASON = unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no network namespaces here: {REASON}")
 
 
 def _bench():
-    path = Path(__file__).parent.parent / "scripts" / "bench_transport.py"
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_transport.py"
     spec = importlib.util.spec_from_file_location("bench_transport", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

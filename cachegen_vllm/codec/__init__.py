@@ -1,4 +1,6 @@
-"""The codec: wire format, quantization, bit allocation, bit packing.
+"""The codec: pure functions of tensors and bytes, with no knowledge of vLLM, devices' kernels or
+the network. Wire format (`format`), profiles (`profile`), bit allocation, quantization and bit
+packing, entropy coding (`entropy`, `rans`), calibrated bases (`basis`), the reference codec.
 
 Public API (one for CPU and GPU tensors): `encode_layer` / `encode_chunk` produce frames,
 `decode_chunk` reads one back (`decode_frames` several, their entropy-coded lanes in one pass),
@@ -6,10 +8,26 @@ Public API (one for CPU and GPU tensors): `encode_layer` / `encode_chunk` produc
 """
 
 from cachegen_vllm.codec.allocation import Segment, chunk_bounds, plan_segments
-from cachegen_vllm.codec.format import FrameError, KVGeometry, check_integrity, parse_frame
+from cachegen_vllm.codec.format import FrameError, check_integrity, parse_frame
+from cachegen_vllm.codec.geometry import KV, KVGeometry
+from cachegen_vllm.codec.profile import EXACT_BITS, ConfigError, Profile
 from cachegen_vllm.codec.reference import DecodedChunk, decode_chunk, decode_frames, encode_chunk, encode_layer
 
 __all__ = [
-    "DecodedChunk", "FrameError", "KVGeometry", "Segment", "check_integrity", "chunk_bounds", "decode_chunk", "decode_frames",
-    "encode_chunk", "encode_layer", "parse_frame", "plan_segments",
+    "EXACT_BITS",
+    "KV",
+    "ConfigError",
+    "DecodedChunk",
+    "FrameError",
+    "KVGeometry",
+    "Profile",
+    "Segment",
+    "check_integrity",
+    "chunk_bounds",
+    "decode_chunk",
+    "decode_frames",
+    "encode_chunk",
+    "encode_layer",
+    "parse_frame",
+    "plan_segments",
 ]

@@ -2,24 +2,32 @@
 
 A layer's base widths come from the profile (`Profile.layer_bits`); the newest tokens of a request
 keep at least the widths of every recent-token tier they fall in, and its first tokens those of
-every sink tier (the attention sinks: a few exact tokens at the start cut the loss of 4-bit keys by
-40%, NOTES.md). Recent distance is counted from the end of the request's prompt (the tokens the
-producer has), so the same token gets the same width in every frame that carries it. A frame's tokens are split into runs ("segments") of equal widths,
-and the frame records them: decoding never needs the profile.
+every sink tier (the attention sinks: a few exact tokens at the start keep the first group's
+statistics from stretching to their outliers). Recent distance is counted from the end of the
+request's prompt (the tokens the producer has), so the same token gets the same width in every
+frame that carries it. A frame's tokens are split into runs ("segments") of equal widths, and the
+frame records them: decoding never needs the profile.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-from cachegen_vllm.config import Profile
+from cachegen_vllm.codec.geometry import KV
+from cachegen_vllm.codec.profile import Profile
 
 
 @dataclass(frozen=True)
 class Segment:
+    """A run of a frame's tokens coded at the same (key, value) widths."""
+
     tokens: int
     key_bits: int
     value_bits: int
+
+    def bits(self, tensor: KV) -> int:
+        return self.key_bits if tensor == KV.KEY else self.value_bits
 
 
 def token_widths(profile: Profile, layer: int, position: int, total_tokens: int) -> tuple[int, int]:
@@ -38,7 +46,7 @@ def plan_segments(profile: Profile, layer: int, start: int, count: int, total_to
     edges = {total_tokens - t.tokens for t in profile.recent} | {t.tokens for t in profile.sink}
     cuts = sorted({start, end} | {e for e in edges if start < e < end})
     segments: list[Segment] = []
-    for lo, hi in zip(cuts, cuts[1:]):
+    for lo, hi in itertools.pairwise(cuts):
         widths = token_widths(profile, layer, lo, total_tokens)
         if segments and (segments[-1].key_bits, segments[-1].value_bits) == widths:
             segments[-1] = Segment(segments[-1].tokens + hi - lo, *widths)

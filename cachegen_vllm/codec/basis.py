@@ -14,8 +14,7 @@ direction is free). With ``S`` the tensor's covariance (centred per chunk, as th
     y = U^T M^(1/2) x,    U: eigenvectors of M^(1/2) S M^(1/2),
 
 equal squared error on ``y`` is equal damage to logits / attention outputs to first order, and the
-components of ``y`` are uncorrelated. On the embedded model it saves 0.45-0.5 bit/element over the
-Hadamard rotation at equal KL, on text it was not fitted on too (NOTES.md).
+components of ``y`` are uncorrelated (research/basis_study.py measures what it saves).
 
 Exactness, because a GPU producer and a CPU producer must write the same bytes: the stored matrix
 is integer (fixed point, ``2**-FRACTION_BITS``), ``x`` is rounded to fixed point as the entropy
@@ -32,17 +31,20 @@ from __future__ import annotations
 
 import importlib.resources
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
 import xxhash
 
+from cachegen_vllm.codec.geometry import KV
 from cachegen_vllm.codec.quant import fixed_point_exponent
 
 FRACTION_BITS = 16
 MAX_ENTRY = 1 << 24  # |forward| below this keeps every product sum under 2**16 * 2**24 * dim < 2**53
-REGULARIZATION = 0.1  # added to the metric's eigenvalues (mean 1); 0.01 and 1 trade bits for KL (scripts/basis_study.py)
+REGULARIZATION = (
+    0.1  # added to the metric's eigenvalues (mean 1); 0.01 and 1 trade bits for KL (research/basis_study.py)
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,9 +59,16 @@ class Basis:
     digest: int
 
     @classmethod
-    def from_forward(cls, forward: torch.Tensor) -> "Basis":
-        if forward.dtype != torch.int32 or forward.dim() != 5 or forward.shape[1] != 2 or forward.shape[3] != forward.shape[4]:
-            raise ValueError(f"a basis is int32 [layers, 2, heads, dim, dim], got {forward.dtype} {list(forward.shape)}")
+    def from_forward(cls, forward: torch.Tensor) -> Basis:
+        if (
+            forward.dtype != torch.int32
+            or forward.dim() != 5
+            or forward.shape[1] != 2
+            or forward.shape[3] != forward.shape[4]
+        ):
+            raise ValueError(
+                f"a basis is int32 [layers, 2, heads, dim, dim], got {forward.dtype} {list(forward.shape)}"
+            )
         if int(forward.abs().max()) >= MAX_ENTRY:
             raise ValueError(f"a basis entry reaches {int(forward.abs().max())}, the format allows below {MAX_ENTRY}")
         matrices = forward.double() * 2.0**-FRACTION_BITS
@@ -74,9 +83,9 @@ class Basis:
         """(layers, kv heads, head dim) of the model it was fitted on."""
         return self.forward.shape[0], self.forward.shape[2], self.forward.shape[3]
 
-    def apply(self, x: torch.Tensor, layer: int, tensor: int) -> torch.Tensor:
-        """Coefficients fp32 [T, H, D] of fp32 ``x`` [T, H, D]; ``tensor`` 0 = K, 1 = V. Bit-identical
-        on any device (module docstring); non-finite where ``x`` is not finite."""
+    def apply(self, x: torch.Tensor, layer: int, tensor: KV) -> torch.Tensor:
+        """Coefficients fp32 [T, H, D] of fp32 ``x`` [T, H, D]. Bit-identical on any device (module
+        docstring); non-finite where ``x`` is not finite."""
         if not bool(torch.isfinite(x).all()):
             return torch.full_like(x, float("nan"))
         e = fixed_point_exponent(x)
@@ -84,7 +93,7 @@ class Basis:
         y = torch.einsum("thd,hjd->thj", fixed, self.weights[layer, tensor].to(x.device))
         return (y * 2.0 ** -(e + FRACTION_BITS)).float().contiguous()
 
-    def invert(self, y: torch.Tensor, layer: int, tensor: int) -> torch.Tensor:
+    def invert(self, y: torch.Tensor, layer: int, tensor: KV) -> torch.Tensor:
         """fp32 [T, H, D] values back from `apply`'s coefficients."""
         inverse = self.inverse[layer, tensor].to(y.device)
         return torch.einsum("thj,hdj->thd", y.double(), inverse).float().contiguous()
@@ -109,7 +118,7 @@ def save(basis: Basis, path: Path, metadata: dict[str, str] | None = None) -> No
     save_file({"forward": basis.forward}, str(path), metadata=metadata or {})
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(path: str) -> Basis:
     """The basis in a safetensors file (cached per path). ValueError if it is not one."""
     from safetensors import SafetensorError
@@ -124,7 +133,7 @@ def load(path: str) -> Basis:
     return Basis.from_forward(tensors["forward"])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _shipped() -> dict[int, Basis]:
     """The basis files shipped in configs/, by digest: listed and loaded once, not per frame."""
     root = importlib.resources.files("cachegen_vllm.configs")

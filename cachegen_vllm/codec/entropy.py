@@ -1,10 +1,9 @@
-"""Entropy-coded quantization (wire format version 2, coding "rans"): a uniform step sized to the
-data, codes centred per channel, and rANS with a frequency table per channel picked from a fixed bank.
+"""Entropy-coded quantization (profile ``coding = "rans"``): a uniform step sized to the data,
+codes centred per channel, and rANS with a frequency table per channel picked from a fixed bank.
 
-Why this quantizer (NOTES.md, "Entropy coding"): min/max grids spread codes almost uniformly, so
-entropy-coding them saves little, and their per-group statistics cost 0.5-1 bit/element. A uniform
-step with the codes entropy-coded spends bits where the data is: at the same squared error it costs
-0.5-1.1 bit/element less on the embedded model.
+Why this quantizer: min/max grids spread codes almost uniformly, so entropy-coding them saves
+little, and their per-group statistics cost a large share of the bits. A uniform step with the
+codes entropy-coded spends bits where the data is (docs/RESULTS.md has the rate-distortion table).
 
 For one tensor of one segment, ``x`` [tokens, channels] in fp32 (rotated if the frame says so):
 
@@ -14,25 +13,32 @@ For one tensor of one segment, ``x`` [tokens, channels] in fp32 (rotated if the 
    ``d = round((x - center) * 2**e)``; ``step = fp32(sqrt(fp32(sum(d*d)) / fp32(n)) * GAIN) *
    2**(-e - bits)``, or ``2**-e`` if that is 0. GAIN = sqrt(2 pi e) makes a Gaussian's codes cost
    about ``bits`` bits each at high rate, so the segment's width still reads as a rate.
-2. **Codes** ``q = clamp(floor((x - center) / step + 0.5), -2**bits, 2**bits - 1)``, symbols
-   ``q + 2**bits`` (an alphabet of ``2**(bits+1)``); values come back as ``q * step + center``.
+2. **Codes** ``q = clamp(floor((x - center) / step + 0.5), -2**a, 2**a - 1)``, symbols
+   ``q + 2**a`` (an alphabet of ``2**(a+1)``, ``a`` = `alphabet_bits`); values come back as
+   ``q * step + center``.
 3. **Tables**: each channel codes with one of `TABLES` discretized Gaussians (`bank`), the one that
    codes that channel's symbols in the fewest bits (integer costs, lowest index on ties): one byte
    per channel on the wire instead of a table.
 4. **Lanes**: the ``n`` codes in token-major order are dealt to ``K = ceil(n / lane_symbols)``
    lanes, code ``i * K + j`` being step ``i`` of lane ``j`` (so a step touches K consecutive codes).
+
+The lanes go through a `RansCoder`: the compiled CPU loops (`rans_numba`) on a CPU, what a device
+registers (`register_coder`: the Triton kernels' for CUDA), or the torch reference (`rans`)
+anywhere else. All write the same bytes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
+from typing import NamedTuple
 
 import torch
 import xxhash
 
-from cachegen_vllm.codec import rans
+from cachegen_vllm.codec import rans, rans_numba
 from cachegen_vllm.codec.format import rans_lanes
 from cachegen_vllm.codec.quant import fixed_point_exponent
 
@@ -51,14 +57,21 @@ def table_width(index: int) -> float:
 # code other bytes. It is checked before first use; a mismatch refuses to code rather than emit
 # bytes another machine reads differently.
 BANK_DIGESTS = {
-    1: 0x82CC45CD38DAA952, 2: 0xA76934C69601830F, 3: 0x2F651A99315D67FC, 4: 0x7B7BEF5A4F7351C4,
-    5: 0x8EE55C69CBE12DAF, 6: 0x52BB710B920E200B, 7: 0x0259E8EEB00D9EF2, 8: 0xA85A880BAC0A3217,
+    1: 0x82CC45CD38DAA952,
+    2: 0xA76934C69601830F,
+    3: 0x2F651A99315D67FC,
+    4: 0x7B7BEF5A4F7351C4,
+    5: 0x8EE55C69CBE12DAF,
+    6: 0x52BB710B920E200B,
+    7: 0x0259E8EEB00D9EF2,
+    8: 0xA85A880BAC0A3217,
 }
 
 
 def _gaussian_freqs(sigma: float, half: int) -> list[int]:
     """Frequencies (out of PROB_SCALE, each >= 1) of q in [-half, half) for N(0, sigma) rounded to
     the nearest integer, the tails folded into the end symbols."""
+
     def tail(z: float) -> float:  # P(X > z), exact in the tails where 1 - cdf would cancel
         return 0.5 * math.erfc(z / (sigma * math.sqrt(2)))
 
@@ -78,7 +91,7 @@ def _gaussian_freqs(sigma: float, half: int) -> list[int]:
     return freqs
 
 
-@lru_cache(maxsize=None)
+@cache
 def bank(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(cumulative frequencies [TABLES, 2**(bits+1) + 1], costs [TABLES, 2**(bits+1)] in 1/COST_SCALE
     bit), int64 on the CPU. RuntimeError if this machine computes other tables than the format's."""
@@ -97,25 +110,33 @@ def bank(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cum, costs
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bank_on(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """`bank` on ``device``, copied there once."""
     cum, costs = bank(bits)
     return cum.to(device), costs.to(device)
 
 
-def _coder(device: torch.device):
-    """The rANS implementation for tensors on ``device``: the Triton kernels on a GPU (a thread per
-    lane), the compiled lane loops on a CPU; both produce the torch reference's bytes (`rans`)."""
-    if device.type == "cuda":
-        from cachegen_vllm.kernels import rans_coder
+class RansCoder(NamedTuple):
+    """What codes lanes on one kind of device, with `rans.encode` and `rans.decode`'s contract."""
 
-        return rans_coder
-    if device.type == "cpu":
-        from cachegen_vllm.codec import rans_numba
+    encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    decode: Callable[..., torch.Tensor]  # (states, stream, lane_words, cum, row_start, rows, active)
 
-        return rans_numba
-    return rans
+
+REFERENCE_CODER = RansCoder(rans.encode, rans.decode)
+_CODERS: dict[str, RansCoder] = {"cpu": RansCoder(rans_numba.encode, rans_numba.decode)}
+
+
+def register_coder(device_type: str, coder: RansCoder) -> None:
+    """Code the lanes of tensors on ``device_type`` ("cuda", ...) with ``coder``, which must write
+    the reference's bytes. Importing `cachegen_vllm.kernels.rans_coder` registers the Triton coder
+    for CUDA; a device with none uses the torch reference, which runs anywhere."""
+    _CODERS[device_type] = coder
+
+
+def coder_for(device: torch.device) -> RansCoder:
+    return _CODERS.get(device.type, REFERENCE_CODER)
 
 
 def lanes_of(count: int, lane_symbols: int) -> tuple[int, int]:
@@ -126,13 +147,15 @@ def lanes_of(count: int, lane_symbols: int) -> tuple[int, int]:
 
 def alphabet_bits(bits: int, basis: bool) -> int:
     """The symbol alphabet (``2**(a+1)`` symbols, bank ``a``) of a ``bits``-wide tensor. A
-    calibrated basis concentrates the variance: its largest coefficients reach 38.5 sigma of the
-    tensor on the embedded model, beyond the +-4.1 sigma that ``2**bits`` steps span, so its
+    calibrated basis concentrates the variance: its largest coefficients lie far beyond the
+    +-4.1 sigma that ``2**bits`` steps span (research/basis_study.py measures how far), so its
     alphabet is 16 times wider, up to the widest bank (which limits basis profiles to 5 bits)."""
     return min(bits + 4, max(BANK_DIGESTS)) if basis else bits
 
 
-def quantize(x: torch.Tensor, bits: int, alphabet: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor, bits: int, alphabet: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: fp32 [tokens, channels], finite; ``alphabet``: `alphabet_bits` (default ``bits``).
     Returns (symbols int64 [tokens, channels], centers fp16 [channels], step fp32 [1])."""
     tokens, count = x.shape[0], x.numel()
@@ -218,12 +241,18 @@ def encode(tensors: list[tuple[torch.Tensor, torch.Tensor, int]], lane_symbols: 
     """rANS-code several tensors at once, each ``(symbols [tokens, channels], table ids [channels],
     bits)``, their lanes side by side (one pass of steps for all). Returns their `Lanes`."""
     freq, start, lane_counts = encode_grids(tensors, lane_symbols)
-    states, stream, lane_words = _coder(freq.device).encode(freq, start)
+    states, stream, lane_words = coder_for(freq.device).encode(freq, start)
     out, lane, word = [], 0, 0
     for lanes in lane_counts:
         words = lane_words[lane : lane + lanes]
         total = int(words.sum())
-        out.append(Lanes(states[lane : lane + lanes].to(torch.uint32), words.to(torch.uint16), stream[word : word + total].to(torch.uint16)))
+        out.append(
+            Lanes(
+                states[lane : lane + lanes].to(torch.uint32),
+                words.to(torch.uint16),
+                stream[word : word + total].to(torch.uint16),
+            )
+        )
         lane, word = lane + lanes, word + total
     return out
 
@@ -246,8 +275,15 @@ def decode_grids(tensors: list[Coded]) -> tuple[tuple[torch.Tensor, ...], list[t
     def cat(field: str) -> torch.Tensor:
         return torch.cat([getattr(t.lanes, field).to(torch.int64) for t in tensors])
 
-    args = (cat("states"), cat("stream"), cat("lane_words"), torch.cat(tables), torch.cat(starts), _padded(rows, 0),
-            _padded(actives, False))
+    args = (
+        cat("states"),
+        cat("stream"),
+        cat("lane_words"),
+        torch.cat(tables),
+        torch.cat(starts),
+        _padded(rows, 0),
+        _padded(actives, False),
+    )
     return args, actives
 
 
@@ -255,7 +291,7 @@ def decode(tensors: list[Coded]) -> list[torch.Tensor]:
     """Symbols, int64 [tokens, channels], of tensors that `encode` coded, all lanes in one pass.
     rans.RansError if a stream is corrupted."""
     args, actives = decode_grids(tensors)
-    symbols = _coder(args[0].device).decode(*args)
+    symbols = coder_for(args[0].device).decode(*args)
     out, lane = [], 0
     for t, grid in zip(tensors, actives):
         steps, lanes = grid.shape

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
-import torch
 import xxhash
 
 from cachegen_vllm.codec.allocation import Segment
 from cachegen_vllm.codec.bitpack import packed_nbytes
+from cachegen_vllm.codec.geometry import DTYPE_CODES, DTYPES, KV, KVGeometry
+from cachegen_vllm.codec.profile import EXACT_BITS, MAX_CHUNK_TOKENS, QUANT_BITS
 from cachegen_vllm.codec.quant import STAT_DTYPE, stats_count
-from cachegen_vllm.config import EXACT_BITS, MAX_CHUNK_TOKENS, QUANT_BITS
 
 MAGIC = b"CGKV"
 VERSION = 3
@@ -31,36 +32,31 @@ HEADER = struct.Struct("<4sHHQQHHHBBHHIIIHH")
 SEGMENT = struct.Struct("<IBBHII")
 CHECKSUM = struct.Struct("<Q")
 
-DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
-DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
-
 
 class FrameError(ValueError):
     """A frame is malformed, corrupted, from another model, or not the one expected."""
 
 
-@dataclass(frozen=True)
-class KVGeometry:
-    """The shape of a model's KV cache; producer and consumer must agree on it exactly."""
+class HeaderFields(NamedTuple):
+    """The fixed header, field by field, as `HEADER` packs it (docs/FORMAT.md, "Layout")."""
 
+    magic: bytes
+    version: int
+    flags: int
+    fingerprint: int
+    basis: int
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
-    model: str = ""  # a name both sides use for the model; part of the fingerprint
-
-    def __post_init__(self):
-        if self.dtype not in DTYPE_CODES:
-            raise ValueError(f"unsupported KV dtype {self.dtype}; supported: {list(DTYPE_CODES)}")
-
-    @property
-    def fingerprint(self) -> int:
-        text = f"{self.model}|{self.num_layers}|{self.num_kv_heads}|{self.head_dim}|{self.dtype}"
-        return xxhash.xxh3_64_intdigest(text.encode())
-
-    @property
-    def channels(self) -> int:
-        return self.num_kv_heads * self.head_dim
+    dtype: int
+    num_segments: int
+    layer: int
+    group_tokens: int
+    token_start: int
+    token_count: int
+    frame_bytes: int
+    lane_symbols: int
+    reserved: int
 
 
 @dataclass(frozen=True)
@@ -76,8 +72,13 @@ class FrameHeader:
     stream_words: tuple[tuple[int, int], ...] = ()  # rans: (key, value) stream words per segment
     basis: int = 0  # rans: digest of the calibrated basis the tensors are coded in (codec.basis), 0 if none
 
-    def words(self, index: int, tensor: int) -> int:
+    def words(self, index: int, tensor: KV) -> int:
+        """16-bit words of the rANS stream of ``tensor`` in segment ``index`` (0 if it has none)."""
         return self.stream_words[index][tensor] if self.stream_words else 0
+
+    def axis(self, tensor: KV) -> str:
+        """How ``tensor``'s packed statistics are grouped: keys always per channel."""
+        return "channel" if tensor == KV.KEY else self.value_axis
 
     @property
     def token_count(self) -> int:
@@ -93,8 +94,9 @@ def rans_lanes(elements: int, lane_symbols: int) -> int:
     return -(-elements // lane_symbols)
 
 
-def array_sizes(tokens: int, bits: int, axis: str, geometry: KVGeometry, group_tokens: int,
-                rans: tuple[int, int] | None = None) -> list[int]:
+def array_sizes(
+    tokens: int, bits: int, axis: str, geometry: KVGeometry, group_tokens: int, rans: tuple[int, int] | None = None
+) -> list[int]:
     """Byte sizes of the arrays one tensor (K or V) of one segment puts on the wire, in order;
     ``rans`` = (lane_symbols, stream words) for an entropy-coded tensor."""
     elements = tokens * geometry.channels
@@ -118,9 +120,9 @@ def tensor_arrays(header: FrameHeader, geometry: KVGeometry) -> list[list[list[i
     out = []
     for i, seg in enumerate(header.segments):
         tensors = []
-        for t, (bits, axis) in enumerate(((seg.key_bits, "channel"), (seg.value_bits, header.value_axis))):
+        for t in KV:
             rans = (header.lane_symbols, header.words(i, t)) if header.coding == "rans" else None
-            tensors.append(array_sizes(seg.tokens, bits, axis, geometry, header.group_tokens, rans))
+            tensors.append(array_sizes(seg.tokens, seg.bits(t), header.axis(t), geometry, header.group_tokens, rans))
         out.append(tensors)
     return out
 
@@ -150,18 +152,44 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
     if len(frame) != total:
         raise ValueError(f"frame buffer must be {total} bytes, got {len(frame)}")
     flags = (
-        (FLAG_VALUE_PER_TOKEN if header.value_axis == "token" else 0) | (FLAG_HADAMARD if header.hadamard else 0)
+        (FLAG_VALUE_PER_TOKEN if header.value_axis == "token" else 0)
+        | (FLAG_HADAMARD if header.hadamard else 0)
         | (FLAG_RANS if header.coding == "rans" else 0)
     )
-    HEADER.pack_into(
-        frame, 0, MAGIC, VERSION, flags, geometry.fingerprint, header.basis, geometry.num_layers, geometry.num_kv_heads,
-        geometry.head_dim, DTYPE_CODES[geometry.dtype], len(header.segments), header.layer,
-        header.group_tokens, header.token_start, header.token_count, total, header.lane_symbols, 0,
+    fields = HeaderFields(
+        magic=MAGIC,
+        version=VERSION,
+        flags=flags,
+        fingerprint=geometry.fingerprint,
+        basis=header.basis,
+        num_layers=geometry.num_layers,
+        num_kv_heads=geometry.num_kv_heads,
+        head_dim=geometry.head_dim,
+        dtype=DTYPE_CODES[geometry.dtype],
+        num_segments=len(header.segments),
+        layer=header.layer,
+        group_tokens=header.group_tokens,
+        token_start=header.token_start,
+        token_count=header.token_count,
+        frame_bytes=total,
+        lane_symbols=header.lane_symbols,
+        reserved=0,
     )
+    HEADER.pack_into(frame, 0, *fields)
     for i, seg in enumerate(header.segments):
-        SEGMENT.pack_into(frame, HEADER.size + i * SEGMENT.size, seg.tokens, seg.key_bits, seg.value_bits, 0,
-                          header.words(i, 0), header.words(i, 1))
-    CHECKSUM.pack_into(frame, total - CHECKSUM.size, xxhash.xxh3_64_intdigest(memoryview(frame)[: total - CHECKSUM.size]))
+        SEGMENT.pack_into(
+            frame,
+            HEADER.size + i * SEGMENT.size,
+            seg.tokens,
+            seg.key_bits,
+            seg.value_bits,
+            0,
+            header.words(i, KV.KEY),
+            header.words(i, KV.VALUE),
+        )
+    CHECKSUM.pack_into(
+        frame, total - CHECKSUM.size, xxhash.xxh3_64_intdigest(memoryview(frame)[: total - CHECKSUM.size])
+    )
 
 
 def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: list[bytes]) -> bytes:
@@ -190,39 +218,38 @@ def check_integrity(frame: bytes | bytearray | memoryview) -> memoryview:
     size = len(view)
     if size < HEADER.size + SEGMENT.size + CHECKSUM.size:
         raise FrameError(f"frame is {size} bytes, shorter than the smallest possible frame")
-    fields = HEADER.unpack_from(view, 0)
-    magic, version, total = fields[0], fields[1], fields[-3]
-    if magic != MAGIC:
-        raise FrameError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise FrameError(f"wire format version {version}, this decoder reads version {VERSION}")
-    if total != size:
-        raise FrameError(f"frame says it is {total} bytes but {size} arrived")
+    fields = HeaderFields(*HEADER.unpack_from(view, 0))
+    if fields.magic != MAGIC:
+        raise FrameError(f"bad magic {bytes(fields.magic)!r}, expected {MAGIC!r}")
+    if fields.version != VERSION:
+        raise FrameError(f"wire format version {fields.version}, this decoder reads version {VERSION}")
+    if fields.frame_bytes != size:
+        raise FrameError(f"frame says it is {fields.frame_bytes} bytes but {size} arrived")
     checksum = CHECKSUM.unpack_from(view, size - CHECKSUM.size)[0]
     if xxhash.xxh3_64_intdigest(view[: size - CHECKSUM.size]) != checksum:
         raise FrameError("checksum mismatch: the frame was corrupted")
     return view
 
 
-def _header_fields(frame: bytes | bytearray | memoryview) -> tuple:
+def _header_fields(frame: bytes | bytearray | memoryview) -> HeaderFields:
     """The header's fields, checking only that it is one (nothing else is vouched for)."""
     view = memoryview(frame).cast("B")
     if len(view) < HEADER.size or bytes(view[:4]) != MAGIC:
         raise FrameError("not a frame: too short or bad magic")
-    return HEADER.unpack_from(view, 0)
+    return HeaderFields(*HEADER.unpack_from(view, 0))
 
 
 def frame_tokens(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
     """``(token_start, token_count)`` from a frame's header, without checking the rest: for the
     producer, which routes its own frames by the tokens they hold."""
     fields = _header_fields(frame)
-    return fields[-5], fields[-4]
+    return fields.token_start, fields.token_count
 
 
 def frame_coding(frame: bytes | bytearray | memoryview) -> str:
     """How a frame's quantized tensors are coded ("packed" or "rans"), from its flags alone: for a
     caller that picks a decoder before `parse_frame` checks the rest."""
-    return "rans" if _header_fields(frame)[2] & FLAG_RANS else "packed"
+    return "rans" if _header_fields(frame).flags & FLAG_RANS else "packed"
 
 
 def parse_frame(
@@ -234,36 +261,38 @@ def parse_frame(
     """Validate a whole frame and return its header; raise FrameError on anything wrong."""
     view = check_integrity(frame)
     size = len(view)
-    (_, _, flags, fingerprint, basis, num_layers, num_kv_heads, head_dim, dtype_code, num_segments,
-     layer, group_tokens, token_start, token_count, _, lane_symbols, header_reserved) = HEADER.unpack_from(view, 0)
-    if flags & ~KNOWN_FLAGS:
-        raise FrameError(f"unknown flags 0x{flags & ~KNOWN_FLAGS:x}")
-    got = (num_layers, num_kv_heads, head_dim, DTYPES.get(dtype_code, f"code {dtype_code}"))
+    h = HeaderFields(*HEADER.unpack_from(view, 0))
+    if h.flags & ~KNOWN_FLAGS:
+        raise FrameError(f"unknown flags 0x{h.flags & ~KNOWN_FLAGS:x}")
+    got = (h.num_layers, h.num_kv_heads, h.head_dim, DTYPES.get(h.dtype, f"code {h.dtype}"))
     want = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.dtype)
     if got != want:
         raise FrameError(f"KV geometry (layers, kv heads, head dim, dtype) is {got}, this model's is {want}")
-    if fingerprint != geometry.fingerprint:
-        raise FrameError(f"model fingerprint {fingerprint:016x} is not this model's ({geometry.fingerprint:016x})")
-    if layer >= num_layers:
-        raise FrameError(f"layer {layer} out of range (model has {num_layers})")
-    if expect_layer is not None and layer != expect_layer:
-        raise FrameError(f"frame is for layer {layer}, expected layer {expect_layer}")
-    if expect_token_start is not None and token_start != expect_token_start:
-        raise FrameError(f"frame starts at token {token_start}, expected token {expect_token_start}")
-    if group_tokens == 0:
+    if h.fingerprint != geometry.fingerprint:
+        raise FrameError(f"model fingerprint {h.fingerprint:016x} is not this model's ({geometry.fingerprint:016x})")
+    if h.layer >= h.num_layers:
+        raise FrameError(f"layer {h.layer} out of range (model has {h.num_layers})")
+    if expect_layer is not None and h.layer != expect_layer:
+        raise FrameError(f"frame is for layer {h.layer}, expected layer {expect_layer}")
+    if expect_token_start is not None and h.token_start != expect_token_start:
+        raise FrameError(f"frame starts at token {h.token_start}, expected token {expect_token_start}")
+    if h.group_tokens == 0:
         raise FrameError("group_tokens is 0")
-    coding = "rans" if flags & FLAG_RANS else "packed"
-    if header_reserved != 0 or (lane_symbols == 0) != (coding == "packed"):
-        raise FrameError(f"lane_symbols {lane_symbols} / reserved {header_reserved} do not fit coding {coding!r}")
-    if basis and (coding != "rans" or flags & FLAG_HADAMARD):
-        raise FrameError(f"basis {basis:016x} on a {coding} frame{' with a hadamard rotation' if flags & FLAG_HADAMARD else ''}")
-    if num_segments == 0:
+    coding = "rans" if h.flags & FLAG_RANS else "packed"
+    hadamard = bool(h.flags & FLAG_HADAMARD)
+    if h.reserved != 0 or (h.lane_symbols == 0) != (coding == "packed"):
+        raise FrameError(f"lane_symbols {h.lane_symbols} / reserved {h.reserved} do not fit coding {coding!r}")
+    if h.basis and (coding != "rans" or hadamard):
+        raise FrameError(f"basis {h.basis:016x} on a {coding} frame{' with a hadamard rotation' if hadamard else ''}")
+    if h.num_segments == 0:
         raise FrameError("frame has no segments")
-    if payload_offset(num_segments) + CHECKSUM.size > size:
-        raise FrameError(f"{num_segments} segments do not fit in a {size}-byte frame")
+    if payload_offset(h.num_segments) + CHECKSUM.size > size:
+        raise FrameError(f"{h.num_segments} segments do not fit in a {size}-byte frame")
     segments, words = [], []
-    for i in range(num_segments):
-        tokens, key_bits, value_bits, reserved, key_words, value_words = SEGMENT.unpack_from(view, HEADER.size + i * SEGMENT.size)
+    for i in range(h.num_segments):
+        tokens, key_bits, value_bits, reserved, key_words, value_words = SEGMENT.unpack_from(
+            view, HEADER.size + i * SEGMENT.size
+        )
         if tokens == 0 or reserved != 0:
             raise FrameError(f"segment {i} is malformed (tokens={tokens}, reserved={reserved})")
         _check_bits(f"segment {i} key bits", key_bits)
@@ -276,25 +305,24 @@ def parse_frame(
         segments.append(Segment(tokens, key_bits, value_bits))
         words.append((key_words, value_words))
     header = FrameHeader(
-        layer=layer,
-        token_start=token_start,
-        group_tokens=group_tokens,
-        value_axis="token" if flags & FLAG_VALUE_PER_TOKEN else "channel",
-        hadamard=bool(flags & FLAG_HADAMARD),
+        layer=h.layer,
+        token_start=h.token_start,
+        group_tokens=h.group_tokens,
+        value_axis="token" if h.flags & FLAG_VALUE_PER_TOKEN else "channel",
+        hadamard=hadamard,
         segments=tuple(segments),
         coding=coding,
-        lane_symbols=lane_symbols,
+        lane_symbols=h.lane_symbols,
         stream_words=tuple(words) if coding == "rans" else (),
-        basis=basis,
+        basis=h.basis,
     )
-    if header.token_count != token_count:
-        raise FrameError(f"segments hold {header.token_count} tokens, header says {token_count}")
-    if token_count > MAX_CHUNK_TOKENS:  # rans codes can be far denser than a bit each: bound the decode
-        raise FrameError(f"frame holds {token_count} tokens, more than a chunk can ({MAX_CHUNK_TOKENS})")
-    if header.hadamard and head_dim & (head_dim - 1):
-        raise FrameError(f"hadamard rotation on head_dim {head_dim}, which is not a power of two")
+    if header.token_count != h.token_count:
+        raise FrameError(f"segments hold {header.token_count} tokens, header says {h.token_count}")
+    if h.token_count > MAX_CHUNK_TOKENS:  # rans codes can be far denser than a bit each: bound the decode
+        raise FrameError(f"frame holds {h.token_count} tokens, more than a chunk can ({MAX_CHUNK_TOKENS})")
+    if hadamard and h.head_dim & (h.head_dim - 1):
+        raise FrameError(f"hadamard rotation on head_dim {h.head_dim}, which is not a power of two")
     expected = frame_nbytes(header, geometry)
     if expected != size:
         raise FrameError(f"segments need a {expected}-byte frame, got {size}")
     return header
-

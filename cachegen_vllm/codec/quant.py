@@ -27,8 +27,7 @@ def hadamard_(x: torch.Tensor) -> torch.Tensor:
 
     Butterflies in Sylvester order, then one multiply by 1/sqrt(d): a fixed sequence of fp32 adds
     that a kernel can repeat exactly. The transform is its own inverse. Rotating each head before
-    quantizing spreads outlier channels over the head, which halves the quality loss at equal bits
-    on the default model (NOTES.md).
+    quantizing spreads outlier channels over the head, which a min/max grid prefers.
     """
     d = x.shape[-1]
     h = 1

@@ -51,8 +51,13 @@ def encode(freq: torch.Tensor, cum: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def decode(
-    states: torch.Tensor, stream: torch.Tensor, lane_words: torch.Tensor, cum: torch.Tensor, row_start: torch.Tensor,
-    rows: torch.Tensor, active: torch.Tensor,
+    states: torch.Tensor,
+    stream: torch.Tensor,
+    lane_words: torch.Tensor,
+    cum: torch.Tensor,
+    row_start: torch.Tensor,
+    rows: torch.Tensor,
+    active: torch.Tensor,
 ) -> torch.Tensor:
     """Symbols ``[steps, lanes]`` (int64) of lanes whose final states and streams (back to back, the
     lengths in ``lane_words``) `encode` made. The tables are rows of cumulative frequencies, each
@@ -64,8 +69,10 @@ def decode(
     device = states.device
     # Row r shifted by r << 17 makes all rows one ascending array: a symbol is one searchsorted.
     shift = (PROB_SCALE << 1).bit_length() - 1
-    owner = torch.repeat_interleave(torch.arange(row_start.numel(), device=device), torch.diff(
-        torch.cat([row_start, torch.tensor([cum.numel()], device=device)])))
+    owner = torch.repeat_interleave(
+        torch.arange(row_start.numel(), device=device),
+        torch.diff(torch.cat([row_start, torch.tensor([cum.numel()], device=device)])),
+    )
     keyed = cum + (owner << shift)
     end = torch.cumsum(lane_words, 0)
     ptr = end - lane_words

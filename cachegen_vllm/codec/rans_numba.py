@@ -3,8 +3,7 @@
 The same integer steps as `cachegen_vllm.codec.rans` (the torch reference, one tensor operation
 per step for all lanes) and `kernels/rans_coder.py` (Triton, a thread per lane): here each lane runs
 its own compiled loop, so the states, words and symbols are identical (tested). The torch loop pays
-a Python step per code of a lane, whatever the number of lanes: 50-90 ms for a 1,024-token layer
-of the embedded model, seconds per request inside vLLM (NOTES.md); this runs in milliseconds.
+a Python step per code of a lane, whatever the number of lanes, which is too slow for serving.
 `encode` and `decode` take and return what the torch functions do. numba comes with vLLM.
 """
 

@@ -8,6 +8,7 @@ step per code of a lane, not per tensor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,12 +17,11 @@ from cachegen_vllm.codec import basis as bases_
 from cachegen_vllm.codec import entropy
 from cachegen_vllm.codec.allocation import Segment, chunk_bounds, plan_segments
 from cachegen_vllm.codec.bitpack import pack, unpack
-from cachegen_vllm.codec.format import (
-    FrameError, FrameHeader, KVGeometry, parse_frame, payload_arrays, write_frame,
-)
+from cachegen_vllm.codec.format import FrameError, FrameHeader, parse_frame, payload_arrays, write_frame
+from cachegen_vllm.codec.geometry import KV, KVGeometry
+from cachegen_vllm.codec.profile import EXACT_BITS, Profile
 from cachegen_vllm.codec.quant import STAT_DTYPE, dequantize, hadamard_, quantize
 from cachegen_vllm.codec.rans import RansError
-from cachegen_vllm.config import EXACT_BITS, Profile
 
 
 @dataclass(frozen=True)
@@ -53,27 +53,30 @@ class _Rotation:
     hadamard: bool = False
     basis: bases_.Basis | None = None
 
-    def apply(self, x: torch.Tensor, layer: int, tensor: int) -> torch.Tensor:
-        """fp32 [T, H, D] (a new tensor) for finite ``x``; ``tensor`` 0 = K, 1 = V."""
+    def apply(self, x: torch.Tensor, layer: int, tensor: KV) -> torch.Tensor:
+        """fp32 [T, H, D] (a new tensor) for finite ``x``."""
         if self.basis is not None:
             return self.basis.apply(x.float(), layer, tensor)
         work = x.float().contiguous()  # a copy: the rotation works in place
         return hadamard_(work) if self.hadamard else work
 
-    def invert(self, y: torch.Tensor, layer: int, tensor: int) -> torch.Tensor:
+    def invert(self, y: torch.Tensor, layer: int, tensor: KV) -> torch.Tensor:
         if self.basis is not None:
             return self.basis.invert(y, layer, tensor)
         return hadamard_(y) if self.hadamard else y
 
 
 def _profile_rotation(profile: Profile) -> _Rotation:
-    return _Rotation(profile.rotation == "hadamard", bases_.load(profile.basis) if profile.rotation == "basis" else None)
+    return _Rotation(
+        profile.rotation == "hadamard", bases_.load(profile.basis) if profile.rotation == "basis" else None
+    )
 
 
-def _encode_tensor(x: torch.Tensor, bits: int, axis: str, group_tokens: int, coding: str, rotation: _Rotation,
-                   where: tuple[int, int]):
+def _encode_tensor(
+    x: torch.Tensor, bits: int, axis: str, group_tokens: int, coding: str, rotation: _Rotation, where: tuple[int, KV]
+):
     """Arrays of one tensor of one segment (a `_RansTensor` to finish, for rans), or None if its
-    values are not finite or too large for fp16 statistics. ``where``: (layer, 0 for K or 1 for V)."""
+    values are not finite or too large for fp16 statistics. ``where``: (layer, tensor)."""
     if bits == EXACT_BITS:
         return [_to_bytes(x)]
     work = rotation.apply(x, *where)
@@ -104,9 +107,12 @@ def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes
         tensors, final_segments, row = [], [], 0
         for seg in segments:
             widths = []
-            for tensor, (x, bits, axis) in enumerate(((key, seg.key_bits, "channel"), (value, seg.value_bits, profile.value_axis))):
+            for tensor, x in zip(KV, (key, value)):
+                bits, axis = seg.bits(tensor), "channel" if tensor == KV.KEY else profile.value_axis
                 part = x[row : row + seg.tokens]
-                arrays = _encode_tensor(part, bits, axis, profile.group_tokens, profile.coding, rotation, (layer, tensor))
+                arrays = _encode_tensor(
+                    part, bits, axis, profile.group_tokens, profile.coding, rotation, (layer, tensor)
+                )
                 if arrays is None:  # sent exact rather than wrong
                     arrays, bits = [_to_bytes(part)], EXACT_BITS
                 if isinstance(arrays, _RansTensor):
@@ -124,14 +130,21 @@ def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes
         for tensor in tensors:
             if isinstance(tensor, _RansTensor):
                 lanes = streams[id(tensor)]
-                arrays += tensor.arrays + [_to_bytes(lanes.states), _to_bytes(lanes.lane_words), _to_bytes(lanes.stream)]
+                streams_ = [_to_bytes(lanes.states), _to_bytes(lanes.lane_words), _to_bytes(lanes.stream)]
+                arrays += [*tensor.arrays, *streams_]
                 words.append(lanes.stream.numel())
             else:
                 arrays += tensor
                 words.append(0)
         header = FrameHeader(
-            layer, token_start, profile.group_tokens, profile.value_axis, rotation.hadamard, tuple(segments),
-            coding=profile.coding, lane_symbols=profile.lane_symbols if profile.coding == "rans" else 0,
+            layer,
+            token_start,
+            profile.group_tokens,
+            profile.value_axis,
+            rotation.hadamard,
+            tuple(segments),
+            coding=profile.coding,
+            lane_symbols=profile.lane_symbols if profile.coding == "rans" else 0,
             stream_words=tuple(zip(words[::2], words[1::2])) if profile.coding == "rans" else (),
             basis=rotation.basis.digest if rotation.basis is not None else 0,
         )
@@ -190,7 +203,9 @@ def _frame_rotation(header: FrameHeader, geometry: KVGeometry, known: tuple[base
             "producer's profile (its basis file), or ship the basis in configs/"
         )
     if basis.shape != (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim):
-        raise FrameError(f"basis {header.basis:016x} is for (layers, kv heads, head dim) {basis.shape}, not this model's")
+        raise FrameError(
+            f"basis {header.basis:016x} is for (layers, kv heads, head dim) {basis.shape}, not this model's"
+        )
     return _Rotation(basis=basis)
 
 
@@ -221,7 +236,7 @@ def _rans_part(arrays: list[torch.Tensor], header: FrameHeader, bits: int, shape
 
 
 def decode_frames(
-    frames: list[bytes | bytearray | memoryview],
+    frames: Sequence[bytes | bytearray | memoryview],
     geometry: KVGeometry,
     *,
     device: torch.device | str = "cpu",
@@ -232,7 +247,9 @@ def decode_frames(
     """Decode frames to K and V on ``device``, the rANS lanes of all of them in one pass. ``bases``:
     calibrated bases frames may name besides the shipped ones. Raises FrameError on any bad byte of
     any frame, or a basis it does not have."""
-    parsed, pending = [], []  # per frame: its header, rotation, and per segment (K, V) a tensor or a _RansPart
+    # per frame: its header, rotation, and per segment (K, V) a tensor or a _RansPart
+    parsed: list[tuple[FrameHeader, _Rotation, list[list[torch.Tensor | _RansPart]]]] = []
+    pending: list[_RansPart] = []
     for frame in frames:
         header = parse_frame(frame, geometry, expect_layer, expect_token_start)
         rotation = _frame_rotation(header, geometry, bases)
@@ -240,19 +257,23 @@ def decode_frames(
         segments = []
         for seg, slots in zip(header.segments, payload_arrays(header, geometry)):
             arrays = [data[offset : offset + n] for offset, n in slots]
-            pair = []
-            for tensor, (bits, axis) in enumerate(((seg.key_bits, "channel"), (seg.value_bits, header.value_axis))):
+            pair: list[torch.Tensor | _RansPart] = []
+            for tensor in KV:
+                bits, axis = seg.bits(tensor), header.axis(tensor)
                 shape = (seg.tokens, geometry.num_kv_heads, geometry.head_dim)
                 if bits == EXACT_BITS:
                     pair.append(arrays.pop(0).view(geometry.dtype).view(shape))
                 elif header.coding == "rans":
-                    pair.append(_rans_part(arrays[:6], header, entropy.alphabet_bits(bits, bool(header.basis)), shape))
-                    pending.append(pair[-1])
+                    part = _rans_part(arrays[:6], header, entropy.alphabet_bits(bits, bool(header.basis)), shape)
+                    pair.append(part)
+                    pending.append(part)
                     del arrays[:6]
                 else:
                     mins, scales, packed = (arrays.pop(0) for _ in range(3))
                     codes = unpack(packed, bits, seg.tokens * geometry.channels)
-                    x = dequantize(codes, mins.view(STAT_DTYPE), scales.view(STAT_DTYPE), shape, axis, header.group_tokens)
+                    x = dequantize(
+                        codes, mins.view(STAT_DTYPE), scales.view(STAT_DTYPE), shape, axis, header.group_tokens
+                    )
                     pair.append(rotation.invert(x, header.layer, tensor).to(geometry.dtype))
             segments.append(pair)
         parsed.append((header, rotation, segments))
@@ -263,10 +284,13 @@ def decode_frames(
     out = []
     for header, rotation, segments in parsed:
         tensors = [
-            rotation.invert(entropy.dequantize(symbols[id(x)], x.centers, x.step, x.coded.bits).view(x.shape), header.layer,
-                            tensor).to(geometry.dtype)
-            if isinstance(x, _RansPart) else x
-            for pair in segments for tensor, x in enumerate(pair)
+            rotation.invert(
+                entropy.dequantize(symbols[id(x)], x.centers, x.step, x.coded.bits).view(x.shape), header.layer, tensor
+            ).to(geometry.dtype)
+            if isinstance(x, _RansPart)
+            else x
+            for pair in segments
+            for tensor, x in zip(KV, pair)
         ]
         out.append(DecodedChunk(header.layer, header.token_start, torch.cat(tensors[::2]), torch.cat(tensors[1::2])))
     return out
@@ -282,5 +306,6 @@ def decode_chunk(
     bases: tuple[bases_.Basis, ...] = (),
 ) -> DecodedChunk:
     """Decode one frame to K and V on ``device`` (`decode_frames`). Raises FrameError on any bad byte."""
-    return decode_frames([frame], geometry, device=device, expect_layer=expect_layer, expect_token_start=expect_token_start,
-                         bases=bases)[0]
+    return decode_frames(
+        [frame], geometry, device=device, expect_layer=expect_layer, expect_token_start=expect_token_start, bases=bases
+    )[0]

@@ -16,6 +16,13 @@ from cachegen_vllm.transport.errors import (
 from cachegen_vllm.transport.producer import FrameProducer
 
 __all__ = [
-    "BufferFull", "CorruptFrame", "FrameConsumer", "FrameProducer", "PeerGone", "TransferRefused",
-    "TransferStream", "TransportError", "TransportTimeout",
+    "BufferFull",
+    "CorruptFrame",
+    "FrameConsumer",
+    "FrameProducer",
+    "PeerGone",
+    "TransferRefused",
+    "TransferStream",
+    "TransportError",
+    "TransportTimeout",
 ]

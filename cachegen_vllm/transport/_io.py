@@ -3,6 +3,7 @@ set-up, and the socket monitor that reports failed handshakes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -14,7 +15,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from cachegen_vllm.config import TransportConfig
+from cachegen_vllm.transport.config import TransportConfig
 
 log = logging.getLogger("cachegen_vllm.transport")
 
@@ -41,10 +42,8 @@ class IOThread:
 
     def call(self, fn: Callable[[], None]) -> None:
         self._commands.put(fn)
-        try:
+        with contextlib.suppress(OSError):  # closed: the IO thread is gone and the command is moot
             self._wake_w.send(b"\0")
-        except OSError:  # closed: the IO thread is gone and the command is moot
-            pass
 
     def _run(self) -> None:
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
@@ -94,7 +93,7 @@ def load_keys(path: str) -> tuple[bytes, bytes]:
 
 def secure_server(sock: zmq.Socket, context: zmq.Context, config: TransportConfig):
     """Make ``sock`` a CURVE server that accepts only the configured consumers' keys."""
-    if not config.curve:
+    if config.curve_secret_key_file is None:
         return None
     from zmq.auth.thread import ThreadAuthenticator
 
@@ -110,8 +109,10 @@ def secure_server(sock: zmq.Socket, context: zmq.Context, config: TransportConfi
 
 
 def secure_client(sock: zmq.Socket, config: TransportConfig) -> None:
-    if not config.curve:
+    if config.curve_secret_key_file is None:
         return
+    if config.curve_server_public_key_file is None:  # FrameConsumer refuses such a config first
+        raise ValueError("a CURVE consumer needs the producer's public certificate")
     public, secret = load_keys(config.curve_secret_key_file)
     server_public, _ = zmq.auth.load_certificate(config.curve_server_public_key_file)
     sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_public

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import zmq
 
 from cachegen_vllm.codec.format import FrameError, check_integrity
-from cachegen_vllm.config import ConfigError, TransportConfig
+from cachegen_vllm.codec.profile import ConfigError
 from cachegen_vllm.transport import protocol as P
 from cachegen_vllm.transport._io import HANDSHAKE_FAILURES, IOThread, handshake_failed, log, secure_client
+from cachegen_vllm.transport.config import TransportConfig
 from cachegen_vllm.transport.errors import CorruptFrame, PeerGone, TransferRefused, TransportError, TransportTimeout
 
 _END = object()
@@ -222,12 +223,16 @@ class FrameConsumer(IOThread):
         kind = parts[0]
         if kind == P.PONG and len(parts) == 2:
             if peer.epoch is not None and parts[1] != peer.epoch:
-                for stream in list(peer.streams.values()):
-                    if stream._epoch is not None and stream._epoch != parts[1]:
-                        self._fail(stream, PeerGone(f"producer {endpoint} restarted and lost transfer {stream.transfer_id}"), cancel=False)
+                for lost in list(peer.streams.values()):
+                    if lost._epoch is not None and lost._epoch != parts[1]:
+                        self._fail(
+                            lost,
+                            PeerGone(f"producer {endpoint} restarted and lost transfer {lost.transfer_id}"),
+                            cancel=False,
+                        )
             peer.epoch = parts[1]
-            for stream in peer.streams.values():
-                stream._epoch = stream._epoch or parts[1]
+            for waiting in peer.streams.values():
+                waiting._epoch = waiting._epoch or parts[1]
             return
         stream = peer.streams.get(parts[1]) if len(parts) >= 2 else None
         if stream is None:
@@ -249,7 +254,13 @@ class FrameConsumer(IOThread):
             stream._items.put(frame)
         elif kind == P.END and len(parts) == 3 and len(parts[2]) == P.U32.size:
             if P.U32.unpack(parts[2])[0] != stream._next_seq:
-                return self._fail(stream, CorruptFrame(f"transfer {stream.transfer_id} ended after {P.U32.unpack(parts[2])[0]} frames, {stream._next_seq} arrived"))
+                return self._fail(
+                    stream,
+                    CorruptFrame(
+                        f"transfer {stream.transfer_id} ended after {P.U32.unpack(parts[2])[0]} frames, "
+                        f"{stream._next_seq} arrived"
+                    ),
+                )
             del peer.streams[stream._tid]
             self._send(endpoint, [P.DONE, stream._tid])
             stream._items.put(_END)

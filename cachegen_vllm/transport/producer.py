@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import zmq
 
 from cachegen_vllm.codec.format import frame_tokens
-from cachegen_vllm.config import TransportConfig
 from cachegen_vllm.transport import protocol as P
 from cachegen_vllm.transport._io import HANDSHAKE_FAILURES, IOThread, handshake_failed, log, secure_server
+from cachegen_vllm.transport.config import TransportConfig
 from cachegen_vllm.transport.errors import BufferFull, TransferRefused
 
 TOMBSTONES = 4096  # ended transfers remembered, so a late PULL is refused instead of parked
@@ -27,7 +27,7 @@ TOMBSTONES = 4096  # ended transfers remembered, so a late PULL is refused inste
 @dataclass
 class _Transfer:
     expires: float
-    frames: list[bytes] = field(default_factory=list)
+    frames: list[bytes | memoryview] = field(default_factory=list)
     token_ends: list[int] = field(default_factory=list)  # of each frame: one past its last token
     nbytes: int = 0
     finished: bool = False
@@ -208,10 +208,10 @@ class FrameProducer(IOThread):
                 self._send(consumer, [P.ERR, tid, P.ERR_CODE.pack(ended[0]), ended[1].encode()])
         elif kind == P.CRED and len(args) == 2 and len(args[1]) == P.U32.size:
             with self._lock:
-                t = self._transfers.get(tid)
-                if t is not None and t.consumer == consumer:
-                    t.credits += P.U32.unpack(args[1])[0]
-                    self._renew(t)
+                credited = self._transfers.get(tid)
+                if credited is not None and credited.consumer == consumer:
+                    credited.credits += P.U32.unpack(args[1])[0]
+                    self._renew(credited)
         elif kind == P.DONE and len(args) == 1:
             self._end(tid, P.COMPLETED, "completed")
         elif kind == P.CANC and len(args) == 1:
@@ -226,7 +226,11 @@ class FrameProducer(IOThread):
             sendable = [(tid, t) for tid, t in self._transfers.items() if t.consumer is not None]
         for tid, pulled in expired:
             self.stats["evicted"] += 1
-            why = f"its consumer stopped renewing it for lease_s={self.config.lease_s}" if pulled else f"nobody pulled it within ttl_s={self.config.ttl_s}"
+            why = (
+                f"its consumer stopped renewing it for lease_s={self.config.lease_s}"
+                if pulled
+                else f"nobody pulled it within ttl_s={self.config.ttl_s}"
+            )
             self._end(tid, P.EVICTED, "evicted: " + why)
         for tid, t in sendable:
             self._pump(tid, t)
@@ -238,7 +242,9 @@ class FrameProducer(IOThread):
                 continue
             frame = t.frames[t.next_frame]
             if len(frame) > t.max_frame_bytes:
-                return self._end(tid, P.TOO_LARGE, f"frame {t.next_frame} is {len(frame)} bytes, over the consumer's limit")
+                return self._end(
+                    tid, P.TOO_LARGE, f"frame {t.next_frame} is {len(frame)} bytes, over the consumer's limit"
+                )
             if not self._send(t.consumer, [P.DATA, tid, P.U32.pack(t.sent), frame]):
                 return
             t.next_frame += 1

@@ -1,7 +1,7 @@
 """TTFT and end-to-end latency of disaggregated prefill/decode through the proxy, with the prefill
 and decode instances in two network namespaces joined by a shaped veth link (root needed).
 
-    .venv/bin/python scripts/bench_e2e.py --json results/e2e.json --plot results/e2e.png
+    .venv/bin/python benchmarks/bench_e2e.py --json benchmarks/results/e2e.json --plot benchmarks/results/e2e.png
 
 Per link rate and prompt length (1K, 2K, 3K tokens of English text), the median over --reps of:
   prefill   the prefill instance alone computing the prompt (max_tokens=1, nothing sent): the part
@@ -35,14 +35,22 @@ from pathlib import Path
 LENGTHS = (1024, 2048, 3072)
 MAX_TOKENS = 32
 KV_PORTS = {"raw": 5611, "default": 5612}
-HTTP_PORTS = {"raw": 8111, "default": 8112, "decode": 8200,
-              "proxy-raw": 8301, "proxy-default": 8302, "proxy-raw-sequential": 8303, "proxy-default-sequential": 8304}
+HTTP_PORTS = {
+    "raw": 8111,
+    "default": 8112,
+    "decode": 8200,
+    "proxy-raw": 8301,
+    "proxy-default": 8302,
+    "proxy-raw-sequential": 8303,
+    "proxy-default-sequential": 8304,
+}
 PD_MODES = ("raw", "default", "raw-sequential", "default-sequential")  # mode -> profile: the part before "-"
 MODES = ("prefill", "recompute", *PD_MODES)
 
 
 def prompts(model: str) -> dict[int, list[int]]:
     from pydoc_data.topics import topics
+
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(model)("\n\n".join(topics[k] for k in sorted(topics))).input_ids
@@ -65,7 +73,15 @@ def stream_ttft(url: str, body: dict) -> tuple[float, float]:
 def inside(near_ns: str, near_ip: str, rate: str, reps: int, logs: Path, out: Path) -> None:
     """Runs in the decode's namespace: starts everything, measures, writes JSON rows."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from cachegen_vllm.demo import cachegen_counters, kv_transfer_config, post, start_instance, stop_all, wait_healthy, warm_up
+    from cachegen_vllm.launch import (
+        cachegen_counters,
+        kv_transfer_config,
+        post,
+        start_instance,
+        stop_all,
+        wait_healthy,
+        warm_up,
+    )
     from cachegen_vllm.model import default_model_dir
 
     model = str(default_model_dir())
@@ -75,17 +91,43 @@ def inside(near_ns: str, near_ip: str, rate: str, reps: int, logs: Path, out: Pa
     try:
         for profile, port in KV_PORTS.items():
             config = kv_transfer_config("kv_producer", {"profile": profile, "bind": f"tcp://{near_ip}:{port}"})
-            procs[profile] = start_instance(model, HTTP_PORTS[profile], logs / f"{rate}-{profile}.log", config,
-                                            launcher=["ip", "netns", "exec", near_ns, "taskset", "-c", "0"], cores="0", extra_args=no_cache,
-                                            host="0.0.0.0")
-        procs["decode"] = start_instance(model, HTTP_PORTS["decode"], logs / f"{rate}-decode.log",
-                                         kv_transfer_config("kv_consumer", {}), launcher=["taskset", "-c", "1"], cores="1",
-                                         extra_args=no_cache)
+            procs[profile] = start_instance(
+                model,
+                HTTP_PORTS[profile],
+                logs / f"{rate}-{profile}.log",
+                config,
+                launcher=["ip", "netns", "exec", near_ns, "taskset", "-c", "0"],
+                cores="0",
+                extra_args=no_cache,
+                host="0.0.0.0",
+            )
+        procs["decode"] = start_instance(
+            model,
+            HTTP_PORTS["decode"],
+            logs / f"{rate}-decode.log",
+            kv_transfer_config("kv_consumer", {}),
+            launcher=["taskset", "-c", "1"],
+            cores="1",
+            extra_args=no_cache,
+        )
         for mode in PD_MODES:
             procs[f"proxy-{mode}"] = subprocess.Popen(
-                [sys.executable, "-m", "cachegen_vllm.cli", "proxy", "--prefill", urls[mode.split("-")[0]], "--decode", urls["decode"],
-                 "--port", str(HTTP_PORTS[f"proxy-{mode}"]), *(["--no-overlap"] if mode.endswith("sequential") else [])],
-                stdout=open(logs / f"{rate}-proxy-{mode}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
+                [
+                    sys.executable,
+                    "-m",
+                    "cachegen_vllm.cli",
+                    "proxy",
+                    "--prefill",
+                    urls[mode.split("-")[0]],
+                    "--decode",
+                    urls["decode"],
+                    "--port",
+                    str(HTTP_PORTS[f"proxy-{mode}"]),
+                    *(["--no-overlap"] if mode.endswith("sequential") else []),
+                ],
+                stdout=open(logs / f"{rate}-proxy-{mode}.log", "w"),  # noqa: SIM115 (the child owns it)
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         for name, proc in procs.items():
             wait_healthy(urls[name], proc, timeout_s=600)
@@ -110,13 +152,23 @@ def inside(near_ns: str, near_ip: str, rate: str, reps: int, logs: Path, out: Pa
                     after = cachegen_counters(urls["decode"])
                     counters[mode] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
             for mode, samples in timings.items():
-                row = {"rate": rate, "prompt_tokens": tokens, "mode": mode,
-                       "ttft_s": statistics.median(t for t, _ in samples), "e2e_s": statistics.median(e for _, e in samples),
-                       "samples": samples}
+                row = {
+                    "rate": rate,
+                    "prompt_tokens": tokens,
+                    "mode": mode,
+                    "ttft_s": statistics.median(t for t, _ in samples),
+                    "e2e_s": statistics.median(e for _, e in samples),
+                    "samples": samples,
+                }
                 if mode in counters:
                     c = counters[mode]
-                    row.update(wire_bytes=c.get("wire_bytes", 0), raw_bytes=c.get("raw_bytes", 0), failures=c.get("failures", 0),
-                               decode_transfer_s=c.get("transfer_seconds", 0), decode_decode_s=c.get("decode_seconds", 0))
+                    row.update(
+                        wire_bytes=c.get("wire_bytes", 0),
+                        raw_bytes=c.get("raw_bytes", 0),
+                        failures=c.get("failures", 0),
+                        decode_transfer_s=c.get("transfer_seconds", 0),
+                        decode_decode_s=c.get("decode_seconds", 0),
+                    )
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
         out.write_text(json.dumps(rows))
@@ -133,12 +185,23 @@ def plot(rows: list[dict], path: Path) -> None:
     rates = sorted({r["rate"] for r in rows}, key=lambda r: ("gbit" in r, r))
     fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 4), sharey=True, squeeze=False)
     for ax, rate in zip(axes[0], rates):
-        for mode, style in (("prefill", "k:"), ("recompute", "C1--"), ("raw-sequential", "C3o:"), ("default-sequential", "C0s:"),
-                            ("raw", "C3o-"), ("default", "C0s-")):
+        for mode, style in (
+            ("prefill", "k:"),
+            ("recompute", "C1--"),
+            ("raw-sequential", "C3o:"),
+            ("default-sequential", "C0s:"),
+            ("raw", "C3o-"),
+            ("default", "C0s-"),
+        ):
             pts = sorted((r["prompt_tokens"], r["ttft_s"]) for r in rows if r["rate"] == rate and r["mode"] == mode)
-            label = {"prefill": "prefill alone (no transfer)", "recompute": "decode recomputes",
-                     "raw": "P/D raw bf16, overlapped", "default": "P/D default profile, overlapped",
-                     "raw-sequential": "P/D raw bf16, sequential", "default-sequential": "P/D default profile, sequential"}[mode]
+            label = {
+                "prefill": "prefill alone (no transfer)",
+                "recompute": "decode recomputes",
+                "raw": "P/D raw bf16, overlapped",
+                "default": "P/D default profile, overlapped",
+                "raw-sequential": "P/D raw bf16, sequential",
+                "default-sequential": "P/D default profile, sequential",
+            }[mode]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         ax.set_title(f"link {rate}")
         ax.set_xlabel("prompt tokens")
@@ -152,27 +215,37 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def print_table(rows: list[dict], reps: int) -> None:
     by = {(r["rate"], r["prompt_tokens"], r["mode"]): r for r in rows}
-    print(f"\nTTFT in s, median of {reps}; overhead (ovh, overlapped) = TTFT - prefill; seq = --no-overlap, ovl = the proxy's default")
-    print(f"{'link':<9}{'tokens':>7}{'prefill':>9}{'recomp':>8}{'raw seq':>9}{'def seq':>9}{'raw ovl':>9}{'def ovl':>9}"
-          f"{'ovh raw':>9}{'ovh def':>9}{'def/raw':>9}{'ratio':>7}")
+    print(
+        f"\nTTFT in s, median of {reps}; overhead (ovh, overlapped) = TTFT - prefill; "
+        "seq = --no-overlap, ovl = the proxy's default"
+    )
+    print(
+        f"{'link':<9}{'tokens':>7}{'prefill':>9}{'recomp':>8}{'raw seq':>9}{'def seq':>9}{'raw ovl':>9}{'def ovl':>9}"
+        f"{'ovh raw':>9}{'ovh def':>9}{'def/raw':>9}{'ratio':>7}"
+    )
     for rate in dict.fromkeys(r["rate"] for r in rows):
         for tokens in LENGTHS:
             t = {m: by[(rate, tokens, m)]["ttft_s"] for m in MODES}
             raw_ovh, def_ovh = t["raw"] - t["prefill"], t["default"] - t["prefill"]  # the proxy's default mode
             d = by[(rate, tokens, "default")]
             ratio = d["raw_bytes"] / d["wire_bytes"] if d["wire_bytes"] else float("nan")
-            print(f"{rate:<9}{tokens:>7}{t['prefill']:>9.2f}{t['recompute']:>8.2f}{t['raw-sequential']:>9.2f}{t['default-sequential']:>9.2f}"
-                  f"{t['raw']:>9.2f}{t['default']:>9.2f}{raw_ovh:>9.2f}{def_ovh:>9.2f}{def_ovh / raw_ovh:>9.2f}{ratio:>7.2f}")
+            print(
+                f"{rate:<9}{tokens:>7}{t['prefill']:>9.2f}{t['recompute']:>8.2f}{t['raw-sequential']:>9.2f}{t['default-sequential']:>9.2f}"
+                f"{t['raw']:>9.2f}{t['default']:>9.2f}{raw_ovh:>9.2f}{def_ovh:>9.2f}"
+                f"{def_ovh / raw_ovh:>9.2f}{ratio:>7.2f}"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=Path("results/e2e.json"))
-    parser.add_argument("--plot", type=Path, default=Path("results/e2e.png"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/e2e.json"))
+    parser.add_argument("--plot", type=Path, default=Path("benchmarks/results/e2e.png"))
     parser.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "cachegen-bench-e2e")
-    parser.add_argument("--from-json", type=Path, help="print the table and plot of an earlier run's JSON; measure nothing")
+    parser.add_argument(
+        "--from-json", type=Path, help="print the table and plot of an earlier run's JSON; measure nothing"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: servers stopped, namespaces removed
     if args.from_json:
@@ -181,7 +254,7 @@ def main() -> None:
         plot(saved["rows"], args.plot)
         return
     from cachegen_vllm.model import ensure_default_model
-    from cachegen_vllm.netem import shaped_link, unavailable
+    from cachegen_vllm.testing.netns import shaped_link, unavailable
 
     if why := unavailable():
         sys.exit(f"bench_e2e needs network namespaces: {why}")
@@ -190,8 +263,22 @@ def main() -> None:
     rows = []
     for rate in args.rates:
         with shaped_link(rate, delay_ms=1.0) as link, tempfile.NamedTemporaryFile(suffix=".json") as out:
-            inner = subprocess.Popen(link.command("far", [sys.executable, __file__, "inside", link.near, link.near_ip, rate,
-                                                          str(args.reps), str(args.logs), out.name]))
+            inner = subprocess.Popen(
+                link.command(
+                    "far",
+                    [
+                        sys.executable,
+                        __file__,
+                        "inside",
+                        link.near,
+                        link.near_ip,
+                        rate,
+                        str(args.reps),
+                        str(args.logs),
+                        out.name,
+                    ],
+                )
+            )
             try:
                 if inner.wait():
                     sys.exit(f"the measurement at {rate} failed (logs in {args.logs})")

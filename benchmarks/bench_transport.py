@@ -1,6 +1,6 @@
 """Transport goodput and first-frame latency, over loopback and over shaped veth links.
 
-    .venv/bin/python scripts/bench_transport.py --json results/transport.json
+    .venv/bin/python benchmarks/bench_transport.py --json benchmarks/results/transport.json
 
 The producer and the consumer run as separate processes (in two network namespaces for the
 shaped links; root needed). The producer queues the frames of one transfer as fast as it can;
@@ -29,24 +29,27 @@ def _frame() -> bytes:
     import torch
 
     from cachegen_vllm.codec import KVGeometry, encode_layer
-    from cachegen_vllm.config import EXACT_BITS, profile_from_dict
+    from cachegen_vllm.codec.profile import EXACT_BITS
+    from cachegen_vllm.config import profile_from_dict
 
     geometry = KVGeometry(32, 8, 128, torch.bfloat16, model="bench")
-    profile = profile_from_dict({"chunk_tokens": FRAME_TOKENS, "group_tokens": 1, "bits": {"key": EXACT_BITS, "value": EXACT_BITS}}, "raw")
+    profile = profile_from_dict(
+        {"chunk_tokens": FRAME_TOKENS, "group_tokens": 1, "bits": {"key": EXACT_BITS, "value": EXACT_BITS}}, "raw"
+    )
     kv = torch.randn(FRAME_TOKENS, 8, 128).bfloat16()
     return encode_layer(kv, kv, geometry=geometry, profile=profile, layer=0)[0]
 
 
 def produce(bind: str, frames: int, pace_ms: float = 0.0) -> None:
-    from cachegen_vllm.config import TransportConfig
     from cachegen_vllm.transport import FrameProducer
+    from cachegen_vllm.transport.config import TransportConfig
 
     frame = _frame()
     producer = FrameProducer(TransportConfig(bind=bind, max_buffer_bytes=frames * len(frame) + 1))
     print(json.dumps({"endpoint": producer.endpoint}), flush=True)
     sys.stdin.readline()  # the consumer is waiting
     first = time.monotonic()
-    for i in range(frames):
+    for _ in range(frames):
         producer.put(TRANSFER_ID, frame)
         time.sleep(pace_ms / 1000)  # a producer that makes frames at a model's pace, not at once
     produced = time.monotonic() - first
@@ -59,8 +62,8 @@ def produce(bind: str, frames: int, pace_ms: float = 0.0) -> None:
 
 
 def consume(endpoint: str) -> None:
-    from cachegen_vllm.config import TransportConfig
     from cachegen_vllm.transport import FrameConsumer
+    from cachegen_vllm.transport.config import TransportConfig
 
     consumer = FrameConsumer(TransportConfig(peer_timeout_s=30))
     stream = consumer.fetch(endpoint, TRANSFER_ID, timeout_s=600)
@@ -71,14 +74,24 @@ def consume(endpoint: str) -> None:
         first = first or time.monotonic()
         nbytes += len(frame)
         frames += 1
-    print(json.dumps({"first_frame": first, "last_frame": time.monotonic(), "bytes": nbytes, "frames": frames}), flush=True)
+    print(
+        json.dumps({"first_frame": first, "last_frame": time.monotonic(), "bytes": nbytes, "frames": frames}),
+        flush=True,
+    )
     consumer.close()
 
 
-def run_transfer(frames: int, producer_cmd: list[str], consumer_cmd: list[str], bind: str, pace_ms: float = 0.0) -> dict:
+def run_transfer(
+    frames: int, producer_cmd: list[str], consumer_cmd: list[str], bind: str, pace_ms: float = 0.0
+) -> dict:
     """One transfer between two processes; returns bytes, goodput and first-frame latency."""
     me = [sys.executable, __file__]
-    prod = subprocess.Popen(producer_cmd + me + ["produce", bind, str(frames), str(pace_ms)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    prod = subprocess.Popen(
+        producer_cmd + me + ["produce", bind, str(frames), str(pace_ms)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         endpoint = json.loads(prod.stdout.readline())["endpoint"]
         cons = subprocess.Popen(consumer_cmd + me + ["consume", endpoint], stdout=subprocess.PIPE, text=True)
@@ -94,17 +107,23 @@ def run_transfer(frames: int, producer_cmd: list[str], consumer_cmd: list[str], 
         prod.kill()
     seconds = got["last_frame"] - sent["first_put"]
     return {
-        "frames": got["frames"], "frames_expected": frames, "bytes": got["bytes"],
-        "seconds": seconds, "goodput_gbit_s": 8 * got["bytes"] / seconds / 1e9,
-        "first_frame_ms": 1000 * (got["first_frame"] - sent["first_put"]), "produced_s": sent["produced_s"],
+        "frames": got["frames"],
+        "frames_expected": frames,
+        "bytes": got["bytes"],
+        "seconds": seconds,
+        "goodput_gbit_s": 8 * got["bytes"] / seconds / 1e9,
+        "first_frame_ms": 1000 * (got["first_frame"] - sent["first_put"]),
+        "produced_s": sent["produced_s"],
     }
 
 
 def run_link(rate: str, delay_ms: float, frames: int, pace_ms: float = 0.0) -> dict:
-    from cachegen_vllm.netem import shaped_link
+    from cachegen_vllm.testing.netns import shaped_link
 
     with shaped_link(rate, delay_ms) as link:
-        result = run_transfer(frames, link.command("near", []), link.command("far", []), f"tcp://{link.near_ip}:0", pace_ms)
+        result = run_transfer(
+            frames, link.command("near", []), link.command("far", []), f"tcp://{link.near_ip}:0", pace_ms
+        )
         return {"delay_ms_applied": link.delay_ms, **result}
 
 
@@ -117,7 +136,7 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=1.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from cachegen_vllm.netem import unavailable
+    from cachegen_vllm.testing.netns import unavailable
 
     rows = [{"link": "loopback", **run_transfer(1024, [], [], "tcp://127.0.0.1:0")}]
     skip = unavailable()
@@ -134,11 +153,16 @@ def main() -> None:
         frames = int(args.seconds * 0.1e9 / 8 / (1 << 20) * 0.8)
         pace_ms = 1000 * args.seconds / frames
         result = run_link("100mbit", args.delay_ms, frames, pace_ms)
-        rows.append({"link": f"100mbit paced {pace_ms:.0f}ms", **result, "fraction_of_link": result["goodput_gbit_s"] / 0.1})
+        rows.append(
+            {"link": f"100mbit paced {pace_ms:.0f}ms", **result, "fraction_of_link": result["goodput_gbit_s"] / 0.1}
+        )
     print(f"{'link':<22}{'MiB':>8}{'made in':>9}{'s':>8}{'Gbit/s':>9}{'of link':>9}{'first frame':>13}")
     for r in rows:
         share = f"{100 * r['fraction_of_link']:.0f}%" if "fraction_of_link" in r else "-"
-        print(f"{r['link']:<22}{r['bytes'] / 2**20:>8.0f}{r['produced_s']:>9.2f}{r['seconds']:>8.2f}{r['goodput_gbit_s']:>9.2f}{share:>9}{r['first_frame_ms']:>11.1f}ms")
+        print(
+            f"{r['link']:<22}{r['bytes'] / 2**20:>8.0f}{r['produced_s']:>9.2f}{r['seconds']:>8.2f}"
+            f"{r['goodput_gbit_s']:>9.2f}{share:>9}{r['first_frame_ms']:>11.1f}ms"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"delay_ms": args.delay_ms, "rows": rows}, indent=2) + "\n")

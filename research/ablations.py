@@ -1,9 +1,9 @@
 """Which codec choices pay, measured on the embedded model's real KV through the real wire format.
 
 Each variant quantizes only keys or only values (the other stays exact) so that their effects
-separate. Prints a table and writes JSON; NOTES.md quotes the results.
+separate. Prints a table and writes JSON; docs/RESULTS.md quotes the results.
 
-    .venv/bin/python scripts/ablations.py --json results/ablations.json [--layers]
+    .venv/bin/python research/ablations.py --json research/results/ablations.json [--layers]
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from cachegen_vllm.config import EXACT_BITS, profile_from_dict
+from cachegen_vllm.codec.profile import EXACT_BITS
+from cachegen_vllm.config import profile_from_dict
 from cachegen_vllm.model import ensure_default_model
 from cachegen_vllm.quality import Harness, format_table, result_dict
 
@@ -21,7 +22,9 @@ SINK4 = [{"tokens": 4, "key": EXACT_BITS, "value": EXACT_BITS}]
 
 def variant(name, key, value, group=128, rotation="none", axis="token", sink=(), layers=()):
     bits = {"key": key, "value": value, "sink": list(sink), "layers": list(layers)}
-    return profile_from_dict({"chunk_tokens": 256, "group_tokens": group, "rotation": rotation, "value_axis": axis, "bits": bits}, name)
+    return profile_from_dict(
+        {"chunk_tokens": 256, "group_tokens": group, "rotation": rotation, "value_axis": axis, "bits": bits}, name
+    )
 
 
 VARIANTS = [
@@ -50,8 +53,13 @@ def main() -> None:
     if args.layers:
         last = harness.geometry.num_layers - 1
         variants += [
-            variant(f"K2 rot layer {i}", EXACT_BITS, EXACT_BITS, rotation="hadamard",
-                    layers=[{"first": i, "last": i, "key": 2, "value": EXACT_BITS}])
+            variant(
+                f"K2 rot layer {i}",
+                EXACT_BITS,
+                EXACT_BITS,
+                rotation="hadamard",
+                layers=[{"first": i, "last": i, "key": 2, "value": EXACT_BITS}],
+            )
             for i in range(last + 1)
         ]
     results = []
@@ -61,8 +69,18 @@ def main() -> None:
     print(format_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"windows": args.windows, "context_tokens": 1024, "continuation_tokens": 128,
-                                         "results": [result_dict(r) for r in results]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "windows": args.windows,
+                    "context_tokens": 1024,
+                    "continuation_tokens": 128,
+                    "results": [result_dict(r) for r in results],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

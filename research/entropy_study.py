@@ -15,7 +15,7 @@ On the embedded model's KV (rotated as the default profile does), for each layer
 Bits are per element and count the codes and the per-group statistics (fp16 min and scale), not
 the tables, frame headers or sink/recent tokens.
 
-    .venv/bin/python scripts/entropy_study.py --json results/entropy_study.json
+    .venv/bin/python research/entropy_study.py --json research/results/entropy_study.json
 """
 
 from __future__ import annotations
@@ -84,24 +84,32 @@ def study(harness: Harness, bits: int) -> dict:
             def deltas(codes, windows):  # per window, per channel, the first token kept as is
                 return torch.cat([torch.cat([w[:1], w.diff(dim=0)]) for w in codes.split([len(x) for x in windows])])
 
-            rows[name].append(dict(
-                layer=layer, mse=mse, stat_bits=stat_bits,
-                one_table=entropy_bits(c_train.reshape(-1, 1), c_test.reshape(-1, 1)),
-                table_per_channel=entropy_bits(c_train, c_test),
-                deltas_per_channel=entropy_bits(d_train, d_test),
-                uniform_step=step, uniform_per_channel=entropy_bits(u_train, u_test),
-                uniform_deltas_per_channel=entropy_bits(deltas(u_train, train), deltas(u_test, test)),
-            ))
+            rows[name].append(
+                dict(
+                    layer=layer,
+                    mse=mse,
+                    stat_bits=stat_bits,
+                    one_table=entropy_bits(c_train.reshape(-1, 1), c_test.reshape(-1, 1)),
+                    table_per_channel=entropy_bits(c_train, c_test),
+                    deltas_per_channel=entropy_bits(d_train, d_test),
+                    uniform_step=step,
+                    uniform_per_channel=entropy_bits(u_train, u_test),
+                    uniform_deltas_per_channel=entropy_bits(deltas(u_train, train), deltas(u_test, test)),
+                )
+            )
     summary = {}
     for name, layers in rows.items():
-        def avg(key):
+
+        def avg(key, layers=layers):
             return sum(r[key] for r in layers) / len(layers)
 
         summary[name] = dict(
-            fixed=bits + avg("stat_bits"), one_table=avg("one_table") + avg("stat_bits"),
+            fixed=bits + avg("stat_bits"),
+            one_table=avg("one_table") + avg("stat_bits"),
             table_per_channel=avg("table_per_channel") + avg("stat_bits"),
             deltas_per_channel=avg("deltas_per_channel") + avg("stat_bits"),
-            uniform_per_channel=avg("uniform_per_channel"), uniform_deltas_per_channel=avg("uniform_deltas_per_channel"),
+            uniform_per_channel=avg("uniform_per_channel"),
+            uniform_deltas_per_channel=avg("uniform_deltas_per_channel"),
         )
     return dict(bits=bits, summary=summary, layers=rows)
 
@@ -116,15 +124,26 @@ def main() -> None:
     harness = Harness(ensure_default_model(), args.windows, args.context_tokens, 1, 0)
     results = [study(harness, b) for b in args.bits]
     print("bits per element (codes + per-group statistics; ideal coder, tables from other windows)")
-    print(f"{'tensor':<7}{'quantizer':>10}{'fixed':>8}{'1 table':>9}{'per chan':>9}{'deltas':>8}{'uniform EC, same MSE':>22}"
-          f"{'its deltas':>11}")
+    print(
+        f"{'tensor':<7}{'quantizer':>10}{'fixed':>8}{'1 table':>9}{'per chan':>9}{'deltas':>8}"
+        f"{'uniform EC, same MSE':>22}"
+        f"{'its deltas':>11}"
+    )
     for result in results:
         for name, s in result["summary"].items():
-            print(f"{name:<7}{result['bits']:>7}-bit{s['fixed']:>8.3f}{s['one_table']:>9.3f}{s['table_per_channel']:>9.3f}"
-                  f"{s['deltas_per_channel']:>8.3f}{s['uniform_per_channel']:>22.3f}{s['uniform_deltas_per_channel']:>11.3f}")
+            print(
+                f"{name:<7}{result['bits']:>7}-bit{s['fixed']:>8.3f}{s['one_table']:>9.3f}{s['table_per_channel']:>9.3f}"
+                f"{s['deltas_per_channel']:>8.3f}{s['uniform_per_channel']:>22.3f}{s['uniform_deltas_per_channel']:>11.3f}"
+            )
     if args.json:
-        setup = dict(windows=args.windows, context_tokens=args.context_tokens, group_tokens=GROUP, rotation="hadamard",
-                     value_axis="token", model=harness.geometry.model)
+        setup = dict(
+            windows=args.windows,
+            context_tokens=args.context_tokens,
+            group_tokens=GROUP,
+            rotation="hadamard",
+            value_axis="token",
+            model=harness.geometry.model,
+        )
         args.json.write_text(json.dumps(dict(setup=setup, results=results), indent=1) + "\n")
         print(f"wrote {args.json}")
 

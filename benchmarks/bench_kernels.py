@@ -1,26 +1,26 @@
 """Benchmark the Triton paged-cache codec against the device's copy bandwidth and plain torch.
 
-On a CUDA GPU (the lent H100: see NOTES.md):
+On a CUDA GPU (carry xxhash as a wheel to a machine with no package registry):
 
-    python scripts/bench_kernels.py --json results/kernels.json
+    python benchmarks/bench_kernels.py --json benchmarks/results/kernels.json
 
 For a Llama-3-8B-like cache (32 layers, 8 KV heads, head_dim 128, block size 16, bf16, pages in
 FlashAttention's order, shuffled block ids) at 4K, 16K and 32K tokens it times, per layer:
-encode and decode kernels alone (CUDA events, median of --reps), the whole `encode_layer_paged`
+encode and decode kernels alone (CUDA events, median of --reps), the whole `encode_blocks_on_kernels`
 call (planning, kernels, copy to the host, headers, checksums), and the torch reference codec on the
 same device; GB/s counts bytes read plus bytes written, and "of copy" divides by a device-to-device
 copy measured in the same run.
 
-Without a GPU, ``--ptxas`` compiles the kernels for sm_90a (the H100) and reports what ptxas
+Without a GPU, ``--ptxas`` compiles the kernels for sm_90a (H100/H200) and reports what ptxas
 allocates: registers per thread, spills, shared memory. That is what decides occupancy, and it is
 the one figure about the GPU path that can be measured on a CPU machine:
 
-    python scripts/bench_kernels.py --ptxas --json results/kernels_ptxas.json
+    python benchmarks/bench_kernels.py --ptxas --json benchmarks/results/kernels_ptxas.json
 
 ``--host`` times the encode call's work on the host per layer (layout, sealing frames);
 ``--cpu-codec`` the reference codec (packed and rans) on this CPU, one layer of the embedded model.
 
-The entropy-coded profile (``entropy``: rANS, wire format v2) is timed too: the rANS lane kernel
+The entropy-coded profile (``entropy``: rANS) is timed too: the rANS lane kernel
 alone on one chunk, and whole ``encode_layer`` / ``decode_frames`` calls on the device (torch
 quantization and tables, the Triton coder, frames on the host), in GB/s of raw KV, with a check that
 the frames are byte for byte the CPU coder's.
@@ -51,18 +51,33 @@ GEOMETRY = KVGeometry(LAYERS, HEADS, HEAD_DIM, DTYPE, model="llama-3-8b-like")
 
 def _ptxas_report(profile_name: str) -> list[dict]:
     """Compile each (key bits, value bits) variant the profile uses for sm_90a; ptxas's allocation."""
-    from cachegen_vllm.kernels import plan_encode
+    from cachegen_vllm.kernels.frames import plan_encode
     from cachegen_vllm.kernels.paged_codec import decode_kernel, encode_kernel
 
     profile = load_profile(profile_name)
-    plan = plan_encode(GEOMETRY, profile, layer=0, token_start=0, count=4096, total_tokens=4096, device=torch.device("cpu"))
+    plan = plan_encode(
+        GEOMETRY, profile, layer=0, token_start=0, count=4096, total_tokens=4096, device=torch.device("cpu")
+    )
     constants = dict(plan.constants)
     num_warps = constants.pop("num_warps")
     dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[GEOMETRY.dtype]
     types = {
-        "cache": f"*{dtype}", "block_table": "*i64", "tiles": "*i64", "out": "*u8", "src": "*u8", "out_f16": "*fp16",
-        "src_f16": "*fp16", "out_raw": f"*{dtype}", "src_raw": f"*{dtype}", "bad_tiles": "*i32", "write_start": "i32",
-        "write_end": "i64", "block_size": "i32", "stride_block": "i32", "stride_head": "i32", "stride_token": "i32",
+        "cache": f"*{dtype}",
+        "block_table": "*i64",
+        "tiles": "*i64",
+        "out": "*u8",
+        "src": "*u8",
+        "out_f16": "*fp16",
+        "src_f16": "*fp16",
+        "out_raw": f"*{dtype}",
+        "src_raw": f"*{dtype}",
+        "bad_tiles": "*i32",
+        "write_start": "i32",
+        "write_end": "i64",
+        "block_size": "i32",
+        "stride_block": "i32",
+        "stride_head": "i32",
+        "stride_token": "i32",
     }
     # what a launch specializes: pointers from torch and integers that are multiples of 16 are
     # marked divisible by 16, and the unit channel stride is a constant
@@ -72,11 +87,22 @@ def _ptxas_report(profile_name: str) -> list[dict]:
         for kernel in (encode_kernel, decode_kernel):
             const = {**constants, "KEY_BITS": key_bits, "VALUE_BITS": value_bits, "stride_channel": 1}
             signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
-            attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-                     if signature[name].startswith("*") or name in divisible}
-            rows.append(dict(profile=profile_name, kernel=kernel.__name__, key_bits=key_bits, value_bits=value_bits,
-                             num_warps=num_warps, block_t=constants["BLOCK_T"],
-                             **_sm90a(kernel, signature, const, attrs, num_warps)))
+            attrs = {
+                (i,): [["tt.divisibility", 16]]
+                for i, name in enumerate(kernel.arg_names)
+                if signature[name].startswith("*") or name in divisible
+            }
+            rows.append(
+                dict(
+                    profile=profile_name,
+                    kernel=kernel.__name__,
+                    key_bits=key_bits,
+                    value_bits=value_bits,
+                    num_warps=num_warps,
+                    block_t=constants["BLOCK_T"],
+                    **_sm90a(kernel, signature, const, attrs, num_warps),
+                )
+            )
     return rows
 
 
@@ -87,16 +113,22 @@ def _sm90a(kernel, signature: dict, constexprs: dict, attrs: dict, num_warps: in
     from triton.compiler import ASTSource
 
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas-blackwell"  # reads the PTX version Triton emits
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps},
+    )
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
-        info = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
-                              capture_output=True, text=True, check=True).stderr
-    return dict(registers=int(info.split("Used ")[1].split(" registers")[0]),
-                spill_store_bytes=int(info.split(" bytes spill stores")[0].rsplit(" ", 1)[1]),
-                shared_bytes=compiled.metadata.shared)
+        info = subprocess.run(
+            [str(ptxas), "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull], capture_output=True, text=True, check=True
+        ).stderr
+    return dict(
+        registers=int(info.split("Used ")[1].split(" registers")[0]),
+        spill_store_bytes=int(info.split(" bytes spill stores")[0].rsplit(" ", 1)[1]),
+        shared_bytes=compiled.metadata.shared,
+    )
 
 
 def _ptxas_rans() -> list[dict]:
@@ -105,12 +137,32 @@ def _ptxas_rans() -> list[dict]:
 
     rows = []
     for kernel, constexprs in ((rans_coder.encode_kernel, {}), (rans_coder.decode_kernel, {"SEARCH": 6})):
-        signature = {name: "constexpr" if name in ("BLOCK", "SEARCH") else "i32" if name in ("steps", "lanes") else
-                     "*i8" if name in ("emitted", "active", "ok") else "*i64" for name in kernel.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if signature[name].startswith("*")}
-        rows.append(dict(profile="entropy", kernel=f"rans_coder.{kernel.__name__}", key_bits=None, value_bits=None,
-                         num_warps=4, block_t=rans_coder.BLOCK_LANES,
-                         **_sm90a(kernel, signature, {**constexprs, "BLOCK": rans_coder.BLOCK_LANES}, attrs, 4)))
+        signature = {
+            name: "constexpr"
+            if name in ("BLOCK", "SEARCH")
+            else "i32"
+            if name in ("steps", "lanes")
+            else "*i8"
+            if name in ("emitted", "active", "ok")
+            else "*i64"
+            for name in kernel.arg_names
+        }
+        attrs = {
+            (i,): [["tt.divisibility", 16]]
+            for i, name in enumerate(kernel.arg_names)
+            if signature[name].startswith("*")
+        }
+        rows.append(
+            dict(
+                profile="entropy",
+                kernel=f"rans_coder.{kernel.__name__}",
+                key_bits=None,
+                value_bits=None,
+                num_warps=4,
+                block_t=rans_coder.BLOCK_LANES,
+                **_sm90a(kernel, signature, {**constexprs, "BLOCK": rans_coder.BLOCK_LANES}, attrs, 4),
+            )
+        )
     return rows
 
 
@@ -119,17 +171,17 @@ def _host_rows(profile_name: str) -> list[dict]:
     later one) and sealing the frames (header, checksum) in one host buffer."""
     import numpy as np
 
-    from cachegen_vllm import kernels
     from cachegen_vllm.codec.format import frame_nbytes, seal_frame
+    from cachegen_vllm.kernels import frames
 
     profile, cpu, rows = load_profile(profile_name), torch.device("cpu"), []
     for tokens in TOKENS:
-        kernels._LAYOUTS.clear()
+        frames._LAYOUTS.clear()
         t0 = time.perf_counter()
-        headers, bases, size, launches = kernels._encode_layout(GEOMETRY, profile, 0, 0, tokens, tokens, cpu)
+        headers, bases, size, launches = frames._encode_layout(GEOMETRY, profile, 0, 0, tokens, tokens, cpu)
         t1 = time.perf_counter()
         for layer in range(1, LAYERS):
-            kernels._encode_layout(GEOMETRY, profile, layer, 0, tokens, tokens, cpu)
+            frames._encode_layout(GEOMETRY, profile, layer, 0, tokens, tokens, cpu)
         t2 = time.perf_counter()
         host = np.ones(size, dtype=np.uint8)  # touched, as the copy from the device leaves it
         t3 = time.perf_counter()
@@ -137,9 +189,17 @@ def _host_rows(profile_name: str) -> list[dict]:
         for header, base in zip(headers, bases):
             seal_frame(header, GEOMETRY, payload[base : base + frame_nbytes(header, GEOMETRY)])
         t4 = time.perf_counter()
-        rows.append(dict(profile=profile_name, tokens=tokens, wire_mib=round(size / 2**20, 1),
-                         tiles=sum(len(frames) for _, frames, _ in launches), layout_first_ms=round((t1 - t0) * 1e3, 2),
-                         layout_later_ms=round((t2 - t1) * 1e3 / (LAYERS - 1), 3), seal_ms=round((t4 - t3) * 1e3, 2)))
+        rows.append(
+            dict(
+                profile=profile_name,
+                tokens=tokens,
+                wire_mib=round(size / 2**20, 1),
+                tiles=sum(len(members) for _, members, _ in launches),
+                layout_first_ms=round((t1 - t0) * 1e3, 2),
+                layout_later_ms=round((t2 - t1) * 1e3 / (LAYERS - 1), 3),
+                seal_ms=round((t4 - t3) * 1e3, 2),
+            )
+        )
     return rows
 
 
@@ -187,11 +247,12 @@ def _copy_bandwidth(device: str, nbytes: int, reps: int) -> float:
 
 
 def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, device: str) -> dict:
-    from cachegen_vllm import kernels
     from cachegen_vllm.codec import decode_chunk, encode_layer
     from cachegen_vllm.codec.bitpack import pack
     from cachegen_vllm.codec.quant import quantize
+    from cachegen_vllm.kernels import frames as kernels
     from cachegen_vllm.paged import gather
+    from cachegen_vllm.paged.codec import encode_blocks_on_kernels
 
     profile = load_profile(profile_name)
     blocks = -(-tokens // BLOCK_SIZE)
@@ -202,15 +263,21 @@ def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, devi
     table = torch.randperm(blocks + 64, generator=generator)[:blocks].to(device)
     raw = 2 * tokens * HEADS * HEAD_DIM * DTYPE.itemsize  # K and V of one layer
 
-    plan = kernels.plan_encode(GEOMETRY, profile, layer=0, token_start=0, count=tokens, total_tokens=tokens, device=cache.device)
+    plan = kernels.plan_encode(
+        GEOMETRY, profile, layer=0, token_start=0, count=tokens, total_tokens=tokens, device=cache.device
+    )
     wire = plan.buffer.numel()
-    encode_s = _time(lambda: kernels.launch_encode(plan, cache, table, GEOMETRY), reps)
-    frames = kernels.finish_encode(plan, cache, table, GEOMETRY, profile)
-    api_s = _wall(lambda: kernels.encode_layer_paged(cache, table, geometry=GEOMETRY, profile=profile, layer=0,
-                                                       token_start=0, count=tokens, total_tokens=tokens), max(3, reps // 4))
+    encode_s = _time(lambda: kernels.launch_encode(plan, cache, table), reps)
+    frames = kernels.finish_encode(plan, GEOMETRY)
+    api_s = _wall(
+        lambda: encode_blocks_on_kernels(
+            cache, table, geometry=GEOMETRY, profile=profile, layer=0, token_start=0, count=tokens, total_tokens=tokens
+        ),
+        max(3, reps // 4),
+    )
     dplan = kernels.plan_decode(frames, GEOMETRY, cache.device)
     target = torch.empty_like(store).permute(0, 2, 1, 3)
-    decode_s = _time(lambda: kernels.launch_decode(dplan, {0: target}, table, GEOMETRY), reps)
+    decode_s = _time(lambda: kernels.launch_decode(dplan, {0: target}, table), reps)
 
     key, value = gather(cache, None, table, tokens)
     torch_quant_s = _time(lambda: [pack(quantize(t.float(), 4, "channel", 64)[0], 4) for t in (key, value)], reps)
@@ -224,18 +291,34 @@ def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, devi
     # one bfloat16 ulp where a fused multiply-add rounds differently; float errors, not wrong codes
     agree = all(torch.allclose(a.float(), b.float(), rtol=2**-7, atol=1e-3) for a, b in zip(decoded, expected))
     if not (identical and agree):
-        raise SystemExit(f"{profile_name} at {tokens} tokens: frames identical to the reference's: {identical}; "
-                         f"decoded values equal to the reference's: {agree}")
+        raise SystemExit(
+            f"{profile_name} at {tokens} tokens: frames identical to the reference's: {identical}; "
+            f"decoded values equal to the reference's: {agree}"
+        )
 
     def rate(seconds, moved):
-        return dict(ms=round(seconds * 1e3, 3), gbps=round(moved / seconds / 1e9, 1), of_copy=round(moved / seconds / copy_bps, 3))
+        return dict(
+            ms=round(seconds * 1e3, 3),
+            gbps=round(moved / seconds / 1e9, 1),
+            of_copy=round(moved / seconds / copy_bps, 3),
+        )
 
     return dict(
-        profile=profile_name, tokens=tokens, identical_to_reference=identical, decode_agrees=agree, raw_bytes=raw, wire_bytes=wire, ratio=round(raw / wire, 2),
-        encode_kernel=rate(encode_s, raw + wire), decode_kernel=rate(decode_s, raw + wire),
-        encode_api=rate(api_s, raw + wire), torch_quantize_pack=rate(torch_quant_s, raw + raw // 4),
-        torch_encode=rate(torch_encode_s, raw + wire), torch_decode=rate(torch_decode_s, raw + wire),
-        all_layers_encode_ms=round(encode_s * LAYERS * 1e3, 2), all_layers_decode_ms=round(decode_s * LAYERS * 1e3, 2),
+        profile=profile_name,
+        tokens=tokens,
+        identical_to_reference=identical,
+        decode_agrees=agree,
+        raw_bytes=raw,
+        wire_bytes=wire,
+        ratio=round(raw / wire, 2),
+        encode_kernel=rate(encode_s, raw + wire),
+        decode_kernel=rate(decode_s, raw + wire),
+        encode_api=rate(api_s, raw + wire),
+        torch_quantize_pack=rate(torch_quant_s, raw + raw // 4),
+        torch_encode=rate(torch_encode_s, raw + wire),
+        torch_decode=rate(torch_decode_s, raw + wire),
+        all_layers_encode_ms=round(encode_s * LAYERS * 1e3, 2),
+        all_layers_decode_ms=round(decode_s * LAYERS * 1e3, 2),
     )
 
 
@@ -256,21 +339,37 @@ def _rans_rows(tokens: int, reps: int, copy_bps: float, device: str) -> dict:
     # the coder's input for one chunk at the base width (the sink and recent tiers aside)
     chunk = []
     for x in (key_d, value_d):
-        symbols, _, _ = entropy.quantize(hadamard_(x[: profile.chunk_tokens].float()).view(-1, HEADS * HEAD_DIM), profile.key_bits)
+        symbols, _, _ = entropy.quantize(
+            hadamard_(x[: profile.chunk_tokens].float()).view(-1, HEADS * HEAD_DIM), profile.key_bits
+        )
         chunk.append((symbols, entropy.choose_tables(symbols, profile.key_bits), profile.key_bits))
     freq, start, _ = entropy.encode_grids(chunk, profile.lane_symbols)
     coder_encode_s = _time(lambda: rans_coder.encode(freq, start), reps)
-    encode_s = _wall(lambda: encode_layer(key_d, value_d, geometry=GEOMETRY, profile=profile, layer=0), max(3, reps // 4))
+    encode_s = _wall(
+        lambda: encode_layer(key_d, value_d, geometry=GEOMETRY, profile=profile, layer=0), max(3, reps // 4)
+    )
     decode_s = _wall(lambda: decode_frames(frames, GEOMETRY, device=device), max(3, reps // 4))
     chunk_raw = 2 * chunk[0][0].numel() * DTYPE.itemsize
 
     def rate(seconds, moved):
-        return dict(ms=round(seconds * 1e3, 3), gbps=round(moved / seconds / 1e9, 2), of_copy=round(moved / seconds / copy_bps, 4))
+        return dict(
+            ms=round(seconds * 1e3, 3),
+            gbps=round(moved / seconds / 1e9, 2),
+            of_copy=round(moved / seconds / copy_bps, 4),
+        )
 
     wire = sum(len(f) for f in frames)
-    return dict(profile="entropy", tokens=tokens, identical_to_cpu=identical, raw_bytes=raw, wire_bytes=wire,
-                ratio=round(raw / wire, 2), coder_encode_one_chunk=rate(coder_encode_s, chunk_raw),
-                encode_layer=rate(encode_s, raw), decode_frames=rate(decode_s, raw))
+    return dict(
+        profile="entropy",
+        tokens=tokens,
+        identical_to_cpu=identical,
+        raw_bytes=raw,
+        wire_bytes=wire,
+        ratio=round(raw / wire, 2),
+        coder_encode_one_chunk=rate(coder_encode_s, chunk_raw),
+        encode_layer=rate(encode_s, raw),
+        decode_frames=rate(decode_s, raw),
+    )
 
 
 def _cpu_codec_rows(reps: int) -> list[dict]:
@@ -286,70 +385,116 @@ def _cpu_codec_rows(reps: int) -> list[dict]:
         for name in ("default", "entropy", "smollm2-basis"):
             profile = load_profile(name)
             frames = encode_layer(key, value, geometry=geometry, profile=profile, layer=3)
-            encode_s = _wall(lambda: encode_layer(key, value, geometry=geometry, profile=profile, layer=3), reps)
-            decode_s = _wall(lambda: decode_frames(frames, geometry), reps)
-            rows.append(dict(profile=name, tokens=tokens, encode_ms=round(encode_s * 1e3, 1), decode_ms=round(decode_s * 1e3, 1)))
+            # each lambda runs before the loop moves on: binding the loop's variables late is right here
+            encode_s = _wall(lambda: encode_layer(key, value, geometry=geometry, profile=profile, layer=3), reps)  # noqa: B023
+            decode_s = _wall(lambda: decode_frames(frames, geometry), reps)  # noqa: B023
+            rows.append(
+                dict(
+                    profile=name, tokens=tokens, encode_ms=round(encode_s * 1e3, 1), decode_ms=round(decode_s * 1e3, 1)
+                )
+            )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ptxas", action="store_true", help="compile for sm_90a and report ptxas's allocation (no GPU needed)")
-    parser.add_argument("--host", action="store_true", help="time the encode call's host work per layer (no GPU needed)")
-    parser.add_argument("--cpu-codec", action="store_true", help="time the reference codec on this CPU, packed and rans")
+    parser.add_argument(
+        "--ptxas", action="store_true", help="compile for sm_90a and report ptxas's allocation (no GPU needed)"
+    )
+    parser.add_argument(
+        "--host", action="store_true", help="time the encode call's host work per layer (no GPU needed)"
+    )
+    parser.add_argument(
+        "--cpu-codec", action="store_true", help="time the reference codec on this CPU, packed and rans"
+    )
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run under TRITON_INTERPRET=1")
+    parser.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run under TRITON_INTERPRET=1"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     if args.cpu_codec:
         rows = _cpu_codec_rows(max(3, args.reps // 4))
         for r in rows:
-            print(f"{r['profile']:<14} encode {r['encode_ms']} ms, decode {r['decode_ms']} ms per layer of {r['tokens']} tokens")
+            print(
+                f"{r['profile']:<14} encode {r['encode_ms']} ms, decode {r['decode_ms']} ms "
+                f"per layer of {r['tokens']} tokens"
+            )
         result = dict(machine="host CPU", torch=torch.__version__, rows=rows)
     elif args.host:
         rows = [row for name in PROFILES for row in _host_rows(name)]
-        print("| profile | tokens | wire MiB/layer | tiles/layer | layout, first layer (ms) | layout, each later layer (ms) | seal a layer's frames (ms) |")
+        print(
+            "| profile | tokens | wire MiB/layer | tiles/layer | layout, first layer (ms) "
+            "| layout, each later layer (ms) | seal a layer's frames (ms) |"
+        )
         print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['profile']} | {r['tokens']} | {r['wire_mib']} | {r['tiles']} | {r['layout_first_ms']} | "
-                  f"{r['layout_later_ms']} | {r['seal_ms']} |")
+            print(
+                f"| {r['profile']} | {r['tokens']} | {r['wire_mib']} | {r['tiles']} | {r['layout_first_ms']} | "
+                f"{r['layout_later_ms']} | {r['seal_ms']} |"
+            )
         result = dict(machine="host CPU", geometry=str(GEOMETRY), rows=rows)
     elif args.ptxas:
         rows = [row for name in PROFILES for row in _ptxas_report(name)] + _ptxas_rans()
-        print(f"{'profile':<11} {'kernel':<28} {'bits k/v':>8} {'warps':>5} {'tile':>5} {'regs':>5} {'spill B':>7} {'smem B':>6}")
+        print(
+            f"{'profile':<11} {'kernel':<28} {'bits k/v':>8} {'warps':>5} {'tile':>5} "
+            f"{'regs':>5} {'spill B':>7} {'smem B':>6}"
+        )
         for r in rows:
-            print(f"{r['profile']:<11} {r['kernel']:<28} {r['key_bits'] or '-':>4}/{r['value_bits'] or '-':<3} {r['num_warps']:>5} "
-                  f"{r['block_t']:>5} {r['registers']:>5} {r['spill_store_bytes']:>7} {r['shared_bytes']:>6}")
+            print(
+                f"{r['profile']:<11} {r['kernel']:<28} "
+                f"{r['key_bits'] or '-':>4}/{r['value_bits'] or '-':<3} {r['num_warps']:>5} "
+                f"{r['block_t']:>5} {r['registers']:>5} {r['spill_store_bytes']:>7} {r['shared_bytes']:>6}"
+            )
         result = dict(target="sm_90a", geometry=str(GEOMETRY), triton=__import__("triton").__version__, rows=rows)
     else:
         if args.device == "cuda" and not torch.cuda.is_available():
             sys.exit("no CUDA device: run on the GPU, or use --ptxas for what can be measured without one")
         if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            sys.exit("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 (a smoke run, not a benchmark)")
+            sys.exit(
+                "--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 "
+                "(a smoke run, not a benchmark)"
+            )
         copy_bps = _copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 1 << 24, args.reps)
         name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
         print(f"device: {name}; device-to-device copy {copy_bps / 1e9:.0f} GB/s (read + written)")
         rows = [_timed_rows(p, tokens, args.reps, copy_bps, args.device) for p in PROFILES for tokens in args.tokens]
-        print(f"{'profile':<11} {'tokens':>6} {'ratio':>5} | {'encode kernel':>22} | {'decode kernel':>22} | "
-              f"{'encode call':>14} | {'torch quant+pack':>16} | {'torch encode':>12} | {'torch decode':>12}")
+        print(
+            f"{'profile':<11} {'tokens':>6} {'ratio':>5} | {'encode kernel':>22} | {'decode kernel':>22} | "
+            f"{'encode call':>14} | {'torch quant+pack':>16} | {'torch encode':>12} | {'torch decode':>12}"
+        )
         for r in rows:
-            def cell(k, full=True):
+
+            def cell(k, r=r, full=True):
                 c = r[k]
                 return f"{c['ms']:>7.3f} ms {c['gbps']:>6.0f} GB/s" + (f" {c['of_copy']:>4.0%}" if full else "")
-            print(f"{r['profile']:<11} {r['tokens']:>6} {r['ratio']:>5} | {cell('encode_kernel')} | {cell('decode_kernel')} | "
-                  f"{r['encode_api']['ms']:>11.2f} ms | {r['torch_quantize_pack']['gbps']:>11.0f} GB/s | "
-                  f"{r['torch_encode']['ms']:>9.1f} ms | {r['torch_decode']['ms']:>9.1f} ms")
+
+            print(
+                f"{r['profile']:<11} {r['tokens']:>6} {r['ratio']:>5} | "
+                f"{cell('encode_kernel')} | {cell('decode_kernel')} | "
+                f"{r['encode_api']['ms']:>11.2f} ms | {r['torch_quantize_pack']['gbps']:>11.0f} GB/s | "
+                f"{r['torch_encode']['ms']:>9.1f} ms | {r['torch_decode']['ms']:>9.1f} ms"
+            )
         entropy_rows = [_rans_rows(tokens, args.reps, copy_bps, args.device) for tokens in args.tokens]
         print("entropy profile (rans): raw KV GB/s of the coder kernel on one chunk, and of whole calls on a layer")
         for r in entropy_rows:
-            print(f"{r['tokens']:>6} tokens, ratio {r['ratio']}: coder {r['coder_encode_one_chunk']['gbps']} GB/s, "
-                  f"encode_layer {r['encode_layer']['gbps']} GB/s, decode_frames {r['decode_frames']['gbps']} GB/s, "
-                  f"frames identical to the CPU's: {r['identical_to_cpu']}")
-        result = dict(device=name, torch=torch.__version__, triton=__import__("triton").__version__,
-                      copy_gbps=round(copy_bps / 1e9, 1), geometry=str(GEOMETRY), block_size=BLOCK_SIZE, rows=rows,
-                      entropy_rows=entropy_rows)
+            print(
+                f"{r['tokens']:>6} tokens, ratio {r['ratio']}: coder {r['coder_encode_one_chunk']['gbps']} GB/s, "
+                f"encode_layer {r['encode_layer']['gbps']} GB/s, decode_frames {r['decode_frames']['gbps']} GB/s, "
+                f"frames identical to the CPU's: {r['identical_to_cpu']}"
+            )
+        result = dict(
+            device=name,
+            torch=torch.__version__,
+            triton=__import__("triton").__version__,
+            copy_gbps=round(copy_bps / 1e9, 1),
+            geometry=str(GEOMETRY),
+            block_size=BLOCK_SIZE,
+            rows=rows,
+            entropy_rows=entropy_rows,
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")

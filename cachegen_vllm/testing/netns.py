@@ -1,6 +1,7 @@
 """Shaped network links between two network namespaces, for tests and benchmarks of what crosses a
 real network (TCP, queues, delay) on one machine. Needs root and iproute2; `unavailable()` says why
-not where it cannot work, so that tests can skip with the reason."""
+not where it cannot work, so that tests can skip with the reason. The namespaces and links are the
+caller's own, made and removed here; no other address is ever touched."""
 
 from __future__ import annotations
 
@@ -59,11 +60,18 @@ def _shape(ns: str, dev: str, rate: str, delay_ms: float) -> float:
     """Shape one direction; returns the delay that could be applied. netem gives rate and delay;
     where the kernel lacks it (seen: a sandbox kernel without sch_netem), tbf gives the rate alone."""
     tc = ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root"]
-    netem = subprocess.run([*tc, "netem", "delay", f"{delay_ms}ms", "rate", rate, "limit", "100000"], check=False, capture_output=True, text=True)
+    netem = subprocess.run(
+        [*tc, "netem", "delay", f"{delay_ms}ms", "rate", rate, "limit", "100000"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if netem.returncode == 0:
         return delay_ms
     burst = max(32 * 1024, int(_bits_per_second(rate) / 8 / 250))  # 4 ms of the rate
-    subprocess.run([*tc, "tbf", "rate", rate, "burst", str(burst), "latency", "50ms"], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [*tc, "tbf", "rate", rate, "burst", str(burst), "latency", "50ms"], check=True, capture_output=True, text=True
+    )
     return 0.0
 
 

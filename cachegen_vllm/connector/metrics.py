@@ -23,7 +23,11 @@ COUNTERS = {
     "freed_bytes": "Bytes of frames released from the prefill's send buffer (collected, cancelled or evicted)",
     "evicted": "Transfers the prefill dropped because no decode pulled them within ttl_s or renewed its lease",
 }
-PRODUCER_COUNTERS = {"queued_bytes": "bytes_queued", "freed_bytes": "bytes_freed", "evicted": "evicted"}  # metric: transport stat
+PRODUCER_COUNTERS = {
+    "queued_bytes": "bytes_queued",
+    "freed_bytes": "bytes_freed",
+    "evicted": "evicted",
+}  # metric: transport stat
 FAILURE_PREFIX = "failed_"  # + an error kind: timeout, peer_gone, corrupt, refused, buffer_full, ...
 
 
@@ -36,7 +40,7 @@ class CacheGenStats(KVConnectorStats):
     def reset(self):
         self.data = {}
 
-    def aggregate(self, other: KVConnectorStats) -> "CacheGenStats":
+    def aggregate(self, other: KVConnectorStats) -> CacheGenStats:
         self.add(**other.data)
         return self
 
@@ -53,15 +57,17 @@ class CacheGenStats(KVConnectorStats):
 class CacheGenPromMetrics(KVConnectorPromMetrics):
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        self._counters = {
+        # counters all (vLLM types its metric classes as any Prometheus metric, gauges included)
+        self._counters: dict[str, dict[int, Any]] = {
             name: create_metric_per_engine(
                 self._counter_cls(name=f"vllm:cachegen_{name}", documentation=doc, labelnames=labelnames),
                 per_engine_labelvalues,
             )
             for name, doc in COUNTERS.items()
         }
-        self._failures = self._counter_cls(
-            name="vllm:cachegen_failures", documentation="Transfers that failed, by kind",
+        self._failures: Any = self._counter_cls(
+            name="vllm:cachegen_failures",
+            documentation="Transfers that failed, by kind",
             labelnames=[*labelnames, "kind"],
         )
 
@@ -71,5 +77,4 @@ class CacheGenPromMetrics(KVConnectorPromMetrics):
                 self._counters[name][engine_idx].inc(amount)
             elif name.startswith(FAILURE_PREFIX) and amount:
                 labels = self.per_engine_labelvalues[engine_idx]
-                self._failures.labels(*labels, name[len(FAILURE_PREFIX):]).inc(amount)
-
+                self._failures.labels(*labels, name[len(FAILURE_PREFIX) :]).inc(amount)

@@ -8,4 +8,4 @@ def register() -> None:
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     if NAME not in KVConnectorFactory._registry:  # vLLM loads plugins in every process, maybe twice
-        KVConnectorFactory.register_connector(NAME, "cachegen_vllm.connector", "CacheGenConnector")
+        KVConnectorFactory.register_connector(NAME, "cachegen_vllm.connector.connector", "CacheGenConnector")

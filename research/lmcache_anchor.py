@@ -11,7 +11,7 @@ of this depth); every serialized byte is counted.
     python3 -m venv .venv-lmcache
     .venv-lmcache/bin/pip install torch==2.13.0 "numpy<=2.2.6" numba transformers safetensors xxhash \
         cachetools requests && .venv-lmcache/bin/pip install --no-deps lmcache==0.5.6 -e .
-    .venv-lmcache/bin/python scripts/lmcache_anchor.py --json results/lmcache_cachegen.json
+    .venv-lmcache/bin/python research/lmcache_anchor.py --json research/results/lmcache_cachegen.json
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--context-tokens", type=int, default=1024)
     parser.add_argument("--continuation-tokens", type=int, default=128)
-    parser.add_argument("--json", type=Path, default=Path("results/lmcache_cachegen.json"))
+    parser.add_argument("--json", type=Path, default=Path("research/results/lmcache_cachegen.json"))
     args = parser.parse_args()
     import lmcache
 
@@ -65,8 +65,13 @@ def main() -> None:
     harness.model_dir = model_dir
     result = harness.evaluate(dataclasses.replace(load_profile("raw"), name="lmcache-cachegen"))
     print(format_table([result]))
-    setup = dict(lmcache=lmcache.__version__ if hasattr(lmcache, "__version__") else "0.5.6", chunk_tokens=CHUNK,
-                 windows=args.windows, context_tokens=args.context_tokens, continuation_tokens=args.continuation_tokens)
+    setup = dict(
+        lmcache=lmcache.__version__ if hasattr(lmcache, "__version__") else "0.5.6",
+        chunk_tokens=CHUNK,
+        windows=args.windows,
+        context_tokens=args.context_tokens,
+        continuation_tokens=args.continuation_tokens,
+    )
     args.json.write_text(json.dumps(dict(setup=setup, result=result_dict(result)), indent=1) + "\n")
     print(f"wrote {args.json}")
 

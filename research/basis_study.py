@@ -14,7 +14,7 @@ smollm2-basis profile's tiers), every byte counted, KL and dNLL on the quality h
 
 Bases are fitted on windows between the quality windows (`cachegen-vllm basis`'s defaults).
 
-    .venv/bin/python scripts/basis_study.py --json results/basis_study.json
+    .venv/bin/python research/basis_study.py --json research/results/basis_study.json
 """
 
 from __future__ import annotations
@@ -77,8 +77,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     variants = {"hadamard": dataclasses.replace(base, rotation="hadamard", basis=None)}
     identity = torch.eye(metric.shape[-1], dtype=torch.float64).expand(metric.shape)
-    for name, m, reg in [("pca", identity, REGULARIZATION), ("metric", metric, REGULARIZATION),
-                         ("metric, reg 0.01", metric, 0.01), ("metric, reg 1", metric, 1.0)]:
+    for name, m, reg in [
+        ("pca", identity, REGULARIZATION),
+        ("metric", metric, REGULARIZATION),
+        ("metric, reg 0.01", metric, 0.01),
+        ("metric, reg 1", metric, 1.0),
+    ]:
         path = tmp / f"{len(variants)}.safetensors"
         save(fit(covariance, m, reg), path)
         variants[name] = dataclasses.replace(base, basis=str(path))
@@ -87,8 +91,11 @@ def main() -> None:
         harness = Harness(model_dir, args.windows, 1024, 128, 0, corpus=corpus)
         if corpus is None:
             peaks = coefficient_peaks(harness, load_basis(base.basis))
-            print(f"shipped basis: max |coefficient - centre| / sigma per chunk: median {peaks.median():.1f}, "
-                  f"99th percentile {peaks.quantile(0.99):.1f}, max {peaks.max():.1f}", flush=True)
+            print(
+                f"shipped basis: max |coefficient - centre| / sigma per chunk: median {peaks.median():.1f}, "
+                f"99th percentile {peaks.quantile(0.99):.1f}, max {peaks.max():.1f}",
+                flush=True,
+            )
         for name, profile in variants.items():
             if corpus is not None and name not in ("hadamard", "metric"):
                 continue
@@ -96,11 +103,19 @@ def main() -> None:
                 p = dataclasses.replace(profile, name=f"{name} k{bits} v{bits}", key_bits=bits, value_bits=bits)
                 r = harness.evaluate(p)
                 rows.append(dict(corpus=corpus_name, basis=name, bits=bits, **result_dict(r)))
-                print(f"{corpus_name:<20}{name:<18}{bits:>3}-bit {r.bits_per_element:7.3f} bits/elem  KL {r.kl:.4f}  "
-                      f"dNLL {r.delta_nll:+.4f}", flush=True)
+                print(
+                    f"{corpus_name:<20}{name:<18}{bits:>3}-bit {r.bits_per_element:7.3f} bits/elem  KL {r.kl:.4f}  "
+                    f"dNLL {r.delta_nll:+.4f}",
+                    flush=True,
+                )
     if args.json:
-        setup = dict(windows=args.windows, context_tokens=1024, continuation_tokens=128, base="smollm2-basis",
-                     seconds=round(time.perf_counter() - started))
+        setup = dict(
+            windows=args.windows,
+            context_tokens=1024,
+            continuation_tokens=128,
+            base="smollm2-basis",
+            seconds=round(time.perf_counter() - started),
+        )
         peak = dict(median=float(peaks.median()), p99=float(peaks.quantile(0.99)), max=float(peaks.max()))
         args.json.write_text(json.dumps(dict(setup=setup, rows=rows, coefficient_peak_sigmas=peak), indent=1) + "\n")
         print(f"wrote {args.json}")

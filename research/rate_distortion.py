@@ -5,13 +5,13 @@ reference, teacher-forced 128-token continuations, every frame byte counted):
 
 - the shipped profiles, packed and entropy-coded (rans, in the Hadamard rotation or in a calibrated
   basis), and sweeps of both entropy-coded quantizers at equal key and value widths;
-- anchors (scripts/anchors/): KIVI-style 4- and 2-bit, per-channel int8;
+- anchors (research/anchors/): KIVI-style 4- and 2-bit, per-channel int8;
 - where the bytes of the entropy-coded profile go (tables, statistics, lanes, streams);
-- LMCache's own CacheGen serializer, measured on the same windows by scripts/lmcache_anchor.py in
+- LMCache's own CacheGen serializer, measured on the same windows by research/lmcache_anchor.py in
   its own environment (lmcache pins numpy<=2.2.6), read from its JSON if given.
 
-    .venv/bin/python scripts/rate_distortion.py --lmcache results/lmcache_cachegen.json \
-        --json results/rate_distortion.json --plot results/rate_distortion.png
+    .venv/bin/python research/rate_distortion.py --lmcache research/results/lmcache_cachegen.json \
+        --json research/results/rate_distortion.json --plot research/results/rate_distortion.png
 """
 
 from __future__ import annotations
@@ -30,13 +30,16 @@ from cachegen_vllm.model import ensure_default_model
 from cachegen_vllm.quality import Harness, QualityResult, format_table, result_dict
 
 ANCHORS = Path(__file__).parent / "anchors"
+PROFILES = Path(__file__).parent / "profiles"  # research-only profiles (superseded calibrations)
 SWEEP = [1, 2, 3, 5]  # every layer's key and value at this width, in the Hadamard rotation and in the basis
 SWEEPS = {"rans sweep": "entropy", "basis sweep": "smollm2-basis"}  # family: the profile swept
 
 
 def rows() -> list[tuple[str, object]]:
-    """(family, profile) of every measured row: every shipped profile but raw, the sweep, the anchors."""
+    """(family, profile) of every measured row: every shipped and research profile but raw, the
+    sweeps, the anchors."""
     shipped = [load_profile(name) for name in shipped_profiles() if name != "raw"]
+    shipped += [load_profile(path) for path in sorted(PROFILES.glob("*.toml"))]
     out = [("packed" if p.coding == "packed" else "rans + basis" if p.basis else "rans", p) for p in shipped]
     for family, name in SWEEPS.items():
         base = load_profile(name)
@@ -47,13 +50,15 @@ def rows() -> list[tuple[str, object]]:
 
 def _key(profile, args) -> str:
     """What a row's figures depend on: the profile's every field and the harness setting."""
-    return xxhash.xxh3_64_hexdigest(repr((profile, args.windows, args.context_tokens, args.continuation_tokens)).encode())
+    return xxhash.xxh3_64_hexdigest(
+        repr((profile, args.windows, args.context_tokens, args.continuation_tokens)).encode()
+    )
 
 
 def byte_shares(harness: Harness, profile) -> dict[str, float]:
     """Where a rans profile's bytes go, over the harness's windows: shares of all frame bytes."""
     from cachegen_vllm.codec import encode_layer
-    from cachegen_vllm.codec.format import parse_frame, payload_arrays, tensor_arrays
+    from cachegen_vllm.codec.format import parse_frame, tensor_arrays
 
     names = ["centers", "table ids", "step", "lane states", "lane word counts", "rans streams"]
     totals = dict.fromkeys(["frame header, segment table, checksum, padding", "exact tokens (sinks)", *names], 0)
@@ -82,23 +87,55 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"packed": ("o", "tab:blue"), "rans": ("*", "tab:red"), "rans + basis": ("P", "tab:purple"),
-              "anchor": ("s", "tab:gray"), "lmcache": ("D", "tab:green")}
-    lines = {"rans sweep": ("entropy", "tab:red", "rans, Hadamard"), "basis sweep": ("smollm2-basis", "tab:purple", "rans, basis")}
+    styles = {
+        "packed": ("o", "tab:blue"),
+        "rans": ("*", "tab:red"),
+        "rans + basis": ("P", "tab:purple"),
+        "anchor": ("s", "tab:gray"),
+        "lmcache": ("D", "tab:green"),
+    }
+    lines = {
+        "rans sweep": ("entropy", "tab:red", "rans, Hadamard"),
+        "basis sweep": ("smollm2-basis", "tab:purple", "rans, basis"),
+    }
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    for ax, field, label in ((axes[0], "delta_nll", "dNLL, nats/token (symlog; +0.01 is +1% perplexity)"),
-                             (axes[1], "kl", "KL(exact || compressed), nats/token (log)")):
+    for ax, field, label in (
+        (axes[0], "delta_nll", "dNLL, nats/token (symlog; +0.01 is +1% perplexity)"),
+        (axes[1], "kl", "KL(exact || compressed), nats/token (log)"),
+    ):
         for family, (name, color, what) in lines.items():
-            sweep = sorted((r for r in results if r["family"] == family or r["profile"] == name), key=lambda r: r["bits_per_element"])
-            ax.plot([r["bits_per_element"] for r in sweep], [r[field] for r in sweep], "-", color=color, alpha=0.4,
-                    label=f"{what}, equal widths in every layer")
+            sweep = sorted(
+                (r for r in results if r["family"] == family or r["profile"] == name),
+                key=lambda r: r["bits_per_element"],
+            )
+            ax.plot(
+                [r["bits_per_element"] for r in sweep],
+                [r[field] for r in sweep],
+                "-",
+                color=color,
+                alpha=0.4,
+                label=f"{what}, equal widths in every layer",
+            )
         for family, (marker, color) in styles.items():
             members = [r for r in results if r["family"] == family]
             if members:
-                ax.scatter([r["bits_per_element"] for r in members], [r[field] for r in members], marker=marker, color=color,
-                           s=110 if marker == "*" else 45, label=family, zorder=3)
+                ax.scatter(
+                    [r["bits_per_element"] for r in members],
+                    [r[field] for r in members],
+                    marker=marker,
+                    color=color,
+                    s=110 if marker == "*" else 45,
+                    label=family,
+                    zorder=3,
+                )
             for r in members:
-                ax.annotate(r["profile"], (r["bits_per_element"], r[field]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                ax.annotate(
+                    r["profile"],
+                    (r["bits_per_element"], r[field]),
+                    fontsize=7,
+                    xytext=(4, 3),
+                    textcoords="offset points",
+                )
         if field == "kl":
             ax.set_yscale("log")
         else:
@@ -108,7 +145,9 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8, loc="upper right")
-    fig.suptitle("SmolLM2-135M, 16 windows of 1,024 + 128 tokens: rate vs damage of compressed KV (lower left is better)")
+    fig.suptitle(
+        "SmolLM2-135M, 16 windows of 1,024 + 128 tokens: rate vs damage of compressed KV (lower left is better)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -123,16 +162,19 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--context-tokens", type=int, default=1024)
     parser.add_argument("--continuation-tokens", type=int, default=128)
-    parser.add_argument("--lmcache", type=Path, help="scripts/lmcache_anchor.py's JSON (same windows)")
-    parser.add_argument("--json", type=Path, default=Path("results/rate_distortion.json"))
-    parser.add_argument("--plot", type=Path, default=Path("results/rate_distortion.png"))
+    parser.add_argument("--lmcache", type=Path, help="research/lmcache_anchor.py's JSON (same windows)")
+    parser.add_argument("--json", type=Path, default=Path("research/results/rate_distortion.json"))
+    parser.add_argument("--plot", type=Path, default=Path("research/results/rate_distortion.png"))
     parser.add_argument("--fresh", action="store_true", help="measure every row again, even those --json already holds")
     args = parser.parse_args()
     started = time.perf_counter()
     harness = Harness(ensure_default_model(), args.windows, args.context_tokens, args.continuation_tokens, 0)
     # rows measured before with the same profile and setting are kept (--fresh measures all again)
-    kept = {} if args.fresh or not args.json.exists() else {r["key"]: r for r in json.loads(args.json.read_text())["results"]
-                                                             if "key" in r}
+    kept = (
+        {}
+        if args.fresh or not args.json.exists()
+        else {r["key"]: r for r in json.loads(args.json.read_text())["results"] if "key" in r}
+    )
     results: list[QualityResult] = []
     table = []
     for i, (family, profile) in enumerate(rows(), 1):
@@ -151,8 +193,13 @@ def main() -> None:
     print(format_table(results))
     shares = byte_shares(harness, load_profile("entropy"))
     print("bytes of the entropy profile's frames: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
-    setup = dict(model=harness.geometry.model, windows=args.windows, context_tokens=args.context_tokens,
-                 continuation_tokens=args.continuation_tokens, seconds=round(time.perf_counter() - started, 1))
+    setup = dict(
+        model=harness.geometry.model,
+        windows=args.windows,
+        context_tokens=args.context_tokens,
+        continuation_tokens=args.continuation_tokens,
+        seconds=round(time.perf_counter() - started, 1),
+    )
     args.json.write_text(json.dumps(dict(setup=setup, results=table, entropy_byte_shares=shares), indent=1) + "\n")
     plot(table, args.plot)
     print(f"wrote {args.json} and {args.plot}", file=sys.stderr)

@@ -1,0 +1,103 @@
+"""Compression profiles as the codec reads them: how a layer's KV is cut into frames and how many
+bits each token gets. `cachegen_vllm.config` parses and validates profile files into these.
+
+A profile is model-independent unless it names layers or a basis; `Profile.check_geometry` binds
+it to a model's geometry and catches the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXACT_BITS = 16
+"""A bit width of 16 means "not quantized": the token's KV travels in the cache's own dtype."""
+
+QUANT_BITS = range(1, 9)
+ROTATIONS = ("none", "hadamard", "basis")
+VALUE_AXES = ("channel", "token")
+CODINGS = ("packed", "rans")
+MAX_CHUNK_TOKENS = 1 << 16
+MAX_LANE_SYMBOLS = (1 << 16) - 1  # a lane's word count travels as a u16
+MAX_BASIS_BITS = 5  # wider codes in a calibrated basis would clip its largest coefficients (entropy.alphabet_bits)
+
+
+class ConfigError(ValueError):
+    """A profile or connector option is invalid, or a profile cannot serve a model; the message
+    starts with the field's path (``bits.layers[1].key``), which ``field`` holds."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """Bit widths for layers ``first..last`` (inclusive), overriding the profile's base widths."""
+
+    first: int
+    last: int
+    key: int
+    value: int
+
+
+@dataclass(frozen=True)
+class TokenBits:
+    """A tier of tokens counted from one end of a request that keeps at least these widths."""
+
+    tokens: int
+    key: int
+    value: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    chunk_tokens: int  # tokens per frame; chunks are aligned to multiples of this position
+    group_tokens: int  # consecutive tokens sharing one min/scale per channel
+    rotation: str  # "hadamard": per-head orthonormal rotation; "basis": a calibrated per-head basis (rans only)
+    value_axis: str  # "channel": values quantized like keys; "token": min/scale per token and head
+    key_bits: int
+    value_bits: int
+    layers: tuple[LayerBits, ...] = ()
+    recent: tuple[TokenBits, ...] = ()  # counted back from the request's last token
+    sink: tuple[TokenBits, ...] = ()  # counted from its first token (attention sinks)
+    coding: str = "packed"  # "rans": uniform steps, entropy-coded (docs/FORMAT.md)
+    lane_symbols: int = 1024  # rans: codes per lane (each lane costs 6 bytes; fewer lanes, less parallelism)
+    basis: str | None = None  # rotation "basis": the basis file (codec.basis), an absolute path
+
+    def check_geometry(self, num_layers: int, head_dim: int, num_kv_heads: int | None = None) -> None:
+        """Raise ConfigError if this profile cannot serve a model of this shape."""
+        if self.basis is not None:
+            from cachegen_vllm.codec.basis import load  # basis files are read only by profiles that name one
+
+            fitted = load(self.basis).shape
+            if (fitted[0], fitted[2]) != (num_layers, head_dim) or num_kv_heads not in (None, fitted[1]):
+                raise ConfigError(
+                    "basis",
+                    f"{self.basis} was fitted on (layers, kv heads, head dim) {fitted}, "
+                    f"this model has ({num_layers}, {num_kv_heads}, {head_dim})",
+                )
+        for i, rule in enumerate(self.layers):
+            if rule.last >= num_layers:
+                raise ConfigError(
+                    f"bits.layers[{i}].last", f"layer {rule.last} does not exist (the model has {num_layers} layers)"
+                )
+        if self.rotation == "hadamard" and head_dim & (head_dim - 1):
+            raise ConfigError("rotation", f"hadamard needs a power-of-two head_dim, got {head_dim}")
+
+    def layer_bits(self, layer: int) -> tuple[int, int]:
+        """(key, value) widths of a layer before the token tiers apply."""
+        for rule in self.layers:
+            if rule.first <= layer <= rule.last:
+                return rule.key, rule.value
+        return self.key_bits, self.value_bits
+
+    def widths(self) -> list[tuple[str, int]]:
+        """Every bit width the profile sets, with the field that sets it."""
+        out = [("bits.key", self.key_bits), ("bits.value", self.value_bits)]
+        for i, rule in enumerate(self.layers):
+            out += [(f"bits.layers[{i}].key", rule.key), (f"bits.layers[{i}].value", rule.value)]
+        for tier in ("sink", "recent"):
+            for i, t in enumerate(getattr(self, tier)):
+                out += [(f"bits.{tier}[{i}].key", t.key), (f"bits.{tier}[{i}].value", t.value)]
+        return out

@@ -1,0 +1,121 @@
+"""CacheGenConnector: vLLM's V1 KV connector for disaggregated prefill/decode with compressed KV.
+
+A thin facade, as vLLM's own NixlConnector: vLLM makes one instance per role, and each forwards
+to its side, `CacheGenScheduler` (request state, in the engine core) or `CacheGenWorker` (caches,
+saving and loading, in each worker). The configuration is validated in both, so a bad option stops
+start-up with the field's name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+
+from cachegen_vllm.config import connector_config_from_dict
+from cachegen_vllm.connector.metadata import CacheGenMetadata
+from cachegen_vllm.connector.metrics import CacheGenPromMetrics, CacheGenStats
+from cachegen_vllm.connector.scheduler import CacheGenScheduler
+from cachegen_vllm.connector.worker import CacheGenWorker
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+
+class CacheGenConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)  # type: ignore[arg-type]
+        transfer = vllm_config.kv_transfer_config
+        assert transfer is not None  # vLLM makes a connector only from a kv_transfer_config
+        config = connector_config_from_dict(transfer.kv_role, dict(transfer.kv_connector_extra_config or {}))
+        model = vllm_config.model_config
+        self._scheduler = CacheGenScheduler(config) if role == KVConnectorRole.SCHEDULER else None
+        self._worker = (
+            CacheGenWorker(config, str(model.served_model_name or model.model))
+            if role == KVConnectorRole.WORKER
+            else None
+        )
+
+    @property
+    def scheduler(self) -> CacheGenScheduler:
+        assert self._scheduler is not None, "a scheduler-side call on the worker's connector"
+        return self._scheduler
+
+    @property
+    def worker(self) -> CacheGenWorker:
+        assert self._worker is not None, "a worker-side call on the scheduler's connector"
+        return self._worker
+
+    # ---- scheduler side -----------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        return None  # any: the CPU page order is probed (cachegen_vllm.paged.layout)
+
+    # ---- worker side --------------------------------------------------------------------------
+
+    def _metadata(self) -> CacheGenMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, CacheGenMetadata)
+        return meta
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker.register_kv_caches(kv_caches)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        meta = self._metadata()
+        if meta is not None:
+            self.worker.save_kv_layer(layer_name, kv_layer, meta)
+
+    def wait_for_save(self) -> None:
+        return  # frames are encoded in save_kv_layer, before it returns
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._metadata()
+        if meta is not None:
+            self.worker.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are asynchronous: a request runs only once its whole transfer is in
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, self.worker.get_finished() or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.get_block_ids_with_load_errors()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self.worker.get_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return CacheGenStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> CacheGenPromMetrics:
+        return CacheGenPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()

@@ -1,0 +1,113 @@
+"""What the connector's scheduler side tells its worker side each step (`CacheGenMetadata`), and
+the two shapes of a request's ``kv_transfer_params`` that it reads and writes.
+
+``kv_transfer_params`` is the contract with whatever routes requests (our proxy, a P/D router):
+
+- to a prefill instance, ``{"do_remote_decode": true, "transfer_id": ID}`` (`RemoteDecode`): save
+  this request's KV under ID;
+- from it, and then to a decode instance, ``{"do_remote_prefill": true, "transfer_id": ID,
+  "producer": ENDPOINT, "num_tokens": N}`` (`RemotePrefill`): load the KV of the prompt's first N
+  tokens from ENDPOINT. ``num_tokens`` is absent when the proxy starts the decode leg before the
+  prefill has answered (overlapped legs); frames then carry what was computed.
+
+Transfers are keyed by ``transfer_id``, never by vLLM's request ids, which differ per instance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from cachegen_vllm.transport.protocol import MAX_TRANSFER_ID
+
+
+class ParamsError(ValueError):
+    """A request's ``kv_transfer_params`` ask for a transfer but cannot describe one; the message
+    names the field."""
+
+
+def _transfer_id(params: dict[str, Any]) -> str:
+    value = params.get("transfer_id")
+    if not isinstance(value, str) or not 0 < len(value.encode()) <= MAX_TRANSFER_ID:
+        raise ParamsError(
+            f"kv_transfer_params.transfer_id must be a string of 1..{MAX_TRANSFER_ID} bytes; got {value!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class RemoteDecode:
+    """A prefill request whose KV a decode instance will load."""
+
+    transfer_id: str
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> RemoteDecode | None:
+        """None unless the params ask for a remote decode; ParamsError if they cannot."""
+        if not params or not params.get("do_remote_decode"):
+            return None
+        return cls(_transfer_id(params))
+
+
+@dataclass(frozen=True)
+class RemotePrefill:
+    """A decode request whose prompt's KV waits at a producer."""
+
+    transfer_id: str
+    producer: str  # the producer's ZeroMQ endpoint
+    num_tokens: int | None  # the prompt's tokens the producer has; None: not known yet
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> RemotePrefill | None:
+        """None unless the params ask for a remote prefill; ParamsError if they cannot."""
+        if not params or not params.get("do_remote_prefill"):
+            return None
+        producer = params.get("producer")
+        if not isinstance(producer, str) or not producer.startswith(("tcp://", "ipc://")):
+            raise ParamsError(
+                f"kv_transfer_params.producer must be a ZeroMQ endpoint like tcp://HOST:PORT; got {producer!r}"
+            )
+        num_tokens = params.get("num_tokens")
+        if num_tokens is not None and (
+            not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1
+        ):
+            raise ParamsError(f"kv_transfer_params.num_tokens must be a positive integer; got {num_tokens!r}")
+        return cls(_transfer_id(params), producer, num_tokens)
+
+    def to_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"do_remote_prefill": True, "transfer_id": self.transfer_id, "producer": self.producer}
+        if self.num_tokens is not None:
+            params["num_tokens"] = self.num_tokens
+        return params
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """Tokens ``[start, end)`` of a prompt of ``total`` tokens were computed this step: send them."""
+
+    transfer_id: str
+    block_ids: list[int]
+    start: int
+    end: int
+    total: int
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Fetch tokens ``[start, start + count)`` of a transfer into these blocks."""
+
+    req_id: str
+    transfer_id: str
+    producer: str
+    block_ids: list[int]
+    start: int
+    count: int
+
+
+@dataclass
+class CacheGenMetadata(KVConnectorMetadata):
+    saves: list[SaveRequest] = field(default_factory=list)
+    loads: list[LoadRequest] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)  # requests aborted while their KV was loading

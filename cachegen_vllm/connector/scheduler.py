@@ -1,0 +1,146 @@
+"""The connector's scheduler side: pure request state, no tensors.
+
+Prefill (producer): a request whose params ask for a remote decode (`RemoteDecode`) has every
+newly computed range of its prompt handed to the workers as a `SaveRequest`, step by step as
+chunked prefill computes it. The state lives until the request finishes, so a preempted and
+resumed request neither sends its tokens twice nor reads its old blocks (a resumed request's block
+list replaces the old one).
+
+Decode (consumer): a request whose params say where its KV waits (`RemotePrefill`) reports the
+prompt, less the last token (which vLLM recomputes to sample from) and less any prefix it already
+holds in its prefix cache, as loadable asynchronously, and gets a `LoadRequest`. One load attempt
+per request: asked again after a failure or a preemption, it recomputes, since the producer has
+released or lost the frames by then. A request aborted while loading has its load cancelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+from vllm.v1.request import RequestStatus
+
+from cachegen_vllm.config import ConnectorConfig
+from cachegen_vllm.connector.metadata import (
+    CacheGenMetadata,
+    LoadRequest,
+    ParamsError,
+    RemoteDecode,
+    RemotePrefill,
+    SaveRequest,
+)
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = init_logger("vllm.cachegen_vllm.connector")
+
+
+@dataclass
+class _Saving:
+    transfer_id: str
+    total: int  # the prompt's tokens
+    block_ids: list[int]
+    saved: int = 0  # tokens already handed to the workers
+
+
+class CacheGenScheduler:
+    def __init__(self, config: ConnectorConfig):
+        self.config = config
+        self._saving: dict[str, _Saving] = {}
+        self._new_loads: list[LoadRequest] = []
+        self._new_cancels: list[str] = []
+        self._local_hits: dict[str, int] = {}  # tokens a loading request already holds
+        self._loaded: set[str] = set()  # requests whose load was scheduled: never a second attempt
+
+    def _remote_prefill(self, request: Request) -> RemotePrefill | None:
+        if self.config.producer:
+            return None
+        try:
+            return RemotePrefill.from_params(request.kv_transfer_params)
+        except ParamsError as e:
+            log.warning("request %s: %s; recomputing its prompt", request.request_id, e)
+            return None
+
+    def _remote_decode(self, request: Request) -> RemoteDecode | None:
+        if not self.config.producer:
+            return None
+        try:
+            return RemoteDecode.from_params(request.kv_transfer_params)
+        except ParamsError as e:
+            log.warning("request %s: %s; its KV is not sent (the decode recomputes it)", request.request_id, e)
+            return None
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        remote = self._remote_prefill(request)
+        if remote is None or request.request_id in self._loaded:
+            return 0, False
+        prompt = len(request.prompt_token_ids or [])
+        loadable = min(remote.num_tokens or prompt, prompt) - 1
+        count = loadable - num_computed_tokens
+        if count <= 0:
+            return 0, False
+        self._local_hits[request.request_id] = num_computed_tokens
+        return count, True
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if self.config.producer:
+            remote = self._remote_decode(request)
+            if remote is not None and request.request_id not in self._saving:  # a resumed request keeps its progress
+                self._saving[request.request_id] = _Saving(remote.transfer_id, len(request.prompt_token_ids or []), [])
+            return
+        prefill = self._remote_prefill(request)
+        if prefill is None or num_external_tokens <= 0:
+            return
+        self._loaded.add(request.request_id)
+        self._new_loads.append(
+            LoadRequest(
+                req_id=request.request_id,
+                transfer_id=prefill.transfer_id,
+                producer=prefill.producer,
+                block_ids=list(blocks.get_block_ids()[0]),
+                start=self._local_hits.pop(request.request_id, 0),
+                count=num_external_tokens,
+            )
+        )
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> CacheGenMetadata:
+        meta = CacheGenMetadata(loads=self._new_loads, cancels=self._new_cancels)
+        self._new_loads, self._new_cancels = [], []
+        if not self._saving:
+            return meta
+        # (request, its new blocks, whether they replace the old ones, tokens computed before this step)
+        steps: list[tuple[str, list[int], bool, int]] = [
+            (r.req_id, r.block_ids[0], True, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs
+        ]
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            added = cached.new_block_ids[i]
+            resumed = req_id in cached.resumed_req_ids
+            steps.append((req_id, added[0] if added else [], resumed, cached.num_computed_tokens[i]))
+        for req_id, new_blocks, replace, computed in steps:
+            state = self._saving.get(req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new_blocks) if replace else state.block_ids + list(new_blocks)
+            end = min(computed + scheduler_output.num_scheduled_tokens.get(req_id, 0), state.total)
+            if end > state.saved:  # a prefix-cache hit is sent too: its blocks hold valid KV
+                meta.saves.append(SaveRequest(state.transfer_id, list(state.block_ids), state.saved, end, state.total))
+                state.saved = end
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Nothing delays freeing the blocks: a prefill's frames are in the send buffer by now, and an
+        aborted load is cancelled. Returns what a decode instance needs to load this request's KV."""
+        req_id = request.request_id
+        saving = self._saving.pop(req_id, None)
+        self._local_hits.pop(req_id, None)
+        if req_id in self._loaded and request.status == RequestStatus.FINISHED_ABORTED:
+            self._new_cancels.append(req_id)  # stop its transfer: vLLM frees the blocks once it ends
+        self._loaded.discard(req_id)
+        if saving is None:
+            return False, None
+        return False, RemotePrefill(saving.transfer_id, self.config.advertise, saving.total).to_params()

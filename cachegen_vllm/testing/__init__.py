@@ -1,0 +1,2 @@
+"""Helpers for the tests and benchmarks, not for serving: shaped network links between network
+namespaces (`netns`)."""

@@ -1,0 +1,217 @@
+"""The kernels' host side: which tile of which frame goes where, launches, and sealing.
+
+Each direction is three steps, so that a caller can put the device work on a stream of its own and
+collect the result later: `plan_encode` (host: the frames' headers and tiles) -> `launch_encode`
+(device, asynchronous) -> `finish_encode` (host: copy back, header and checksum);
+`decode_frames_paged` does the same for decoding in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cachegen_vllm.codec.allocation import chunk_bounds, plan_segments
+from cachegen_vllm.codec.format import FrameHeader, frame_nbytes, parse_frame, seal_frame
+from cachegen_vllm.codec.geometry import KV, KVGeometry
+from cachegen_vllm.codec.profile import Profile
+from cachegen_vllm.kernels.paged_codec import decode_tiles, encode_tiles, kernel_constants
+from cachegen_vllm.kernels.tiles import TensorField, frame_slots, frame_tiles, tensor_column
+
+Frame = bytes | bytearray | memoryview
+# Tiles grouped by (key bits, value bits), one launch and one compiled kernel each: the widths,
+# the frame of each tile, and the tiles on the device.
+Launch = tuple[tuple[int, int], list[int], torch.Tensor]
+
+_WIDTHS = (tensor_column(KV.KEY, TensorField.BITS), tensor_column(KV.VALUE, TensorField.BITS))
+
+
+def _by_widths(tiles: list[tuple[int, list[int]]], device: torch.device) -> list[Launch]:
+    groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+    for frame, tile in tiles:
+        groups.setdefault((tile[_WIDTHS[0]], tile[_WIDTHS[1]]), []).append((frame, tile))
+    return [
+        (widths, [f for f, _ in members], torch.tensor([t for _, t in members], dtype=torch.int64).to(device))
+        for widths, members in groups.items()
+    ]
+
+
+@dataclass
+class EncodePlan:
+    """One layer's frames: their headers, where each lies in ``buffer``, and the kernels' work."""
+
+    headers: list[FrameHeader]
+    bases: list[int]
+    buffer: torch.Tensor  # uint8 on the device: the frames' bytes, back to back
+    launches: list[Launch]
+    bad: list[torch.Tensor]  # per launch, [tiles, heads]: non-finite counts, filled by the kernel
+    constants: dict
+
+
+def plan_encode(
+    geometry: KVGeometry,
+    profile: Profile,
+    *,
+    layer: int,
+    token_start: int,
+    count: int,
+    total_tokens: int,
+    device: torch.device,
+) -> EncodePlan:
+    """The frames `codec.encode_layer` makes of tokens ``[token_start, token_start + count)``."""
+    if profile.coding != "packed":
+        raise ValueError(
+            f"coding {profile.coding!r}: the kernels code 'packed' frames (paged.encode_blocks routes the rest)"
+        )
+    headers, bases, size, launches = _encode_layout(geometry, profile, layer, token_start, count, total_tokens, device)
+    return EncodePlan(
+        [dataclasses.replace(h, layer=layer) for h in headers],
+        bases,
+        _frame_buffer(size, device),
+        launches,
+        [
+            torch.empty(len(frames), geometry.num_kv_heads, dtype=torch.int32, device=device)
+            for _, frames, _ in launches
+        ],
+        kernel_constants(geometry, profile.group_tokens, profile.value_axis, profile.rotation == "hadamard"),
+    )
+
+
+def _frame_buffer(size: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(size, dtype=torch.uint8, device=device)  # the format's padding is zeros
+
+
+_LAYOUTS: dict[tuple, tuple[list[FrameHeader], list[int], int, list[Launch]]] = {}
+
+
+def _encode_layout(
+    geometry: KVGeometry,
+    profile: Profile,
+    layer: int,
+    token_start: int,
+    count: int,
+    total_tokens: int,
+    device: torch.device,
+) -> tuple[list[FrameHeader], list[int], int, list[Launch]]:
+    """Headers (for any layer), frame offsets, buffer size and tiles on the device. Every layer with
+    the same widths has the same layout: made once per save step instead of once per layer, off
+    the forward pass's path."""
+    key = (geometry, profile, profile.layer_bits(layer), token_start, count, total_tokens, str(device))
+    if key not in _LAYOUTS:
+        hadamard = profile.rotation == "hadamard"
+        headers = [
+            FrameHeader(
+                layer,
+                start,
+                profile.group_tokens,
+                profile.value_axis,
+                hadamard,
+                tuple(plan_segments(profile, layer, start, n, total_tokens)),
+            )
+            for start, n in chunk_bounds(profile, token_start, count)
+        ]
+        bases, size = frame_slots(headers, geometry)
+        tiles = [
+            (i, t) for i, (header, base) in enumerate(zip(headers, bases)) for t in frame_tiles(header, geometry, base)
+        ]
+        if len(_LAYOUTS) >= 64:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = (headers, bases, size, _by_widths(tiles, device))
+    return _LAYOUTS[key]
+
+
+def launch_encode(plan: EncodePlan, cache: torch.Tensor, block_table: torch.Tensor) -> None:
+    """Enqueue the encode kernels on the current stream: reads the request's blocks of ``cache``
+    (``block_table``: its block ids in order, on the cache's device), writes ``plan.buffer``."""
+    for ((key_bits, value_bits), _, tiles), bad in zip(plan.launches, plan.bad):
+        encode_tiles(cache, block_table, tiles, plan.buffer, bad, key_bits, value_bits, plan.constants)
+
+
+def finish_encode(plan: EncodePlan, geometry: KVGeometry) -> list[memoryview | None]:
+    """Wait for the kernels and seal the frames, in place in one host copy of the buffer: the
+    frames are views of it (no copy per frame). None stands for a frame with values its float16
+    statistics cannot hold (inf, nan, beyond +-65504): the caller makes it the reference's way,
+    which sends such tensors exact."""
+    payload = plan.buffer.cpu().numpy().data
+    refused = {
+        f for (_, frames, _), bad in zip(plan.launches, plan.bad) for f, n in zip(frames, bad.sum(dim=1).tolist()) if n
+    }
+    out: list[memoryview | None] = []
+    for i, (header, base) in enumerate(zip(plan.headers, plan.bases)):
+        if i in refused:
+            out.append(None)
+            continue
+        frame = payload[base : base + frame_nbytes(header, geometry)]
+        seal_frame(header, geometry, frame)
+        out.append(frame)
+    return out
+
+
+@dataclass
+class DecodePlan:
+    headers: list[FrameHeader]
+    launches: list[tuple[int, torch.Tensor, list[Launch], dict]]  # (layer, buffer, width groups, constants)
+
+
+def plan_decode(frames: list[Frame], geometry: KVGeometry, device: torch.device) -> DecodePlan:
+    """Validate frames (`FrameError` on any bad byte, before anything is written) and copy them to
+    the device, grouped by layer and format flags."""
+    headers = [parse_frame(frame, geometry) for frame in frames]
+    if any(h.coding != "packed" for h in headers):
+        raise ValueError("the kernels decode 'packed' frames only (paged.decode_into_blocks routes the rest)")
+    groups: dict[tuple, list[int]] = {}
+    for i, h in enumerate(headers):
+        groups.setdefault((h.layer, h.group_tokens, h.value_axis, h.hadamard), []).append(i)
+    launches = []
+    for (layer, group_tokens, value_axis, hadamard), members in groups.items():
+        bases, size = frame_slots([headers[i] for i in members], geometry)
+        host = torch.zeros(size, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
+        staging = host.numpy()  # one copy of each frame, straight from its (read-only) bytes
+        for i, base in zip(members, bases):
+            staging[base : base + len(frames[i])] = np.frombuffer(frames[i], dtype=np.uint8)
+        tiles = [(i, t) for i, base in zip(members, bases) for t in frame_tiles(headers[i], geometry, base)]
+        launches.append(
+            (
+                layer,
+                host.to(device, non_blocking=True),
+                _by_widths(tiles, device),
+                kernel_constants(geometry, group_tokens, value_axis, hadamard),
+            )
+        )
+    return DecodePlan(headers, launches)
+
+
+def launch_decode(
+    plan: DecodePlan,
+    caches: Mapping[int, torch.Tensor],
+    block_table: torch.Tensor,
+    write_start: int = 0,
+    write_end: int = 1 << 62,
+) -> None:
+    """Enqueue the decode kernels: tokens ``[write_start, write_end)`` of each frame go into the
+    request's blocks of ``caches[layer]``; nothing else is written."""
+    for layer, buffer, groups, constants in plan.launches:
+        for (key_bits, value_bits), _, tiles in groups:
+            decode_tiles(
+                caches[layer], block_table, tiles, buffer, write_start, write_end, key_bits, value_bits, constants
+            )
+
+
+def decode_frames_paged(
+    frames: list[Frame],
+    caches: Mapping[int, torch.Tensor],
+    block_table: torch.Tensor,
+    *,
+    geometry: KVGeometry,
+    write_start: int = 0,
+    write_end: int = 1 << 62,
+) -> list[FrameHeader]:
+    """Validate and decode frames into the request's blocks; returns their headers."""
+    device = next(iter(caches.values())).device
+    plan = plan_decode(frames, geometry, device)
+    launch_decode(plan, caches, block_table, write_start, write_end)
+    return plan.headers

@@ -1,0 +1,170 @@
+"""The package's layering, read from its source: every import, at module level or inside a
+function, goes one way down
+
+    codec  <-  kernels  <-  paged  <-  connector  <-  serving tools
+    codec  <-  transport  <-  config  <-  connector
+
+and no module imports itself back through others (no cycle, whatever hides it in a function)."""
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+import cachegen_vllm
+
+ROOT = Path(cachegen_vllm.__path__[0])
+PACKAGE = "cachegen_vllm"
+
+# component: the components its modules may import (besides its own)
+ALLOWED = {
+    "codec": set(),
+    "kernels": {"codec"},
+    "transport": {"codec"},
+    "paged": {"codec", "kernels"},
+    "config": {"codec", "transport"},
+    "connector": {"codec", "paged", "transport", "config"},
+    "tools": {"codec", "kernels", "paged", "transport", "config", "connector", "root"},
+    "root": set(),
+}
+# third-party packages a component must not reach: what keeps the codec pure, the kernels off the
+# network and vLLM out of everything below the connector
+FORBIDDEN = {
+    "codec": {"vllm", "triton", "zmq", "fastapi", "httpx"},
+    "kernels": {"vllm", "zmq", "fastapi", "httpx"},
+    "transport": {"vllm", "triton", "fastapi", "httpx"},
+    "config": {"vllm", "triton", "zmq"},
+}
+
+
+def component(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "root"
+    if parts[1] in ("codec", "kernels", "transport", "paged", "connector") or module == f"{PACKAGE}.config":
+        return parts[1]
+    return "tools"
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package, by dotted name, the linked kernels/ and configs/ included."""
+    out = {}
+    for folder, _, files in os.walk(ROOT, followlinks=True):
+        for name in files:
+            if name.endswith(".py"):
+                rel = (Path(folder) / name).relative_to(ROOT).with_suffix("")
+                parts = [PACKAGE, *rel.parts]
+                out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = Path(folder) / name
+    return out
+
+
+def imports(path: Path, known: set[str]) -> tuple[set[str], set[str]]:
+    """(modules of the package, top-level third-party names) that the file imports, anywhere in it."""
+    ours, theirs = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from package import submodule` imports the submodule; `from module import name` the module
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names
+            ]
+        else:
+            continue
+        for name in names:
+            (ours if name.split(".")[0] == PACKAGE else theirs).add(
+                name if name.split(".")[0] == PACKAGE else name.split(".")[0]
+            )
+    return ours, theirs
+
+
+def with_packages(module: str, targets: set[str]) -> set[str]:
+    """``targets`` and the packages importing each runs first (``a.b.c`` runs ``a.b``), those that
+    ``module`` itself lies in aside: what importing them executes."""
+    out = set(targets)
+    for target in targets:
+        parts = target.split(".")
+        for i in range(2, len(parts)):
+            package = ".".join(parts[:i])
+            if package != module and not module.startswith(package + "."):
+                out.add(package)
+    return out
+
+
+GRAPH = {name: imports(path, set(modules())) for name, path in modules().items()}
+EXECUTES = {name: with_packages(name, ours) for name, (ours, _) in GRAPH.items()}
+
+
+def test_the_walk_sees_every_layer():
+    assert {component(m) for m in GRAPH} == set(ALLOWED)
+    assert {
+        "cachegen_vllm.kernels.paged_codec",
+        "cachegen_vllm.connector.scheduler",
+        "cachegen_vllm.paged.layout",
+    } <= set(GRAPH)
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_go_down_the_layers(module):
+    ours, theirs = GRAPH[module]
+    here = component(module)
+    wrong = sorted(m for m in ours if component(m) not in ALLOWED[here] | {here})
+    assert not wrong, f"{module} ({here}) imports {wrong}, against the layering"
+    reached = sorted(theirs & FORBIDDEN.get(here, set()))
+    assert not reached, f"{module} ({here}) imports {reached}"
+
+
+def test_no_import_cycles():
+    """Tarjan's strongly connected components over what importing each module executes."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in EXECUTES[node]:
+            if nxt not in GRAPH:
+                continue
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            members = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                members.append(member)
+                if member == node:
+                    break
+            if len(members) > 1 or node in EXECUTES[node]:
+                cycles.append(sorted(members))
+
+    for node in sorted(GRAPH):
+        if node not in index:
+            visit(node)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_checker_catches_what_it_must(tmp_path):
+    """A cycle hidden in a function and an upward import, in a scratch file, are both seen."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from cachegen_vllm.connector.worker import CacheGenWorker\n\nimport vllm.config\n")
+    ours, theirs = imports(bad, set(GRAPH))
+    assert ours == {"cachegen_vllm.connector.worker"} and theirs == {"vllm"}
+    assert component("cachegen_vllm.connector.worker") not in ALLOWED["codec"]
+
+
+def test_the_kernels_folder_is_not_a_top_level_package():
+    """Run from the repository's root, Python finds the top-level kernels/ as a package named
+    `kernels`, which transformers and vLLM probe for (Hugging Face's kernel hub library): importing
+    it must run none of our code (it once imported the codec, and numba with it, into every vLLM
+    worker, whose start-up then failed)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, kernels; print(sorted(m for m in sys.modules if m.startswith('cachegen_vllm')))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

