@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +238,8 @@ def transport_config_from_dict(data: dict, prefix: str = "") -> TransportConfig:
     return config
 
 
-KV_ROLES = ("kv_producer", "kv_consumer")
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+_ENV = re.compile(r"\$\{(\w+)\}")
 
 
 @dataclass(frozen=True)
@@ -244,15 +247,39 @@ class ConnectorConfig:
     """The CacheGenConnector's ``kv_role`` and ``kv_connector_extra_config``, validated once at
     start-up."""
 
-    producer: bool  # kv_producer (prefill: encodes and sends) or kv_consumer (decode: receives)
+    kv_role: str  # kv_producer (prefill), kv_consumer (decode), or kv_both (each request's params say)
     profile: Profile
     transport: TransportConfig
     advertise: str  # producer: the endpoint decode instances connect to (default: bind)
     load_timeout_s: float  # consumer: a transfer not complete by then fails (policy decides)
 
+    @property
+    def sends(self) -> bool:
+        """Saves the KV of requests that ask for a remote decode."""
+        return self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def receives(self) -> bool:
+        """Loads the KV of requests whose prefill ran elsewhere."""
+        return self.kv_role in ("kv_consumer", "kv_both")
+
 
 CONNECTOR_FIELDS = {"profile", "advertise", "load_timeout_s"}
 EXTRA = "kv_connector_extra_config."
+
+
+def _endpoint(field: str, value: Any) -> str:
+    """A ZeroMQ endpoint decode instances can connect to; ``${VAR}`` is read from the environment
+    (a pod's IP, say), and an unset variable is an error naming it."""
+    if not isinstance(value, str):
+        raise ConfigError(field, f"must be a ZeroMQ endpoint like tcp://10.0.0.5:5601; got {value!r}")
+    missing = [name for name in _ENV.findall(value) if name not in os.environ]
+    if missing:
+        raise ConfigError(field, f"names the environment variable {missing[0]}, which is not set")
+    endpoint = _ENV.sub(lambda m: os.environ[m.group(1)], value)
+    if not endpoint.startswith(("tcp://", "ipc://")):
+        raise ConfigError(field, f"must be a ZeroMQ endpoint like tcp://10.0.0.5:5601; got {endpoint!r}")
+    return endpoint
 
 
 def connector_config_from_dict(kv_role: str | None, extra: Any) -> ConnectorConfig:
@@ -260,10 +287,7 @@ def connector_config_from_dict(kv_role: str | None, extra: Any) -> ConnectorConf
     e.g. ``kv_connector_extra_config.profile: unknown profile 'fast'``. Transport options (bind,
     credit_frames, ttl_s, curve_* key files...) sit beside the connector's own."""
     if kv_role not in KV_ROLES:
-        raise ConfigError(
-            "kv_role", f"CacheGenConnector is kv_producer (prefill) or kv_consumer (decode); got {kv_role!r}"
-        )
-    producer = kv_role == "kv_producer"
+        raise ConfigError("kv_role", f"CacheGenConnector takes {', '.join(KV_ROLES)}; got {kv_role!r}")
     if not isinstance(extra, dict):
         raise ConfigError(EXTRA.rstrip("."), "must be a JSON object")
     transport_fields = {f.name for f in dataclasses.fields(TransportConfig)}
@@ -276,14 +300,17 @@ def connector_config_from_dict(kv_role: str | None, extra: Any) -> ConnectorConf
     except ConfigError as e:
         raise ConfigError(EXTRA + "profile", str(e).split(": ", 1)[1]) from None
     transport = transport_config_from_dict({k: v for k, v in extra.items() if k in transport_fields}, prefix=EXTRA)
-    if producer and transport.bind.startswith("tcp://") and transport.bind.endswith(":0"):
+    config = ConnectorConfig(
+        kv_role,
+        profile,
+        transport,
+        _endpoint(EXTRA + "advertise", extra.get("advertise", transport.bind)),
+        _seconds(EXTRA + "load_timeout_s", extra.get("load_timeout_s", 120.0)),
+    )
+    if config.sends and transport.bind.startswith("tcp://") and transport.bind.endswith(":0"):
         raise ConfigError(
-            EXTRA + "bind", "a producer needs a fixed port, e.g. tcp://127.0.0.1:5601 (decode instances connect to it)"
+            EXTRA + "bind", f"{kv_role} needs a fixed port, e.g. tcp://127.0.0.1:5601 (decode instances connect to it)"
         )
-    advertise = extra.get("advertise", transport.bind)
-    if not isinstance(advertise, str) or not advertise.startswith(("tcp://", "ipc://")):
-        raise ConfigError(EXTRA + "advertise", f"must be a ZeroMQ endpoint like tcp://10.0.0.5:5601; got {advertise!r}")
-    if not producer and transport.curve and not transport.curve_server_public_key_file:
-        raise ConfigError(EXTRA + "curve_server_public_key_file", "is required on a consumer when CURVE is on")
-    load_timeout_s = _seconds(EXTRA + "load_timeout_s", extra.get("load_timeout_s", 120.0))
-    return ConnectorConfig(producer, profile, transport, advertise, load_timeout_s)
+    if config.receives and transport.curve and not transport.curve_server_public_key_file:
+        raise ConfigError(EXTRA + "curve_server_public_key_file", f"is required on a {kv_role} when CURVE is on")
+    return config

@@ -1,6 +1,6 @@
-"""vLLM OpenAI servers as child processes, and what to ask them: for the main job, the end-to-end
-tests and the benchmarks. Each server runs in a session of its own, so that `stop_all` stops it
-with everything it started."""
+"""vLLM OpenAI servers and vLLM's P/D router as child processes, and what to ask them: for the main
+job, the end-to-end tests and the benchmarks. Each runs in a session of its own, so that `stop_all`
+stops it with everything it started."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ WARMUP_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)
 
 def kv_transfer_config(role: str, extra: dict, policy: str = "recompute") -> dict:
     config = {"kv_connector": "CacheGenConnector", "kv_role": role, "kv_connector_extra_config": extra}
-    if role == "kv_consumer":
+    if role in ("kv_consumer", "kv_both"):
         config["kv_load_failure_policy"] = policy
     return config
 
@@ -62,6 +62,27 @@ def start_instance(
     argv += extra_args
     log = open(log_path, "w")  # noqa: SIM115 (the child owns it)
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def start_router(
+    prefill_urls: list[str],
+    decode_urls: list[str],
+    port: int,
+    metrics_port: int,
+    log_path: Path,
+    host: str = "127.0.0.1",
+) -> subprocess.Popen:
+    """vLLM's P/D router (PyPI ``vllm-router``) in front of these instances, in the mode that sends
+    prefills ``{"do_remote_decode": true}`` and passes their ``kv_transfer_params`` to the decodes.
+    ``metrics_port``: its Prometheus port (it binds one; two routers need two)."""
+    argv = [sys.executable, "-m", "vllm_router.launch_router", "--vllm-pd-disaggregation", "--host", host]
+    argv += ["--port", str(port), "--prometheus-port", str(metrics_port), "--policy", "round_robin"]
+    for url in prefill_urls:
+        argv += ["--prefill", url]
+    for url in decode_urls:
+        argv += ["--decode", url]
+    log = open(log_path, "w")  # noqa: SIM115 (the child owns it)
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:

@@ -42,7 +42,8 @@ def test_each_role_gets_its_own_side_and_refuses_the_others_calls():
 @pytest.mark.parametrize(
     "kv_role,extra,field",
     [
-        ("kv_both", {}, "kv_role"),
+        ("kv_sender", {}, "kv_role"),
+        ("kv_both", {}, "kv_connector_extra_config.bind"),  # it sends too
         (
             "kv_producer",
             {"profile": "no-such-profile", "bind": "tcp://127.0.0.1:5999"},
@@ -50,6 +51,11 @@ def test_each_role_gets_its_own_side_and_refuses_the_others_calls():
         ),
         ("kv_producer", {}, "kv_connector_extra_config.bind"),  # a producer needs a port decodes can reach
         ("kv_consumer", {"load_timeout": 5}, "kv_connector_extra_config.load_timeout"),
+        (
+            "kv_consumer",
+            {"curve_secret_key_file": "/nonexistent.key_secret"},
+            "kv_connector_extra_config.curve_secret_key_file",
+        ),
     ],
 )
 def test_a_bad_option_stops_either_role_naming_the_field(role, kv_role, extra, field):
@@ -67,3 +73,45 @@ def test_the_plugin_name_and_the_module_path_both_resolve_to_the_connector():
     by_path = SimpleNamespace(kv_connector=NAME, kv_connector_module_path="cachegen_vllm.connector")
     assert KVConnectorFactory.get_connector_class(by_name) is CacheGenConnector
     assert KVConnectorFactory.get_connector_class(by_path) is CacheGenConnector
+
+
+def test_the_advertised_endpoint_can_name_the_pods_address(monkeypatch):
+    """As NIXL's side-channel host: the endpoint decode instances connect to, from the environment."""
+    from cachegen_vllm.config import connector_config_from_dict
+
+    extra = {"bind": "tcp://0.0.0.0:5601", "advertise": "tcp://${POD_IP}:5601"}
+    monkeypatch.setenv("POD_IP", "10.1.2.3")
+    assert connector_config_from_dict("kv_producer", extra).advertise == "tcp://10.1.2.3:5601"
+    monkeypatch.delenv("POD_IP")
+    with pytest.raises(
+        ConfigError, match=r"^kv_connector_extra_config.advertise: names the environment variable POD_IP"
+    ):
+        connector_config_from_dict("kv_producer", extra)
+
+
+def test_stats_gather_across_ranks_and_reach_prometheus_as_counters_and_histograms():
+    import prometheus_client
+
+    from cachegen_vllm.connector.metrics import CacheGenPromMetrics, CacheGenStats
+
+    rank0, rank1 = CacheGenStats(), CacheGenStats()
+    rank0.add(raw_bytes=100, wire_bytes=25, transfers=1, failed_peer_gone=1)
+    rank0.sample(transfer_duration=0.2, decode_duration=0.05)
+    rank1.add(raw_bytes=100, wire_bytes=25, transfers=1)
+    rank1.sample(transfer_duration=0.4, decode_duration=0.07)
+    both = CacheGenStats().aggregate(rank0).aggregate(rank1)
+    assert both.data["raw_bytes"] == 200 and both.data["transfer_duration"] == [0.2, 0.4]
+    summary = both.reduce()
+    assert summary["compression_ratio"] == 4.0 and summary["transfer_duration_mean_s"] == 0.3
+
+    types = {
+        prometheus_client.Gauge: prometheus_client.Gauge,
+        prometheus_client.Counter: prometheus_client.Counter,
+        prometheus_client.Histogram: prometheus_client.Histogram,
+    }
+    metrics = CacheGenPromMetrics(vllm_config("kv_consumer"), types, ["engine"], {0: ["0"]})
+    metrics.observe(both.data, engine_idx=0)
+    text = prometheus_client.generate_latest().decode()
+    assert 'vllm:cachegen_raw_bytes_total{engine="0"} 200.0' in text
+    assert 'vllm:cachegen_transfer_duration_seconds_count{engine="0"} 2.0' in text
+    assert 'vllm:cachegen_failures_total{engine="0",kind="peer_gone"} 1.0' in text

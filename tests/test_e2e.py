@@ -1,10 +1,11 @@
-"""Disaggregated prefill/decode with real vLLM (CPU) servers on the embedded model, through the proxy.
+"""Disaggregated prefill/decode with real vLLM (CPU) servers on the embedded model, through our
+proxy and through vLLM's P/D router (vllm-router).
 
-Five servers, started once for the module: prefill instances with the raw, the default and the
-entropy-coded profile in a calibrated basis (smollm2-basis), a decode instance, and a plain instance
-(no connector) as the reference. The reference answers from its own prefix cache (the prompt is sent
-twice), which is the same computation a decode instance does after a transfer: cached KV plus the
-last prompt token.
+Five servers, started once for the module: prefill instances with the raw (kv_both), the default
+and the entropy-coded profile in a calibrated basis (smollm2-basis), a decode instance (kv_both),
+and a plain instance (no connector) as the reference. The reference answers from its own prefix
+cache (the prompt is sent twice), which is the same computation a decode instance does after a
+transfer: cached KV plus the last prompt token.
 """
 
 import json
@@ -25,6 +26,7 @@ from cachegen_vllm.launch import (
     kv_transfer_config,
     post,
     start_instance,
+    start_router,
     stop_all,
     wait_healthy,
     warm_up,
@@ -72,11 +74,12 @@ def cluster(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("vllm-logs")
     ports = {name: free_port() for name in ("raw", "default", "smollm2-basis", "decode", "reference")}
     procs = {
+        # kv_both on either side of the raw transfers: each request's params pick the role
         "raw": start_instance(
             model_dir,
             ports["raw"],
             logs / "raw.log",
-            kv_transfer_config("kv_producer", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+            kv_transfer_config("kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}),
         ),
         "default": start_instance(
             model_dir,
@@ -91,7 +94,10 @@ def cluster(model_dir, tmp_path_factory):
             kv_transfer_config("kv_producer", {"profile": "smollm2-basis", "bind": f"tcp://127.0.0.1:{free_port()}"}),
         ),
         "decode": start_instance(
-            model_dir, ports["decode"], logs / "decode.log", kv_transfer_config("kv_consumer", CONSUMER)
+            model_dir,
+            ports["decode"],
+            logs / "decode.log",
+            kv_transfer_config("kv_both", {**CONSUMER, "bind": f"tcp://127.0.0.1:{free_port()}"}),
         ),
         "reference": start_instance(model_dir, ports["reference"], logs / "reference.log"),
     }
@@ -104,6 +110,13 @@ def cluster(model_dir, tmp_path_factory):
         for profile in ("raw", "default", "smollm2-basis"):
             urls[f"proxy-{profile}"], server = serve(create_app([urls[profile]], [urls["decode"]]))
             servers.append(server)
+        for profile in ("raw", "default"):  # vLLM's own P/D router in front of the same instances
+            port = free_port()
+            procs[f"router-{profile}"] = start_router(
+                [urls[profile]], [urls["decode"]], port, free_port(), logs / f"router-{profile}.log"
+            )
+            urls[f"router-{profile}"] = f"http://127.0.0.1:{port}"
+            wait_healthy(urls[f"router-{profile}"], procs[f"router-{profile}"], timeout_s=60)
         yield urls, str(model_dir)
     finally:
         for server in servers:
@@ -117,9 +130,11 @@ def reference(urls, model, text, max_tokens=MAX_TOKENS):
     return post(f"{urls['reference']}/v1/completions", body)["choices"][0]["text"]
 
 
-def through_proxy(urls, model, profile, text, stream=False):
+def through_proxy(urls, model, profile, text, stream=False, front="proxy"):
+    """The answer through our proxy (``front`` "proxy") or vLLM's router ("router") in front of the
+    prefill instance of ``profile``, and the prompt's token count (None when streamed)."""
     body = {"model": model, "prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream}
-    url = f"{urls[f'proxy-{profile}']}/v1/completions"
+    url = f"{urls[f'{front}-{profile}']}/v1/completions"
     if not stream:
         answer = post(url, body)
         return answer["choices"][0]["text"], answer["usage"]["prompt_tokens"]
@@ -176,14 +191,14 @@ def _common_prefix(a: str, b: str) -> float:
     return same / max(len(a), len(b), 1)
 
 
-def _ask(urls, model, profile, prompts):
-    """Each prompt through the proxy of ``profile``: the answers' match with the reference's, the
-    prompts' token counts, and the decode instance's counters before and after."""
+def _ask(urls, model, profile, prompts, front="proxy"):
+    """Each prompt through the proxy (or router) of ``profile``: the answers' match with the
+    reference's, the prompts' token counts, and the decode instance's counters before and after."""
     before = cachegen_counters(urls["decode"])
     matches, tokens = [], []
     for blocks, offset in prompts:
         text = prompt(blocks, offset)
-        got, prompt_tokens = through_proxy(urls, model, profile, text)
+        got, prompt_tokens = through_proxy(urls, model, profile, text, front=front)
         matches.append(_common_prefix(got, reference(urls, model, text)))
         tokens.append(prompt_tokens)
     after = cachegen_counters(urls["decode"])
@@ -197,6 +212,28 @@ def test_default_profile_quality_and_bytes(cluster):
     assert counted["wire_bytes"] == predicted
     assert counted["raw_bytes"] / predicted > 3.0  # compressed, every byte counted
     assert sum(matches) / len(matches) >= DEFAULT_MIN_MATCH, matches
+
+
+@pytest.mark.parametrize("blocks,offset,stream", [(1, 11, False), (8, 12, True)])
+def test_behind_vllm_router_raw_kv_gives_the_reference_output(cluster, blocks, offset, stream):
+    """vllm-router sends the prefill {"do_remote_decode": true} and no transfer id: the prefill makes
+    one up, returns it in its kv_transfer_params, and the router hands those to the decode."""
+    urls, model = cluster
+    text = prompt(blocks, offset)
+    before = cachegen_counters(urls["decode"])
+    got, _ = through_proxy(urls, model, "raw", text, stream=stream, front="router")
+    after = cachegen_counters(urls["decode"])
+    assert after.get("transfers", 0) == before.get("transfers", 0) + 1  # the KV came over, not recomputed
+    assert got == reference(urls, model, text)
+
+
+def test_behind_vllm_router_the_default_profile_sends_its_predicted_bytes(cluster):
+    urls, model = cluster
+    matches, tokens, counted = _ask(urls, model, "default", [(2, 13), (8, 14)], front="router")
+    assert counted["transfers"] == 2 and counted.get("failures", 0) == 0
+    assert counted["wire_bytes"] == sum(wire_bytes(model, "default", n) for n in tokens)
+    assert counted["raw_bytes"] / counted["wire_bytes"] > 3.0
+    assert max(matches) > 0.1, matches  # garbage KV matches ~0
 
 
 def test_entropy_coded_basis_profile_end_to_end(cluster):
@@ -240,26 +277,15 @@ def test_dead_producer_falls_back_to_recompute(cluster):
     assert answer["choices"][0]["text"] == reference(urls, model, text)
 
 
-@pytest.mark.parametrize(
-    "transfer,field",
-    [
-        (
-            kv_transfer_config("kv_producer", {"profile": "no-such-profile", "bind": "tcp://127.0.0.1:5999"}),
-            "kv_connector_extra_config.profile",
-        ),
-        (
-            kv_transfer_config("kv_consumer", {"curve_secret_key_file": "/nonexistent.key_secret"}),
-            "kv_connector_extra_config.curve_secret_key_file",
-        ),
-        ({"kv_connector": "CacheGenConnector", "kv_role": "kv_both"}, "kv_role"),
-    ],
-)
-def test_bad_config_stops_startup_naming_the_field(model_dir, tmp_path, transfer, field):
+def test_a_bad_option_stops_start_up_naming_the_field(model_dir, tmp_path):
+    """A real server dies at start-up with our error in its log; which options are refused, in both
+    of the connector's roles, is tests/test_connector.py's business."""
     log = tmp_path / "bad.log"
+    transfer = kv_transfer_config("kv_producer", {"profile": "no-such-profile", "bind": "tcp://127.0.0.1:5999"})
     proc = start_instance(model_dir, free_port(), log, transfer)
     try:
         proc.wait(timeout=300)
     finally:
         stop_all([proc])
     assert proc.returncode != 0
-    assert f"ConfigError: {field}: " in log.read_text()
+    assert "ConfigError: kv_connector_extra_config.profile: unknown profile 'no-such-profile'" in log.read_text()

@@ -126,18 +126,78 @@ def test_requests_the_connector_does_not_track_are_left_alone():
 
 
 @pytest.mark.parametrize(
-    "params",
-    [
-        {"do_remote_decode": True},
-        {"do_remote_decode": True, "transfer_id": "x" * 129},
-        {"do_remote_decode": True, "transfer_id": 7},
-    ],
+    "params", [{"do_remote_decode": True, "transfer_id": "x" * 129}, {"do_remote_decode": True, "transfer_id": 7}]
 )
-def test_a_prefill_without_a_usable_transfer_id_saves_nothing(params):
+def test_a_prefill_with_a_bad_transfer_id_saves_nothing(params):
     s, r = producer(), request("a", 100, params)
     s.update_state_after_alloc(r, blocks(1), 0)
     assert s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 100})).saves == []
     assert s.request_finished(r, [1]) == (False, None)
+
+
+# vllm-router's prefill leg, as it sends it (the NixlConnector's convention)
+ROUTER_SAVE = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+def test_a_router_prefill_without_a_transfer_id_gets_one_of_its_own_and_returns_it():
+    s = producer()
+    ids = []
+    for name in ("a", "b"):
+        r = request(name, 100, ROUTER_SAVE)
+        s.update_state_after_alloc(r, blocks(1), 0)
+        (save,) = s.build_connector_meta(step(new=[(name, [1], 0)], scheduled={name: 100})).saves
+        r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        _, params = s.request_finished(r, [1])
+        assert params is not None and params["transfer_id"] == save.transfer_id and params["producer"] == PRODUCER
+        ids.append(save.transfer_id)
+    assert len(set(ids)) == 2 and all(i.startswith("cg-") and len(i) == 35 for i in ids)
+
+
+def test_a_resumed_router_prefill_keeps_its_transfer_id():
+    s, r = producer(), request("a", 300, ROUTER_SAVE)
+    s.update_state_after_alloc(r, blocks(1), 0)
+    (first,) = s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 128})).saves
+    s.update_state_after_alloc(r, blocks(7, 8), 0)  # preempted, rescheduled
+    (second,) = s.build_connector_meta(step(cached=[("a", [7, 8], 0)], resumed=["a"], scheduled={"a": 256})).saves
+    assert second.transfer_id == first.transfer_id and (second.start, second.end) == (128, 256)
+
+
+def test_an_aborted_prefill_returns_no_params_and_drops_its_transfer():
+    """Its decode must recompute at once, not wait out load_timeout_s for frames that stop."""
+    s, r = producer(), request("a", 300, SAVE)
+    s.update_state_after_alloc(r, blocks(1), 0)
+    s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 128}))
+    r.status = RequestStatus.FINISHED_ABORTED
+    assert s.request_finished(r, [1]) == (False, None)
+    assert s.build_connector_meta(step()).aborted == ["t-1"]
+    assert s.build_connector_meta(step()).aborted == []
+
+
+def both() -> CacheGenScheduler:
+    return CacheGenScheduler(
+        connector_config_from_dict("kv_both", {"bind": "tcp://0.0.0.0:5601", "advertise": PRODUCER})
+    )
+
+
+def test_kv_both_saves_or_loads_as_each_requests_params_ask():
+    s = both()
+    prefill, decode, plain = request("p", 100, ROUTER_SAVE), request("d", 100, load_params()), request("x", 100, None)
+    assert s.get_num_new_matched_tokens(prefill, 0) == (0, False)
+    assert s.get_num_new_matched_tokens(decode, 0) == (99, True)
+    assert s.get_num_new_matched_tokens(plain, 0) == (0, False)
+    s.update_state_after_alloc(prefill, blocks(1), 0)
+    s.update_state_after_alloc(decode, blocks(2), 99)
+    s.update_state_after_alloc(plain, blocks(3), 0)
+    meta = s.build_connector_meta(step(new=[("p", [1], 0), ("x", [3], 0)], scheduled={"p": 100, "x": 100}))
+    assert [(m.start, m.end, m.block_ids) for m in meta.saves] == [(0, 100, [1])]
+    assert meta.loads == [LoadRequest("d", "t-1", PRODUCER, [2], 0, 99)]
 
 
 # ---- decode: what is loaded --------------------------------------------------------------------

@@ -51,6 +51,12 @@ def wait_finished(w: CacheGenWorker, timeout_s: float = 20) -> set[str]:
     raise AssertionError("the load never reported its request finished")
 
 
+def start_load(w: CacheGenWorker, producer: str, start: int = 0, count: int = 39) -> None:
+    """What the scheduler asks of a decode worker: tokens [start, start + count) of transfer t-1
+    from ``producer`` into blocks 4, 0, 5."""
+    w.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", producer, [4, 0, 5], start, count)]))
+
+
 def tokens(layers, block_ids: list[int], start: int, end: int) -> torch.Tensor:
     """K|V of tokens [start, end) of the request in these blocks, every layer: [layers, tokens, heads, 2d]."""
     out = []
@@ -82,9 +88,7 @@ def test_saved_layers_load_into_the_decodes_blocks_exactly(prefill):
     target = caches(seed=None)
     decode = worker("kv_consumer", target, **FAST)
     try:
-        decode.start_load_kv(
-            CacheGenMetadata(loads=[LoadRequest("d", "t-1", producer.config.advertise, [4, 0, 5], 0, 39)])
-        )
+        start_load(decode, producer.config.advertise)
         assert wait_finished(decode) == {"d"}
         assert decode.get_block_ids_with_load_errors() == set()
         assert torch.equal(tokens(target, [4, 0, 5], 0, 39), tokens(source, [7, 2, 9], 0, 39))  # raw: bit for bit
@@ -108,9 +112,7 @@ def test_a_decode_holding_a_prefix_writes_only_the_rest(prefill):
     target = caches(seed=None)
     decode = worker("kv_consumer", target, **FAST)
     try:
-        decode.start_load_kv(
-            CacheGenMetadata(loads=[LoadRequest("d", "t-1", producer.config.advertise, [4, 0, 5], 16, 23)])
-        )
+        start_load(decode, producer.config.advertise, 16, 23)
         assert wait_finished(decode) == {"d"} and decode.get_block_ids_with_load_errors() == set()
         assert torch.isnan(tokens(target, [4, 0, 5], 0, 16).float()).all()  # its own prefix, untouched
         assert torch.equal(tokens(target, [4, 0, 5], 16, 39), tokens(source, [7, 2, 9], 16, 39))
@@ -123,7 +125,7 @@ def test_a_dead_producer_reports_the_missing_blocks_as_load_errors():
     decode = worker("kv_consumer", target, **FAST)
     try:
         dead = f"tcp://127.0.0.1:{free_port()}"
-        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", dead, [4, 0, 5], 16, 23)]))
+        start_load(decode, dead, 16, 23)
         assert wait_finished(decode) == {"d"}
         assert decode.get_block_ids_with_load_errors() == {0, 5}  # the blocks of tokens 16..38, not its prefix's
         assert decode.get_stats().data["failed_peer_gone"] == 1
@@ -142,9 +144,7 @@ def test_an_unexpected_error_in_a_load_still_finishes_the_request(prefill, monke
     monkeypatch.setattr(worker_module, "decode_into_blocks", broken)
     decode = worker("kv_consumer", caches(seed=None), **FAST)
     try:
-        decode.start_load_kv(
-            CacheGenMetadata(loads=[LoadRequest("d", "t-1", producer.config.advertise, [4, 0, 5], 0, 39)])
-        )
+        start_load(decode, producer.config.advertise)
         assert wait_finished(decode) == {"d"}
         assert decode.get_block_ids_with_load_errors() == {4, 0, 5}
         assert decode.get_stats().data["failed_internal"] == 1
@@ -157,7 +157,7 @@ def test_a_cancelled_load_finishes_without_load_errors():
     decode = worker("kv_consumer", caches(seed=None), **{**FAST, "peer_timeout_s": 30, "load_timeout_s": 60})
     try:
         silent = f"tcp://127.0.0.1:{free_port()}"  # nobody answers: the load would wait
-        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", silent, [4, 0, 5], 0, 39)]))
+        start_load(decode, silent)
         time.sleep(0.2)
         decode.start_load_kv(CacheGenMetadata(cancels=["d"]))
         assert wait_finished(decode, timeout_s=5) == {"d"}
@@ -174,3 +174,46 @@ def test_a_profile_that_cannot_serve_the_model_stops_start_up_by_name():
     w = CacheGenWorker(connector_config_from_dict("kv_consumer", {"profile": "smollm2-basis"}), model_name="test-model")
     with pytest.raises(ConfigError, match=r"^basis: .* was fitted on"):
         w.bind_caches(caches(seed=1), order=None)
+
+
+def test_an_aborted_prefill_refuses_the_decode_that_pulls_it_at_once(prefill):
+    """The prefill request was aborted after its first chunk: the decode pulling its transfer is
+    refused as soon as the prefill's next step drops it, and recomputes, well before its load
+    timeout."""
+    producer, source = prefill
+    half = CacheGenMetadata(saves=[SaveRequest("t-1", [7, 2, 9], 0, 24, 40)])
+    for name, (_, cache) in source.items():
+        producer.save_kv_layer(name, cache, half)
+    decode = worker("kv_consumer", caches(seed=None), **{**FAST, "load_timeout_s": 60})
+    try:
+        start_load(decode, producer.config.advertise)
+        time.sleep(0.3)
+        assert decode.get_finished() == set()  # waiting for the rest
+        started = time.monotonic()
+        producer.start_load_kv(CacheGenMetadata(aborted=["t-1"]))
+        assert wait_finished(decode, timeout_s=5) == {"d"}
+        assert time.monotonic() - started < 5
+        assert decode.get_block_ids_with_load_errors() == {4, 0, 5}
+        assert decode.get_stats().data["failed_refused"] == 1
+    finally:
+        decode.shutdown()
+
+
+def test_kv_both_workers_send_and_receive_and_sample_each_transfer():
+    source, target = caches(seed=2), caches(seed=None)
+    a = worker("kv_both", source, profile="default", bind=f"tcp://127.0.0.1:{free_port()}", **FAST)
+    b = worker("kv_both", target, bind=f"tcp://127.0.0.1:{free_port()}", **FAST)
+    try:
+        save_prompt(a, source, [7, 2, 9], total=40, chunk=40)
+        start_load(b, a.config.advertise)
+        assert wait_finished(b) == {"d"} and b.get_block_ids_with_load_errors() == set()
+        got, want = tokens(target, [4, 0, 5], 0, 39), tokens(source, [7, 2, 9], 0, 39)
+        assert (got.float() - want.float()).abs().mean() < 0.1  # 4-bit codes, not garbage
+        received, sent = b.get_stats(), a.get_stats()
+        assert received is not None and sent is not None
+        assert len(received.data["transfer_duration"]) == len(received.data["decode_duration"]) == 1
+        assert len(sent.data["encode_duration"]) == 1 and sent.data["encode_duration"][0] > 0
+        assert received.data["transfer_duration"][0] >= received.data["decode_duration"][0]
+    finally:
+        a.shutdown()
+        b.shutdown()

@@ -4,7 +4,8 @@ the two shapes of a request's ``kv_transfer_params`` that it reads and writes.
 ``kv_transfer_params`` is the contract with whatever routes requests (our proxy, a P/D router):
 
 - to a prefill instance, ``{"do_remote_decode": true, "transfer_id": ID}`` (`RemoteDecode`): save
-  this request's KV under ID;
+  this request's KV under ID. Without a ``transfer_id`` (what vLLM's P/D routers send, the
+  NixlConnector's convention) the prefill makes one up, unique across instances and restarts;
 - from it, and then to a decode instance, ``{"do_remote_prefill": true, "transfer_id": ID,
   "producer": ENDPOINT, "num_tokens": N}`` (`RemotePrefill`): load the KV of the prompt's first N
   tokens from ENDPOINT. ``num_tokens`` is absent when the proxy starts the decode leg before the
@@ -15,6 +16,7 @@ Transfers are keyed by ``transfer_id``, never by vLLM's request ids, which diffe
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,14 +43,19 @@ def _transfer_id(params: dict[str, Any]) -> str:
 class RemoteDecode:
     """A prefill request whose KV a decode instance will load."""
 
-    transfer_id: str
+    transfer_id: str | None  # None: the router left it to the prefill (`new_transfer_id`)
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> RemoteDecode | None:
         """None unless the params ask for a remote decode; ParamsError if they cannot."""
         if not params or not params.get("do_remote_decode"):
             return None
-        return cls(_transfer_id(params))
+        return cls(_transfer_id(params) if params.get("transfer_id") is not None else None)
+
+
+def new_transfer_id() -> str:
+    """A transfer id no other request of any instance, before or after a restart, has: 122 random bits."""
+    return f"cg-{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
@@ -111,3 +118,4 @@ class CacheGenMetadata(KVConnectorMetadata):
     saves: list[SaveRequest] = field(default_factory=list)
     loads: list[LoadRequest] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)  # requests aborted while their KV was loading
+    aborted: list[str] = field(default_factory=list)  # transfers whose prefill request was aborted: drop them

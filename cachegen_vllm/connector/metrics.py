@@ -1,7 +1,9 @@
 """Transfer metrics through vLLM's KVConnectorStats, exported on vLLM's /metrics.
 
-Workers count per event; vLLM ships the counters to its logger process, sums them across workers
-(`aggregate`), logs a summary (`reduce`) and feeds Prometheus (`CacheGenPromMetrics`)."""
+Workers count per event and sample per transfer; vLLM ships the stats to its logger process,
+gathers them across workers and ranks (`aggregate`), logs a summary (`reduce`) and feeds
+Prometheus (`CacheGenPromMetrics`): ``vllm:cachegen_<counter>_total``, the histograms
+``vllm:cachegen_<name>_seconds`` and ``vllm:cachegen_failures_total{kind=...}``."""
 
 from __future__ import annotations
 
@@ -28,24 +30,46 @@ PRODUCER_COUNTERS = {
     "freed_bytes": "bytes_freed",
     "evicted": "evicted",
 }  # metric: transport stat
-FAILURE_PREFIX = "failed_"  # + an error kind: timeout, peer_gone, corrupt, refused, buffer_full, ...
+FAILURE_PREFIX = "failed_"  # + an error kind: timeout, peer_gone, corrupt, refused, buffer_full, internal, ...
+# Per-transfer durations, one sample each: histograms beside the counters' sums.
+HISTOGRAMS = {
+    "transfer_duration": "Seconds from asking for a transfer to having all of it, per transfer (decode)",
+    "decode_duration": "Seconds spent decoding and scattering one transfer's KV (decode)",
+    "encode_duration": "Seconds spent gathering and encoding one transfer's KV, all layers (prefill)",
+}
+SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 @dataclass
 class CacheGenStats(KVConnectorStats):
+    """Counters (``data[name]``: a number, summed) and per-transfer samples (``data[name]``: a list,
+    for the `HISTOGRAMS`), as plain data: vLLM ships them between processes."""
+
     def add(self, **amounts: float) -> None:
         for name, amount in amounts.items():
             self.data[name] = self.data.get(name, 0) + amount
+
+    def sample(self, **values: float) -> None:
+        for name, value in values.items():
+            self.data.setdefault(name, []).append(value)
 
     def reset(self):
         self.data = {}
 
     def aggregate(self, other: KVConnectorStats) -> CacheGenStats:
-        self.add(**other.data)
+        """Another worker's stats (another rank's, or a later interval's) into these."""
+        for name, value in other.data.items():
+            if isinstance(value, list):
+                self.data.setdefault(name, []).extend(value)
+            else:
+                self.add(**{name: value})
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        out = dict(self.data)
+        out = {name: value for name, value in self.data.items() if not isinstance(value, list)}
+        for name, values in self.data.items():
+            if isinstance(values, list) and values:
+                out[f"{name}_mean_s"] = round(sum(values) / len(values), 4)
         if self.data.get("wire_bytes"):
             out["compression_ratio"] = round(self.data.get("raw_bytes", 0) / self.data["wire_bytes"], 2)
         return out
@@ -57,13 +81,26 @@ class CacheGenStats(KVConnectorStats):
 class CacheGenPromMetrics(KVConnectorPromMetrics):
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        # counters all (vLLM types its metric classes as any Prometheus metric, gauges included)
+        # vLLM types its metric classes as any Prometheus metric; these are counters and histograms
         self._counters: dict[str, dict[int, Any]] = {
             name: create_metric_per_engine(
                 self._counter_cls(name=f"vllm:cachegen_{name}", documentation=doc, labelnames=labelnames),
                 per_engine_labelvalues,
             )
             for name, doc in COUNTERS.items()
+        }
+        histogram_cls: Any = self._histogram_cls  # a Histogram class (vLLM types it as any metric class)
+        self._histograms: dict[str, dict[int, Any]] = {
+            name: create_metric_per_engine(
+                histogram_cls(
+                    name=f"vllm:cachegen_{name}_seconds",
+                    documentation=doc,
+                    buckets=SECONDS_BUCKETS,
+                    labelnames=labelnames,
+                ),
+                per_engine_labelvalues,
+            )
+            for name, doc in HISTOGRAMS.items()
         }
         self._failures: Any = self._counter_cls(
             name="vllm:cachegen_failures",
@@ -73,7 +110,10 @@ class CacheGenPromMetrics(KVConnectorPromMetrics):
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
         for name, amount in transfer_stats_data.items():
-            if name in self._counters and amount:
+            if name in self._histograms:
+                for value in amount:
+                    self._histograms[name][engine_idx].observe(value)
+            elif name in self._counters and amount:
                 self._counters[name][engine_idx].inc(amount)
             elif name.startswith(FAILURE_PREFIX) and amount:
                 labels = self.per_engine_labelvalues[engine_idx]

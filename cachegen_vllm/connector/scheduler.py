@@ -1,16 +1,20 @@
 """The connector's scheduler side: pure request state, no tensors.
 
-Prefill (producer): a request whose params ask for a remote decode (`RemoteDecode`) has every
-newly computed range of its prompt handed to the workers as a `SaveRequest`, step by step as
-chunked prefill computes it. The state lives until the request finishes, so a preempted and
-resumed request neither sends its tokens twice nor reads its old blocks (a resumed request's block
-list replaces the old one).
+Prefill (``kv_producer``): a request whose params ask for a remote decode (`RemoteDecode`) has
+every newly computed range of its prompt handed to the workers as a `SaveRequest`, step by step as
+chunked prefill computes it, under the params' transfer id or one made up here. The state lives
+until the request finishes, so a preempted and resumed request neither sends its tokens twice nor
+reads its old blocks (a resumed request's block list replaces the old one). An aborted request's
+transfer is dropped and its response carries no params.
 
-Decode (consumer): a request whose params say where its KV waits (`RemotePrefill`) reports the
-prompt, less the last token (which vLLM recomputes to sample from) and less any prefix it already
-holds in its prefix cache, as loadable asynchronously, and gets a `LoadRequest`. One load attempt
-per request: asked again after a failure or a preemption, it recomputes, since the producer has
-released or lost the frames by then. A request aborted while loading has its load cancelled.
+Decode (``kv_consumer``): a request whose params say where its KV waits (`RemotePrefill`) reports
+the prompt, less the last token (which vLLM recomputes to sample from) and less any prefix it
+already holds in its prefix cache, as loadable asynchronously, and gets a `LoadRequest`. One load
+attempt per request: asked again after a failure or a preemption, it recomputes, since the
+producer has released or lost the frames by then. A request aborted while loading has its load
+cancelled.
+
+``kv_both`` does either, as each request's params ask.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from cachegen_vllm.connector.metadata import (
     RemoteDecode,
     RemotePrefill,
     SaveRequest,
+    new_transfer_id,
 )
 
 if TYPE_CHECKING:
@@ -53,11 +58,12 @@ class CacheGenScheduler:
         self._saving: dict[str, _Saving] = {}
         self._new_loads: list[LoadRequest] = []
         self._new_cancels: list[str] = []
+        self._new_aborts: list[str] = []
         self._local_hits: dict[str, int] = {}  # tokens a loading request already holds
         self._loaded: set[str] = set()  # requests whose load was scheduled: never a second attempt
 
     def _remote_prefill(self, request: Request) -> RemotePrefill | None:
-        if self.config.producer:
+        if not self.config.receives:
             return None
         try:
             return RemotePrefill.from_params(request.kv_transfer_params)
@@ -66,7 +72,7 @@ class CacheGenScheduler:
             return None
 
     def _remote_decode(self, request: Request) -> RemoteDecode | None:
-        if not self.config.producer:
+        if not self.config.sends:
             return None
         try:
             return RemoteDecode.from_params(request.kv_transfer_params)
@@ -87,10 +93,11 @@ class CacheGenScheduler:
         return count, True
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        if self.config.producer:
-            remote = self._remote_decode(request)
-            if remote is not None and request.request_id not in self._saving:  # a resumed request keeps its progress
-                self._saving[request.request_id] = _Saving(remote.transfer_id, len(request.prompt_token_ids or []), [])
+        remote = self._remote_decode(request)
+        if remote is not None:
+            if request.request_id not in self._saving:  # a resumed request keeps its progress and its id
+                transfer_id = remote.transfer_id or new_transfer_id()
+                self._saving[request.request_id] = _Saving(transfer_id, len(request.prompt_token_ids or []), [])
             return
         prefill = self._remote_prefill(request)
         if prefill is None or num_external_tokens <= 0:
@@ -108,8 +115,8 @@ class CacheGenScheduler:
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> CacheGenMetadata:
-        meta = CacheGenMetadata(loads=self._new_loads, cancels=self._new_cancels)
-        self._new_loads, self._new_cancels = [], []
+        meta = CacheGenMetadata(loads=self._new_loads, cancels=self._new_cancels, aborted=self._new_aborts)
+        self._new_loads, self._new_cancels, self._new_aborts = [], [], []
         if not self._saving:
             return meta
         # (request, its new blocks, whether they replace the old ones, tokens computed before this step)
@@ -134,13 +141,19 @@ class CacheGenScheduler:
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Nothing delays freeing the blocks: a prefill's frames are in the send buffer by now, and an
-        aborted load is cancelled. Returns what a decode instance needs to load this request's KV."""
+        aborted load is cancelled. Returns what a decode instance needs to load this request's KV:
+        nothing for an aborted prefill, whose transfer is dropped (a decode already pulling it is
+        refused at once and recomputes)."""
         req_id = request.request_id
+        aborted = request.status == RequestStatus.FINISHED_ABORTED
         saving = self._saving.pop(req_id, None)
         self._local_hits.pop(req_id, None)
-        if req_id in self._loaded and request.status == RequestStatus.FINISHED_ABORTED:
+        if req_id in self._loaded and aborted:
             self._new_cancels.append(req_id)  # stop its transfer: vLLM frees the blocks once it ends
         self._loaded.discard(req_id)
         if saving is None:
+            return False, None
+        if aborted:
+            self._new_aborts.append(saving.transfer_id)
             return False, None
         return False, RemotePrefill(saving.transfer_id, self.config.advertise, saving.total).to_params()

@@ -49,6 +49,7 @@ class CacheGenWorker:
         self._failed_blocks: set[int] = set()
         self._stats = CacheGenStats()
         self._producer_reported: dict[str, int] = {}  # transport counters already in the stats
+        self._encoding: dict[str, float] = {}  # seconds spent encoding each transfer so far
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """vLLM's caches, one per attention layer. vLLM's CPU backend only, so far: the Triton
@@ -79,12 +80,12 @@ class CacheGenWorker:
         profile.check_geometry(self._geometry.num_layers, self._geometry.head_dim, self._geometry.num_kv_heads)
         # a consumer reads frames coded in its own profile's basis too, not only in the shipped ones
         self._bases = (bases.load(profile.basis),) if profile.basis else ()
-        if self.config.producer:
+        if self.config.sends:
             self._producer = FrameProducer(self.config.transport)
-            log.info("CacheGenConnector producer on %s (profile %s)", self._producer.endpoint, profile.name)
-        else:
+            log.info("CacheGenConnector sends from %s (profile %s)", self._producer.endpoint, profile.name)
+        if self.config.receives:
             self._consumer = FrameConsumer(self.config.transport)
-            log.info("CacheGenConnector consumer (the profile of each transfer is in its frames)")
+            log.info("CacheGenConnector receives (the profile of each transfer is in its frames)")
 
     @property
     def geometry(self) -> KVGeometry:
@@ -100,6 +101,15 @@ class CacheGenWorker:
         layer, _ = self._layers[layer_name]
         for save in meta.saves:
             self._save(save, layer, kv_layer, self._producer)
+
+    def _drop_aborted(self, meta: CacheGenMetadata) -> None:
+        """Transfers whose prefill request was aborted: their frames go, and a decode pulling one is
+        refused at once (it recomputes) instead of waiting for frames that will not come."""
+        if self._producer is None:
+            return
+        for transfer_id in meta.aborted:
+            self._producer.abort(transfer_id, "its prefill request was aborted")
+            self._encoding.pop(transfer_id, None)
 
     def _save(self, save: SaveRequest, layer: int, kv_layer: torch.Tensor, producer: FrameProducer) -> None:
         started = time.perf_counter()
@@ -123,18 +133,27 @@ class CacheGenWorker:
         except TransportError as e:  # the decode side recomputes; the prefill goes on
             log.warning("transfer %s not sent: %s", save.transfer_id, e)
             producer.abort(save.transfer_id, str(e))
+            self._encoding.pop(save.transfer_id, None)
             self._count(**{FAILURE_PREFIX + e.kind: 1})
             return
+        seconds = time.perf_counter() - started
+        encoding = self._encoding.pop(save.transfer_id, 0.0) + seconds
+        if not last:
+            self._encoding[save.transfer_id] = encoding
         self._count(
             raw_bytes=self.geometry.layer_bytes(save.end - save.start),
             wire_bytes=sum(map(len, frames)),
-            encode_seconds=time.perf_counter() - started,
+            encode_seconds=seconds,
             transfers=int(last),
         )
+        if last:
+            self._sample(encode_duration=encoding)
 
     # ---- decode -------------------------------------------------------------------------------
 
     def start_load_kv(self, meta: CacheGenMetadata) -> None:
+        """The step's start: drops aborted sends, starts new loads, cancels aborted ones."""
+        self._drop_aborted(meta)
         if self._consumer is None:
             return
         for load in meta.loads:  # before the cancels: a request may be aborted in the step its load begins
@@ -205,13 +224,15 @@ class CacheGenWorker:
         short = [layer for layer, n in loaded.items() if n != load.count]
         if short:
             raise FrameError(f"transfer ended without all tokens: {len(short)} layers short")
+        transfer = time.perf_counter() - started
         self._count(
             raw_bytes=self.geometry.layer_bytes(load.count) * self.geometry.num_layers,
             wire_bytes=stream.bytes_received,
             decode_seconds=decoding,
-            transfer_seconds=time.perf_counter() - started,
+            transfer_seconds=transfer,
             transfers=1,
         )
+        self._sample(transfer_duration=transfer, decode_duration=decoding)
 
     def get_finished(self) -> set[str]:
         """Requests whose loads ended since the last call."""
@@ -229,6 +250,10 @@ class CacheGenWorker:
     def _count(self, **amounts: float) -> None:
         with self._lock:
             self._stats.add(**amounts)
+
+    def _sample(self, **values: float) -> None:
+        with self._lock:
+            self._stats.sample(**values)
 
     def get_stats(self) -> CacheGenStats | None:
         """The counters since the last call, or None if nothing happened."""
