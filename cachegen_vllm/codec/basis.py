@@ -42,9 +42,8 @@ from cachegen_vllm.codec.quant import fixed_point_exponent
 
 FRACTION_BITS = 16
 MAX_ENTRY = 1 << 24  # |forward| below this keeps every product sum under 2**16 * 2**24 * dim < 2**53
-REGULARIZATION = (
-    0.1  # added to the metric's eigenvalues (mean 1); 0.01 and 1 trade bits for KL (research/basis_study.py)
-)
+# Added to the metric's eigenvalues (mean 1); 0.01 and 1 trade bits for KL (research/basis_study.py).
+REGULARIZATION = 0.1
 
 
 @dataclass(frozen=True, eq=False)

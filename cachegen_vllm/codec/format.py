@@ -16,7 +16,7 @@ import xxhash
 from cachegen_vllm.codec.allocation import Segment
 from cachegen_vllm.codec.bitpack import packed_nbytes
 from cachegen_vllm.codec.geometry import DTYPE_CODES, DTYPES, KV, KVGeometry
-from cachegen_vllm.codec.profile import EXACT_BITS, MAX_CHUNK_TOKENS, QUANT_BITS
+from cachegen_vllm.codec.profile import EXACT_BITS, MAX_CHUNK_TOKENS, QUANT_BITS, statistics_axis
 from cachegen_vllm.codec.quant import STAT_DTYPE, stats_count
 
 MAGIC = b"CGKV"
@@ -58,6 +58,10 @@ class HeaderFields(NamedTuple):
     lane_symbols: int
     reserved: int
 
+    @classmethod
+    def unpack(cls, view: memoryview) -> HeaderFields:
+        return cls(*HEADER.unpack_from(view, 0))
+
 
 @dataclass(frozen=True)
 class FrameHeader:
@@ -77,8 +81,7 @@ class FrameHeader:
         return self.stream_words[index][tensor] if self.stream_words else 0
 
     def axis(self, tensor: KV) -> str:
-        """How ``tensor``'s packed statistics are grouped: keys always per channel."""
-        return "channel" if tensor == KV.KEY else self.value_axis
+        return statistics_axis(tensor, self.value_axis)
 
     @property
     def token_count(self) -> int:
@@ -218,7 +221,7 @@ def check_integrity(frame: bytes | bytearray | memoryview) -> memoryview:
     size = len(view)
     if size < HEADER.size + SEGMENT.size + CHECKSUM.size:
         raise FrameError(f"frame is {size} bytes, shorter than the smallest possible frame")
-    fields = HeaderFields(*HEADER.unpack_from(view, 0))
+    fields = HeaderFields.unpack(view)
     if fields.magic != MAGIC:
         raise FrameError(f"bad magic {bytes(fields.magic)!r}, expected {MAGIC!r}")
     if fields.version != VERSION:
@@ -236,7 +239,7 @@ def _header_fields(frame: bytes | bytearray | memoryview) -> HeaderFields:
     view = memoryview(frame).cast("B")
     if len(view) < HEADER.size or bytes(view[:4]) != MAGIC:
         raise FrameError("not a frame: too short or bad magic")
-    return HeaderFields(*HEADER.unpack_from(view, 0))
+    return HeaderFields.unpack(view)
 
 
 def frame_tokens(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
@@ -261,7 +264,7 @@ def parse_frame(
     """Validate a whole frame and return its header; raise FrameError on anything wrong."""
     view = check_integrity(frame)
     size = len(view)
-    h = HeaderFields(*HEADER.unpack_from(view, 0))
+    h = HeaderFields.unpack(view)
     if h.flags & ~KNOWN_FLAGS:
         raise FrameError(f"unknown flags 0x{h.flags & ~KNOWN_FLAGS:x}")
     got = (h.num_layers, h.num_kv_heads, h.head_dim, DTYPES.get(h.dtype, f"code {h.dtype}"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cachegen_vllm.codec.geometry import KV
+
 EXACT_BITS = 16
 """A bit width of 16 means "not quantized": the token's KV travels in the cache's own dtype."""
 
@@ -19,6 +21,12 @@ CODINGS = ("packed", "rans")
 MAX_CHUNK_TOKENS = 1 << 16
 MAX_LANE_SYMBOLS = (1 << 16) - 1  # a lane's word count travels as a u16
 MAX_BASIS_BITS = 5  # wider codes in a calibrated basis would clip its largest coefficients (entropy.alphabet_bits)
+
+
+def statistics_axis(tensor: KV, value_axis: str) -> str:
+    """How a tensor's packed statistics are grouped: keys always per channel (their channels have
+    stable ranges), values as the profile's ``value_axis`` says."""
+    return "channel" if tensor == KV.KEY else value_axis
 
 
 class ConfigError(ValueError):

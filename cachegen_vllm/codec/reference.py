@@ -19,7 +19,7 @@ from cachegen_vllm.codec.allocation import Segment, chunk_bounds, plan_segments
 from cachegen_vllm.codec.bitpack import pack, unpack
 from cachegen_vllm.codec.format import FrameError, FrameHeader, parse_frame, payload_arrays, write_frame
 from cachegen_vllm.codec.geometry import KV, KVGeometry
-from cachegen_vllm.codec.profile import EXACT_BITS, Profile
+from cachegen_vllm.codec.profile import EXACT_BITS, Profile, statistics_axis
 from cachegen_vllm.codec.quant import STAT_DTYPE, dequantize, hadamard_, quantize
 from cachegen_vllm.codec.rans import RansError
 
@@ -108,7 +108,7 @@ def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes
         for seg in segments:
             widths = []
             for tensor, x in zip(KV, (key, value)):
-                bits, axis = seg.bits(tensor), "channel" if tensor == KV.KEY else profile.value_axis
+                bits, axis = seg.bits(tensor), statistics_axis(tensor, profile.value_axis)
                 part = x[row : row + seg.tokens]
                 arrays = _encode_tensor(
                     part, bits, axis, profile.group_tokens, profile.coding, rotation, (layer, tensor)
@@ -130,8 +130,8 @@ def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes
         for tensor in tensors:
             if isinstance(tensor, _RansTensor):
                 lanes = streams[id(tensor)]
-                streams_ = [_to_bytes(lanes.states), _to_bytes(lanes.lane_words), _to_bytes(lanes.stream)]
-                arrays += [*tensor.arrays, *streams_]
+                lane_arrays = [_to_bytes(lanes.states), _to_bytes(lanes.lane_words), _to_bytes(lanes.stream)]
+                arrays += [*tensor.arrays, *lane_arrays]
                 words.append(lanes.stream.numel())
             else:
                 arrays += tensor

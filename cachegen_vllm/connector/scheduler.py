@@ -99,8 +99,10 @@ class CacheGenScheduler:
                 transfer_id = remote.transfer_id or new_transfer_id()
                 self._saving[request.request_id] = _Saving(transfer_id, len(request.prompt_token_ids or []), [])
             return
+        if num_external_tokens <= 0:  # nothing to load (bad params were reported when matching)
+            return
         prefill = self._remote_prefill(request)
-        if prefill is None or num_external_tokens <= 0:
+        if prefill is None:
             return
         self._loaded.add(request.request_id)
         self._new_loads.append(

@@ -137,9 +137,7 @@ class CacheGenWorker:
             self._count(**{FAILURE_PREFIX + e.kind: 1})
             return
         seconds = time.perf_counter() - started
-        encoding = self._encoding.pop(save.transfer_id, 0.0) + seconds
-        if not last:
-            self._encoding[save.transfer_id] = encoding
+        self._encoding[save.transfer_id] = self._encoding.get(save.transfer_id, 0.0) + seconds
         self._count(
             raw_bytes=self.geometry.layer_bytes(save.end - save.start),
             wire_bytes=sum(map(len, frames)),
@@ -147,7 +145,7 @@ class CacheGenWorker:
             transfers=int(last),
         )
         if last:
-            self._sample(encode_duration=encoding)
+            self._sample(encode_duration=self._encoding.pop(save.transfer_id))
 
     # ---- decode -------------------------------------------------------------------------------
 

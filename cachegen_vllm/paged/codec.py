@@ -114,6 +114,12 @@ def _reference_frame(
     )
 
 
+def _written(token_start: int, count: int, write_start: int, write_end: int) -> tuple[int, int]:
+    """The tokens of a frame's ``[token_start, token_start + count)`` that ``[write_start,
+    write_end)`` lets through: ``[lo, hi)``, empty if ``hi <= lo``."""
+    return max(token_start, write_start), min(token_start + count, write_end)
+
+
 def decode_into_blocks(
     frame: Frame,
     layer_caches: Mapping[int, torch.Tensor],
@@ -140,10 +146,10 @@ def decode_into_blocks(
             write_start=write_start,
             write_end=write_end,
         )[0]
-        lo, hi = max(header.token_start, write_start), min(header.token_start + header.token_count, write_end)
+        lo, hi = _written(header.token_start, header.token_count, write_start, write_end)
         return header.layer, max(0, hi - lo)
     chunk = decode_chunk(frame, geometry, device=device, bases=bases)
-    lo, hi = max(chunk.token_start, write_start), min(chunk.token_start + chunk.key.shape[0], write_end)
+    lo, hi = _written(chunk.token_start, chunk.key.shape[0], write_start, write_end)
     if lo < hi:
         rows = slice(lo - chunk.token_start, hi - chunk.token_start)
         scatter(layer_caches[chunk.layer], order, block_ids, lo, chunk.key[rows], chunk.value[rows])
