@@ -33,15 +33,18 @@ def start_instance(
     cores: str = "nobind",
     extra_args: tuple[str, ...] = (),
     host: str = "127.0.0.1",
+    kv_cache_bytes: int | None = None,
 ) -> subprocess.Popen:
     """A vLLM OpenAI server, with the CacheGenConnector if ``transfer`` (a kv_transfer_config)
     is given; ``launcher`` prefixes the command (e.g. ``ip netns exec NS``, ``taskset -c 0``);
-    ``cores`` binds vLLM's compute threads; ``extra_args`` go to vLLM."""
-    env = dict(
-        os.environ,
-        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        VLLM_CPU_OMP_THREADS_BIND=cores,
-    )
+    ``cores`` binds vLLM's compute threads; ``kv_cache_bytes`` sizes each rank's KV cache
+    (default: ``VLLM_CPU_KVCACHE_SPACE`` GiB, 1 unless set); ``extra_args`` go to vLLM."""
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=cores)
+    if kv_cache_bytes is None:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    else:  # the variable, when set, overrides the flag
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        extra_args = ("--kv-cache-memory-bytes", str(kv_cache_bytes), *extra_args)
     argv = [
         *(launcher or []),
         sys.executable,

@@ -76,7 +76,7 @@ def create_app(
     prefills = itertools.cycle([u.rstrip("/") for u in prefill_urls])
     decodes = itertools.cycle([u.rstrip("/") for u in decode_urls])
     clients: dict[str, httpx.AsyncClient] = {}
-    producers: dict[str, str] = {}  # prefill URL -> its KV endpoint, learned from its answers
+    producers: dict[str, dict] = {}  # prefill URL -> where its KV waits (producer, producer_tp), from its answers
 
     @asynccontextmanager
     async def lifespan(app):
@@ -106,7 +106,7 @@ def create_app(
         told = producers.get(prefill_url) if overlap else None
         decode_leg = None
         if told:  # overlap: the decode pulls the KV while the prefill computes it
-            params = {"do_remote_prefill": True, "transfer_id": transfer_id, "producer": told}
+            params = {"do_remote_prefill": True, "transfer_id": transfer_id, **told}
             decode_leg = _send_decode(http, f"{decode_url}{path}", dict(body, kv_transfer_params=params))
         try:
             prefill = await prefill_leg
@@ -117,9 +117,10 @@ def create_app(
             await _cancel(decode_leg)
             return _passthrough(prefill)
         params = prefill.json().get("kv_transfer_params")
-        if params and params.get("producer"):
-            producers[prefill_url] = params["producer"]
-        if decode_leg is None or not params or params.get("producer") != told:
+        where = {k: params[k] for k in ("producer", "producer_tp") if k in params} if params else {}
+        if where.get("producer"):
+            producers[prefill_url] = where
+        if decode_leg is None or where != told:
             # first request to this prefill, or it has no connector or moved: hand over now
             await _cancel(decode_leg)
             if not params:

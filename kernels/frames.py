@@ -163,6 +163,10 @@ def plan_decode(frames: list[Frame], geometry: KVGeometry, device: torch.device)
     headers = [parse_frame(frame, geometry) for frame in frames]
     if any(h.coding != "packed" for h in headers):
         raise ValueError("the kernels decode 'packed' frames only (paged.decode_into_blocks routes the rest)")
+    if any((h.head_start, h.head_count) != (geometry.head_start, geometry.num_kv_heads) for h in headers):
+        raise ValueError(
+            "the kernels decode frames of the cache's own heads only (paged.decode_into_blocks routes the rest)"
+        )
     groups: dict[tuple, list[int]] = {}
     for i, h in enumerate(headers):
         groups.setdefault((h.layer, h.group_tokens, h.value_axis, h.hadamard), []).append(i)

@@ -25,23 +25,29 @@ def model_dir():
 _HANDED_OUT: set[int] = set()
 
 
-def free_port() -> int:
-    """A free loopback port below Linux's ephemeral range (32768-60999). A port the OS hands out
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive free loopback ports (a producer with tensor parallelism
+    binds one per rank), below Linux's ephemeral range (32768-60999). A port the OS hands out
     for bind(0) is free now but not reserved: vLLM's servers bind their internal sockets to port 0
     while they start, and one took a port chosen that way for a producer before its worker bound
     it ("Address already in use", a CI failure). Below the range, only these tests pick ports."""
     rng = random.Random()
     while True:
-        port = rng.randrange(20000, 32768)
-        if port in _HANDED_OUT:
+        base = rng.randrange(20000, 32768 - count)
+        ports = range(base, base + count)
+        if any(port in _HANDED_OUT or not _bindable(port) for port in ports):
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
+        _HANDED_OUT.update(ports)
+        return base
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def serve(app):

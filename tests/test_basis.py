@@ -200,3 +200,20 @@ def test_a_basis_fitted_on_the_model_concentrates_its_kv(model_dir):
     # measured: keys 1.90 and 2.39 against 0.12 and 0.16; values 0.34 and 0.39 against 0.05 and 0.07
     for i, (b, h) in enumerate(zip(gains[::2], gains[1::2])):
         assert b > h + (1.0 if i % 2 == 0 else 0.2)
+
+
+def test_a_rank_holding_some_heads_codes_them_in_their_own_matrices(tmp_path):
+    """A tensor-parallel rank's frames name the heads they hold; each head is rotated by its own
+    matrix of the basis, and any share of the model decodes them."""
+    basis = _fitted()
+    x = _kv(40, 1, _mixing(0), seed=6)[0].float()
+    assert torch.equal(basis.apply(x[:, 1:], 1, 0, slice(1, 2)), basis.apply(x, 1, 0)[:, 1:])
+    profile = _profile(tmp_path, basis)
+    key, value = _kv(150, 1, _mixing(0), seed=5)
+    rank1 = GEOMETRY.shard(1, 1)
+    frames = encode_layer(key[:, 1:], value[:, 1:], geometry=rank1, profile=profile, layer=1)
+    assert {(parse_frame(f, GEOMETRY).head_start, parse_frame(f, GEOMETRY).head_count) for f in frames} == {(1, 1)}
+    chunks = decode_frames(frames, GEOMETRY, bases=(basis,))
+    k = torch.cat([c.key for c in chunks]).float()
+    assert chunks[0].head_start == 1 and k.shape[1] == 1
+    assert (k - key[:, 1:].float()).pow(2).mean() < 0.02 * key[:, 1:].float().var()

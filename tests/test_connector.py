@@ -16,11 +16,20 @@ from cachegen_vllm.connector.connector import CacheGenConnector
 from cachegen_vllm.connector.metadata import CacheGenMetadata
 
 
-def vllm_config(role: str, **extra):
+def vllm_config(role: str, pipeline_parallel_size: int = 1, **extra):
     return SimpleNamespace(
         kv_transfer_config=SimpleNamespace(kv_role=role, kv_connector_extra_config=extra),
-        model_config=SimpleNamespace(served_model_name="served", model="/models/m"),
+        model_config=SimpleNamespace(served_model_name="served", model="/models/m", get_total_num_kv_heads=lambda: 3),
+        parallel_config=SimpleNamespace(
+            tensor_parallel_size=1, pipeline_parallel_size=pipeline_parallel_size, data_parallel_index=0
+        ),
     )
+
+
+@pytest.mark.parametrize("role", [KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER])
+def test_pipeline_parallelism_is_refused_by_name(role):
+    with pytest.raises(ConfigError, match="pipeline_parallel_size: CacheGenConnector does not support"):
+        CacheGenConnector(vllm_config("kv_consumer", pipeline_parallel_size=2), role)
 
 
 def test_each_role_gets_its_own_side_and_refuses_the_others_calls():

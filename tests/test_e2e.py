@@ -5,7 +5,7 @@ Five servers, started once for the module: prefill instances with the raw (kv_bo
 and the entropy-coded profile in a calibrated basis (smollm2-basis), a decode instance (kv_both),
 and a plain instance (no connector) as the reference. The reference answers from its own prefix
 cache (the prompt is sent twice), which is the same computation a decode instance does after a
-transfer: cached KV plus the last prompt token.
+transfer: cached KV plus the last prompt token. Tensor and data parallelism: test_e2e_parallel.py.
 """
 
 import json
@@ -39,6 +39,9 @@ CONSUMER = {"peer_timeout_s": 3, "heartbeat_s": 0.5, "load_timeout_s": 60}
 
 
 BLOCK = 128  # vLLM's CPU block size
+# each rank's KV cache: 11K tokens of the embedded model (vLLM's CPU default here is 1 GiB, and the
+# end-to-end modules' servers, with their ranks, must fit in this machine's 24 GB)
+KV_CACHE_BYTES = 256 << 20
 
 
 def wire_bytes(model: str, profile: str, num_tokens: int, held: int = 0) -> int:
@@ -64,7 +67,9 @@ def prompt(blocks: int, offset: int) -> list[int]:
 
     from cachegen_vllm.model import default_model_dir
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))[offset * 20000 :]
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    laps, start = divmod(offset * 20000, len(text) - 20000)  # past the end: again, 10,000 characters on
+    text = text[start + laps * 10000 :]
     ids = AutoTokenizer.from_pretrained(default_model_dir())(text).input_ids
     return ids[: blocks * BLOCK + 1]
 
@@ -80,26 +85,32 @@ def cluster(model_dir, tmp_path_factory):
             ports["raw"],
             logs / "raw.log",
             kv_transfer_config("kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+            kv_cache_bytes=KV_CACHE_BYTES,
         ),
         "default": start_instance(
             model_dir,
             ports["default"],
             logs / "default.log",
             kv_transfer_config("kv_producer", {"profile": "default", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+            kv_cache_bytes=KV_CACHE_BYTES,
         ),
         "smollm2-basis": start_instance(
             model_dir,
             ports["smollm2-basis"],
             logs / "smollm2-basis.log",
             kv_transfer_config("kv_producer", {"profile": "smollm2-basis", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+            kv_cache_bytes=KV_CACHE_BYTES,
         ),
         "decode": start_instance(
             model_dir,
             ports["decode"],
             logs / "decode.log",
             kv_transfer_config("kv_both", {**CONSUMER, "bind": f"tcp://127.0.0.1:{free_port()}"}),
+            kv_cache_bytes=KV_CACHE_BYTES,
         ),
-        "reference": start_instance(model_dir, ports["reference"], logs / "reference.log"),
+        "reference": start_instance(
+            model_dir, ports["reference"], logs / "reference.log", kv_cache_bytes=KV_CACHE_BYTES
+        ),
     }
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     servers = []

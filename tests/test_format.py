@@ -126,7 +126,10 @@ def _resign(frame: bytearray) -> bytes:
         (HEADER.size + 5, "B", 0, "value bits is 0"),
         (HEADER.size + 6, "H", 1, "malformed"),
         (48, "H", 5, "lane_symbols 5"),  # lanes on a packed frame
-        (50, "H", 1, "reserved 1"),
+        (50, "H", 1, r"heads \[1, 3\) are not among the model's 2"),
+        (52, "H", 0, r"heads \[0, 0\) are not among"),
+        (52, "H", 1, "segments need a"),  # one head of the model's two: the arrays are half the size
+        (54, "H", 1, "reserved 1"),
         (16, "Q", 5, "basis 0000000000000005 on a packed frame"),
         (HEADER.size + 8, "I", 3, "key stream has 3 words, at most 0"),
         (HEADER.size, "I", 31, "segments hold 38 tokens"),

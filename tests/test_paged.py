@@ -40,3 +40,21 @@ def test_gather_and_scatter_agree_with_vllm(dtype, tokens, first):
     written = ~torch.isnan(theirs.float())
     assert torch.equal(written, ~torch.isnan(ours.float()))  # the same slots, no more
     assert torch.equal(ours[written], theirs[written])  # byte for byte
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_heads_scattered_one_by_one_land_where_vllm_puts_them(dtype):
+    """A tensor-parallel transfer writes each producer rank's heads into their place of the cache."""
+    isa = _get_attn_isa(dtype, BLOCK, HEAD_SIZE)
+    order = probe_page_order(isa, dtype, BLOCK, HEAD_SIZE)
+    g = torch.Generator().manual_seed(9)
+    key = torch.randn(257, HEADS, HEAD_SIZE, generator=g).to(dtype)
+    value = torch.randn(257, HEADS, HEAD_SIZE, generator=g).to(dtype)
+    blocks = torch.tensor([6, 1, 3])
+    slots = blocks[torch.arange(257) // BLOCK] * BLOCK + torch.arange(257) % BLOCK
+    theirs = torch.zeros((8, HEADS, BLOCK, 2 * HEAD_SIZE), dtype=dtype)
+    _vllm_write(theirs, key, value, slots, isa)
+    ours = torch.zeros_like(theirs)
+    for head in (2, 0, 1):
+        scatter(ours, order, blocks, 0, key[:, head : head + 1], value[:, head : head + 1], first_head=head)
+    assert torch.equal(ours, theirs)

@@ -33,6 +33,7 @@ def fake_backend(name: str, seen: list):
                     "do_remote_prefill": True,
                     "transfer_id": params["transfer_id"],
                     "producer": f"tcp://{name}",
+                    "producer_tp": 3,  # a tensor-parallel prefill: the decode needs to know
                 },
             }
         if body.get("stream"):
@@ -98,6 +99,7 @@ def test_first_request_hands_over_then_later_ones_overlap_the_legs():
             "do_remote_prefill": True,
             "transfer_id": tid,
             "producer": "tcp://prefill",
+            "producer_tp": 3,
         }
         # Later ones: the decode leg starts while the (slow) prefill is still computing.
         seen.clear()
@@ -114,6 +116,7 @@ def test_first_request_hands_over_then_later_ones_overlap_the_legs():
             "do_remote_prefill": True,
             "transfer_id": tid,
             "producer": "tcp://prefill",
+            "producer_tp": 3,
         }
         # A failed prefill cancels the decode leg at once (it would take 5 s) and its error comes back.
         started = time.monotonic()

@@ -11,6 +11,7 @@ from vllm.v1.request import RequestStatus
 
 from cachegen_vllm.config import connector_config_from_dict
 from cachegen_vllm.connector.metadata import LoadRequest, SaveRequest
+from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.scheduler import CacheGenScheduler
 
 PRODUCER = "tcp://10.0.0.5:5601"
@@ -70,9 +71,26 @@ def test_a_prompt_computed_in_one_step_is_saved_whole_and_its_params_say_where()
     r.status = RequestStatus.FINISHED_LENGTH_CAPPED
     assert s.request_finished(r, [4, 5, 6]) == (
         False,
-        {"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, "num_tokens": 300},
+        {"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, "producer_tp": 1, "num_tokens": 300},
     )
     assert s.build_connector_meta(step(scheduled={})).saves == []
+
+
+def test_a_tensor_and_data_parallel_engine_names_its_first_rank_and_its_tp_size():
+    """Engine 1 of a DP=2, TP=3 prefill: its ranks listen at the base port + 3..5 (connector.ranks)."""
+    config = connector_config_from_dict("kv_producer", {"bind": "tcp://0.0.0.0:5601", "advertise": PRODUCER})
+    s, r = CacheGenScheduler(config, Placement(tp_size=3, dp_index=1)), request("a", 40, SAVE)
+    s.update_state_after_alloc(r, blocks(1, 2, 3), 0)
+    s.build_connector_meta(step(new=[("a", [1, 2, 3], 0)], scheduled={"a": 40}))
+    r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    params = s.request_finished(r, [1, 2, 3])[1]
+    assert params is not None and (params["producer"], params["producer_tp"]) == ("tcp://10.0.0.5:5604", 3)
+    d = consumer()
+    decode = request("b", 40, params)
+    assert d.get_num_new_matched_tokens(decode, 0) == (39, True)
+    d.update_state_after_alloc(decode, blocks(7, 8, 9), 39)
+    (load,) = d.build_connector_meta(step()).loads
+    assert (load.producer, load.producer_tp) == ("tcp://10.0.0.5:5604", 3)
 
 
 def test_chunked_prefill_saves_each_new_range_with_the_blocks_so_far():
@@ -270,6 +288,8 @@ def test_a_request_that_finishes_normally_cancels_nothing():
         ({"do_remote_prefill": True, "transfer_id": "t-1"}, "producer"),  # no producer: the proxy's params, cut short
         ({"do_remote_prefill": True, "transfer_id": "t-1", "producer": "10.0.0.5:5601"}, "producer"),
         ({"do_remote_prefill": True, "producer": PRODUCER}, "transfer_id"),
+        ({"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, "producer_tp": 0}, "producer_tp"),
+        ({"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, "producer_tp": "3"}, "producer_tp"),
         ({"do_remote_prefill": True, "transfer_id": "", "producer": PRODUCER}, "transfer_id"),
         ({"do_remote_prefill": True, "transfer_id": "t" * 129, "producer": PRODUCER}, "transfer_id"),
         (load_params(num_tokens="300"), "num_tokens"),

@@ -108,6 +108,56 @@ def test_frames_may_be_views_of_one_buffer(endpoints):
     assert producer.stats["bytes_queued"] == sum(map(len, frames))
 
 
+def test_several_readers_each_get_every_frame_and_the_last_one_frees_them(endpoints):
+    """A decode with more tensor-parallel ranks than the prefill has several ranks pulling one
+    transfer: each reads all of it, at its own pace, and the frames stay until the last is done."""
+    producer, first = endpoints()
+    _, second = endpoints(producer=False)
+    _, third = endpoints(producer=False)
+    frames = make_frames(6)
+    streams = [
+        c.fetch(producer.endpoint, "req-tp", timeout_s=10, reader=(i, 3)) for i, c in enumerate((first, second, third))
+    ]
+    produce(producer, "req-tp", frames)
+    assert list(streams[0]) == frames and list(streams[1]) == frames
+    time.sleep(0.2)  # two readers are done: the third's frames are still there
+    assert producer.transfers == 1 and producer.buffered_bytes == sum(map(len, frames))
+    assert list(streams[2]) == frames
+    assert wait_until(lambda: producer.transfers == 0 and producer.buffered_bytes == 0)
+    assert producer.stats["frames_sent"] == 18
+
+
+def test_one_reader_giving_up_leaves_the_others_their_frames(endpoints):
+    producer, first = endpoints()
+    _, second = endpoints(producer=False)
+    frames = make_frames(4)
+    gone = first.fetch(producer.endpoint, "req-half", timeout_s=10, reader=(0, 2))
+    stays = second.fetch(producer.endpoint, "req-half", timeout_s=10, reader=(1, 2))
+    producer.put("req-half", frames[0])
+    assert next(gone) == frames[0]
+    gone.cancel()
+    for f in frames[1:]:
+        producer.put("req-half", f)
+    producer.finish("req-half")
+    assert list(stays) == frames  # all of them, although the other reader cancelled
+    assert wait_until(lambda: producer.transfers == 0)
+
+
+def test_a_pull_with_another_reader_count_is_refused(endpoints):
+    producer, first = endpoints()
+    _, second = endpoints(producer=False)
+    frames = make_frames(2)
+    ok = first.fetch(producer.endpoint, "req-n", timeout_s=10, reader=(0, 1))
+    wait_until(lambda: producer.transfers == 1)
+    wrong = second.fetch(producer.endpoint, "req-n", timeout_s=10, reader=(1, 2))
+    with pytest.raises(TransferRefused, match="has 1 readers, not 2"):
+        list(wrong)
+    produce(producer, "req-n", frames)
+    assert list(ok) == frames
+    with pytest.raises(ValueError, match="reader must be"):
+        first.fetch(producer.endpoint, "req-x", timeout_s=1, reader=(2, 2))
+
+
 def test_many_concurrent_transfers_produced_out_of_order(endpoints):
     producer, consumer = endpoints()
     transfers = {f"req-{i}": make_frames(5, seed=i) for i in range(16)}

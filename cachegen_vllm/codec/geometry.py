@@ -3,6 +3,7 @@ the two tensors of every layer."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -23,23 +24,44 @@ class KV(enum.IntEnum):
 
 @dataclass(frozen=True)
 class KVGeometry:
-    """The shape of a model's KV cache; producer and consumer must agree on it exactly."""
+    """The shape of a KV cache: the model's, or one tensor-parallel rank's share of its heads
+    (``num_kv_heads`` heads from ``head_start`` of the model's ``total_kv_heads``). Producer and
+    consumer must agree on the model; each may hold any share of it."""
 
     num_layers: int
-    num_kv_heads: int
+    num_kv_heads: int  # heads this cache holds
     head_dim: int
     dtype: torch.dtype
     model: str = ""  # a name both sides use for the model; part of the fingerprint
+    head_start: int = 0  # the first of them, in the model's numbering
+    total_kv_heads: int = 0  # the model's KV heads; 0: num_kv_heads (the whole model)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"unsupported KV dtype {self.dtype}; supported: {list(DTYPE_CODES)}")
+        if self.total_kv_heads == 0:
+            object.__setattr__(self, "total_kv_heads", self.num_kv_heads)
+        if not (self.num_kv_heads >= 1 and 0 <= self.head_start <= self.total_kv_heads - self.num_kv_heads):
+            raise ValueError(
+                f"heads [{self.head_start}, {self.head_start + self.num_kv_heads}) "
+                f"are not a share of the model's {self.total_kv_heads}"
+            )
 
     @property
     def fingerprint(self) -> int:
-        """xxh3-64 of the model's name and geometry: frames of another model are refused by it."""
-        text = f"{self.model}|{self.num_layers}|{self.num_kv_heads}|{self.head_dim}|{self.dtype}"
+        """xxh3-64 of the model's name and geometry (all its heads, whatever share this is): frames
+        of another model are refused by it."""
+        text = f"{self.model}|{self.num_layers}|{self.total_kv_heads}|{self.head_dim}|{self.dtype}"
         return xxhash.xxh3_64_intdigest(text.encode())
+
+    @property
+    def heads(self) -> slice:
+        """The heads this cache holds, as a slice of the model's."""
+        return slice(self.head_start, self.head_start + self.num_kv_heads)
+
+    def shard(self, head_start: int, num_kv_heads: int) -> KVGeometry:
+        """The same model's cache holding ``num_kv_heads`` heads from ``head_start``."""
+        return dataclasses.replace(self, head_start=head_start, num_kv_heads=num_kv_heads)
 
     @property
     def channels(self) -> int:
@@ -48,3 +70,15 @@ class KVGeometry:
     def layer_bytes(self, tokens: int) -> int:
         """Bytes of K and V of ``tokens`` tokens of one layer, in the cache's dtype."""
         return 2 * tokens * self.channels * self.dtype.itemsize
+
+
+def rank_heads(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """(first head, count) of the KV heads vLLM's tensor parallelism gives ``tp_rank``: consecutive
+    ``total / tp`` heads each, or, with more ranks than heads, one head shared by ``tp / total``
+    consecutive ranks."""
+    if not 0 <= tp_rank < tp_size or (total_kv_heads % tp_size and tp_size % total_kv_heads):
+        raise ValueError(f"rank {tp_rank} of {tp_size} cannot hold a share of {total_kv_heads} KV heads")
+    if tp_size <= total_kv_heads:
+        count = total_kv_heads // tp_size
+        return tp_rank * count, count
+    return tp_rank // (tp_size // total_kv_heads), 1

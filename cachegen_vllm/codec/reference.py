@@ -9,7 +9,7 @@ step per code of a lane, not per tensor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,7 +17,7 @@ from cachegen_vllm.codec import basis as bases_
 from cachegen_vllm.codec import entropy
 from cachegen_vllm.codec.allocation import Segment, chunk_bounds, plan_segments
 from cachegen_vllm.codec.bitpack import pack, unpack
-from cachegen_vllm.codec.format import FrameError, FrameHeader, parse_frame, payload_arrays, write_frame
+from cachegen_vllm.codec.format import FrameError, FrameHeader, frame_geometry, parse_frame, payload_arrays, write_frame
 from cachegen_vllm.codec.geometry import KV, KVGeometry
 from cachegen_vllm.codec.profile import EXACT_BITS, Profile, statistics_axis
 from cachegen_vllm.codec.quant import STAT_DTYPE, dequantize, hadamard_, quantize
@@ -28,8 +28,9 @@ from cachegen_vllm.codec.rans import RansError
 class DecodedChunk:
     layer: int
     token_start: int
-    key: torch.Tensor  # [tokens, kv_heads, head_dim], the geometry's dtype
+    key: torch.Tensor  # [tokens, the frame's kv heads, head_dim], the geometry's dtype
     value: torch.Tensor
+    head_start: int = 0  # the first of its heads, in the model's numbering
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:
@@ -52,23 +53,28 @@ class _Rotation:
 
     hadamard: bool = False
     basis: bases_.Basis | None = None
+    heads: slice = field(
+        default_factory=lambda: slice(None)
+    )  # the model's heads the tensors hold (a basis has a matrix per head)
 
     def apply(self, x: torch.Tensor, layer: int, tensor: KV) -> torch.Tensor:
         """fp32 [T, H, D] (a new tensor) for finite ``x``."""
         if self.basis is not None:
-            return self.basis.apply(x.float(), layer, tensor)
+            return self.basis.apply(x.float(), layer, tensor, self.heads)
         work = x.float().contiguous()  # a copy: the rotation works in place
         return hadamard_(work) if self.hadamard else work
 
     def invert(self, y: torch.Tensor, layer: int, tensor: KV) -> torch.Tensor:
         if self.basis is not None:
-            return self.basis.invert(y, layer, tensor)
+            return self.basis.invert(y, layer, tensor, self.heads)
         return hadamard_(y) if self.hadamard else y
 
 
-def _profile_rotation(profile: Profile) -> _Rotation:
+def _profile_rotation(profile: Profile, geometry: KVGeometry) -> _Rotation:
     return _Rotation(
-        profile.rotation == "hadamard", bases_.load(profile.basis) if profile.rotation == "basis" else None
+        profile.rotation == "hadamard",
+        bases_.load(profile.basis) if profile.rotation == "basis" else None,
+        geometry.heads,
     )
 
 
@@ -97,7 +103,7 @@ def _encode_tensor(
 
 def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes]:
     """Frames for ``chunks``: (key, value, layer, token_start, segments) each."""
-    rotation = _profile_rotation(profile)
+    rotation = _profile_rotation(profile, geometry)
     plans, pending = [], []
     for key, value, layer, token_start, segments in chunks:
         expected = (sum(s.tokens for s in segments), geometry.num_kv_heads, geometry.head_dim)
@@ -202,11 +208,11 @@ def _frame_rotation(header: FrameHeader, geometry: KVGeometry, known: tuple[base
             f"the frame is coded in basis {header.basis:016x}, which this decoder does not have: give it the "
             "producer's profile (its basis file), or ship the basis in configs/"
         )
-    if basis.shape != (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim):
+    if basis.shape != (geometry.num_layers, geometry.total_kv_heads, geometry.head_dim):
         raise FrameError(
             f"basis {header.basis:016x} is for (layers, kv heads, head dim) {basis.shape}, not this model's"
         )
-    return _Rotation(basis=basis)
+    return _Rotation(basis=basis, heads=geometry.heads)
 
 
 @dataclass(frozen=True)
@@ -252,17 +258,18 @@ def decode_frames(
     pending: list[_RansPart] = []
     for frame in frames:
         header = parse_frame(frame, geometry, expect_layer, expect_token_start)
-        rotation = _frame_rotation(header, geometry, bases)
+        shard = frame_geometry(header, geometry)
+        rotation = _frame_rotation(header, shard, bases)
         data = torch.frombuffer(bytearray(frame), dtype=torch.uint8).to(device)
         segments = []
-        for seg, slots in zip(header.segments, payload_arrays(header, geometry)):
+        for seg, slots in zip(header.segments, payload_arrays(header, shard)):
             arrays = [data[offset : offset + n] for offset, n in slots]
             pair: list[torch.Tensor | _RansPart] = []
             for tensor in KV:
                 bits, axis = seg.bits(tensor), header.axis(tensor)
-                shape = (seg.tokens, geometry.num_kv_heads, geometry.head_dim)
+                shape = (seg.tokens, shard.num_kv_heads, shard.head_dim)
                 if bits == EXACT_BITS:
-                    pair.append(arrays.pop(0).view(geometry.dtype).view(shape))
+                    pair.append(arrays.pop(0).view(shard.dtype).view(shape))
                 elif header.coding == "rans":
                     part = _rans_part(arrays[:6], header, entropy.alphabet_bits(bits, bool(header.basis)), shape)
                     pair.append(part)
@@ -270,7 +277,7 @@ def decode_frames(
                     del arrays[:6]
                 else:
                     mins, scales, packed = (arrays.pop(0) for _ in range(3))
-                    codes = unpack(packed, bits, seg.tokens * geometry.channels)
+                    codes = unpack(packed, bits, seg.tokens * shard.channels)
                     x = dequantize(
                         codes, mins.view(STAT_DTYPE), scales.view(STAT_DTYPE), shape, axis, header.group_tokens
                     )
@@ -292,7 +299,8 @@ def decode_frames(
             for pair in segments
             for tensor, x in zip(KV, pair)
         ]
-        out.append(DecodedChunk(header.layer, header.token_start, torch.cat(tensors[::2]), torch.cat(tensors[1::2])))
+        key, value = torch.cat(tensors[::2]), torch.cat(tensors[1::2])
+        out.append(DecodedChunk(header.layer, header.token_start, key, value, header.head_start))
     return out
 
 

@@ -8,14 +8,17 @@ start-up with the field's name.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
+from cachegen_vllm.codec.profile import ConfigError
 from cachegen_vllm.config import connector_config_from_dict
 from cachegen_vllm.connector.metadata import CacheGenMetadata
 from cachegen_vllm.connector.metrics import CacheGenPromMetrics, CacheGenStats
+from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.scheduler import CacheGenScheduler
 from cachegen_vllm.connector.worker import CacheGenWorker
 
@@ -35,13 +38,19 @@ class CacheGenConnector(KVConnectorBase_V1):
         transfer = vllm_config.kv_transfer_config
         assert transfer is not None  # vLLM makes a connector only from a kv_transfer_config
         config = connector_config_from_dict(transfer.kv_role, dict(transfer.kv_connector_extra_config or {}))
-        model = vllm_config.model_config
-        self._scheduler = CacheGenScheduler(config) if role == KVConnectorRole.SCHEDULER else None
-        self._worker = (
-            CacheGenWorker(config, str(model.served_model_name or model.model))
-            if role == KVConnectorRole.WORKER
-            else None
-        )
+        model, parallel = vllm_config.model_config, vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise ConfigError("pipeline_parallel_size", "CacheGenConnector does not support pipeline parallelism yet")
+        placement = Placement(parallel.tensor_parallel_size, 0, parallel.data_parallel_index)
+        self._scheduler = CacheGenScheduler(config, placement) if role == KVConnectorRole.SCHEDULER else None
+        self._worker = None
+        if role == KVConnectorRole.WORKER:
+            if parallel.tensor_parallel_size > 1:
+                from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+                placement = dataclasses.replace(placement, tp_rank=get_tensor_model_parallel_rank())
+            name = str(model.served_model_name or model.model)
+            self._worker = CacheGenWorker(config, name, placement, model.get_total_num_kv_heads())
 
     @property
     def scheduler(self) -> CacheGenScheduler:

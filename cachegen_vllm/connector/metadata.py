@@ -7,9 +7,11 @@ the two shapes of a request's ``kv_transfer_params`` that it reads and writes.
   this request's KV under ID. Without a ``transfer_id`` (what vLLM's P/D routers send, the
   NixlConnector's convention) the prefill makes one up, unique across instances and restarts;
 - from it, and then to a decode instance, ``{"do_remote_prefill": true, "transfer_id": ID,
-  "producer": ENDPOINT, "num_tokens": N}`` (`RemotePrefill`): load the KV of the prompt's first N
-  tokens from ENDPOINT. ``num_tokens`` is absent when the proxy starts the decode leg before the
-  prefill has answered (overlapped legs); frames then carry what was computed.
+  "producer": ENDPOINT, "producer_tp": P, "num_tokens": N}`` (`RemotePrefill`): load the KV of the
+  prompt's first N tokens from the P tensor-parallel ranks whose first listens at ENDPOINT
+  (`connector.ranks`; ``producer_tp`` absent: 1). ``num_tokens`` is absent when the proxy starts
+  the decode leg before the prefill has answered (overlapped legs); frames then carry what was
+  computed.
 
 Transfers are keyed by ``transfer_id``, never by vLLM's request ids, which differ per instance.
 """
@@ -28,6 +30,10 @@ from cachegen_vllm.transport.protocol import MAX_TRANSFER_ID
 class ParamsError(ValueError):
     """A request's ``kv_transfer_params`` ask for a transfer but cannot describe one; the message
     names the field."""
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _transfer_id(params: dict[str, Any]) -> str:
@@ -63,8 +69,9 @@ class RemotePrefill:
     """A decode request whose prompt's KV waits at a producer."""
 
     transfer_id: str
-    producer: str  # the producer's ZeroMQ endpoint
+    producer: str  # the ZeroMQ endpoint of the producer's first tensor-parallel rank
     num_tokens: int | None  # the prompt's tokens the producer has; None: not known yet
+    producer_tp: int = 1  # the producer's tensor-parallel ranks
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> RemotePrefill | None:
@@ -77,14 +84,20 @@ class RemotePrefill:
                 f"kv_transfer_params.producer must be a ZeroMQ endpoint like tcp://HOST:PORT; got {producer!r}"
             )
         num_tokens = params.get("num_tokens")
-        if num_tokens is not None and (
-            not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1
-        ):
+        if num_tokens is not None and not _positive(num_tokens):
             raise ParamsError(f"kv_transfer_params.num_tokens must be a positive integer; got {num_tokens!r}")
-        return cls(_transfer_id(params), producer, num_tokens)
+        producer_tp = params.get("producer_tp", 1)
+        if not _positive(producer_tp) or producer_tp > 1024:
+            raise ParamsError(f"kv_transfer_params.producer_tp must be an integer in 1..1024; got {producer_tp!r}")
+        return cls(_transfer_id(params), producer, num_tokens, producer_tp)
 
     def to_params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"do_remote_prefill": True, "transfer_id": self.transfer_id, "producer": self.producer}
+        params: dict[str, Any] = {
+            "do_remote_prefill": True,
+            "transfer_id": self.transfer_id,
+            "producer": self.producer,
+            "producer_tp": self.producer_tp,
+        }
         if self.num_tokens is not None:
             params["num_tokens"] = self.num_tokens
         return params
@@ -111,6 +124,7 @@ class LoadRequest:
     block_ids: list[int]
     start: int
     count: int
+    producer_tp: int = 1
 
 
 @dataclass

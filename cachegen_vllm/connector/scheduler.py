@@ -35,6 +35,7 @@ from cachegen_vllm.connector.metadata import (
     SaveRequest,
     new_transfer_id,
 )
+from cachegen_vllm.connector.ranks import Placement, rank_endpoint
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -53,8 +54,12 @@ class _Saving:
 
 
 class CacheGenScheduler:
-    def __init__(self, config: ConnectorConfig):
+    def __init__(self, config: ConnectorConfig, placement: Placement | None = None):
         self.config = config
+        placement = placement or Placement()
+        # what a decode needs to find this engine's producers (connector.ranks)
+        self._producer = rank_endpoint(config.advertise, placement.engine_offset)
+        self._producer_tp = placement.tp_size
         self._saving: dict[str, _Saving] = {}
         self._new_loads: list[LoadRequest] = []
         self._new_cancels: list[str] = []
@@ -113,6 +118,7 @@ class CacheGenScheduler:
                 block_ids=list(blocks.get_block_ids()[0]),
                 start=self._local_hits.pop(request.request_id, 0),
                 count=num_external_tokens,
+                producer_tp=prefill.producer_tp,
             )
         )
 
@@ -158,4 +164,4 @@ class CacheGenScheduler:
         if aborted:
             self._new_aborts.append(saving.transfer_id)
             return False, None
-        return False, RemotePrefill(saving.transfer_id, self.config.advertise, saving.total).to_params()
+        return False, RemotePrefill(saving.transfer_id, self._producer, saving.total, self._producer_tp).to_params()

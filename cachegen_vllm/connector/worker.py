@@ -5,15 +5,18 @@ Prefill (producer): `save_kv_layer` runs right after a layer's attention has wri
 each `SaveRequest` of the step has that layer's tokens encoded from the request's blocks and queued
 in the transport's send buffer, so the blocks can be freed as soon as the request finishes.
 
-Decode (consumer): each `LoadRequest` gets a thread that pulls the frames from the first token the
-request lacks, decodes each and scatters it into the allocated blocks while other requests run.
-Whatever ends a load (all tokens in, a transport or frame error, a cancel, or a bug), the request
-is reported finished; if the load failed, its blocks are reported as load errors and vLLM's
-``kv_load_failure_policy`` decides (``recompute`` recomputes the prompt; ``fail`` fails it).
+Decode (consumer): each `LoadRequest` pulls the frames from the first token the request lacks, from
+every producer rank that holds heads of this rank (`connector.ranks`), a thread per producer rank;
+each frame is decoded and its heads of this rank scattered into the allocated blocks while other
+requests run. Whatever ends a load (all tokens in, a transport or frame error, a cancel, or a
+bug), the request is reported finished once all its threads are; if any failed, its blocks are
+reported as load errors and vLLM's ``kv_load_failure_policy`` decides (``recompute`` recomputes
+the prompt; ``fail`` fails it). With tensor parallelism every rank reports, and vLLM waits for all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -22,19 +25,46 @@ from vllm.logger import init_logger
 
 from cachegen_vllm.codec import FrameError, KVGeometry
 from cachegen_vllm.codec import basis as bases
-from cachegen_vllm.config import ConnectorConfig
+from cachegen_vllm.codec.geometry import rank_heads
+from cachegen_vllm.codec.profile import ConfigError
+from cachegen_vllm.config import EXTRA, ConnectorConfig
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
 from cachegen_vllm.connector.metrics import FAILURE_PREFIX, PRODUCER_COUNTERS, CacheGenStats
+from cachegen_vllm.connector.ranks import Placement, first_holder, rank_endpoint, sources
 from cachegen_vllm.paged import PageOrder, decode_into_blocks, encode_blocks, probe_page_order
 from cachegen_vllm.transport import FrameConsumer, FrameProducer, TransferStream, TransportError
 
 log = init_logger("vllm.cachegen_vllm.connector")
 
 
+@dataclasses.dataclass
+class _Load:
+    """A request's load: one stream per producer rank it reads, each read by a thread of its own."""
+
+    request: LoadRequest
+    streams: list[TransferStream]
+    started: float
+    pending: int
+    failed: bool = False
+    wire_bytes: int = 0
+    decode_seconds: float = 0.0
+
+
 class CacheGenWorker:
-    def __init__(self, config: ConnectorConfig, model_name: str):
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        model_name: str,
+        placement: Placement | None = None,
+        total_kv_heads: int | None = None,
+    ):
         self.config = config
         self.model_name = model_name
+        self.placement = placement or Placement()
+        self.total_kv_heads = total_kv_heads  # None: the caches hold all the model's heads
+        # requests (transfers, durations) are counted once per engine, by its first rank; bytes
+        # and seconds by every rank, as each moves its own
+        self._counts_requests = self.placement.tp_rank == 0
         self._layers: dict[str, tuple[int, torch.Tensor]] = {}  # layer name: (index, cache)
         self._order: PageOrder | None = None
         self._block_size = 0
@@ -44,7 +74,7 @@ class CacheGenWorker:
         self._consumer: FrameConsumer | None = None
         self._lock = threading.Lock()
         self._done_loading: set[str] = set()
-        self._streams: dict[str, TransferStream] = {}  # loads in flight, by request id
+        self._loads: dict[str, _Load] = {}  # loads in flight, by request id
         self._cancelled: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._stats = CacheGenStats()
@@ -75,14 +105,47 @@ class CacheGenWorker:
         first = next(iter(layers.values()))[1]
         _, heads, self._block_size, width = first.shape
         self._layers, self._order = layers, order
-        self._geometry = KVGeometry(len(layers), heads, width // 2, first.dtype, model=self.model_name)
+        total = self.total_kv_heads or heads
+        head_start, count = rank_heads(total, self.placement.tp_size, self.placement.tp_rank)
+        if count != heads:
+            raise RuntimeError(
+                f"the caches hold {heads} KV heads; tensor-parallel rank {self.placement.tp_rank} "
+                f"of {self.placement.tp_size} should hold {count} of the model's {total}"
+            )
+        self._geometry = KVGeometry(
+            len(layers),
+            heads,
+            width // 2,
+            first.dtype,
+            model=self.model_name,
+            head_start=head_start,
+            total_kv_heads=total,
+        )
         profile = self.config.profile
-        profile.check_geometry(self._geometry.num_layers, self._geometry.head_dim, self._geometry.num_kv_heads)
+        profile.check_geometry(self._geometry.num_layers, self._geometry.head_dim, total)
         # a consumer reads frames coded in its own profile's basis too, not only in the shipped ones
         self._bases = (bases.load(profile.basis),) if profile.basis else ()
-        if self.config.sends:
-            self._producer = FrameProducer(self.config.transport)
-            log.info("CacheGenConnector sends from %s (profile %s)", self._producer.endpoint, profile.name)
+        replica = first_holder(head_start, total, self.placement.tp_size) != self.placement.tp_rank
+        if self.config.sends and replica:  # decodes read these heads from the first rank holding them
+            log.info(
+                "CacheGenConnector: rank %d holds a replica of KV head %d; sends nothing",
+                self.placement.tp_rank,
+                head_start,
+            )
+        elif self.config.sends:
+            try:
+                bind = rank_endpoint(self.config.transport.bind, self.placement.offset)
+            except ValueError as e:
+                raise ConfigError(EXTRA + "bind", str(e)) from None
+            transport = dataclasses.replace(self.config.transport, bind=bind)
+            self._producer = FrameProducer(transport)
+            log.info(
+                "CacheGenConnector sends KV heads [%d, %d) from %s (profile %s)",
+                head_start,
+                head_start + heads,
+                self._producer.endpoint,
+                profile.name,
+            )
         if self.config.receives:
             self._consumer = FrameConsumer(self.config.transport)
             log.info("CacheGenConnector receives (the profile of each transfer is in its frames)")
@@ -142,10 +205,12 @@ class CacheGenWorker:
             raw_bytes=self.geometry.layer_bytes(save.end - save.start),
             wire_bytes=sum(map(len, frames)),
             encode_seconds=seconds,
-            transfers=int(last),
+            transfers=int(last and self._counts_requests),
         )
         if last:
-            self._sample(encode_duration=self._encoding.pop(save.transfer_id))
+            encoding = self._encoding.pop(save.transfer_id)
+            if self._counts_requests:
+                self._sample(encode_duration=encoding)
 
     # ---- decode -------------------------------------------------------------------------------
 
@@ -155,55 +220,108 @@ class CacheGenWorker:
         if self._consumer is None:
             return
         for load in meta.loads:  # before the cancels: a request may be aborted in the step its load begins
-            stream = self._consumer.fetch(
-                load.producer, load.transfer_id, self.config.load_timeout_s, from_token=load.start
-            )
-            with self._lock:
-                self._streams[load.req_id] = stream
-            name = f"cachegen-load-{load.transfer_id}"
-            threading.Thread(target=self._load, args=(load, stream), name=name, daemon=True).start()
+            self._start_load(load, self._consumer)
         for req_id in meta.cancels:
-            with self._lock:  # a load already over has left _streams: nothing to stop
-                cancelled = self._streams.get(req_id)
+            with self._lock:  # a load already over has left _loads: nothing to stop
+                cancelled = self._loads.get(req_id)
                 if cancelled is not None:
                     self._cancelled.add(req_id)
             if cancelled is not None:
-                cancelled.cancel()
+                for stream in cancelled.streams:
+                    stream.cancel()
 
-    def _load(self, load: LoadRequest, fetch: TransferStream) -> None:
-        """Fetch, decode and scatter one transfer; report it finished, with its blocks as load
-        errors if anything failed."""
-        failed = False
+    def _start_load(self, request: LoadRequest, consumer: FrameConsumer) -> None:
+        try:
+            plan = sources(
+                self.geometry.total_kv_heads, request.producer_tp, self.placement.tp_size, self.placement.tp_rank
+            )
+        except ValueError as e:  # a producer split another way than the model can be: nothing to pull
+            log.warning("transfer %s cannot be loaded: %s; kv_load_failure_policy applies", request.transfer_id, e)
+            plan = []
+        streams = [
+            consumer.fetch(
+                rank_endpoint(request.producer, source.producer_rank),
+                request.transfer_id,
+                self.config.load_timeout_s,
+                from_token=request.start,
+                reader=(source.reader, source.readers),
+            )
+            for source in plan
+        ]
+        load = _Load(request, streams, time.perf_counter(), pending=len(streams), failed=not streams)
+        with self._lock:
+            self._loads[request.req_id] = load
+        if not streams:
+            self._count(**{FAILURE_PREFIX + "refused": 1})
+            self._finish(load)
+        for stream in streams:
+            name = f"cachegen-load-{request.transfer_id}"
+            threading.Thread(target=self._load, args=(load, stream), name=name, daemon=True).start()
+
+    def _load(self, load: _Load, fetch: TransferStream) -> None:
+        """Fetch, decode and scatter one producer rank's frames of a transfer; the last of a
+        request's threads reports it finished, with its blocks as load errors if any failed."""
+        request, failed = load.request, False
         try:
             self._receive(load, fetch)
         except Exception as e:  # whatever it is, vLLM must not wait for this request forever
-            failed = load.req_id not in self._cancelled  # an aborted request's blocks are simply freed
+            failed = request.req_id not in self._cancelled  # an aborted request's blocks are simply freed
             if not failed:
-                log.info("transfer %s stopped: its request was aborted", load.transfer_id)
+                log.info("transfer %s stopped: its request was aborted", request.transfer_id)
             elif isinstance(e, (TransportError, FrameError)):
                 log.warning(
-                    "transfer %s failed (%s: %s); kv_load_failure_policy applies", load.transfer_id, type(e).__name__, e
+                    "transfer %s from %s failed (%s: %s); kv_load_failure_policy applies",
+                    request.transfer_id,
+                    fetch.endpoint,
+                    type(e).__name__,
+                    e,
                 )
                 self._count(**{FAILURE_PREFIX + getattr(e, "kind", "corrupt"): 1})
             else:
                 log.exception(
-                    "transfer %s failed on an unexpected error; kv_load_failure_policy applies", load.transfer_id
+                    "transfer %s failed on an unexpected error; kv_load_failure_policy applies", request.transfer_id
                 )
                 self._count(**{FAILURE_PREFIX + "internal": 1})
-        with self._lock:  # both at once: vLLM wants the errors no later than the finish
-            self._streams.pop(load.req_id, None)
-            self._cancelled.discard(load.req_id)
-            if failed:
-                end = load.start + load.count
-                self._failed_blocks.update(load.block_ids[load.start // self._block_size : -(-end // self._block_size)])
-            self._done_loading.add(load.req_id)
+            for sibling in load.streams:  # the request recomputes: the other ranks' frames are of no use
+                if sibling is not fetch:
+                    sibling.cancel()
+        with self._lock:
+            load.failed |= failed
+            load.pending -= 1
+            last = load.pending == 0
+        if last:
+            self._finish(load)
 
-    def _receive(self, load: LoadRequest, fetch: TransferStream) -> None:
+    def _finish(self, load: _Load) -> None:
+        request = load.request
+        if not load.failed and request.req_id not in self._cancelled:
+            transfer = time.perf_counter() - load.started
+            self._count(
+                raw_bytes=self.geometry.layer_bytes(request.count) * self.geometry.num_layers,
+                wire_bytes=load.wire_bytes,
+                decode_seconds=load.decode_seconds,
+                transfer_seconds=transfer,
+                transfers=int(self._counts_requests),
+            )
+            if self._counts_requests:
+                self._sample(transfer_duration=transfer, decode_duration=load.decode_seconds)
+        with self._lock:  # both at once: vLLM wants the errors no later than the finish
+            self._loads.pop(request.req_id, None)
+            self._cancelled.discard(request.req_id)
+            if load.failed:
+                end = request.start + request.count
+                self._failed_blocks.update(
+                    request.block_ids[request.start // self._block_size : -(-end // self._block_size)]
+                )
+            self._done_loading.add(request.req_id)
+
+    def _receive(self, load: _Load, fetch: TransferStream) -> None:
+        request = load.request
         layers = {index: tensor for index, tensor in self._layers.values()}
-        blocks = torch.tensor(load.block_ids, device=next(iter(layers.values())).device)
-        end = load.start + load.count
+        blocks = torch.tensor(request.block_ids, device=next(iter(layers.values())).device)
+        end = request.start + request.count
         loaded = dict.fromkeys(layers, 0)
-        started, decoding = time.perf_counter(), 0.0
+        decoding = 0.0
         with fetch as stream:
             for frame in stream:
                 t0 = time.perf_counter()
@@ -213,24 +331,18 @@ class CacheGenWorker:
                     self._order,
                     blocks,
                     geometry=self.geometry,
-                    write_start=load.start,
+                    write_start=request.start,
                     write_end=end,
                     bases=self._bases,
                 )
                 loaded[layer] += written
                 decoding += time.perf_counter() - t0
-        short = [layer for layer, n in loaded.items() if n != load.count]
+        short = [layer for layer, n in loaded.items() if n != request.count]
         if short:
             raise FrameError(f"transfer ended without all tokens: {len(short)} layers short")
-        transfer = time.perf_counter() - started
-        self._count(
-            raw_bytes=self.geometry.layer_bytes(load.count) * self.geometry.num_layers,
-            wire_bytes=stream.bytes_received,
-            decode_seconds=decoding,
-            transfer_seconds=transfer,
-            transfers=1,
-        )
-        self._sample(transfer_duration=transfer, decode_duration=decoding)
+        with self._lock:
+            load.wire_bytes += stream.bytes_received
+            load.decode_seconds += decoding
 
     def get_finished(self) -> set[str]:
         """Requests whose loads ended since the last call."""

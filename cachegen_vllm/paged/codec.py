@@ -12,7 +12,7 @@ import torch
 
 from cachegen_vllm.codec import KVGeometry, Profile, decode_chunk, encode_chunk, encode_layer
 from cachegen_vllm.codec.basis import Basis
-from cachegen_vllm.codec.format import FrameHeader, frame_coding
+from cachegen_vllm.codec.format import FrameHeader, frame_coding, frame_heads
 from cachegen_vllm.paged.layout import PageOrder, gather, scatter
 
 Frame = bytes | bytearray | memoryview
@@ -115,7 +115,7 @@ def _reference_frame(
 
 
 def _written(token_start: int, count: int, write_start: int, write_end: int) -> tuple[int, int]:
-    """The tokens of a frame's ``[token_start, token_start + count)`` that ``[write_start,
+    """The tokens (or heads) of a frame's ``[token_start, token_start + count)`` that ``[write_start,
     write_end)`` lets through: ``[lo, hi)``, empty if ``hi <= lo``."""
     return max(token_start, write_start), min(token_start + count, write_end)
 
@@ -132,10 +132,12 @@ def decode_into_blocks(
     bases: tuple[Basis, ...] = (),
 ) -> tuple[int, int]:
     """Decode one frame into the request's blocks of its layer, writing only the tokens in
-    ``[write_start, write_end)``; ``bases``: calibrated bases besides the shipped ones that frames
-    may be coded in. Returns (layer, tokens written); raises FrameError on bad bytes."""
+    ``[write_start, write_end)`` and the heads the cache holds (``geometry``'s share of the
+    model's; the frame may hold another); ``bases``: calibrated bases besides the shipped ones that
+    frames may be coded in. Returns (layer, tokens written); raises FrameError on bad bytes."""
     device = next(iter(layer_caches.values())).device
-    if _on_gpu(device) and frame_coding(frame) == "packed":
+    own_heads = frame_heads(frame) == (geometry.head_start, geometry.num_kv_heads)
+    if _on_gpu(device) and frame_coding(frame) == "packed" and own_heads:
         from cachegen_vllm.kernels import frames
 
         header = frames.decode_frames_paged(
@@ -150,7 +152,11 @@ def decode_into_blocks(
         return header.layer, max(0, hi - lo)
     chunk = decode_chunk(frame, geometry, device=device, bases=bases)
     lo, hi = _written(chunk.token_start, chunk.key.shape[0], write_start, write_end)
-    if lo < hi:
-        rows = slice(lo - chunk.token_start, hi - chunk.token_start)
-        scatter(layer_caches[chunk.layer], order, block_ids, lo, chunk.key[rows], chunk.value[rows])
-    return chunk.layer, max(0, hi - lo)
+    first, last = _written(chunk.head_start, chunk.key.shape[1], geometry.head_start, geometry.heads.stop)
+    if lo >= hi or first >= last:
+        return chunk.layer, 0
+    rows = slice(lo - chunk.token_start, hi - chunk.token_start)
+    heads = slice(first - chunk.head_start, last - chunk.head_start)
+    key, value = chunk.key[rows, heads], chunk.value[rows, heads]
+    scatter(layer_caches[chunk.layer], order, block_ids, lo, key, value, first_head=first - geometry.head_start)
+    return chunk.layer, hi - lo

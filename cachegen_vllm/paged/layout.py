@@ -97,13 +97,15 @@ def scatter(
     first_token: int,
     key: torch.Tensor,
     value: torch.Tensor,
+    first_head: int = 0,
 ) -> None:
-    """Write K and V of tokens ``[first_token, first_token + len(key))`` of a request into its blocks."""
-    _, heads, block_size, width = layer.shape
+    """Write K and V ``[tokens, heads, head_size]`` of tokens ``[first_token, first_token +
+    len(key))`` of a request into its blocks, at the cache's heads from ``first_head`` on."""
+    block_size, width = layer.shape[2], layer.shape[3]
     positions = torch.arange(first_token, first_token + key.shape[0], device=block_ids.device)
     blocks = block_ids[positions // block_size][:, None]
     rows = (positions % block_size)[:, None]
-    head = torch.arange(heads, device=block_ids.device)[None, :]
+    head = torch.arange(first_head, first_head + key.shape[1], device=block_ids.device)[None, :]
     if order is None:
         layer[blocks, head, rows, : width // 2] = key
         layer[blocks, head, rows, width // 2 :] = value

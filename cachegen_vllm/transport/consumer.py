@@ -15,7 +15,14 @@ import zmq
 from cachegen_vllm.codec.format import FrameError, check_integrity
 from cachegen_vllm.codec.profile import ConfigError
 from cachegen_vllm.transport import protocol as P
-from cachegen_vllm.transport._io import HANDSHAKE_FAILURES, IOThread, handshake_failed, log, secure_client
+from cachegen_vllm.transport._io import (
+    HANDSHAKE_FAILURES,
+    IOThread,
+    handshake_failed,
+    log,
+    secure_client,
+    shared_context,
+)
 from cachegen_vllm.transport.config import TransportConfig
 from cachegen_vllm.transport.errors import CorruptFrame, PeerGone, TransferRefused, TransportError, TransportTimeout
 
@@ -36,8 +43,17 @@ class TransferStream:
     """The frames of one transfer, in order. Iterate it (blocking, up to the deadline); use it as
     a context manager so that an abandoned transfer is cancelled on both sides."""
 
-    def __init__(self, consumer: FrameConsumer, endpoint: str, transfer_id: str, deadline: float, from_token: int):
+    def __init__(
+        self,
+        consumer: FrameConsumer,
+        endpoint: str,
+        transfer_id: str,
+        deadline: float,
+        from_token: int,
+        reader: tuple[int, int],
+    ):
         self.endpoint, self.transfer_id, self.deadline, self.from_token = endpoint, transfer_id, deadline, from_token
+        self.reader = reader
         self.frames_received = 0
         self.bytes_received = 0
         self._consumer = consumer
@@ -100,19 +116,25 @@ class FrameConsumer(IOThread):
         if config.curve and not config.curve_server_public_key_file:
             raise ConfigError("curve_server_public_key_file", "is required on a consumer when CURVE is on")
         self.config = config
-        self._context = context or zmq.Context.instance()
+        self._context = context or shared_context()
         self._peers: dict[str, _Peer] = {}
         self._buffered = 0
         self._buffer_lock = threading.Lock()
         self.start()
 
-    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float, from_token: int = 0) -> TransferStream:
+    def fetch(
+        self, endpoint: str, transfer_id: str, timeout_s: float, from_token: int = 0, reader: tuple[int, int] = (0, 1)
+    ) -> TransferStream:
         """Start pulling a transfer; frames stream as the producer makes them. With ``from_token``,
-        only the frames that hold tokens at or after it come (the earlier ones are held here)."""
+        only the frames that hold tokens at or after it come (the earlier ones are held here).
+        ``reader`` = (i, n): this is reader i of the n that read the transfer (the producer keeps
+        it until all n are done)."""
         tid = transfer_id.encode()
         if not 0 < len(tid) <= P.MAX_TRANSFER_ID:
             raise ValueError(f"transfer id must be 1..{P.MAX_TRANSFER_ID} bytes")
-        stream = TransferStream(self, endpoint, transfer_id, time.monotonic() + timeout_s, from_token)
+        if not 0 <= reader[0] < reader[1] <= 0xFFFF:
+            raise ValueError(f"reader must be (i, n) with 0 <= i < n <= 65535; got {reader}")
+        stream = TransferStream(self, endpoint, transfer_id, time.monotonic() + timeout_s, from_token, reader)
         self.call(lambda: self._open(stream))
         return stream
 
@@ -177,7 +199,9 @@ class FrameConsumer(IOThread):
             self._fail(old, TransferRefused(f"transfer {stream.transfer_id} was fetched again"), cancel=False)
         peer.streams[stream._tid] = stream
         stream._epoch = peer.epoch
-        args = P.PULL_ARGS.pack(stream.from_token, self.config.credit_frames, self.config.max_frame_bytes)
+        args = P.PULL_ARGS.pack(
+            stream.from_token, self.config.credit_frames, self.config.max_frame_bytes, *stream.reader
+        )
         self._send(stream.endpoint, [P.PULL, stream._tid, args])
 
     def _drop(self, stream: TransferStream, cancel: bool) -> None:

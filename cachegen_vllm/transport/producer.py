@@ -1,9 +1,11 @@
 """Producer side (the prefill instance): holds each transfer's frames in a bounded host buffer and
-streams them to the consumer that pulls the transfer, as they are produced, under credit-based
-flow control. Frames stay until the consumer confirms them (DONE) or cancels; a transfer nobody
-pulls is evicted after `ttl_s`, and one whose consumer stops renewing its lease (heartbeats) after
-`lease_s`, so a decode that never comes or dies pins nothing. A consumer that already holds a prefix
-of the tokens pulls from a token on, and only the frames holding later tokens cross the wire."""
+streams them to the consumers that pull the transfer, as they are produced, under credit-based
+flow control. A transfer has as many readers as its first PULL says (the decode's tensor-parallel
+ranks that need this producer's heads), each with its own position and credits; its frames stay
+until every reader confirms them (DONE) or gives up (CANC). A transfer nobody pulls is evicted
+after `ttl_s`, and one whose consumers stop renewing its lease (heartbeats) after `lease_s`, so a
+decode that never comes or dies pins nothing. A consumer that already holds a prefix of the tokens
+pulls from a token on, and only the frames holding later tokens cross the wire."""
 
 from __future__ import annotations
 
@@ -17,11 +19,31 @@ import zmq
 
 from cachegen_vllm.codec.format import frame_tokens
 from cachegen_vllm.transport import protocol as P
-from cachegen_vllm.transport._io import HANDSHAKE_FAILURES, IOThread, handshake_failed, log, secure_server
+from cachegen_vllm.transport._io import (
+    HANDSHAKE_FAILURES,
+    IOThread,
+    handshake_failed,
+    log,
+    secure_server,
+    shared_context,
+)
 from cachegen_vllm.transport.config import TransportConfig
 from cachegen_vllm.transport.errors import BufferFull, TransferRefused
 
 TOMBSTONES = 4096  # ended transfers remembered, so a late PULL is refused instead of parked
+
+
+@dataclass
+class _Reader:
+    """One consumer's pull of a transfer; a new PULL by the same reader starts it over."""
+
+    consumer: bytes | None  # its routing id; None while it is disconnected
+    from_token: int  # frames holding only earlier tokens are skipped
+    credits: int
+    max_frame_bytes: int
+    next_frame: int = 0  # index in the transfer's frames of the next one to consider
+    sent: int = 0  # DATA messages of this PULL, the next one's seq
+    end_sent: bool = False
 
 
 @dataclass
@@ -31,14 +53,14 @@ class _Transfer:
     token_ends: list[int] = field(default_factory=list)  # of each frame: one past its last token
     nbytes: int = 0
     finished: bool = False
-    pulled: bool = False  # from the first PULL on, the consumer's lease applies instead of the TTL
-    consumer: bytes | None = None  # routing id of the consumer pulling it
-    from_token: int = 0  # frames holding only earlier tokens are skipped
-    next_frame: int = 0  # index in frames of the next one to consider
-    sent: int = 0  # DATA messages of the current PULL, the next one's seq
-    credits: int = 0
-    max_frame_bytes: int = 0
-    end_sent: bool = False
+    pulled: bool = False  # from the first PULL on, the consumers' lease applies instead of the TTL
+    readers: int = 0  # how many will read it, as its first PULL said
+    pulling: dict[int, _Reader] = field(default_factory=dict)  # by reader index
+    done: set[int] = field(default_factory=set)  # readers that confirmed or gave up
+    cancelled: bool = False  # a reader gave up
+
+    def reader_of(self, consumer: bytes) -> int | None:
+        return next((i for i, r in self.pulling.items() if r.consumer == consumer), None)
 
 
 class FrameProducer(IOThread):
@@ -46,7 +68,7 @@ class FrameProducer(IOThread):
         super().__init__("cachegen-producer")
         self.config = config
         self.epoch = os.urandom(16)
-        self._context = context or zmq.Context.instance()
+        self._context = context or shared_context()
         self._lock = threading.Lock()
         self._transfers: dict[bytes, _Transfer] = {}
         self._ended: OrderedDict[bytes, tuple[int, str]] = OrderedDict()
@@ -143,8 +165,10 @@ class FrameProducer(IOThread):
                 return
             self._buffered -= t.nbytes
             self.stats["bytes_freed"] += t.nbytes
-        if t.consumer is not None and code != P.COMPLETED:
-            self._send(t.consumer, [P.ERR, tid, P.ERR_CODE.pack(code), reason.encode()])
+        if code != P.COMPLETED:
+            for reader in t.pulling.values():
+                if reader.consumer is not None:
+                    self._send(reader.consumer, [P.ERR, tid, P.ERR_CODE.pack(code), reason.encode()])
 
     def _send(self, consumer: bytes, parts: list) -> bool:
         try:
@@ -158,8 +182,9 @@ class FrameProducer(IOThread):
             self.stats["consumer_gone"] += 1  # it disconnected; a PULL after reconnecting resumes
             with self._lock:
                 for t in self._transfers.values():
-                    if t.consumer == consumer:
-                        t.consumer = None
+                    for reader in t.pulling.values():
+                        if reader.consumer == consumer:
+                            reader.consumer = None
             return False
 
     def on_ready(self, ready: dict) -> None:
@@ -187,7 +212,7 @@ class FrameProducer(IOThread):
         if kind == P.PING and not args:
             with self._lock:
                 for t in self._transfers.values():
-                    if t.consumer == consumer:
+                    if t.reader_of(consumer) is not None:
                         self._renew(t)
             self._send(consumer, [P.PONG, self.epoch])
             return
@@ -195,35 +220,62 @@ class FrameProducer(IOThread):
             return self._malformed(f"{kind[:8]!r} without a valid transfer id")
         tid = args[0]
         if kind == P.PULL and len(args) == 2 and len(args[1]) == P.PULL_ARGS.size:
-            from_token, credits, max_frame = P.PULL_ARGS.unpack(args[1])
+            from_token, credits, max_frame, reader, readers = P.PULL_ARGS.unpack(args[1])
+            if not reader < readers:
+                return self._malformed(f"PULL as reader {reader} of {readers}")
+            refused = None
             with self._lock:
-                ended = self._ended.get(tid)
-                if ended is None:
+                refused = self._ended.get(tid)
+                if refused is None:
                     t = self._transfer(tid)
-                    t.pulled = True
-                    self._renew(t)
-                    t.consumer, t.from_token, t.credits, t.max_frame_bytes = consumer, from_token, credits, max_frame
-                    t.next_frame, t.sent, t.end_sent = 0, 0, False
-            if ended is not None:
-                self._send(consumer, [P.ERR, tid, P.ERR_CODE.pack(ended[0]), ended[1].encode()])
+                    if t.readers not in (0, readers):
+                        refused = (
+                            P.REFUSED,
+                            f"transfer {tid.decode(errors='replace')} has {t.readers} readers, not {readers}",
+                        )
+                    elif reader in t.done:
+                        refused = (P.REFUSED, f"reader {reader} of transfer {tid.decode(errors='replace')} is done")
+                    else:
+                        t.pulled, t.readers = True, readers
+                        self._renew(t)
+                        t.pulling[reader] = _Reader(consumer, from_token, credits, max_frame)
+            if refused is not None:
+                self._send(consumer, [P.ERR, tid, P.ERR_CODE.pack(refused[0]), refused[1].encode()])
         elif kind == P.CRED and len(args) == 2 and len(args[1]) == P.U32.size:
             with self._lock:
                 credited = self._transfers.get(tid)
-                if credited is not None and credited.consumer == consumer:
-                    credited.credits += P.U32.unpack(args[1])[0]
+                index = credited.reader_of(consumer) if credited is not None else None
+                if credited is not None and index is not None:
+                    credited.pulling[index].credits += P.U32.unpack(args[1])[0]
                     self._renew(credited)
-        elif kind == P.DONE and len(args) == 1:
-            self._end(tid, P.COMPLETED, "completed")
-        elif kind == P.CANC and len(args) == 1:
-            self._end(tid, P.CANCELLED, "cancelled by the consumer")
+        elif kind in (P.DONE, P.CANC) and len(args) == 1:
+            self._reader_done(tid, consumer, cancelled=kind == P.CANC)
         else:
             self._malformed(f"unknown or ill-formed {kind[:8]!r}")
+
+    def _reader_done(self, tid: bytes, consumer: bytes, cancelled: bool) -> None:
+        """A reader read all (DONE) or gave up (CANC); the transfer ends with its last reader."""
+        with self._lock:
+            t = self._transfers.get(tid)
+            if t is None:
+                return
+            index = t.reader_of(consumer)
+            if index is not None:
+                del t.pulling[index]
+                t.done.add(index)
+            t.cancelled |= cancelled
+            last = len(t.done) >= t.readers
+        if last:
+            if t.cancelled:
+                self._end(tid, P.CANCELLED, "cancelled by the consumer")
+            else:
+                self._end(tid, P.COMPLETED, "completed")
 
     def tick(self) -> None:
         now = time.monotonic()
         with self._lock:
             expired = [(tid, t.pulled) for tid, t in self._transfers.items() if t.expires < now]
-            sendable = [(tid, t) for tid, t in self._transfers.items() if t.consumer is not None]
+            sendable = [(tid, t, r) for tid, t in self._transfers.items() for r in t.pulling.values() if r.consumer]
         for tid, pulled in expired:
             self.stats["evicted"] += 1
             why = (
@@ -232,25 +284,26 @@ class FrameProducer(IOThread):
                 else f"nobody pulled it within ttl_s={self.config.ttl_s}"
             )
             self._end(tid, P.EVICTED, "evicted: " + why)
-        for tid, t in sendable:
-            self._pump(tid, t)
+        for tid, t, reader in sendable:
+            if tid in self._transfers:  # not ended by another reader's pump this tick
+                self._pump(tid, t, reader)
 
-    def _pump(self, tid: bytes, t: _Transfer) -> None:
-        while t.consumer is not None and t.credits > 0 and t.next_frame < len(t.frames):
-            if t.token_ends[t.next_frame] <= t.from_token:  # the consumer holds these tokens
-                t.next_frame += 1
+    def _pump(self, tid: bytes, t: _Transfer, r: _Reader) -> None:
+        while r.consumer is not None and r.credits > 0 and r.next_frame < len(t.frames):
+            if t.token_ends[r.next_frame] <= r.from_token:  # the consumer holds these tokens
+                r.next_frame += 1
                 continue
-            frame = t.frames[t.next_frame]
-            if len(frame) > t.max_frame_bytes:
+            frame = t.frames[r.next_frame]
+            if len(frame) > r.max_frame_bytes:
                 return self._end(
-                    tid, P.TOO_LARGE, f"frame {t.next_frame} is {len(frame)} bytes, over the consumer's limit"
+                    tid, P.TOO_LARGE, f"frame {r.next_frame} is {len(frame)} bytes, over the consumer's limit"
                 )
-            if not self._send(t.consumer, [P.DATA, tid, P.U32.pack(t.sent), frame]):
+            if not self._send(r.consumer, [P.DATA, tid, P.U32.pack(r.sent), frame]):
                 return
-            t.next_frame += 1
-            t.sent += 1
-            t.credits -= 1
+            r.next_frame += 1
+            r.sent += 1
+            r.credits -= 1
             self.stats["frames_sent"] += 1
             self.stats["bytes_sent"] += len(frame)
-        if t.consumer is not None and t.finished and not t.end_sent and t.next_frame == len(t.frames):
-            t.end_sent = self._send(t.consumer, [P.END, tid, P.U32.pack(t.sent)])
+        if r.consumer is not None and t.finished and not r.end_sent and r.next_frame == len(t.frames):
+            r.end_sent = self._send(r.consumer, [P.END, tid, P.U32.pack(r.sent)])

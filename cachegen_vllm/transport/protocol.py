@@ -4,8 +4,11 @@ Every message is ``[kind, *parts]``; the ROUTER sees the consumer's routing id i
 travel as their own part (zero-copy, never pickled); small fixed fields are packed with struct.
 
 consumer -> producer
-    PULL  transfer_id  <from_token u32, credits u32, max_frame_bytes u64>  stream the frames that
-                                                                        hold tokens >= from_token
+    PULL  transfer_id  <from_token u32, credits u32, max_frame_bytes u64,  stream the frames that
+                        reader u16, readers u16>                        hold tokens >= from_token,
+                                                                        as reader i of n (the
+                                                                        transfer ends when all n
+                                                                        are DONE or CANC)
     CRED  transfer_id  <credits u32>                                    the consumer read that many
     DONE  transfer_id                                                   all read: free the buffers
     CANC  transfer_id                                                   abandoned: free the buffers
@@ -22,7 +25,7 @@ import struct
 PULL, CRED, DONE, CANC, PING = b"PULL", b"CRED", b"DONE", b"CANC", b"PING"
 DATA, END, ERR, PONG = b"DATA", b"END", b"ERR", b"PONG"
 
-PULL_ARGS = struct.Struct("<IIQ")
+PULL_ARGS = struct.Struct("<IIQHH")
 U32 = struct.Struct("<I")
 ERR_CODE = struct.Struct("<B")
 
