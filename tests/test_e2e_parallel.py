@@ -120,7 +120,7 @@ def test_raw_kv_crosses_tensor_parallel_splits(cluster, prefill, decode, offset)
     Where the bits go is checked exactly in tests/test_worker.py (every split, bit for bit) and
     tests/test_paged.py (heads written one by one where vLLM puts them); here, the KV of every head
     arrives and the first token's distribution is the reference's to within the splits' rounding
-    (measured: the reference's top token 0.005-0.013 nats apart, docs/RESULTS.md)."""
+    (benchmarks/bench_tp.py: first tokens 0.0006-0.086 nats apart, docs/RESULTS.md)."""
     urls, model = cluster
     text = prompt(2, offset)
     reference(urls, model, text, max_tokens=1)  # now the reference's prefix cache holds the prompt
