@@ -4,9 +4,7 @@ set-up, and the socket monitor that reports failed handshakes."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import os
 import queue
 import socket
 import threading
@@ -24,22 +22,6 @@ log = logging.getLogger("cachegen_vllm.transport")
 HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
-
-
-def _all_cores() -> range:
-    return range(os.cpu_count() or 1)
-
-
-@functools.cache
-def shared_context() -> zmq.Context:
-    """The process's ZeroMQ context for the transport, its IO thread free to run on any core.
-    vLLM's CPU backend pins each rank's threads to that rank's compute cores, and a thread inherits
-    its creator's pinning: the transport's IO would then wait behind the forward pass (seen: a
-    prefill rank's producer silent for 10 s to decode ranks spinning on the same core)."""
-    context = zmq.Context()
-    for cpu in _all_cores():  # before the first socket, which starts the IO thread
-        context.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)
-    return context
 
 
 class IOThread:
@@ -64,8 +46,6 @@ class IOThread:
             self._wake_w.send(b"\0")
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # not pinned to a rank's cores (shared_context)
-            os.sched_setaffinity(0, _all_cores())
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         while not self._stopping.is_set():
             try:

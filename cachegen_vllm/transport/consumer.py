@@ -21,7 +21,6 @@ from cachegen_vllm.transport._io import (
     handshake_failed,
     log,
     secure_client,
-    shared_context,
 )
 from cachegen_vllm.transport.config import TransportConfig
 from cachegen_vllm.transport.errors import CorruptFrame, PeerGone, TransferRefused, TransportError, TransportTimeout
@@ -116,7 +115,7 @@ class FrameConsumer(IOThread):
         if config.curve and not config.curve_server_public_key_file:
             raise ConfigError("curve_server_public_key_file", "is required on a consumer when CURVE is on")
         self.config = config
-        self._context = context or shared_context()
+        self._context = context or zmq.Context.instance()
         self._peers: dict[str, _Peer] = {}
         self._buffered = 0
         self._buffer_lock = threading.Lock()

@@ -25,7 +25,6 @@ from cachegen_vllm.transport._io import (
     handshake_failed,
     log,
     secure_server,
-    shared_context,
 )
 from cachegen_vllm.transport.config import TransportConfig
 from cachegen_vllm.transport.errors import BufferFull, TransferRefused
@@ -68,7 +67,7 @@ class FrameProducer(IOThread):
         super().__init__("cachegen-producer")
         self.config = config
         self.epoch = os.urandom(16)
-        self._context = context or shared_context()
+        self._context = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._transfers: dict[bytes, _Transfer] = {}
         self._ended: OrderedDict[bytes, tuple[int, str]] = OrderedDict()
