@@ -7,9 +7,9 @@ TP=1 reference. For each prompt (English text, 2 KV blocks + 1 token) and each d
 TP=1 and TP=1 -> TP=3), the prefill computes it, the decode loads
 its KV and answers; reported: the decode's wire bytes, the load's transfer seconds (the decode's
 counters), the first token's log-probability against the reference's, and how much of a 32-token
-greedy answer matches the reference's. The TP=3 instance's own answer (no transfer) is there to
-tell TP's rounding from the transfer's: the KV of a TP=3 engine differs from a TP=1 engine's in
-the last bits.
+greedy answer matches the reference's. The prefill instance's own answer from its cache (no
+transfer) is there to tell TP's rounding from the transfer's: the KV of a TP=3 engine differs from
+a TP=1 engine's in the last bits.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cachegen_vllm.launch import (
     cachegen_counters,
+    common_prefix,
     kv_transfer_config,
     post,
     start_instance,
@@ -55,11 +56,6 @@ def _prompt(index: int) -> list[int]:
 
     text = "\n\n".join(topics[k] for k in sorted(topics))[index * 20000 + 5000 :]
     return AutoTokenizer.from_pretrained(str(ensure_default_model()))(text).input_ids[: 2 * 128 + 1]
-
-
-def _common_prefix(a: str, b: str) -> float:
-    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return same / max(len(a), len(b), 1)
 
 
 def main() -> None:
@@ -130,8 +126,8 @@ def main() -> None:
                         "transfer_seconds": after.get("transfer_seconds", 0) - before.get("transfer_seconds", 0),
                         "failures": after.get("failures", 0) - before.get("failures", 0),
                         "logprob_delta": abs(got["logprob"] - expected["logprob"]),
-                        "match": _common_prefix(got["text"], expected["text"]),
-                        "prefill_alone_match": _common_prefix(own["text"], expected["text"]),
+                        "match": common_prefix(got["text"], expected["text"]),
+                        "prefill_alone_match": common_prefix(own["text"], expected["text"]),
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)

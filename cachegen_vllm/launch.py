@@ -127,6 +127,12 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
+def common_prefix(a: str, b: str) -> float:
+    """How much of two answers agrees before their first difference, as a share of the longer."""
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return same / max(len(a), len(b), 1)
+
+
 def cachegen_counters(url: str) -> dict[str, float]:
     """The connector's counters from a vLLM instance's /metrics; failures also by kind, as
     ``failed_<kind>``."""

