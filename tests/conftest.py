@@ -1,5 +1,6 @@
 import contextlib
 import os
+import re
 import random
 import socket
 import threading
@@ -117,3 +118,21 @@ class FaultyLink:
     def close(self):
         self._closed.set()
         self._listener.close()
+
+
+_SERVER_LOG_LINE = re.compile(r"transfer |CacheGen|Traceback|Error|ERROR")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed end-to-end test's report carries what its servers logged about transfers (the
+    newest ``vllm-logs*`` folder, the failing module's): CI shows the report, not the logs."""
+    report = yield
+    if report.failed and item.get_closest_marker("e2e") is not None:
+        base = item.config._tmp_path_factory.getbasetemp()
+        folders = sorted(base.glob("vllm-logs*"), key=lambda p: p.stat().st_mtime)
+        for path in sorted(folders[-1].glob("*.log")) if folders else []:
+            lines = [line for line in path.read_text(errors="replace").splitlines() if _SERVER_LOG_LINE.search(line)]
+            if lines:
+                report.sections.append((f"server log {path.name}", "\n".join(line[:300] for line in lines[-25:])))
+    return report

@@ -151,6 +151,8 @@ def test_default_profile_into_a_tp3_decode_sends_the_predicted_bytes_and_leaks_n
         matches.append(common_prefix(got, reference(urls, model, text)))
         tokens.append(n)
     after = {name: cachegen_counters(urls[name]) for name in ("default", "tp3")}
+    failed = {k: v - before["tp3"].get(k, 0) for k, v in after["tp3"].items() if k.startswith("failed")}
+    assert not any(failed.values()), failed  # each rank counts its own failures (the log lines: the report)
     received = after["tp3"]["wire_bytes"] - before["tp3"].get("wire_bytes", 0)
     # each of the three decode ranks pulls the prefill's frames whole (docs/DESIGN.md)
     assert received == 3 * sum(wire_bytes(model, "default", n) for n in tokens)
