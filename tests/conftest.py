@@ -1,7 +1,7 @@
 import contextlib
 import os
-import re
 import random
+import re
 import socket
 import threading
 import time
