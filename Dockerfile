@@ -1,12 +1,19 @@
-# cachegen-vllm on the official vLLM OpenAI image of the pinned vLLM version (GPU).
+# cachegen-vllm on the official vLLM OpenAI image (GPU) of the oldest vLLM it supports; the image
+# runs vLLM's OpenAI server with this plugin installed:
 #   docker build -t cachegen-vllm .
-# The image runs vLLM's OpenAI server with this plugin installed. Not yet usable on GPUs: the
-# connector runs on vLLM's CPU backend only so far (docs/DESIGN.md, "What runs where"). Then:
-#   prefill: docker run ... cachegen-vllm --model MODEL --port 8100 --kv-transfer-config \
-#     '{"kv_connector":"CacheGenConnector","kv_role":"kv_producer","kv_connector_extra_config":{"bind":"tcp://0.0.0.0:5601","advertise":"tcp://PREFILL_HOST:5601"}}'
-#   decode:  docker run ... cachegen-vllm --model MODEL --port 8200 --kv-transfer-config \
-#     '{"kv_connector":"CacheGenConnector","kv_role":"kv_consumer","kv_load_failure_policy":"recompute"}'
-#   proxy:   docker run ... --entrypoint cachegen-vllm cachegen-vllm proxy --prefill URL --decode URL
+# Prefill (kv_producer): encodes each layer on a CUDA stream of its own as the forward pass goes,
+# and serves the frames from port 5601 (tensor-parallel ranks: 5601 + rank; publish them all):
+#   docker run --gpus all -p 8100:8000 -p 5601:5601 cachegen-vllm --model MODEL \
+#     --kv-transfer-config '{"kv_connector":"CacheGenConnector","kv_role":"kv_producer",
+#       "kv_connector_extra_config":{"profile":"default","bind":"tcp://0.0.0.0:5601","advertise":"tcp://PREFILL_HOST:5601"}}'
+# Decode (kv_consumer): loads the KV, decoding on a stream of its own; on any failure it recomputes:
+#   docker run --gpus all -p 8200:8000 cachegen-vllm --model MODEL \
+#     --kv-transfer-config '{"kv_connector":"CacheGenConnector","kv_role":"kv_consumer","kv_load_failure_policy":"recompute"}'
+# In front of them, vLLM's P/D router or this project's proxy (which overlaps the two legs):
+#   docker run -p 8000:8000 --entrypoint cachegen-vllm cachegen-vllm proxy \
+#     --prefill http://PREFILL_HOST:8100 --decode http://DECODE_HOST:8200 --port 8000
+# The prefill runs its CUDA graphs piecewise (the connector asks vLLM to: a full graph's replay would
+# skip the per-layer save); fp8 KV caches and MLA models are refused at start-up, by name.
 FROM vllm/vllm-openai:v0.32.0
 COPY pyproject.toml README.md /opt/cachegen-vllm/
 COPY cachegen_vllm /opt/cachegen-vllm/cachegen_vllm

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -49,18 +50,23 @@ PROFILES = ("default", "aggressive")
 GEOMETRY = KVGeometry(LAYERS, HEADS, HEAD_DIM, DTYPE, model="llama-3-8b-like")
 
 
-def _ptxas_report(profile_name: str) -> list[dict]:
-    """Compile each (key bits, value bits) variant the profile uses for sm_90a; ptxas's allocation."""
-    from cachegen_vllm.kernels.frames import plan_encode
-    from cachegen_vllm.kernels.paged_codec import decode_kernel, encode_kernel
+def kernel_profiles() -> list[str]:
+    """The shipped profiles whose frames the paged kernels code (bit-packed ones)."""
+    from cachegen_vllm.config import shipped_profiles
+
+    return [name for name in shipped_profiles() if load_profile(name).coding == "packed"]
+
+
+def ptxas_report(profile_name: str, geometry: KVGeometry = GEOMETRY) -> list[dict]:
+    """Compile every (key bits, value bits) variant requests of the profile launch for sm_90a:
+    ptxas's allocation and the fused multiply-adds in the PTX."""
+    from cachegen_vllm.kernels.frames import profile_variants
+    from cachegen_vllm.kernels.paged_codec import decode_kernel, encode_kernel, kernel_constants
 
     profile = load_profile(profile_name)
-    plan = plan_encode(
-        GEOMETRY, profile, layer=0, token_start=0, count=4096, total_tokens=4096, device=torch.device("cpu")
-    )
-    constants = dict(plan.constants)
-    num_warps = constants.pop("num_warps")
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[GEOMETRY.dtype]
+    constants = kernel_constants(geometry, profile.group_tokens, profile.value_axis, profile.rotation == "hadamard")
+    options = {name: constants.pop(name) for name in ("num_warps", "enable_fp_fusion")}
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[geometry.dtype]
     types = {
         "cache": f"*{dtype}",
         "block_table": "*i64",
@@ -83,7 +89,7 @@ def _ptxas_report(profile_name: str) -> list[dict]:
     # marked divisible by 16, and the unit channel stride is a constant
     divisible = {"block_size", "stride_block", "stride_head", "stride_token"}
     rows = []
-    for key_bits, value_bits in sorted({widths for widths, _, _ in plan.launches}):
+    for key_bits, value_bits in profile_variants(geometry, profile):
         for kernel in (encode_kernel, decode_kernel):
             const = {**constants, "KEY_BITS": key_bits, "VALUE_BITS": value_bits, "stride_channel": 1}
             signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
@@ -98,25 +104,28 @@ def _ptxas_report(profile_name: str) -> list[dict]:
                     kernel=kernel.__name__,
                     key_bits=key_bits,
                     value_bits=value_bits,
-                    num_warps=num_warps,
+                    num_warps=options["num_warps"],
                     block_t=constants["BLOCK_T"],
-                    **_sm90a(kernel, signature, const, attrs, num_warps),
+                    **_sm90a(kernel, signature, const, attrs, options),
                 )
             )
     return rows
 
 
-def _sm90a(kernel, signature: dict, constexprs: dict, attrs: dict, num_warps: int) -> dict:
-    """Compile a kernel for the H100 and read ptxas's allocation."""
+def _sm90a(kernel, signature: dict, constexprs: dict, attrs: dict, options: dict) -> dict:
+    """Compile a kernel for the H100 and H200; ptxas's allocation and the fp32 fused multiply-adds in
+    the PTX (``fma.rn.f32``: the reference rounds a multiply and an add apart)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas-blackwell"  # reads the PTX version Triton emits
+    # the ptxas that reads the PTX version this Triton emits (3.9 ships a newer one beside its own)
+    bin_dir = Path(triton.__file__).parent / "backends/nvidia/bin"
+    ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps},
+        options=options,
     )
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
@@ -128,6 +137,7 @@ def _sm90a(kernel, signature: dict, constexprs: dict, attrs: dict, num_warps: in
         registers=int(info.split("Used ")[1].split(" registers")[0]),
         spill_store_bytes=int(info.split(" bytes spill stores")[0].rsplit(" ", 1)[1]),
         shared_bytes=compiled.metadata.shared,
+        fma_f32=len(re.findall(r"\bfma\.[a-z.]*f32\b", compiled.asm["ptx"])),
     )
 
 
@@ -160,7 +170,13 @@ def _ptxas_rans() -> list[dict]:
                 value_bits=None,
                 num_warps=4,
                 block_t=rans_coder.BLOCK_LANES,
-                **_sm90a(kernel, signature, {**constexprs, "BLOCK": rans_coder.BLOCK_LANES}, attrs, 4),
+                **_sm90a(
+                    kernel,
+                    signature,
+                    {**constexprs, "BLOCK": rans_coder.BLOCK_LANES},
+                    attrs,
+                    {"num_warps": 4, "enable_fp_fusion": False},
+                ),
             )
         )
     return rows
@@ -203,7 +219,7 @@ def _host_rows(profile_name: str) -> list[dict]:
     return rows
 
 
-def _time(fn, reps: int) -> float:
+def median_seconds(fn, reps: int) -> float:
     """Median seconds of ``fn``: CUDA events on a GPU (device time of what it enqueues), wall time
     on the CPU (the interpreter smoke run)."""
     fn()
@@ -240,10 +256,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _copy_bandwidth(device: str, nbytes: int, reps: int) -> float:
+def copy_bandwidth(device: str, nbytes: int, reps: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _time(lambda: dst.copy_(src), reps)
+    return 2 * nbytes / median_seconds(lambda: dst.copy_(src), reps)
 
 
 def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, device: str) -> dict:
@@ -267,7 +283,7 @@ def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, devi
         GEOMETRY, profile, layer=0, token_start=0, count=tokens, total_tokens=tokens, device=cache.device
     )
     wire = plan.buffer.numel()
-    encode_s = _time(lambda: kernels.launch_encode(plan, cache, table), reps)
+    encode_s = median_seconds(lambda: kernels.launch_encode(plan, cache, table), reps)
     frames = kernels.finish_encode(plan, GEOMETRY)
     api_s = _wall(
         lambda: encode_blocks_on_kernels(
@@ -277,10 +293,12 @@ def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, devi
     )
     dplan = kernels.plan_decode(frames, GEOMETRY, cache.device)
     target = torch.empty_like(store).permute(0, 2, 1, 3)
-    decode_s = _time(lambda: kernels.launch_decode(dplan, {0: target}, table), reps)
+    decode_s = median_seconds(lambda: kernels.launch_decode(dplan, {0: target}, table), reps)
 
     key, value = gather(cache, None, table, tokens)
-    torch_quant_s = _time(lambda: [pack(quantize(t.float(), 4, "channel", 64)[0], 4) for t in (key, value)], reps)
+    torch_quant_s = median_seconds(
+        lambda: [pack(quantize(t.float(), 4, "channel", 64)[0], 4) for t in (key, value)], reps
+    )
     torch_encode_s = _wall(lambda: encode_layer(key, value, geometry=GEOMETRY, profile=profile, layer=0), 3)
     torch_decode_s = _wall(lambda: [decode_chunk(f, GEOMETRY, device=device) for f in frames], 3)
     # the kernels' frames are the reference's, byte for byte, and decode to what the reference decodes
@@ -344,7 +362,7 @@ def _rans_rows(tokens: int, reps: int, copy_bps: float, device: str) -> dict:
         )
         chunk.append((symbols, entropy.choose_tables(symbols, profile.key_bits), profile.key_bits))
     freq, start, _ = entropy.encode_grids(chunk, profile.lane_symbols)
-    coder_encode_s = _time(lambda: rans_coder.encode(freq, start), reps)
+    coder_encode_s = median_seconds(lambda: rans_coder.encode(freq, start), reps)
     encode_s = _wall(
         lambda: encode_layer(key_d, value_d, geometry=GEOMETRY, profile=profile, layer=0), max(3, reps // 4)
     )
@@ -437,16 +455,17 @@ def main() -> None:
             )
         result = dict(machine="host CPU", geometry=str(GEOMETRY), rows=rows)
     elif args.ptxas:
-        rows = [row for name in PROFILES for row in _ptxas_report(name)] + _ptxas_rans()
+        rows = [row for name in kernel_profiles() for row in ptxas_report(name)] + _ptxas_rans()
         print(
-            f"{'profile':<11} {'kernel':<28} {'bits k/v':>8} {'warps':>5} {'tile':>5} "
-            f"{'regs':>5} {'spill B':>7} {'smem B':>6}"
+            f"{'profile':<13} {'kernel':<28} {'bits k/v':>8} {'warps':>5} {'tile':>5} "
+            f"{'regs':>5} {'spill B':>7} {'smem B':>6} {'fma':>4}"
         )
         for r in rows:
             print(
-                f"{r['profile']:<11} {r['kernel']:<28} "
+                f"{r['profile']:<13} {r['kernel']:<28} "
                 f"{r['key_bits'] or '-':>4}/{r['value_bits'] or '-':<3} {r['num_warps']:>5} "
-                f"{r['block_t']:>5} {r['registers']:>5} {r['spill_store_bytes']:>7} {r['shared_bytes']:>6}"
+                f"{r['block_t']:>5} {r['registers']:>5} {r['spill_store_bytes']:>7} {r['shared_bytes']:>6} "
+                f"{r['fma_f32']:>4}"
             )
         result = dict(target="sm_90a", geometry=str(GEOMETRY), triton=__import__("triton").__version__, rows=rows)
     else:
@@ -457,7 +476,7 @@ def main() -> None:
                 "--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 "
                 "(a smoke run, not a benchmark)"
             )
-        copy_bps = _copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 1 << 24, args.reps)
+        copy_bps = copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 1 << 24, args.reps)
         name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
         print(f"device: {name}; device-to-device copy {copy_bps / 1e9:.0f} GB/s (read + written)")
         rows = [_timed_rows(p, tokens, args.reps, copy_bps, args.device) for p in PROFILES for tokens in args.tokens]

@@ -133,6 +133,13 @@ def common_prefix(a: str, b: str) -> float:
     return same / max(len(a), len(b), 1)
 
 
+def vllm_metric(url: str, name: str) -> float:
+    """A metric of a vLLM instance's /metrics (``vllm:<name>``), summed over its labels."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(rf"^vllm:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
 def cachegen_counters(url: str) -> dict[str, float]:
     """The connector's counters from a vLLM instance's /metrics; failures also by kind, as
     ``failed_<kind>``."""

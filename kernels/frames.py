@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cachegen_vllm.codec.allocation import chunk_bounds, plan_segments
+from cachegen_vllm.codec.allocation import chunk_bounds, covering_token_counts, plan_segments
 from cachegen_vllm.codec.format import FrameHeader, frame_nbytes, parse_frame, seal_frame
 from cachegen_vllm.codec.geometry import KV, KVGeometry
 from cachegen_vllm.codec.profile import Profile
+from cachegen_vllm.device import Runtime
 from cachegen_vllm.kernels.paged_codec import decode_tiles, encode_tiles, kernel_constants
 from cachegen_vllm.kernels.tiles import TensorField, frame_slots, frame_tiles, tensor_column
 
@@ -30,12 +31,12 @@ Launch = tuple[tuple[int, int], list[int], torch.Tensor]
 _WIDTHS = (tensor_column(KV.KEY, TensorField.BITS), tensor_column(KV.VALUE, TensorField.BITS))
 
 
-def _by_widths(tiles: list[tuple[int, list[int]]], device: torch.device) -> list[Launch]:
+def _by_widths(tiles: list[tuple[int, list[int]]], runtime: Runtime) -> list[Launch]:
     groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
     for frame, tile in tiles:
         groups.setdefault((tile[_WIDTHS[0]], tile[_WIDTHS[1]]), []).append((frame, tile))
     return [
-        (widths, [f for f, _ in members], torch.tensor([t for _, t in members], dtype=torch.int64).to(device))
+        (widths, [f for f, _ in members], runtime.to_device(np.array([t for _, t in members], dtype=np.int64)))
         for widths, members in groups.items()
     ]
 
@@ -61,13 +62,17 @@ def plan_encode(
     count: int,
     total_tokens: int,
     device: torch.device,
+    runtime: Runtime | None = None,
 ) -> EncodePlan:
-    """The frames `codec.encode_layer` makes of tokens ``[token_start, token_start + count)``."""
+    """The frames `codec.encode_layer` makes of tokens ``[token_start, token_start + count)``; device
+    work on the current stream (``runtime``: how host arrays get there; default plain copies)."""
     if profile.coding != "packed":
         raise ValueError(
             f"coding {profile.coding!r}: the kernels code 'packed' frames (paged.encode_blocks routes the rest)"
         )
-    headers, bases, size, launches = _encode_layout(geometry, profile, layer, token_start, count, total_tokens, device)
+    headers, bases, size, launches = _encode_layout(
+        geometry, profile, layer, token_start, count, total_tokens, device, runtime or Runtime(device)
+    )
     return EncodePlan(
         [dataclasses.replace(h, layer=layer) for h in headers],
         bases,
@@ -96,6 +101,7 @@ def _encode_layout(
     count: int,
     total_tokens: int,
     device: torch.device,
+    runtime: Runtime,
 ) -> tuple[list[FrameHeader], list[int], int, list[Launch]]:
     """Headers (for any layer), frame offsets, buffer size and tiles on the device. Every layer with
     the same widths has the same layout: made once per save step instead of once per layer, off
@@ -120,8 +126,20 @@ def _encode_layout(
         ]
         if len(_LAYOUTS) >= 64:
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
-        _LAYOUTS[key] = (headers, bases, size, _by_widths(tiles, device))
+        _LAYOUTS[key] = (headers, bases, size, _by_widths(tiles, runtime))
     return _LAYOUTS[key]
+
+
+def profile_variants(geometry: KVGeometry, profile: Profile) -> list[tuple[int, int]]:
+    """The (key bits, value bits) of every kernel variant that requests of ``profile`` launch: one
+    compiled kernel per pair and direction."""
+    widths = set()
+    layers = {profile.layer_bits(layer): layer for layer in range(geometry.num_layers)}.values()
+    for layer in layers:
+        for total in covering_token_counts(profile):
+            for segment in plan_segments(profile, layer, 0, total, total):
+                widths.add((segment.key_bits, segment.value_bits))
+    return sorted(widths)
 
 
 def launch_encode(plan: EncodePlan, cache: torch.Tensor, block_table: torch.Tensor) -> None:
@@ -131,21 +149,28 @@ def launch_encode(plan: EncodePlan, cache: torch.Tensor, block_table: torch.Tens
         encode_tiles(cache, block_table, tiles, plan.buffer, bad, key_bits, value_bits, plan.constants)
 
 
-def finish_encode(plan: EncodePlan, geometry: KVGeometry) -> list[memoryview | None]:
-    """Wait for the kernels and seal the frames, in place in one host copy of the buffer: the
-    frames are views of it (no copy per frame). None stands for a frame with values its float16
-    statistics cannot hold (inf, nan, beyond +-65504): the caller makes it the reference's way,
-    which sends such tensors exact."""
-    payload = plan.buffer.cpu().numpy().data
+def finish_encode(
+    plan: EncodePlan,
+    geometry: KVGeometry,
+    payload: torch.Tensor | None = None,
+    bad: list[torch.Tensor] | None = None,
+) -> list[memoryview | None]:
+    """Seal the frames in place in a host copy of the buffer: the frames are views of it (no copy
+    per frame). ``payload`` and ``bad``: host copies of ``plan.buffer`` and ``plan.bad`` whose copies
+    are complete (default: copied here, which waits for the kernels). None stands for a frame with
+    values its float16 statistics cannot hold (inf, nan, beyond +-65504): the caller makes it the
+    reference's way, which sends such tensors exact."""
+    data = (plan.buffer if payload is None else payload).cpu().numpy().data
+    counts = [b.cpu() for b in (plan.bad if bad is None else bad)]
     refused = {
-        f for (_, frames, _), bad in zip(plan.launches, plan.bad) for f, n in zip(frames, bad.sum(dim=1).tolist()) if n
+        f for (_, frames, _), n in zip(plan.launches, counts) for f, c in zip(frames, n.sum(dim=1).tolist()) if c
     }
     out: list[memoryview | None] = []
     for i, (header, base) in enumerate(zip(plan.headers, plan.bases)):
         if i in refused:
             out.append(None)
             continue
-        frame = payload[base : base + frame_nbytes(header, geometry)]
+        frame = data[base : base + frame_nbytes(header, geometry)]
         seal_frame(header, geometry, frame)
         out.append(frame)
     return out
@@ -157,9 +182,11 @@ class DecodePlan:
     launches: list[tuple[int, torch.Tensor, list[Launch], dict]]  # (layer, buffer, width groups, constants)
 
 
-def plan_decode(frames: list[Frame], geometry: KVGeometry, device: torch.device) -> DecodePlan:
+def plan_decode(
+    frames: list[Frame], geometry: KVGeometry, device: torch.device, runtime: Runtime | None = None
+) -> DecodePlan:
     """Validate frames (`FrameError` on any bad byte, before anything is written) and copy them to
-    the device, grouped by layer and format flags."""
+    the device, grouped by layer and format flags, on the current stream (``runtime``: how)."""
     headers = [parse_frame(frame, geometry) for frame in frames]
     if any(h.coding != "packed" for h in headers):
         raise ValueError("the kernels decode 'packed' frames only (paged.decode_into_blocks routes the rest)")
@@ -167,22 +194,20 @@ def plan_decode(frames: list[Frame], geometry: KVGeometry, device: torch.device)
         raise ValueError(
             "the kernels decode frames of the cache's own heads only (paged.decode_into_blocks routes the rest)"
         )
+    runtime = runtime or Runtime(device)
     groups: dict[tuple, list[int]] = {}
     for i, h in enumerate(headers):
         groups.setdefault((h.layer, h.group_tokens, h.value_axis, h.hadamard), []).append(i)
     launches = []
     for (layer, group_tokens, value_axis, hadamard), members in groups.items():
         bases, size = frame_slots([headers[i] for i in members], geometry)
-        host = torch.zeros(size, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
-        staging = host.numpy()  # one copy of each frame, straight from its (read-only) bytes
-        for i, base in zip(members, bases):
-            staging[base : base + len(frames[i])] = np.frombuffer(frames[i], dtype=np.uint8)
+        buffer = runtime.stage([(base, frames[i]) for i, base in zip(members, bases)], size)
         tiles = [(i, t) for i, base in zip(members, bases) for t in frame_tiles(headers[i], geometry, base)]
         launches.append(
             (
                 layer,
-                host.to(device, non_blocking=True),
-                _by_widths(tiles, device),
+                buffer,
+                _by_widths(tiles, runtime),
                 kernel_constants(geometry, group_tokens, value_axis, hadamard),
             )
         )
@@ -213,9 +238,11 @@ def decode_frames_paged(
     geometry: KVGeometry,
     write_start: int = 0,
     write_end: int = 1 << 62,
+    runtime: Runtime | None = None,
 ) -> list[FrameHeader]:
-    """Validate and decode frames into the request's blocks; returns their headers."""
+    """Validate and decode frames into the request's blocks, on the current stream; returns their
+    headers. ``runtime``: how frames reach the device (default: plain copies)."""
     device = next(iter(caches.values())).device
-    plan = plan_decode(frames, geometry, device)
+    plan = plan_decode(frames, geometry, device, runtime)
     launch_decode(plan, caches, block_table, write_start, write_end)
     return plan.headers

@@ -11,10 +11,11 @@ there is no second pass, and no gathered copy of the request's KV is ever made. 
 mirror image.
 
 The arithmetic repeats `codec.quant` operation for operation in fp32 (butterflies in the same order,
-IEEE division via `div_rn`, round-to-nearest casts), so the codes are the reference's byte for byte
-where the compiler keeps those operations apart: Triton's interpreter does; compiled for sm_90a, the
-Hadamard scale and the subtraction of the minimum fuse into one `fma.rn.f32`, which a GPU run has
-yet to measure (docs/DESIGN.md, "Open questions"). Pages are addressed through the cache tensor's
+IEEE division via `div_rn`, round-to-nearest casts), so the codes are the reference's byte for byte.
+That holds only while the compiler keeps those operations apart: left to itself, it fuses the
+Hadamard scale and the subtraction of the minimum into one `fma.rn.f32` on a GPU (Triton's
+interpreter never fuses), so both kernels are compiled with fusion off (`kernel_constants`), and
+tests/test_kernels.py fails on an fma in their sm_90a PTX. Pages are addressed through the cache tensor's
 own strides (any `KVCacheLayout`: the 4-D view ``[num_blocks, num_kv_heads, block_size, 2 *
 head_size]`` with K then V on the last dimension, whatever its physical order) and the request's
 block table.
@@ -341,7 +342,7 @@ def _decode_tensor(
         tl.store(dst, _round_to(x, dst.dtype.element_ty), mask=tmask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["write_start", "write_end"])  # one variant whatever the range
 def decode_kernel(
     cache,
     block_table,
@@ -433,7 +434,8 @@ def check_supported(geometry: KVGeometry, group_tokens: int) -> None:
 
 
 def kernel_constants(geometry: KVGeometry, group_tokens: int, value_axis: str, hadamard: bool) -> dict:
-    """Compile-time arguments of both kernels, widths aside (one compiled variant per pair)."""
+    """Compile-time arguments and compile options of both kernels, widths aside (one compiled
+    variant per pair)."""
     check_supported(geometry, group_tokens)
     d, block_t = geometry.head_dim, triton.next_power_of_2(group_tokens)
     return dict(
@@ -449,6 +451,10 @@ def kernel_constants(geometry: KVGeometry, group_tokens: int, value_axis: str, h
         INV_SQRT_D=1.0 / math.sqrt(d),
         # ~32 fp32 values of a tile per thread: fewer warps spill (benchmarks/bench_kernels.py --ptxas)
         num_warps=min(16, max(4, block_t * d // 512)),
+        # the reference rounds each multiply and add on its own: fused into one fma.rn.f32 (a
+        # compiler's default on GPUs), the Hadamard scale and the minimum's subtraction, or a
+        # code's scale and its minimum, would round once and change bytes and values
+        enable_fp_fusion=False,
     )
 
 

@@ -5,8 +5,8 @@ TRITON_INTERPRET=1. `encode` and `decode` take and return what the torch functio
 the module registers them with the codec for CUDA tensors (`codec.entropy.register_coder`).
 
 Encoding writes every step's candidate word and whether it was emitted to a [steps, lanes]
-scratch grid; the lanes' streams are then compacted in lane order by one boolean index (as the
-torch coder does). Decoding finds each symbol by a binary search of its row of cumulative
+scratch grid; the lanes' streams are then compacted in lane order by one scatter (as the torch
+coder does), with no host read. Decoding finds each symbol by a binary search of its row of cumulative
 frequencies.
 """
 
@@ -25,7 +25,7 @@ BLOCK_LANES = 128
 assert rans.PROB_SCALE == rans.STATE_LOWER == 1 << 16 and rans.PROB_BITS == rans.WORD_BITS == 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["steps", "lanes"])
 def encode_kernel(freq, cum, words, emitted, states, steps, lanes, BLOCK: tl.constexpr):
     lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = lane < lanes
@@ -43,7 +43,7 @@ def encode_kernel(freq, cum, words, emitted, states, steps, lanes, BLOCK: tl.con
     tl.store(states + lane, x, mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["steps", "lanes"])
 def decode_kernel(
     states,
     stream,
@@ -106,9 +106,9 @@ def encode(freq: torch.Tensor, cum: torch.Tensor) -> tuple[torch.Tensor, torch.T
         steps,
         lanes,
         BLOCK=BLOCK_LANES,
+        enable_fp_fusion=False,  # integers only: said so that Triton does not warn about its default
     )
-    emitted = emitted.bool()
-    return states, words.T[emitted.T], emitted.sum(0)
+    return states, *rans.compact_lanes(words, emitted.bool())
 
 
 def decode(states, stream, lane_words, cum, row_start, rows, active) -> torch.Tensor:
@@ -136,6 +136,7 @@ def decode(states, stream, lane_words, cum, row_start, rows, active) -> torch.Te
         lanes,
         SEARCH=max(1, (widest - 1).bit_length()),
         BLOCK=BLOCK_LANES,
+        enable_fp_fusion=False,
     )
     if not bool(ok.all()):
         raise RansError("an entropy-coded lane does not decode to its end: the stream is corrupted")

@@ -51,6 +51,16 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Whether ``predicate`` holds within ``timeout`` seconds, asked every ``interval``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
 def serve(app):
     """Run an ASGI app with uvicorn in a thread on a free loopback port; returns (url, server)."""
     import uvicorn

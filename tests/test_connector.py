@@ -16,20 +16,49 @@ from cachegen_vllm.connector.connector import CacheGenConnector
 from cachegen_vllm.connector.metadata import CacheGenMetadata
 
 
-def vllm_config(role: str, pipeline_parallel_size: int = 1, **extra):
+def vllm_config(role: str, pipeline_parallel_size: int = 1, cache_dtype: str = "auto", use_mla: bool = False, **extra):
     return SimpleNamespace(
         kv_transfer_config=SimpleNamespace(kv_role=role, kv_connector_extra_config=extra),
-        model_config=SimpleNamespace(served_model_name="served", model="/models/m", get_total_num_kv_heads=lambda: 3),
+        model_config=SimpleNamespace(
+            served_model_name="served", model="/models/m", get_total_num_kv_heads=lambda: 3, use_mla=use_mla
+        ),
         parallel_config=SimpleNamespace(
             tensor_parallel_size=1, pipeline_parallel_size=pipeline_parallel_size, data_parallel_index=0
         ),
+        cache_config=SimpleNamespace(cache_dtype=cache_dtype, block_size=16),
+    )
+
+
+def kv_cache_config(*specs: tuple[int, int]):
+    """vLLM's KVCacheConfig as the connector reads it: a group per (head_size, head_size_v)."""
+    return SimpleNamespace(
+        kv_cache_groups=[SimpleNamespace(kv_cache_spec=SimpleNamespace(head_size=k, head_size_v=v)) for k, v in specs]
     )
 
 
 @pytest.mark.parametrize("role", [KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER])
-def test_pipeline_parallelism_is_refused_by_name(role):
-    with pytest.raises(ConfigError, match="pipeline_parallel_size: CacheGenConnector does not support"):
-        CacheGenConnector(vllm_config("kv_consumer", pipeline_parallel_size=2), role)
+@pytest.mark.parametrize(
+    "settings,groups,field,words",
+    [
+        ({"pipeline_parallel_size": 2}, [(64, 64)], "pipeline_parallel_size", "pipeline parallelism"),
+        ({"cache_dtype": "fp8_e4m3"}, [(64, 64)], "kv_cache_dtype", "'fp8_e4m3'"),
+        ({"cache_dtype": "fp8"}, [(64, 64)], "kv_cache_dtype", "--kv-cache-dtype auto"),
+        ({"use_mla": True}, [(576, 0)], "use_mla", "MLA"),
+        ({}, [(192, 128)], "head_size_v", "128 and 192"),
+        ({}, [(64, 64), (64, 64)], "kv_cache_groups", "has 2"),
+    ],
+)
+def test_what_is_not_supported_yet_is_refused_at_start_up_by_name(role, settings, groups, field, words):
+    with pytest.raises(ConfigError) as e:
+        CacheGenConnector(vllm_config("kv_consumer", **settings), role, kv_cache_config(*groups))
+    assert e.value.field == field and words in str(e.value)
+
+
+def test_a_sending_instance_asks_for_piecewise_cuda_graphs_and_a_decode_keeps_full_ones():
+    """A full graph's replay skips save_kv_layer, where a prefill encodes; a decode loads per step."""
+    assert CacheGenConnector.requires_piecewise_for_cudagraph({"bind": "tcp://0.0.0.0:5601"})
+    assert not CacheGenConnector.requires_piecewise_for_cudagraph({"load_timeout_s": 30})
+    assert not CacheGenConnector.supports_sleep_mode(None)
 
 
 def test_each_role_gets_its_own_side_and_refuses_the_others_calls():

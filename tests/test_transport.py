@@ -10,6 +10,7 @@ import pytest
 import torch
 import zmq
 import zmq.auth
+from conftest import wait_until
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.config import ConfigError, profile_from_dict, transport_config_from_dict
@@ -35,15 +36,6 @@ def make_frames(count: int, seed: int = 0) -> list[bytes]:
     k = torch.randn(32 * count, 2, 16, generator=g).bfloat16()
     v = torch.randn(32 * count, 2, 16, generator=g).bfloat16()
     return encode_layer(k, v, geometry=GEOMETRY, profile=PROFILE, layer=seed % 2)
-
-
-def wait_until(predicate, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def assert_no_leaks(producer, consumer):

@@ -18,6 +18,8 @@ from cachegen_vllm.connector import worker as worker_module
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
 from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.worker import CacheGenWorker
+from cachegen_vllm.device import Runtime, counting_host_syncs
+from cachegen_vllm.paged import kernel_block_ids
 
 LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 3, 2, 16, 16, 12
 FAST = {"heartbeat_s": 0.1, "peer_timeout_s": 1.0, "load_timeout_s": 10}
@@ -45,9 +47,10 @@ def worker(role: str, layers, **extra) -> CacheGenWorker:
 
 
 def wait_finished(w: CacheGenWorker, timeout_s: float = 20) -> set[str]:
+    """The requests whose loads ended, once one has."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        done = w.get_finished()
+        _, done = w.get_finished()
         if done:
             return done
         time.sleep(0.02)
@@ -80,7 +83,7 @@ def prefill():
 def save_prompt(w: CacheGenWorker, layers, block_ids: list[int], total: int, chunk: int) -> None:
     """What the forward passes of a chunked prefill do: each step, every layer's save."""
     for start in range(0, total, chunk):
-        meta = CacheGenMetadata(saves=[SaveRequest("t-1", block_ids, start, min(total, start + chunk), total)])
+        meta = CacheGenMetadata(saves=[SaveRequest("p", "t-1", block_ids, start, min(total, start + chunk), total)])
         for name, (_, cache) in layers.items():
             w.save_kv_layer(name, cache, meta)
 
@@ -144,7 +147,7 @@ def test_an_unexpected_error_in_a_load_still_finishes_the_request(prefill, monke
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(worker_module, "decode_into_blocks", broken)
+    monkeypatch.setattr(worker_module, "decode_frames_into_blocks", broken)
     decode = worker("kv_consumer", caches(seed=None), **FAST)
     try:
         start_load(decode, producer.config.advertise)
@@ -184,14 +187,14 @@ def test_an_aborted_prefill_refuses_the_decode_that_pulls_it_at_once(prefill):
     refused as soon as the prefill's next step drops it, and recomputes, well before its load
     timeout."""
     producer, source = prefill
-    half = CacheGenMetadata(saves=[SaveRequest("t-1", [7, 2, 9], 0, 24, 40)])
+    half = CacheGenMetadata(saves=[SaveRequest("p", "t-1", [7, 2, 9], 0, 24, 40)])
     for name, (_, cache) in source.items():
         producer.save_kv_layer(name, cache, half)
     decode = worker("kv_consumer", caches(seed=None), **{**FAST, "load_timeout_s": 60})
     try:
         start_load(decode, producer.config.advertise)
         time.sleep(0.3)
-        assert decode.get_finished() == set()  # waiting for the rest
+        assert decode.get_finished() == (set(), set())  # waiting for the rest
         started = time.monotonic()
         producer.start_load_kv(CacheGenMetadata(aborted=["t-1"]))
         assert wait_finished(decode, timeout_s=5) == {"d"}
@@ -353,3 +356,135 @@ def test_a_quantized_profile_decodes_the_same_values_whatever_the_split():
     assert torch.equal(from_three, whole) and wire == [predicted_wire_bytes(3, "default")]
     into_three, wire = transfer_across(1, 3, "default")
     assert torch.equal(into_three, whole) and wire == [predicted_wire_bytes(1, "default")] * 3
+
+
+# ---- the device runtime's contract: delayed free, the sealer, host waits ------------------------
+
+
+class LaggingSealer(Runtime):
+    """The CPU runtime with a sealer that runs its jobs only when told, as a GPU's sealer thread
+    lags behind the forward pass."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.jobs: list = []
+
+    def submit(self, job):
+        self.jobs.append(job)
+
+    def run_jobs(self):
+        jobs, self.jobs = self.jobs, []
+        for job in jobs:
+            job()
+
+
+def test_a_finished_prefill_request_is_reported_sent_only_once_its_frames_are_sealed():
+    layers, runtime = caches(seed=1), LaggingSealer()
+    w = CacheGenWorker(
+        connector_config_from_dict("kv_producer", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+        model_name="test-model",
+    )
+    w.bind_caches(layers, order=None, runtime=runtime)
+    try:
+        save_prompt(w, layers, [7, 2, 9], total=40, chunk=24)
+        assert len(runtime.jobs) == 2 * LAYERS and w._producer.buffered_bytes == 0  # enqueued, not sealed
+        # the request finished (the scheduler holds its blocks); "x" was never saved here
+        assert w.get_finished({"p", "x"}) == (set(), set())
+        runtime.run_jobs()
+        assert w._producer.buffered_bytes > 0
+        assert w.get_finished(set()) == ({"p"}, set())  # reported now, and once
+        assert w.get_finished({"p"}) == (set(), set())
+    finally:
+        w.shutdown()
+
+
+def test_a_rank_that_sends_nothing_still_reports_each_saved_request():
+    """A replica of another rank's heads (TP 12 over 6 KV heads) sends nothing, but vLLM waits for
+    every rank's report before it frees a held request's blocks."""
+    extra = {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}
+    w = CacheGenWorker(
+        connector_config_from_dict("kv_producer", extra), "test-model", Placement(12, 1), total_kv_heads=MODEL_HEADS
+    )
+    layers = shard(model_caches(seed=1), 12, 1)
+    w.bind_caches(layers, order=None)
+    try:
+        assert w._producer is None
+        save_prompt(w, layers, [7, 2, 9], total=40, chunk=40)
+        assert w.get_finished({"p"}) == ({"p"}, set())
+    finally:
+        w.shutdown()
+
+
+def test_blocks_larger_than_the_caches_are_mapped_to_the_caches_blocks():
+    """vLLM's block manager may hand out blocks of 32 tokens over caches of 16-token blocks: block b
+    is the caches' blocks 2b and 2b + 1 (`paged.kernel_block_ids`)."""
+    assert kernel_block_ids([3, 0, 5], 2) == [6, 7, 0, 1, 10, 11] and kernel_block_ids([3, 0], 1) == [3, 0]
+    source, target = caches(seed=4), caches(seed=None)
+    extra = {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}
+    producer = CacheGenWorker(connector_config_from_dict("kv_producer", extra), "test-model", block_size=32)
+    producer.bind_caches(source, order=None)
+    decode = CacheGenWorker(connector_config_from_dict("kv_consumer", dict(FAST)), "test-model", block_size=32)
+    decode.bind_caches(target, order=None)
+    try:
+        save_prompt(producer, source, [3, 1], total=40, chunk=40)  # the caches' blocks 6, 7, 2, 3
+        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", extra["bind"], [2, 0], 0, 39)]))
+        assert wait_finished(decode) == {"d"} and decode.get_block_ids_with_load_errors() == set()
+        assert torch.equal(tokens(target, [4, 5, 0, 1], 0, 39), tokens(source, [6, 7, 2, 3], 0, 39))
+    finally:
+        producer.shutdown()
+        decode.shutdown()
+
+
+SMOLLM2 = dict(layers=30, heads=3, head_dim=64)  # the geometry the shipped basis was fitted on
+
+
+@pytest.mark.parametrize("profile", ["entropy", "smollm2-basis"])
+def test_encoding_a_layer_waits_for_the_device_a_fixed_number_of_times(profile, monkeypatch):
+    """On a GPU every read of a device result makes the host wait. The reference codec (the
+    entropy-coded and basis profiles) reads twice per layer and save, whatever the prompt's
+    length, and the sealer waits once for the encode stream: counted here on CPU tensors, as the
+    tensor calls that would wait on a GPU (`device.counting_host_syncs`), with the torch rANS coder
+    (the Triton one's contract: device tensors in and out)."""
+    from cachegen_vllm.codec import entropy
+
+    monkeypatch.setitem(entropy._CODERS, "cpu", entropy.REFERENCE_CODER)
+    shape = (40, SMOLLM2["heads"], BLOCK_SIZE, 2 * SMOLLM2["head_dim"])
+    g = torch.Generator().manual_seed(5)
+    layers = {f"model.layers.{i}.self_attn.attn": (i, torch.randn(shape, generator=g).bfloat16()) for i in range(30)}
+    extra = {"profile": profile, "bind": f"tcp://127.0.0.1:{free_port()}"}
+    w = CacheGenWorker(connector_config_from_dict("kv_producer", extra), "SmolLM2-135M-Instruct")
+    w.bind_caches(layers, order=None)  # warms up: the coder's tables are made once, here
+    waits = []
+    try:
+        for total in (100, 600):
+            meta = CacheGenMetadata(saves=[SaveRequest(f"p{total}", f"t{total}", list(range(40)), 0, total, total)])
+            name, (_, cache) = next(iter(layers.items()))
+            before = w.runtime.host_syncs
+            with counting_host_syncs(w.runtime):
+                w.save_kv_layer(name, cache, meta)
+            waits.append(w.runtime.host_syncs - before)
+    finally:
+        w.shutdown()
+    assert waits == [3, 3], waits
+
+
+def test_an_unexpected_error_while_encoding_drops_the_transfer_not_the_forward_pass(prefill, monkeypatch):
+    """A bug in the encoder must not stop vLLM's forward pass: save_kv_layer returns, the transfer
+    is dropped, and a decode pulling it is refused at once (it recomputes)."""
+    producer, source = prefill
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(worker_module, "start_encode", broken)
+    save_prompt(producer, source, [7, 2, 9], total=40, chunk=40)  # does not raise
+    assert producer.get_stats().data["failed_internal"] == 1  # one transfer, dropped at its first layer
+    assert producer.get_finished({"p"}) == ({"p"}, set())  # its blocks are released all the same
+    decode = worker("kv_consumer", caches(seed=None), **{**FAST, "load_timeout_s": 60})
+    try:
+        started = time.monotonic()
+        start_load(decode, producer.config.advertise)
+        assert wait_finished(decode, timeout_s=5) == {"d"} and time.monotonic() - started < 5
+        assert decode.get_stats().data["failed_refused"] == 1
+    finally:
+        decode.shutdown()

@@ -68,3 +68,14 @@ def chunk_bounds(profile: Profile, start: int, count: int) -> list[tuple[int, in
         bounds.append((pos, nxt - pos))
         pos = nxt
     return bounds
+
+
+def covering_token_counts(profile: Profile) -> list[int]:
+    """Prompt lengths whose tokens, between them, get every pair of widths a layer of this profile
+    can give a token: a token's tiers depend on its position (sink tiers) and on its distance from
+    the prompt's end (recent tiers) independently, so a prompt of ``p + d + 1`` tokens holds, at
+    position ``p``, a token at distance ``d``, for the first position and distance of each interval
+    between tier edges."""
+    positions = sorted({0} | {t.tokens for t in profile.sink})
+    distances = sorted({0} | {t.tokens for t in profile.recent})
+    return sorted({p + d + 1 for p in positions for d in distances})

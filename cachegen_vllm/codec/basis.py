@@ -30,7 +30,7 @@ another basis than the producer's.
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -38,7 +38,7 @@ import torch
 import xxhash
 
 from cachegen_vllm.codec.geometry import KV
-from cachegen_vllm.codec.quant import fixed_point_exponent
+from cachegen_vllm.codec.quant import fixed_point_exponent, power_of_two
 
 FRACTION_BITS = 16
 MAX_ENTRY = 1 << 24  # |forward| below this keeps every product sum under 2**16 * 2**24 * dim < 2**53
@@ -56,6 +56,7 @@ class Basis:
     weights: torch.Tensor
     inverse: torch.Tensor
     digest: int
+    copies: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_forward(cls, forward: torch.Tensor) -> Basis:
@@ -77,24 +78,31 @@ class Basis:
         digest = xxhash.xxh3_64_intdigest(str(list(forward.shape)).encode() + forward.contiguous().numpy().tobytes())
         return cls(forward.contiguous(), forward.double(), torch.linalg.inv(matrices), digest)
 
+    def _on(self, device: torch.device, name: str) -> torch.Tensor:
+        """``weights`` or ``inverse`` on ``device``, copied there once."""
+        key = (name, str(device))
+        if key not in self.copies:
+            self.copies[key] = getattr(self, name).to(device)
+        return self.copies[key]
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the model it was fitted on."""
         return self.forward.shape[0], self.forward.shape[2], self.forward.shape[3]
 
     def apply(self, x: torch.Tensor, layer: int, tensor: KV, heads: slice = slice(None)) -> torch.Tensor:
-        """Coefficients fp32 [T, H, D] of fp32 ``x`` [T, H, D] holding the model's ``heads``.
-        Bit-identical on any device (module docstring); non-finite where ``x`` is not finite."""
-        if not bool(torch.isfinite(x).all()):
-            return torch.full_like(x, float("nan"))
+        """Coefficients fp32 [T, H, D] of fp32 ``x`` [T, H, D] holding the model's ``heads``, with
+        no host read. Bit-identical on any device (module docstring); all NaN where ``x`` is not
+        finite."""
         e = fixed_point_exponent(x)
-        fixed = torch.round(x.double() * 2.0**e)
-        y = torch.einsum("thd,hjd->thj", fixed, self.weights[layer, tensor, heads].to(x.device))
-        return (y * 2.0 ** -(e + FRACTION_BITS)).float().contiguous()
+        fixed = torch.round(x.double() * power_of_two(e))
+        y = torch.einsum("thd,hjd->thj", fixed, self._on(x.device, "weights")[layer, tensor, heads])
+        y = (y * power_of_two(-(e + FRACTION_BITS))).float()
+        return torch.where(torch.isfinite(x).all(), y, float("nan")).contiguous()
 
     def invert(self, y: torch.Tensor, layer: int, tensor: KV, heads: slice = slice(None)) -> torch.Tensor:
         """fp32 [T, H, D] values back from `apply`'s coefficients."""
-        inverse = self.inverse[layer, tensor, heads].to(y.device)
+        inverse = self._on(y.device, "inverse")[layer, tensor, heads]
         return torch.einsum("thj,hdj->thd", y.double(), inverse).float().contiguous()
 
 

@@ -40,7 +40,7 @@ import xxhash
 
 from cachegen_vllm.codec import rans, rans_numba
 from cachegen_vllm.codec.format import rans_lanes
-from cachegen_vllm.codec.quant import fixed_point_exponent
+from cachegen_vllm.codec.quant import fixed_point_exponent, power_of_two
 
 TABLES = 128
 GAIN = math.sqrt(2 * math.pi * math.e)
@@ -156,20 +156,21 @@ def alphabet_bits(bits: int, basis: bool) -> int:
 def quantize(
     x: torch.Tensor, bits: int, alphabet: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: fp32 [tokens, channels], finite; ``alphabet``: `alphabet_bits` (default ``bits``).
-    Returns (symbols int64 [tokens, channels], centers fp16 [channels], step fp32 [1])."""
+    """x: fp32 [tokens, channels]; ``alphabet``: `alphabet_bits` (default ``bits``). Returns
+    (symbols int64 [tokens, channels], centers fp16 [channels], step fp32 [1]), with no host read.
+    Non-finite ``x`` gives meaningless but in-range symbols (the caller sends such tensors exact)."""
     tokens, count = x.shape[0], x.numel()
     e = fixed_point_exponent(x)
-    scale = 2.0**e
+    scale = power_of_two(e).float()
     sums = torch.round(x * scale).to(torch.int64).sum(0)
-    centers = (sums.to(torch.float32) / float(tokens) * (1.0 / scale)).to(torch.float16)
+    centers = (sums.to(torch.float32) / float(tokens) * power_of_two(-e).float()).to(torch.float16)
     deviation = x - centers.float()
     d = torch.round(deviation * scale).to(torch.int64)
     squares = (d * d).sum().reshape(1)
     sigma = torch.sqrt(squares.to(torch.float32) / float(count))
-    step = torch.where(squares > 0, (sigma * GAIN) * 2.0 ** (-e - bits), torch.full_like(sigma, 1.0 / scale))
+    step = torch.where(squares > 0, (sigma * GAIN) * power_of_two(-e - bits).float(), power_of_two(-e).float())
     half = 1 << (bits if alphabet is None else alphabet)
-    q = torch.floor(deviation / step + 0.5).clamp_(-half, half - 1)
+    q = torch.floor(deviation / step + 0.5).nan_to_num_(0.0).clamp_(-half, half - 1)
     return q.to(torch.int64) + half, centers, step
 
 
@@ -237,24 +238,52 @@ def encode_grids(tensors: list[tuple[torch.Tensor, torch.Tensor, int]], lane_sym
     return _padded(freqs, rans.PROB_SCALE), _padded(starts, 0), lane_counts
 
 
-def encode(tensors: list[tuple[torch.Tensor, torch.Tensor, int]], lane_symbols: int) -> list[Lanes]:
+@dataclass(frozen=True)
+class LaneBatch:
+    """Several tensors' lanes, coded in one pass, still on their device: `word_totals` says how many
+    stream words each has, and `lanes` cuts them apart once the host has read those totals."""
+
+    states: torch.Tensor  # int64 [lanes], all tensors' lanes side by side
+    lane_words: torch.Tensor  # int64 [lanes]
+    stream: torch.Tensor  # int64: the lanes' words back to back, then unused room
+    lane_counts: list[int]  # lanes of each tensor
+
+    def word_totals(self) -> torch.Tensor:
+        """int64 [tensors]: stream words of each tensor, on the device."""
+        counts = torch.tensor(self.lane_counts, device=self.lane_words.device)
+        ends = torch.cumsum(counts, 0)
+        cumulative = torch.nn.functional.pad(torch.cumsum(self.lane_words, 0), (1, 0))
+        return cumulative[ends] - cumulative[ends - counts]
+
+    def arrays(self, totals: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each tensor's lanes as they travel, given `word_totals` read on the host: uint8 views of
+        the states (uint32 each), words per lane (uint16) and stream (uint16), on the device. The
+        low bytes of the int64 values, little-endian as the format is: no narrow integer types on
+        the device."""
+        out, lane, word = [], 0, 0
+        for lanes, total in zip(self.lane_counts, totals):
+            out.append(
+                (
+                    _low_bytes(self.states[lane : lane + lanes], 4),
+                    _low_bytes(self.lane_words[lane : lane + lanes], 2),
+                    _low_bytes(self.stream[word : word + total], 2),
+                )
+            )
+            lane, word = lane + lanes, word + total
+        return out
+
+
+def _low_bytes(values: torch.Tensor, width: int) -> torch.Tensor:
+    """The low ``width`` bytes of each int64, uint8 [n * width]."""
+    return values.contiguous().view(torch.uint8).view(-1, 8)[:, :width].reshape(-1)
+
+
+def encode(tensors: list[tuple[torch.Tensor, torch.Tensor, int]], lane_symbols: int) -> LaneBatch:
     """rANS-code several tensors at once, each ``(symbols [tokens, channels], table ids [channels],
-    bits)``, their lanes side by side (one pass of steps for all). Returns their `Lanes`."""
+    bits)``, their lanes side by side (one pass of steps for all), with no host read."""
     freq, start, lane_counts = encode_grids(tensors, lane_symbols)
     states, stream, lane_words = coder_for(freq.device).encode(freq, start)
-    out, lane, word = [], 0, 0
-    for lanes in lane_counts:
-        words = lane_words[lane : lane + lanes]
-        total = int(words.sum())
-        out.append(
-            Lanes(
-                states[lane : lane + lanes].to(torch.uint32),
-                words.to(torch.uint16),
-                stream[word : word + total].to(torch.uint16),
-            )
-        )
-        lane, word = lane + lanes, word + total
-    return out
+    return LaneBatch(states, lane_words, stream, lane_counts)
 
 
 def decode_grids(tensors: list[Coded]) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:

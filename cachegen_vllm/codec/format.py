@@ -8,6 +8,7 @@ decoder validates every length and field *before* it allocates or reads anything
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -202,7 +203,7 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
     )
 
 
-def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: list[bytes]) -> bytes:
+def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: Sequence[bytes | bytearray | memoryview]) -> bytes:
     """Assemble a frame from its payload arrays, in `payload_arrays` order."""
     out = bytearray(frame_nbytes(header, geometry))
     slots = [slot for seg in payload_arrays(header, geometry) for slot in seg]
@@ -259,6 +260,12 @@ def frame_tokens(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
     producer, which routes its own frames by the tokens they hold."""
     fields = _header_fields(frame)
     return fields.token_start, fields.token_count
+
+
+def frame_layer(frame: bytes | bytearray | memoryview) -> int:
+    """The layer a frame holds, from its header alone: for a consumer that batches a layer's frames
+    before `parse_frame` checks the rest."""
+    return _header_fields(frame).layer
 
 
 def frame_heads(frame: bytes | bytearray | memoryview) -> tuple[int, int]:

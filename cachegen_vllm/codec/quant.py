@@ -40,13 +40,19 @@ def hadamard_(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(1.0 / math.sqrt(d))
 
 
-def fixed_point_exponent(x: torch.Tensor) -> int:
+def fixed_point_exponent(x: torch.Tensor) -> torch.Tensor:
     """The power of two ``e`` that puts ``max|x| * 2**e`` in [2**15, 2**16) (0 if all zero): the
-    fixed-point scale under which sums of rounded values are exact integers on any device."""
-    peak = float(x.abs().max()) if x.numel() else 0.0
-    if peak == 0.0:
-        return 0
-    return 15 - math.frexp(peak)[1] + 1
+    fixed-point scale under which sums of rounded values are exact integers on any device. An int32
+    0-d tensor on ``x``'s device: reading it would make the host wait for a GPU."""
+    peak = x.abs().amax() if x.numel() else torch.zeros((), dtype=x.dtype, device=x.device)
+    _, exponent = torch.frexp(peak)
+    return torch.where(peak == 0, 0, 16 - exponent).to(torch.int32)
+
+
+def power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** exponent`` in float64, exact, as a 0-d tensor on the exponent's device: multiplied
+    into fp32 tensors as ``.float()``, it rounds as a Python float scalar would."""
+    return torch.exp2(exponent.to(torch.float64))
 
 
 def _grouped(x: torch.Tensor, axis: str, group_tokens: int) -> torch.Tensor:

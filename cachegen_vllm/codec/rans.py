@@ -33,8 +33,8 @@ class RansError(ValueError):
 
 def encode(freq: torch.Tensor, cum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Code ``steps x lanes`` symbols given as their frequencies and cumulative frequencies (int64,
-    step-major). Returns (final states [lanes], the lanes' streams back to back [words], words per
-    lane [lanes]), int64 each."""
+    step-major). Returns (final states [lanes], the lanes' streams back to back and then unused
+    words (`compact_lanes`), words per lane [lanes]), int64 each."""
     steps, lanes = freq.shape
     x = torch.full((lanes,), STATE_LOWER, dtype=torch.int64, device=freq.device)
     words = torch.empty((steps, lanes), dtype=torch.int64, device=freq.device)
@@ -46,8 +46,22 @@ def encode(freq: torch.Tensor, cum: torch.Tensor) -> tuple[torch.Tensor, torch.T
         emitted[i] = emit
         x = torch.where(emit, x >> WORD_BITS, x)
         x = ((x // f) << PROB_BITS) + x % f + cum[i]
-    # lane by lane, each lane's words by ascending symbol: the decoder's reading order
-    return x, words.T[emitted.T], emitted.sum(0)
+    return x, *compact_lanes(words, emitted)
+
+
+def compact_lanes(words: torch.Tensor, emitted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The emitted words of a [steps, lanes] grid, lane by lane, each lane's by ascending step (the
+    decoder's reading order), and the words per lane. The stream has room for every word of the
+    grid, its first ``lane_words.sum()`` hold the lanes' streams: placing them by a scatter, not a
+    boolean index, keeps the host from waiting for the total on a GPU."""
+    lane_words = emitted.sum(0)
+    first = torch.cumsum(lane_words, 0) - lane_words  # each lane's first word in the stream
+    rank = torch.cumsum(emitted, 0, dtype=torch.int64) - 1  # each word's place in its lane
+    slots = words.numel()
+    at = torch.where(emitted, first[None, :] + rank, slots)  # words not emitted go to a spare slot
+    stream = torch.zeros(slots + 1, dtype=words.dtype, device=words.device)
+    stream.scatter_(0, at.reshape(-1), words.reshape(-1))
+    return stream[:slots], lane_words
 
 
 def decode(

@@ -33,18 +33,19 @@ class DecodedChunk:
     head_start: int = 0  # the first of its heads, in the model's numbering
 
 
-def _to_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes, uint8 [n], on its device."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 @dataclass
-class _RansTensor:
-    """A quantized tensor waiting for the coder: its first three arrays, and what to code."""
+class _CodedTensor:
+    """One tensor of one segment, coded on its device, waiting for the host to read what it needs."""
 
-    arrays: list[bytes]
-    symbols: torch.Tensor
-    tables: torch.Tensor
-    bits: int
+    exact: torch.Tensor  # its values: sent as they are if the statistics are not finite
+    arrays: list[torch.Tensor]  # its coded arrays (rans: the first three; the lanes come from the coder)
+    finite: torch.Tensor | None  # 0-d bool: whether the statistics are finite; None: exact by its width
+    rans: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (symbols, tables, alphabet) to code
 
 
 @dataclass(frozen=True)
@@ -80,81 +81,97 @@ def _profile_rotation(profile: Profile, geometry: KVGeometry) -> _Rotation:
 
 def _encode_tensor(
     x: torch.Tensor, bits: int, axis: str, group_tokens: int, coding: str, rotation: _Rotation, where: tuple[int, KV]
-):
-    """Arrays of one tensor of one segment (a `_RansTensor` to finish, for rans), or None if its
-    values are not finite or too large for fp16 statistics. ``where``: (layer, tensor)."""
+) -> _CodedTensor:
+    """Code one tensor of one segment with no host read. ``where``: (layer, tensor)."""
     if bits == EXACT_BITS:
-        return [_to_bytes(x)]
+        return _CodedTensor(x, [], None)
     work = rotation.apply(x, *where)
     if coding == "rans":
-        if not torch.isfinite(work).all():
-            return None
         alphabet = entropy.alphabet_bits(bits, rotation.basis is not None)
         symbols, centers, step = entropy.quantize(work.view(x.shape[0], -1), bits, alphabet)
-        if not torch.isfinite(centers).all():
-            return None
+        finite = torch.isfinite(work).all() & torch.isfinite(centers).all()
         tables = entropy.choose_tables(symbols, alphabet)
-        return _RansTensor([_to_bytes(centers), _to_bytes(tables), _to_bytes(step)], symbols, tables, alphabet)
+        return _CodedTensor(x, [centers, tables, step], finite, (symbols, tables, alphabet))
     codes, mins, scales = quantize(work, bits, axis, group_tokens)
-    if not (torch.isfinite(mins).all() and torch.isfinite(scales).all()):
-        return None
-    return [_to_bytes(mins), _to_bytes(scales), _to_bytes(pack(codes, bits))]
+    finite = torch.isfinite(mins).all() & torch.isfinite(scales).all()
+    return _CodedTensor(x, [mins, scales, pack(codes, bits)], finite)
 
 
 def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes]:
-    """Frames for ``chunks``: (key, value, layer, token_start, segments) each."""
+    """Frames for ``chunks``: (key, value, layer, token_start, segments) each. All tensors are coded
+    on their device first; then the host reads twice, whatever the token count: which statistics
+    are finite and how long each rANS stream is, then every array of every frame in one copy."""
     rotation = _profile_rotation(profile, geometry)
-    plans, pending = [], []
+    plans = []  # per frame: (layer, token_start, segments, its coded tensors K, V, K, V...)
     for key, value, layer, token_start, segments in chunks:
         expected = (sum(s.tokens for s in segments), geometry.num_kv_heads, geometry.head_dim)
         for name, t in (("key", key), ("value", value)):
             if tuple(t.shape) != expected or t.dtype != geometry.dtype:
                 raise ValueError(f"{name} must be {list(expected)} {geometry.dtype}, got {list(t.shape)} {t.dtype}")
-        tensors, final_segments, row = [], [], 0
+        tensors, row = [], 0
         for seg in segments:
-            widths = []
             for tensor, x in zip(KV, (key, value)):
-                bits, axis = seg.bits(tensor), statistics_axis(tensor, profile.value_axis)
                 part = x[row : row + seg.tokens]
-                arrays = _encode_tensor(
-                    part, bits, axis, profile.group_tokens, profile.coding, rotation, (layer, tensor)
+                bits, axis = seg.bits(tensor), statistics_axis(tensor, profile.value_axis)
+                tensors.append(
+                    _encode_tensor(part, bits, axis, profile.group_tokens, profile.coding, rotation, (layer, tensor))
                 )
-                if arrays is None:  # sent exact rather than wrong
-                    arrays, bits = [_to_bytes(part)], EXACT_BITS
-                if isinstance(arrays, _RansTensor):
-                    pending.append(arrays)
-                tensors.append(arrays)
-                widths.append(bits)
             row += seg.tokens
-            final_segments.append(Segment(seg.tokens, *widths))
-        plans.append((layer, token_start, final_segments, tensors))
-    coded = entropy.encode([(t.symbols, t.tables, t.bits) for t in pending], profile.lane_symbols) if pending else []
-    streams = {id(t): c for t, c in zip(pending, coded)}  # Lanes of each pending tensor
-    frames = []
+        plans.append((layer, token_start, segments, tensors))
+    coded = [t for *_, tensors in plans for t in tensors]
+    checked = [t for t in coded if t.finite is not None]
+    pending = [t for t in coded if t.rans is not None]
+    batch = entropy.encode([t.rans for t in pending], profile.lane_symbols) if pending else None  # type: ignore[misc]
+    # host read 1: finite statistics, stream lengths
+    small = [torch.stack([t.finite for t in checked]).to(torch.int64)] if checked else []  # type: ignore[misc]
+    small += [batch.word_totals()] if batch is not None else []
+    read = torch.cat(small).tolist() if small else []
+    finite = {id(t): bool(ok) for t, ok in zip(checked, read)}
+    lanes = dict(zip(map(id, pending), batch.arrays(read[len(checked) :]))) if batch is not None else {}
+    # host read 2: every frame's arrays
+    headers, frame_arrays = [], []
     for layer, token_start, segments, tensors in plans:
-        arrays, words = [], []
-        for tensor in tensors:
-            if isinstance(tensor, _RansTensor):
-                lanes = streams[id(tensor)]
-                lane_arrays = [_to_bytes(lanes.states), _to_bytes(lanes.lane_words), _to_bytes(lanes.stream)]
-                arrays += [*tensor.arrays, *lane_arrays]
-                words.append(lanes.stream.numel())
-            else:
-                arrays += tensor
+        arrays, widths, words = [], [], []
+        for t, (seg, tensor) in zip(tensors, [(s, k) for s in segments for k in KV]):
+            if not finite.get(id(t), False):  # exact by its width, or sent exact rather than wrong
+                arrays.append(_byte_view(t.exact))
+                widths.append(EXACT_BITS)
                 words.append(0)
-        header = FrameHeader(
-            layer,
-            token_start,
-            profile.group_tokens,
-            profile.value_axis,
-            rotation.hadamard,
-            tuple(segments),
-            coding=profile.coding,
-            lane_symbols=profile.lane_symbols if profile.coding == "rans" else 0,
-            stream_words=tuple(zip(words[::2], words[1::2])) if profile.coding == "rans" else (),
-            basis=rotation.basis.digest if rotation.basis is not None else 0,
+                continue
+            arrays += [_byte_view(a) for a in t.arrays]
+            widths.append(seg.bits(tensor))
+            if t.rans is not None:
+                states, lane_words, stream = lanes[id(t)]
+                arrays += [states, lane_words, stream]
+                words.append(stream.numel() // 2)
+            else:
+                words.append(0)
+        final = tuple(Segment(seg.tokens, *widths[2 * i : 2 * i + 2]) for i, seg in enumerate(segments))
+        rans_coded = profile.coding == "rans"
+        headers.append(
+            FrameHeader(
+                layer,
+                token_start,
+                profile.group_tokens,
+                profile.value_axis,
+                rotation.hadamard,
+                final,
+                coding=profile.coding,
+                lane_symbols=profile.lane_symbols if rans_coded else 0,
+                stream_words=tuple(zip(words[::2], words[1::2])) if rans_coded else (),
+                basis=rotation.basis.digest if rotation.basis is not None else 0,
+            )
         )
-        frames.append(write_frame(header, geometry, arrays))
+        frame_arrays.append(arrays)
+    parts = [a for arrays in frame_arrays for a in arrays]
+    host = torch.cat(parts).cpu().numpy().data if parts else memoryview(b"")
+    frames, at = [], 0
+    for header, arrays in zip(headers, frame_arrays):
+        pieces = []
+        for a in arrays:
+            pieces.append(host[at : at + a.numel()])
+            at += a.numel()
+        frames.append(write_frame(header, geometry, pieces))
     return frames
 
 

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
-from cachegen_vllm.codec.profile import ConfigError
 from cachegen_vllm.config import connector_config_from_dict
 from cachegen_vllm.connector.metadata import CacheGenMetadata
 from cachegen_vllm.connector.metrics import CacheGenPromMetrics, CacheGenStats
 from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.scheduler import CacheGenScheduler
+from cachegen_vllm.connector.support import check_supported
 from cachegen_vllm.connector.worker import CacheGenWorker
 
 if TYPE_CHECKING:
@@ -38,9 +38,8 @@ class CacheGenConnector(KVConnectorBase_V1):
         transfer = vllm_config.kv_transfer_config
         assert transfer is not None  # vLLM makes a connector only from a kv_transfer_config
         config = connector_config_from_dict(transfer.kv_role, dict(transfer.kv_connector_extra_config or {}))
+        check_supported(vllm_config, kv_cache_config)
         model, parallel = vllm_config.model_config, vllm_config.parallel_config
-        if parallel.pipeline_parallel_size > 1:
-            raise ConfigError("pipeline_parallel_size", "CacheGenConnector does not support pipeline parallelism yet")
         placement = Placement(parallel.tensor_parallel_size, 0, parallel.data_parallel_index)
         self._scheduler = CacheGenScheduler(config, placement) if role == KVConnectorRole.SCHEDULER else None
         self._worker = None
@@ -50,7 +49,9 @@ class CacheGenConnector(KVConnectorBase_V1):
 
                 placement = dataclasses.replace(placement, tp_rank=get_tensor_model_parallel_rank())
             name = str(model.served_model_name or model.model)
-            self._worker = CacheGenWorker(config, name, placement, model.get_total_num_kv_heads())
+            self._worker = CacheGenWorker(
+                config, name, placement, model.get_total_num_kv_heads(), vllm_config.cache_config.block_size
+            )
 
     @property
     def scheduler(self) -> CacheGenScheduler:
@@ -78,7 +79,19 @@ class CacheGenConnector(KVConnectorBase_V1):
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
-        return None  # any: the CPU page order is probed (cachegen_vllm.paged.layout)
+        return None  # any: kernels follow the strides; the CPU page order is probed (paged.layout)
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """A sending instance encodes in save_kv_layer, which a full CUDA graph's replay skips; a
+        decode-only one (no ``bind``) keeps full graphs."""
+        return bool((extra_config or {}).get("bind"))
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """vLLM 0.33 asks: the workers hold the caches they were given, so sleeping would pull
+        them away under a transfer."""
+        return False
 
     # ---- worker side --------------------------------------------------------------------------
 
@@ -98,7 +111,7 @@ class CacheGenConnector(KVConnectorBase_V1):
             self.worker.save_kv_layer(layer_name, kv_layer, meta)
 
     def wait_for_save(self) -> None:
-        return  # frames are encoded in save_kv_layer, before it returns
+        self.worker.wait_for_save()
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._metadata()
@@ -109,7 +122,8 @@ class CacheGenConnector(KVConnectorBase_V1):
         return  # loads are asynchronous: a request runs only once its whole transfer is in
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, self.worker.get_finished() or None
+        sent, loaded = self.worker.get_finished(finished_req_ids)
+        return sent or None, loaded or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()

@@ -107,6 +107,7 @@ class RemotePrefill:
 class SaveRequest:
     """Tokens ``[start, end)`` of a prompt of ``total`` tokens were computed this step: send them."""
 
+    req_id: str
     transfer_id: str
     block_ids: list[int]
     start: int

@@ -24,6 +24,7 @@ COUNTERS = {
     "queued_bytes": "Bytes of frames put in the prefill's send buffer",
     "freed_bytes": "Bytes of frames released from the prefill's send buffer (collected, cancelled or evicted)",
     "evicted": "Transfers the prefill dropped because no decode pulled them within ttl_s or renewed its lease",
+    "released": "Prefill requests whose blocks were held until their frames were sealed, then released",
 }
 PRODUCER_COUNTERS = {
     "queued_bytes": "bytes_queued",

@@ -143,15 +143,20 @@ class CacheGenScheduler:
             state.block_ids = list(new_blocks) if replace else state.block_ids + list(new_blocks)
             end = min(computed + scheduler_output.num_scheduled_tokens.get(req_id, 0), state.total)
             if end > state.saved:  # a prefix-cache hit is sent too: its blocks hold valid KV
-                meta.saves.append(SaveRequest(state.transfer_id, list(state.block_ids), state.saved, end, state.total))
+                meta.saves.append(
+                    SaveRequest(req_id, state.transfer_id, list(state.block_ids), state.saved, end, state.total)
+                )
                 state.saved = end
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Nothing delays freeing the blocks: a prefill's frames are in the send buffer by now, and an
-        aborted load is cancelled. Returns what a decode instance needs to load this request's KV:
-        nothing for an aborted prefill, whose transfer is dropped (a decode already pulling it is
-        refused at once and recomputes)."""
+        """Whether to keep the request's blocks until the workers report its sends done (so that
+        an encoding still reading them on the device finishes first), and what a decode instance
+        needs to load its KV: nothing for an aborted prefill, whose transfer is dropped (a decode
+        already pulling it is refused at once and recomputes). A prefill request is held exactly
+        when it was handed to the workers to save (a `SaveRequest`): they track those requests
+        and report each one, whatever became of its encoding. An aborted load is cancelled and
+        frees its blocks."""
         req_id = request.request_id
         aborted = request.status == RequestStatus.FINISHED_ABORTED
         saving = self._saving.pop(req_id, None)
@@ -161,7 +166,8 @@ class CacheGenScheduler:
         self._loaded.discard(req_id)
         if saving is None:
             return False, None
+        held = saving.saved > 0
         if aborted:
             self._new_aborts.append(saving.transfer_id)
-            return False, None
-        return False, RemotePrefill(saving.transfer_id, self._producer, saving.total, self._producer_tp).to_params()
+            return held, None
+        return held, RemotePrefill(saving.transfer_id, self._producer, saving.total, self._producer_tp).to_params()

@@ -1,40 +1,62 @@
 """The connector's worker side: the KV caches, saving (encode and send) and loading (receive and
-decode), and the counters of both.
+decode), and the counters of both. Device work goes through a `device.Runtime` (streams, events,
+pinned memory and the sealer thread on a GPU; the same calls, done at once, on a CPU), so the
+code paths here are the same on both.
 
-Prefill (producer): `save_kv_layer` runs right after a layer's attention has written its cache;
-each `SaveRequest` of the step has that layer's tokens encoded from the request's blocks and queued
-in the transport's send buffer, so the blocks can be freed as soon as the request finishes.
+Prefill (producer): `save_kv_layer` runs right after a layer's attention has written its cache. It
+marks that point on the compute stream and, for each `SaveRequest` of the step, enqueues the
+layer's encoding on the encode stream (the kernels, and their output's copy to pinned host memory)
+and a job for the sealer, which waits for the copy, makes the frames and queues them in the
+transport's send buffer. `wait_for_save` orders the compute stream after the encode stream on the
+device. A finished request's blocks are freed only once every encode job of it is sealed: the
+scheduler delays the free (`request_finished`) and `get_finished` reports the request's sends
+done.
 
 Decode (consumer): each `LoadRequest` pulls the frames from the first token the request lacks, from
 every producer rank that holds heads of this rank (`connector.ranks`), a thread per producer rank;
-each frame is decoded and its heads of this rank scattered into the allocated blocks while other
-requests run. Whatever ends a load (all tokens in, a transport or frame error, a cancel, or a
-bug), the request is reported finished once all its threads are; if any failed, its blocks are
-reported as load errors and vLLM's ``kv_load_failure_policy`` decides (``recompute`` recomputes
-the prompt; ``fail`` fails it). With tensor parallelism every rank reports, and vLLM waits for all.
+each layer's frames are decoded in one batch on the decode stream, their heads of this rank
+written into the allocated blocks while other requests run. Whatever ends a load (all tokens in, a
+transport or frame error, a cancel, or a bug), the request is reported finished once all its
+threads are, and its decoding has completed on the device; if any failed, its blocks are reported
+as load errors and vLLM's ``kv_load_failure_policy`` decides (``recompute`` recomputes the prompt;
+``fail`` fails it). With tensor parallelism every rank reports, and vLLM waits for all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
+from collections import OrderedDict
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 
 from cachegen_vllm.codec import FrameError, KVGeometry
 from cachegen_vllm.codec import basis as bases
+from cachegen_vllm.codec.format import frame_layer
 from cachegen_vllm.codec.geometry import rank_heads
 from cachegen_vllm.codec.profile import ConfigError
 from cachegen_vllm.config import EXTRA, ConnectorConfig
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
 from cachegen_vllm.connector.metrics import FAILURE_PREFIX, PRODUCER_COUNTERS, CacheGenStats
 from cachegen_vllm.connector.ranks import Placement, first_holder, rank_endpoint, sources
-from cachegen_vllm.paged import PageOrder, decode_into_blocks, encode_blocks, probe_page_order
+from cachegen_vllm.device import Event, Runtime, runtime_for
+from cachegen_vllm.paged import (
+    PageOrder,
+    PendingEncode,
+    decode_frames_into_blocks,
+    kernel_block_ids,
+    probe_page_order,
+    start_encode,
+    warm_up,
+)
 from cachegen_vllm.transport import FrameConsumer, FrameProducer, TransferStream, TransportError
 
 log = init_logger("vllm.cachegen_vllm.connector")
+DROPPED_REMEMBERED = 1024  # dropped transfers whose later layers are skipped (a request's span at most)
 
 
 @dataclasses.dataclass
@@ -57,54 +79,79 @@ class CacheGenWorker:
         model_name: str,
         placement: Placement | None = None,
         total_kv_heads: int | None = None,
+        block_size: int | None = None,
     ):
         self.config = config
         self.model_name = model_name
         self.placement = placement or Placement()
         self.total_kv_heads = total_kv_heads  # None: the caches hold all the model's heads
+        self.block_size = block_size  # vLLM's (the block manager's); None: the caches'
         # requests (transfers, durations) are counted once per engine, by its first rank; bytes
         # and seconds by every rank, as each moves its own
         self._counts_requests = self.placement.tp_rank == 0
         self._layers: dict[str, tuple[int, torch.Tensor]] = {}  # layer name: (index, cache)
         self._order: PageOrder | None = None
-        self._block_size = 0
+        self._kernel_blocks = 1  # the caches' blocks per vLLM block
+        self._block_tokens = 0  # tokens per vLLM block
         self._geometry: KVGeometry | None = None
         self._bases: tuple[bases.Basis, ...] = ()
+        self._runtime: Runtime | None = None
         self._producer: FrameProducer | None = None
         self._consumer: FrameConsumer | None = None
         self._lock = threading.Lock()
+        # saving: encode jobs not sealed yet of each request this rank saves (every rank tracks the
+        # requests of the step's saves, replicas too: the scheduler waits for each rank's report)
+        self._unsealed: dict[str, int] = {}
+        self._finished_saving: set[str] = set()  # of those, the ones whose request finished
+        self._step_tables: tuple[CacheGenMetadata | None, dict[str, torch.Tensor]] = (None, {})
+        self._encoding: dict[str, float] = {}  # seconds spent encoding each transfer so far
+        self._dropped: OrderedDict[str, None] = OrderedDict()  # failed or aborted transfers: encode no more
+        # loading
         self._done_loading: set[str] = set()
         self._loads: dict[str, _Load] = {}  # loads in flight, by request id
         self._cancelled: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._stats = CacheGenStats()
         self._producer_reported: dict[str, int] = {}  # transport counters already in the stats
-        self._encoding: dict[str, float] = {}  # seconds spent encoding each transfer so far
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """vLLM's caches, one per attention layer. vLLM's CPU backend only, so far: the Triton
-        kernels read and write GPU pages, but encoding in `save_kv_layer` would wait on the forward
-        pass's stream each layer, and the GPU side needs a stream of its own first."""
+        """vLLM's caches, one per attention layer: on a GPU, views whose strides are the layout; on
+        vLLM's CPU backend, pages whose order is probed."""
         from vllm.model_executor.models.utils import extract_layer_index
         from vllm.platforms import current_platform
 
-        if not current_platform.is_cpu():
-            raise NotImplementedError("CacheGenConnector runs on vLLM's CPU backend only so far (docs/DESIGN.md)")
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
         first = next(iter(kv_caches.values()))
-        _, _, block_size, width = first.shape
-        order = probe_page_order(
-            _get_attn_isa(first.dtype, block_size, width // 2), first.dtype, block_size, width // 2
-        )
+        if current_platform.is_cpu():
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            _, _, block_size, width = first.shape
+            order = probe_page_order(
+                _get_attn_isa(first.dtype, block_size, width // 2), first.dtype, block_size, width // 2
+            )
+        elif current_platform.is_cuda_alike():
+            order = None
+        else:
+            raise RuntimeError(
+                f"CacheGenConnector runs on vLLM's CUDA and CPU backends, not {current_platform.device_name}"
+            )
         self.bind_caches({name: (extract_layer_index(name), t) for name, t in kv_caches.items()}, order)
 
-    def bind_caches(self, layers: dict[str, tuple[int, torch.Tensor]], order: PageOrder | None) -> None:
+    def bind_caches(
+        self, layers: dict[str, tuple[int, torch.Tensor]], order: PageOrder | None, runtime: Runtime | None = None
+    ) -> None:
         """Start on these caches (layer name: (layer index, cache)) in this page order (None: the
-        tensors' strides are the layout), and open the transport."""
+        tensors' strides are the layout), warm every code path up, and open the transport."""
         first = next(iter(layers.values()))[1]
-        _, heads, self._block_size, width = first.shape
+        _, heads, kernel_block, width = first.shape
         self._layers, self._order = layers, order
+        self._runtime = runtime or runtime_for(first.device)
+        if self.block_size is not None:
+            if self.block_size % kernel_block:
+                raise RuntimeError(
+                    f"vLLM's block size {self.block_size} is not a multiple of the caches' {kernel_block}"
+                )
+            self._kernel_blocks = self.block_size // kernel_block
+        self._block_tokens = self.block_size or kernel_block
         total = self.total_kv_heads or heads
         head_start, count = rank_heads(total, self.placement.tp_size, self.placement.tp_rank)
         if count != heads:
@@ -125,6 +172,21 @@ class CacheGenWorker:
         profile.check_geometry(self._geometry.num_layers, self._geometry.head_dim, total)
         # a consumer reads frames coded in its own profile's basis too, not only in the shipped ones
         self._bases = (bases.load(profile.basis),) if profile.basis else ()
+        started = time.perf_counter()
+        warm_up(
+            {index: cache for index, cache in layers.values()},
+            order,
+            geometry=self._geometry,
+            profile=profile,
+            runtime=self._runtime,
+            bases=self._bases,
+        )
+        log.info(
+            "CacheGenConnector warmed up on %s in %.1f s (profile %s)",
+            first.device,
+            time.perf_counter() - started,
+            profile.name,
+        )
         replica = first_holder(head_start, total, self.placement.tp_size) != self.placement.tp_rank
         if self.config.sends and replica:  # decodes read these heads from the first rank holding them
             log.info(
@@ -156,37 +218,117 @@ class CacheGenWorker:
             raise RuntimeError("the connector's worker has no KV caches yet (register_kv_caches)")
         return self._geometry
 
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError("the connector's worker has no KV caches yet (register_kv_caches)")
+        return self._runtime
+
+    def _block_table(self, block_ids: list[int]) -> torch.Tensor:
+        """A request's blocks as the caches index them, on the device (current stream)."""
+        return self.runtime.to_device(np.array(kernel_block_ids(block_ids, self._kernel_blocks), dtype=np.int64))
+
     # ---- prefill ------------------------------------------------------------------------------
 
+    def _note_saves(self, meta: CacheGenMetadata) -> None:
+        """Track the requests this step saves, until their sends are reported done."""
+        with self._lock:
+            for save in meta.saves:
+                self._unsealed.setdefault(save.req_id, 0)
+
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, meta: CacheGenMetadata) -> None:
-        if self._producer is None:
+        """Enqueue the layer's encoding for each save of the step; nothing here waits for it."""
+        self._note_saves(meta)
+        if self._producer is None or not meta.saves:
             return
         layer, _ = self._layers[layer_name]
-        for save in meta.saves:
-            self._save(save, layer, kv_layer, self._producer)
+        runtime = self.runtime
+        written = runtime.mark()  # the layer's cache as the attention left it
+        with runtime.encoding(after=written):
+            if self._step_tables[0] is not meta:  # the step's first layer: its block tables, once
+                self._step_tables = (meta, {save.transfer_id: self._block_table(save.block_ids) for save in meta.saves})
+            tables = self._step_tables[1]
+            for save in meta.saves:
+                started = time.perf_counter()
+                try:
+                    pending = start_encode(
+                        kv_layer,
+                        self._order,
+                        tables[save.transfer_id],
+                        geometry=self.geometry,
+                        profile=self.config.profile,
+                        layer=layer,
+                        token_start=save.start,
+                        count=save.end - save.start,
+                        total_tokens=save.total,
+                        runtime=runtime,
+                    )
+                except Exception:  # a bug must not stop the forward pass: the transfer is dropped
+                    log.exception(
+                        "transfer %s: encoding layer %d failed; the decode recomputes", save.transfer_id, layer
+                    )
+                    runtime.submit(functools.partial(self._drop_failed, save.transfer_id))
+                    continue
+                copied = runtime.mark()
+                enqueued = time.perf_counter() - started
+                with self._lock:
+                    self._unsealed[save.req_id] += 1
+                runtime.submit(functools.partial(self._seal, save, layer, pending, written, copied, enqueued))
 
-    def _drop_aborted(self, meta: CacheGenMetadata) -> None:
-        """Transfers whose prefill request was aborted: their frames go, and a decode pulling one is
-        refused at once (it recomputes) instead of waiting for frames that will not come."""
-        if self._producer is None:
+    def wait_for_save(self) -> None:
+        """The step's end: the compute stream waits for the encode stream on the device (a
+        request's blocks stay allocated until its frames are sealed anyway)."""
+        if self._producer is not None:
+            self.runtime.join_encodes()
+
+    def _seal(
+        self, save: SaveRequest, layer: int, pending: PendingEncode, written: Event, copied: Event, enqueued: float
+    ) -> None:
+        """The sealer's job for one save of one layer: make the frames, queue them for the decode."""
+        producer = self._producer
+        assert producer is not None
+        try:
+            self._send(save, layer, pending, written, copied, enqueued, producer)
+        except Exception:  # a bug: the transfer is dropped (its decode recomputes), the prefill goes on
+            log.exception("transfer %s: encoding layer %d failed; the decode recomputes", save.transfer_id, layer)
+            self._drop_failed(save.transfer_id)
+        finally:
+            with self._lock:
+                self._unsealed[save.req_id] -= 1
+
+    def _drop_failed(self, transfer_id: str) -> None:
+        """Encoding failed on an unexpected error: the transfer is dropped, and a decode pulling it
+        is refused and recomputes."""
+        if transfer_id not in self._dropped:
+            self._drop(transfer_id, "the prefill failed to encode it")
+            self._count(**{FAILURE_PREFIX + "internal": 1})
+
+    def _drop(self, transfer_id: str, why: str) -> None:
+        """Drop a transfer's frames and encode no more of it. On the sealer, in order with its jobs."""
+        assert self._producer is not None
+        self._producer.abort(transfer_id, why)
+        self._encoding.pop(transfer_id, None)
+        self._dropped[transfer_id] = None
+        if len(self._dropped) > DROPPED_REMEMBERED:
+            self._dropped.popitem(last=False)
+
+    def _send(
+        self,
+        save: SaveRequest,
+        layer: int,
+        pending: PendingEncode,
+        written: Event,
+        copied: Event,
+        enqueued: float,
+        producer: FrameProducer,
+    ) -> None:
+        if save.transfer_id in self._dropped:  # nobody will read the rest: spare the work
             return
-        for transfer_id in meta.aborted:
-            self._producer.abort(transfer_id, "its prefill request was aborted")
-            self._encoding.pop(transfer_id, None)
-
-    def _save(self, save: SaveRequest, layer: int, kv_layer: torch.Tensor, producer: FrameProducer) -> None:
+        runtime = self.runtime
         started = time.perf_counter()
-        frames = encode_blocks(
-            kv_layer,
-            self._order,
-            torch.tensor(save.block_ids, device=kv_layer.device),
-            geometry=self.geometry,
-            profile=self.config.profile,
-            layer=layer,
-            token_start=save.start,
-            count=save.end - save.start,
-            total_tokens=save.total,
-        )
+        runtime.wait(copied)
+        with runtime.encoding(after=written):  # the reference codec's device work, if any
+            frames = pending.finish()
         last = save.end == save.total and layer == self.geometry.num_layers - 1
         try:
             for frame in frames:
@@ -195,11 +337,10 @@ class CacheGenWorker:
                 producer.finish(save.transfer_id)
         except TransportError as e:  # the decode side recomputes; the prefill goes on
             log.warning("transfer %s not sent: %s", save.transfer_id, e)
-            producer.abort(save.transfer_id, str(e))
-            self._encoding.pop(save.transfer_id, None)
+            self._drop(save.transfer_id, str(e))
             self._count(**{FAILURE_PREFIX + e.kind: 1})
             return
-        seconds = time.perf_counter() - started
+        seconds = enqueued + time.perf_counter() - started
         self._encoding[save.transfer_id] = self._encoding.get(save.transfer_id, 0.0) + seconds
         self._count(
             raw_bytes=self.geometry.layer_bytes(save.end - save.start),
@@ -212,10 +353,21 @@ class CacheGenWorker:
             if self._counts_requests:
                 self._sample(encode_duration=encoding)
 
+    def _drop_aborted(self, meta: CacheGenMetadata) -> None:
+        """Transfers whose prefill request was aborted: their frames go, after the encode jobs
+        already queued, and a decode pulling one is refused at once (it recomputes) instead of
+        waiting for frames that will not come."""
+        if self._producer is None:
+            return
+        for transfer_id in meta.aborted:
+            self.runtime.submit(functools.partial(self._drop, transfer_id, "its prefill request was aborted"))
+
     # ---- decode -------------------------------------------------------------------------------
 
     def start_load_kv(self, meta: CacheGenMetadata) -> None:
-        """The step's start: drops aborted sends, starts new loads, cancels aborted ones."""
+        """The step's start: notes its saves, drops aborted sends, starts new loads, cancels aborted
+        ones."""
+        self._note_saves(meta)
         self._drop_aborted(meta)
         if self._consumer is None:
             return
@@ -311,22 +463,28 @@ class CacheGenWorker:
             if load.failed:
                 end = request.start + request.count
                 self._failed_blocks.update(
-                    request.block_ids[request.start // self._block_size : -(-end // self._block_size)]
+                    request.block_ids[request.start // self._block_tokens : -(-end // self._block_tokens)]
                 )
             self._done_loading.add(request.req_id)
 
     def _receive(self, load: _Load, fetch: TransferStream) -> None:
-        request = load.request
+        """Pull one producer rank's frames and decode them, a layer's frames at a time, on the decode
+        stream; return once the device has written them all."""
+        request, runtime = load.request, self.runtime
         layers = {index: tensor for index, tensor in self._layers.values()}
-        blocks = torch.tensor(request.block_ids, device=next(iter(layers.values())).device)
         end = request.start + request.count
         loaded = dict.fromkeys(layers, 0)
+        batch: list[bytes | memoryview] = []
         decoding = 0.0
-        with fetch as stream:
-            for frame in stream:
-                t0 = time.perf_counter()
-                layer, written = decode_into_blocks(
-                    frame,
+        with runtime.decoding():
+            blocks = self._block_table(request.block_ids)
+
+        def decode_batch() -> None:
+            nonlocal decoding
+            t0 = time.perf_counter()
+            with runtime.decoding():
+                decoded = decode_frames_into_blocks(
+                    batch,
                     layers,
                     self._order,
                     blocks,
@@ -334,9 +492,23 @@ class CacheGenWorker:
                     write_start=request.start,
                     write_end=end,
                     bases=self._bases,
+                    runtime=runtime,
                 )
+            for layer, written in decoded:
                 loaded[layer] += written
-                decoding += time.perf_counter() - t0
+            batch.clear()
+            decoding += time.perf_counter() - t0
+
+        with fetch as stream:
+            for frame in stream:
+                if batch and frame_layer(frame) != frame_layer(batch[0]):
+                    decode_batch()
+                batch.append(frame)
+            if batch:
+                decode_batch()
+        with runtime.decoding():
+            decoded_all = runtime.mark()
+        runtime.wait(decoded_all)  # reported loaded only once the device has written the KV
         short = [layer for layer, n in loaded.items() if n != request.count]
         if short:
             raise FrameError(f"transfer ended without all tokens: {len(short)} layers short")
@@ -344,11 +516,20 @@ class CacheGenWorker:
             load.wire_bytes += stream.bytes_received
             load.decode_seconds += decoding
 
-    def get_finished(self) -> set[str]:
-        """Requests whose loads ended since the last call."""
+    def get_finished(self, finished_req_ids: set[str] | None = None) -> tuple[set[str], set[str]]:
+        """(requests whose sends are done, requests whose loads ended) since the last call. A send is
+        done once its request finished (``finished_req_ids``, now or before) and every encode job of
+        it is sealed; its blocks were held until then (`CacheGenScheduler.request_finished`)."""
         with self._lock:
-            done, self._done_loading = self._done_loading, set()
-        return done
+            self._finished_saving.update(r for r in finished_req_ids or () if r in self._unsealed)
+            sent = {r for r in self._finished_saving if self._unsealed[r] == 0}
+            for req_id in sent:
+                del self._unsealed[req_id]
+            self._finished_saving -= sent
+            loaded, self._done_loading = self._done_loading, set()
+        if sent and self._counts_requests:
+            self._count(released=len(sent))
+        return sent, loaded
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:
@@ -379,6 +560,8 @@ class CacheGenWorker:
         return stats
 
     def shutdown(self) -> None:
+        if self._runtime is not None:  # the sealer's queued jobs first: they put into the producer
+            self._runtime.close()
         for side in (self._producer, self._consumer):
             if side is not None:
                 side.close()

@@ -1,7 +1,27 @@
 """vLLM's paged KV cache: its page layouts (`layout`, a leaf: gather and scatter of a request's
-tokens) and the codec on it (`codec`: `encode_blocks`, `decode_into_blocks`)."""
+tokens, manager blocks as kernel blocks) and the codec on it (`codec`: `start_encode` /
+`encode_blocks`, `decode_frames_into_blocks` / `decode_into_blocks`)."""
 
-from cachegen_vllm.paged.codec import decode_into_blocks, encode_blocks
-from cachegen_vllm.paged.layout import PageOrder, gather, probe_page_order, scatter
+from cachegen_vllm.paged.codec import (
+    PendingEncode,
+    decode_frames_into_blocks,
+    decode_into_blocks,
+    encode_blocks,
+    start_encode,
+    warm_up,
+)
+from cachegen_vllm.paged.layout import PageOrder, gather, kernel_block_ids, probe_page_order, scatter
 
-__all__ = ["PageOrder", "decode_into_blocks", "encode_blocks", "gather", "probe_page_order", "scatter"]
+__all__ = [
+    "PageOrder",
+    "PendingEncode",
+    "decode_frames_into_blocks",
+    "decode_into_blocks",
+    "encode_blocks",
+    "gather",
+    "kernel_block_ids",
+    "probe_page_order",
+    "scatter",
+    "start_encode",
+    "warm_up",
+]

@@ -1,18 +1,29 @@
 """The codec on vLLM's paged cache: a layer's tokens in a request's blocks to frames
-(`encode_blocks`) and frames back into blocks (`decode_into_blocks`). The Triton kernels
-(`cachegen_vllm.kernels`) code bit-packed frames on a CUDA cache; the reference codec does the
-rest: every frame on a CPU cache, entropy-coded frames on either, and a frame whose values the
-kernels' float16 statistics cannot hold (sent exact, as the reference does)."""
+(`start_encode`, then `PendingEncode.finish`; `encode_blocks` does both) and frames back into
+blocks (`decode_frames_into_blocks`, a layer's frames in one batch; `decode_into_blocks` for one).
+The Triton kernels (`cachegen_vllm.kernels`) code bit-packed frames on a CUDA cache; the reference
+codec does the rest: every frame on a CPU cache, entropy-coded frames on either, and a frame whose
+values the kernels' float16 statistics cannot hold (sent exact, as the reference does).
+
+Encoding is split so that the forward pass never waits for it: `start_encode` enqueues the kernels
+and the copy of their output to the host on the current stream and returns at once; `finish`,
+once that copy is complete, seals the frames (on the host) or, for the reference codec, does the
+whole encoding (device work and the host's reads) wherever the caller runs it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from cachegen_vllm.codec import KVGeometry, Profile, decode_chunk, encode_chunk, encode_layer
+from cachegen_vllm.codec import KVGeometry, Profile, decode_frames, encode_chunk, encode_layer
+from cachegen_vllm.codec.allocation import covering_token_counts
 from cachegen_vllm.codec.basis import Basis
 from cachegen_vllm.codec.format import FrameHeader, frame_coding, frame_heads
+from cachegen_vllm.device import Runtime
 from cachegen_vllm.paged.layout import PageOrder, gather, scatter
 
 Frame = bytes | bytearray | memoryview
@@ -28,6 +39,67 @@ def _on_gpu(device: torch.device) -> bool:
     return True
 
 
+@dataclass
+class PendingEncode:
+    """A layer's frames on their way: `finish` makes them, once the copies `start_encode` enqueued
+    are complete (on a CPU cache, at once). The frames own their bytes."""
+
+    finish: Callable[[], list[bytes]]
+
+
+def start_encode(
+    layer_cache: torch.Tensor,
+    order: PageOrder | None,
+    block_ids: torch.Tensor,
+    *,
+    geometry: KVGeometry,
+    profile: Profile,
+    layer: int,
+    token_start: int,
+    count: int,
+    total_tokens: int,
+    runtime: Runtime | None = None,
+    kernels: bool | None = None,
+) -> PendingEncode:
+    """Begin the frames of tokens ``[token_start, token_start + count)`` of one layer of a request,
+    read from its blocks (``block_ids`` on the cache's device; ``order``: the CPU page order, None
+    where the tensor's strides are the layout). The kernels and their output's copy to the host go
+    on the current stream, with host memory from ``runtime``; the reference codec's work waits for
+    `PendingEncode.finish`, which must then run on a stream ordered after the cache's writes.
+    ``kernels``: whether the Triton kernels encode (default: on a CUDA cache, for bit-packed frames;
+    True on a CPU runs them in Triton's interpreter)."""
+    runtime = runtime or Runtime(layer_cache.device)
+    where = dict(layer=layer, token_start=token_start, total_tokens=total_tokens)
+    if kernels is None:
+        kernels = _on_gpu(layer_cache.device) and profile.coding == "packed"
+    if kernels:
+        from cachegen_vllm.kernels import frames  # Triton: imported only where the kernels run
+
+        plan = frames.plan_encode(geometry, profile, count=count, device=layer_cache.device, runtime=runtime, **where)
+        frames.launch_encode(plan, layer_cache, block_ids)
+        payload, bad = runtime.to_host(plan.buffer), [runtime.to_host(b) for b in plan.bad]
+
+        def sealed() -> list[bytes]:
+            try:
+                return [
+                    bytes(frame)
+                    if frame is not None
+                    else _reference_frame(layer_cache, block_ids, h, geometry, profile)
+                    for frame, h in zip(frames.finish_encode(plan, geometry, payload, bad), plan.headers)
+                ]
+            finally:
+                for host in (payload, *bad):
+                    runtime.release(host)
+
+        return PendingEncode(sealed)
+
+    def reference() -> list[bytes]:
+        key, value = gather(layer_cache, order, block_ids, token_start + count)
+        return encode_layer(key[token_start:], value[token_start:], geometry=geometry, profile=profile, **where)
+
+    return PendingEncode(reference)
+
+
 def encode_blocks(
     layer_cache: torch.Tensor,
     order: PageOrder | None,
@@ -39,62 +111,25 @@ def encode_blocks(
     token_start: int,
     count: int,
     total_tokens: int,
-) -> Sequence[bytes | memoryview]:
-    """Frames of tokens ``[token_start, token_start + count)`` of one layer of a request, read from
-    its blocks (``order``: the CPU page order, None where the tensor's strides are the layout)."""
-    if _on_gpu(layer_cache.device) and profile.coding == "packed":
-        return encode_blocks_on_kernels(
-            layer_cache,
-            block_ids,
-            geometry=geometry,
-            profile=profile,
-            layer=layer,
-            token_start=token_start,
-            count=count,
-            total_tokens=total_tokens,
-        )
-    key, value = gather(layer_cache, order, block_ids, token_start + count)
-    return encode_layer(
-        key[token_start:],
-        value[token_start:],
+) -> list[bytes]:
+    """`start_encode` and its `finish` at once, on the current stream."""
+    return start_encode(
+        layer_cache,
+        order,
+        block_ids,
         geometry=geometry,
         profile=profile,
         layer=layer,
         token_start=token_start,
-        total_tokens=total_tokens,
-    )
-
-
-def encode_blocks_on_kernels(
-    layer_cache: torch.Tensor,
-    block_ids: torch.Tensor,
-    *,
-    geometry: KVGeometry,
-    profile: Profile,
-    layer: int,
-    token_start: int,
-    count: int,
-    total_tokens: int,
-) -> Sequence[bytes | memoryview]:
-    """`encode_blocks` with the Triton kernels, on whatever device the cache is (Triton's
-    interpreter runs them on a CPU): the same frames, byte for byte."""
-    from cachegen_vllm.kernels import frames  # Triton: imported only where the kernels run
-
-    plan = frames.plan_encode(
-        geometry,
-        profile,
-        layer=layer,
-        token_start=token_start,
         count=count,
         total_tokens=total_tokens,
-        device=layer_cache.device,
-    )
-    frames.launch_encode(plan, layer_cache, block_ids)
-    sealed = frames.finish_encode(plan, geometry)
-    return [
-        frame if frame is not None else _reference_frame(layer_cache, block_ids, header, geometry, profile)
-        for frame, header in zip(sealed, plan.headers)
-    ]
+    ).finish()
+
+
+def encode_blocks_on_kernels(layer_cache: torch.Tensor, block_ids: torch.Tensor, **where) -> list[bytes]:
+    """`encode_blocks` through the Triton kernels on whatever device the cache is (Triton's
+    interpreter runs them on a CPU): the same frames, byte for byte."""
+    return start_encode(layer_cache, None, block_ids, kernels=True, **where).finish()
 
 
 def _reference_frame(
@@ -120,6 +155,66 @@ def _written(token_start: int, count: int, write_start: int, write_end: int) -> 
     return max(token_start, write_start), min(token_start + count, write_end)
 
 
+def decode_frames_into_blocks(
+    frames: Sequence[Frame],
+    layer_caches: Mapping[int, torch.Tensor],
+    order: PageOrder | None,
+    block_ids: torch.Tensor,
+    *,
+    geometry: KVGeometry,
+    write_start: int,
+    write_end: int,
+    bases: tuple[Basis, ...] = (),
+    runtime: Runtime | None = None,
+    kernels: bool | None = None,
+) -> list[tuple[int, int]]:
+    """Decode frames into the request's blocks of their layers, on the current stream: the packed
+    frames of the cache's own heads on a GPU in one batch of kernel launches, the others through
+    the reference codec (their rANS lanes in one pass). Writes only the tokens in ``[write_start,
+    write_end)`` and the heads the cache holds (``geometry``'s share of the model's; a frame may
+    hold another); ``bases``: calibrated bases besides the shipped ones that frames may be coded
+    in. ``kernels``: whether the Triton kernels decode what they can (default: on a CUDA cache;
+    True on a CPU runs them in Triton's interpreter). Returns (layer, tokens written) per frame;
+    raises FrameError on bad bytes, before writing anything of the frames the kernels decode."""
+    device = next(iter(layer_caches.values())).device
+    own = (geometry.head_start, geometry.num_kv_heads)
+    if kernels is None:
+        kernels = _on_gpu(device)
+    on_kernels = [kernels and frame_coding(f) == "packed" and frame_heads(f) == own for f in frames]
+    out: dict[int, tuple[int, int]] = {}
+    kernel_frames = [f for f, k in zip(frames, on_kernels) if k]
+    if kernel_frames:
+        from cachegen_vllm.kernels import frames as kernel_codec
+
+        headers = kernel_codec.decode_frames_paged(
+            kernel_frames,
+            layer_caches,
+            block_ids,
+            geometry=geometry,
+            write_start=write_start,
+            write_end=write_end,
+            runtime=runtime,
+        )
+        places = [i for i, k in enumerate(on_kernels) if k]
+        for i, header in zip(places, headers):
+            lo, hi = _written(header.token_start, header.token_count, write_start, write_end)
+            out[i] = (header.layer, max(0, hi - lo))
+    rest = [i for i, k in enumerate(on_kernels) if not k]
+    chunks = decode_frames([frames[i] for i in rest], geometry, device=device, bases=bases) if rest else []
+    for i, chunk in zip(rest, chunks):
+        lo, hi = _written(chunk.token_start, chunk.key.shape[0], write_start, write_end)
+        first, last = _written(chunk.head_start, chunk.key.shape[1], geometry.head_start, geometry.heads.stop)
+        if lo >= hi or first >= last:
+            out[i] = (chunk.layer, 0)
+            continue
+        rows = slice(lo - chunk.token_start, hi - chunk.token_start)
+        heads = slice(first - chunk.head_start, last - chunk.head_start)
+        key, value = chunk.key[rows, heads], chunk.value[rows, heads]
+        scatter(layer_caches[chunk.layer], order, block_ids, lo, key, value, first_head=first - geometry.head_start)
+        out[i] = (chunk.layer, hi - lo)
+    return [out[i] for i in range(len(frames))]
+
+
 def decode_into_blocks(
     frame: Frame,
     layer_caches: Mapping[int, torch.Tensor],
@@ -131,32 +226,57 @@ def decode_into_blocks(
     write_end: int,
     bases: tuple[Basis, ...] = (),
 ) -> tuple[int, int]:
-    """Decode one frame into the request's blocks of its layer, writing only the tokens in
-    ``[write_start, write_end)`` and the heads the cache holds (``geometry``'s share of the
-    model's; the frame may hold another); ``bases``: calibrated bases besides the shipped ones that
-    frames may be coded in. Returns (layer, tokens written); raises FrameError on bad bytes."""
-    device = next(iter(layer_caches.values())).device
-    own_heads = frame_heads(frame) == (geometry.head_start, geometry.num_kv_heads)
-    if _on_gpu(device) and frame_coding(frame) == "packed" and own_heads:
-        from cachegen_vllm.kernels import frames
+    """`decode_frames_into_blocks` for one frame: (layer, tokens written)."""
+    return decode_frames_into_blocks(
+        [frame],
+        layer_caches,
+        order,
+        block_ids,
+        geometry=geometry,
+        write_start=write_start,
+        write_end=write_end,
+        bases=bases,
+    )[0]
 
-        header = frames.decode_frames_paged(
-            [frame],
-            layer_caches,
-            block_ids,
-            geometry=geometry,
-            write_start=write_start,
-            write_end=write_end,
-        )[0]
-        lo, hi = _written(header.token_start, header.token_count, write_start, write_end)
-        return header.layer, max(0, hi - lo)
-    chunk = decode_chunk(frame, geometry, device=device, bases=bases)
-    lo, hi = _written(chunk.token_start, chunk.key.shape[0], write_start, write_end)
-    first, last = _written(chunk.head_start, chunk.key.shape[1], geometry.head_start, geometry.heads.stop)
-    if lo >= hi or first >= last:
-        return chunk.layer, 0
-    rows = slice(lo - chunk.token_start, hi - chunk.token_start)
-    heads = slice(first - chunk.head_start, last - chunk.head_start)
-    key, value = chunk.key[rows, heads], chunk.value[rows, heads]
-    scatter(layer_caches[chunk.layer], order, block_ids, lo, key, value, first_head=first - geometry.head_start)
-    return chunk.layer, hi - lo
+
+def warm_up(
+    layer_caches: Mapping[int, torch.Tensor],
+    order: PageOrder | None,
+    *,
+    geometry: KVGeometry,
+    profile: Profile,
+    runtime: Runtime,
+    bases: tuple[Basis, ...] = (),
+) -> None:
+    """Take every path a request will take once, at start-up, so that the first requests compile
+    nothing: each Triton kernel variant the profile launches (one per pair of widths), the rANS
+    coders (numba's on a CPU). Encodes from the cache's first block and decodes into no token."""
+    cache = next(iter(layer_caches.values()))
+    layers = {profile.layer_bits(layer): layer for layer in sorted(layer_caches, reverse=True)}.values()
+    totals = covering_token_counts(profile)
+    table = runtime.to_device(np.zeros(-(-max(totals) // cache.shape[2]), dtype=np.int64))
+    for layer in layers:
+        for total in totals:
+            frames = start_encode(
+                layer_caches[layer],
+                order,
+                table,
+                geometry=geometry,
+                profile=profile,
+                layer=layer,
+                token_start=0,
+                count=total,
+                total_tokens=total,
+                runtime=runtime,
+            ).finish()
+            decode_frames_into_blocks(
+                frames,
+                layer_caches,
+                order,
+                table,
+                geometry=geometry,
+                write_start=0,
+                write_end=0,
+                bases=bases,
+                runtime=runtime,
+            )

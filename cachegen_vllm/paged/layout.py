@@ -15,6 +15,7 @@ guessed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,16 @@ def probe_page_order(isa: str, dtype: torch.dtype, block_size: int, head_size: i
             raise RuntimeError(f"vLLM CPU page layout (isa={isa}): the {area} area is not a permutation; unsupported")
         orders[area] = offsets.view(block_size, head_size)
     return PageOrder(**orders)
+
+
+def kernel_block_ids(block_ids: Sequence[int], per_block: int) -> list[int]:
+    """A request's blocks as the cache tensors index them. vLLM's block manager may hand out blocks
+    larger than the attention kernel's (``per_block`` kernel blocks each, in order); the tensors a
+    connector gets are in kernel blocks: manager block b is kernel blocks ``b * per_block`` to
+    ``b * per_block + per_block - 1``."""
+    if per_block == 1:
+        return list(block_ids)
+    return [b * per_block + i for b in block_ids for i in range(per_block)]
 
 
 def _pages(layer: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,608 @@
+"""The GPU code paths checked on a real GPU in one command: the connector's kernels, runtime and
+pipeline, without vLLM or ZeroMQ, on a bare machine (torch, Triton, numba, xxhash, safetensors).
+
+    python3 benchmarks/gpu_check.py --out gpu_check.json            # on a GPU: about 7 minutes
+    python3 benchmarks/gpu_check.py --smoke --out gpu_check.json    # on a CPU: Triton's interpreter, tiny shapes
+
+Each section has a time cap (cases left when it is reached are listed as skipped) and writes its
+rows to the JSON as they come, so that a failure or a cap in one keeps the others:
+
+0. versions; every kernel variant of every shipped profile compiled (a warm-up, as at start-up);
+   the fp32 fused multiply-adds in the encode and decode PTX (none may be there);
+1. byte identity on hardware: caches made as vLLM 0.32 allocates them (one int8 buffer, LBNHC or
+   LBHNC views, bf16, block 16), shuffled int32 and int64 block tables, a Llama-3-8B-like and the
+   embedded model's geometry, 4K and 32K tokens, saves starting mid-block, inf/nan/1e6/-0.0 in the
+   KV; differing bytes per array against the CPU reference; decoding into a NaN-poisoned cache
+   (ulps against the reference's values, and every slot outside the range untouched); the
+   entropy-coded and basis profiles too;
+2. throughput: the device-to-device copy; the encode and decode kernels per layer; the whole
+   encode call; the rANS coder; host synchronizations per layer;
+3. the pipeline: a simulated forward pass (slot-mapped cache writes and a matmul per layer) on the
+   compute stream, encoding on the encode stream, frames through a queue to a consumer decoding on
+   its own stream into a second cache whose first 1,024 tokens must stay untouched; the
+   producer's overhead on the compute stream, and equality with the reference.
+
+On the GPU machine (no pyzmq there; `config` imports the transport): carry a pyzmq wheel, e.g.
+``.whl/``, and run ``python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+PYTHONPATH=/tmp/site python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import queue
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # Triton decides when it is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import numpy as np  # noqa: E402
+
+from cachegen_vllm.codec import KVGeometry, decode_frames, encode_layer  # noqa: E402
+from cachegen_vllm.codec.format import parse_frame, payload_arrays  # noqa: E402
+from cachegen_vllm.config import load_profile  # noqa: E402
+from cachegen_vllm.device import counting_host_syncs, runtime_for  # noqa: E402
+from cachegen_vllm.paged import decode_frames_into_blocks, gather, start_encode, warm_up  # noqa: E402
+
+PACKED = ("raw", "high-quality", "default", "aggressive")
+LLAMA = dict(layers=32, heads=8, head_dim=128, model="llama-3-8b-like")
+SMOLLM2 = dict(layers=30, heads=3, head_dim=64, model="SmolLM2-135M-Instruct")  # the shipped basis's
+BLOCK = 16
+
+
+class Report:
+    """The JSON of results, rewritten whole after each row."""
+
+    def __init__(self, path: Path, smoke: bool):
+        self.path, self.data = path, {"smoke": smoke, "sections": {}}
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.replace(self.path)
+
+    @contextlib.contextmanager
+    def section(self, name: str, cap_s: float) -> Iterator[Section]:
+        entry: dict = {"status": "running", "cap_s": cap_s, "rows": [], "skipped": []}
+        self.data["sections"][name] = entry
+        started = time.monotonic()
+        print(f"== {name} (cap {cap_s:.0f} s)", flush=True)
+        try:
+            yield Section(self, entry, started + cap_s)
+            entry["status"] = "capped" if entry["skipped"] else "ok"
+        except Exception:
+            entry["status"] = "error"
+            entry["error"] = traceback.format_exc()[-6000:]
+            print(entry["error"], flush=True)
+        finally:
+            entry["seconds"] = round(time.monotonic() - started, 1)
+            self.save()
+
+
+class Section:
+    def __init__(self, report: Report, entry: dict, deadline: float):
+        self.report, self.entry, self.deadline = report, entry, deadline
+
+    def has_time(self, case: str) -> bool:
+        """Whether the cap leaves time for ``case``; if not, it is listed as skipped."""
+        if time.monotonic() < self.deadline:
+            return True
+        self.entry["skipped"].append(case)
+        return False
+
+    def row(self, **values) -> None:
+        self.entry["rows"].append(values)
+        print("  " + json.dumps(values, default=str), flush=True)
+        self.report.save()
+
+    def run(self, case: str, fn: Callable[[], dict]) -> None:
+        """One case: its row, or its error, and the section goes on."""
+        if not self.has_time(case):
+            return
+        started = time.monotonic()
+        try:
+            self.row(case=case, **fn(), seconds=round(time.monotonic() - started, 2))
+        except Exception:
+            self.row(case=case, error=traceback.format_exc()[-3000:])
+
+
+# ---- caches as vLLM 0.32 allocates them ----------------------------------------------------------
+
+LAYOUT_ORDER = {"LBNHC": (0, 1, 3, 2, 4), "LBHNC": (0, 1, 2, 3, 4)}  # physical order of [L, B, H, N, C]
+
+
+def vllm_caches(layers: int, blocks: int, heads: int, head_dim: int, layout: str, device) -> list[torch.Tensor]:
+    """One [blocks, heads, BLOCK, 2 * head_dim] bf16 view per layer over one int8 buffer, strided as
+    the layout says (vLLM's `create_kv_cache_views`)."""
+    shape = (layers, blocks, heads, BLOCK, 2 * head_dim * 2)  # C in bytes
+    strides, step = [0] * 5, 1
+    for dim in reversed(LAYOUT_ORDER[layout]):
+        strides[dim], step = step, step * shape[dim]
+    raw = torch.zeros(step, dtype=torch.int8, device=device)
+    view = torch.as_strided(raw, shape, strides)
+    return [view[layer].view(torch.bfloat16) for layer in range(layers)]
+
+
+def fill(cache: torch.Tensor, table: torch.Tensor, tokens: int, seed: int, special: bool = False) -> None:
+    """KV-like values (a few outlier channels) in the request's first ``tokens`` slots; with
+    ``special``, inf, nan, 1e6 and -0.0 in four of its tokens."""
+    g = torch.Generator().manual_seed(seed)
+    heads, width = cache.shape[1], cache.shape[3]
+    values = torch.randn(tokens, heads, width, generator=g)
+    values[..., :: max(1, width // 8)] *= 8  # outlier channels
+    if special:
+        for i, v in enumerate((float("inf"), float("nan"), 1e6, -0.0)):
+            values[(i + 1) * tokens // 6, 0, i] = v
+    positions = torch.arange(tokens)
+    blocks = table.cpu().long()[positions // BLOCK]
+    cache[blocks.to(cache.device), :, (positions % BLOCK).to(cache.device)] = values.to(cache.device, torch.bfloat16)
+
+
+def geometry_of(spec: dict) -> KVGeometry:
+    return KVGeometry(spec["layers"], spec["heads"], spec["head_dim"], torch.bfloat16, model=spec["model"])
+
+
+# ---- comparisons ---------------------------------------------------------------------------------
+
+
+def byte_diff(got: list[bytes], want: list[bytes], geometry: KVGeometry) -> dict:
+    """Frames compared array by array: how many frames differ, and the differing bytes by array."""
+    if len(got) != len(want):
+        return {"frames": len(got), "reference_frames": len(want), "identical": False}
+    by_array: dict[str, int] = {}
+    differ = 0
+    for a, b in zip(got, want):
+        if a == b:
+            continue
+        differ += 1
+        header = parse_frame(b, geometry)
+        names = ("mins", "scales", "codes")
+        for s, slots in enumerate(payload_arrays(header, geometry)):
+            for i, (offset, n) in enumerate(slots):
+                name = names[i % 3] if len(slots) > 2 else "exact"
+                count = int(
+                    np.count_nonzero(np.frombuffer(a, np.uint8, n, offset) != np.frombuffer(b, np.uint8, n, offset))
+                )
+                if count:
+                    by_array[f"segment{s}.{name}"] = by_array.get(f"segment{s}.{name}", 0) + count
+    return {"frames": len(got), "frames_differing": differ, "bytes_differing": by_array, "identical": differ == 0}
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance in units in the last place between two bf16 tensors (NaN: -1)."""
+    if bool(torch.isnan(a.float()).any() or torch.isnan(b.float()).any()):
+        return -1
+    ordered = [t.contiguous().view(torch.int16).long() for t in (a, b)]
+    ordered = [torch.where(o < 0, -32768 - o, o) for o in ordered]  # sign-magnitude to ordered
+    return int((ordered[0] - ordered[1]).abs().max()) if a.numel() else 0
+
+
+# ---- section 0 -----------------------------------------------------------------------------------
+
+
+def versions(device: torch.device) -> dict:
+    import numba
+    import triton
+    import xxhash
+
+    out = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        triton=triton.__version__,
+        numba=numba.__version__,
+        xxhash=xxhash.VERSION,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    )
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+    return out
+
+
+def compile_all(section: Section, device: torch.device, smoke: bool) -> None:
+    """Every variant each shipped profile launches, through the start-up warm-up, per geometry."""
+    from cachegen_vllm.config import shipped_profiles
+
+    specs = [dict(SMOLLM2, layers=2)] if smoke else [LLAMA, SMOLLM2]
+    for spec in specs:
+        geometry = geometry_of({**spec, "layers": spec["layers"]})
+        caches = vllm_caches(geometry.num_layers, 64, geometry.num_kv_heads, geometry.head_dim, "LBNHC", device)
+        for name in shipped_profiles():
+            if name.startswith("smollm2") and spec["model"] != SMOLLM2["model"]:
+                continue
+            if smoke and name != "default":
+                continue
+
+            def case(name=name, caches=caches, geometry=geometry) -> dict:
+                runtime = runtime_for(device)
+                warm_up(dict(enumerate(caches)), None, geometry=geometry, profile=load_profile(name), runtime=runtime)
+                runtime.close()
+                return {}
+
+            section.run(f"warm up {name} on {spec['model']}", case)
+
+
+def fma_report(section: Section) -> None:
+    from bench_kernels import kernel_profiles, ptxas_report
+
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels cannot be compiled
+        section.row(case="sm_90a PTX", note="not under Triton's interpreter (tests/test_kernels.py compiles them)")
+        return
+    for name in kernel_profiles():
+        for geometry in (geometry_of(LLAMA), geometry_of(SMOLLM2)):
+
+            def case(name=name, geometry=geometry) -> dict:
+                rows = ptxas_report(name, geometry)
+                return dict(
+                    variants=len(rows),
+                    fma_f32=sum(r["fma_f32"] for r in rows),
+                    spill_store_bytes=max(r["spill_store_bytes"] for r in rows),
+                    registers=max(r["registers"] for r in rows),
+                )
+
+            section.run(f"sm_90a PTX of {name} on {geometry.model}", case)
+
+
+# ---- section 1 -----------------------------------------------------------------------------------
+
+
+def identity_case(spec: dict, layout: str, tokens: int, index_dtype, profile_name: str, special: bool, device) -> dict:
+    geometry = geometry_of(spec)
+    profile = load_profile(profile_name)
+    blocks = -(-tokens // BLOCK)
+    g = torch.Generator().manual_seed(tokens + blocks)
+    caches = vllm_caches(2, blocks + 16, geometry.num_kv_heads, geometry.head_dim, layout, device)
+    layer = 1
+    table = torch.randperm(blocks + 16, generator=g)[:blocks].to(index_dtype)
+    fill(caches[layer], table, tokens, seed=tokens, special=special)
+    on_device = table.to(device)
+    start = tokens // 3 + 5  # a save that starts mid-block
+    runtime = runtime_for(device)
+    with runtime.encoding(after=runtime.mark()):
+        pending = start_encode(
+            caches[layer],
+            None,
+            on_device,
+            geometry=geometry,
+            profile=profile,
+            layer=layer,
+            token_start=start,
+            count=tokens - start,
+            total_tokens=tokens,
+            runtime=runtime,
+            kernels=True if profile.coding == "packed" else None,
+        )
+        runtime.wait(runtime.mark())
+        got = pending.finish()
+    key, value = gather(caches[layer].cpu(), None, table.long(), tokens)
+    want = encode_layer(
+        key[start:],
+        value[start:],
+        geometry=geometry,
+        profile=profile,
+        layer=layer,
+        token_start=start,
+        total_tokens=tokens,
+    )
+    row = byte_diff(got, want, geometry)
+    # decode into a NaN-poisoned cache: the range written as the reference decodes it, nothing else
+    target = vllm_caches(2, blocks + 16, geometry.num_kv_heads, geometry.head_dim, layout, device)[layer]
+    target.fill_(float("nan"))
+    write_start, write_end = start + 7, tokens - 3
+    with runtime.decoding():
+        decode_frames_into_blocks(
+            want,
+            {layer: target},
+            None,
+            on_device,
+            geometry=geometry,
+            write_start=write_start,
+            write_end=write_end,
+            runtime=runtime,
+            kernels=True if profile.coding == "packed" else None,
+        )
+        runtime.wait(runtime.mark())
+    runtime.close()
+    chunks = decode_frames(want, geometry)
+    ref_key = torch.cat([c.key for c in chunks])[write_start - start : write_end - start]
+    ref_value = torch.cat([c.value for c in chunks])[write_start - start : write_end - start]
+    got_key, got_value = gather(target.cpu(), None, table.long(), tokens)
+    outside = torch.ones(target.shape[0], target.shape[2], dtype=torch.bool)  # (block, slot) never written
+    positions = torch.arange(write_start, write_end)
+    outside[table.long()[positions // BLOCK], positions % BLOCK] = False
+    untouched = bool(torch.isnan(target.cpu().float().permute(0, 2, 1, 3)[outside]).all())
+    finite = torch.isfinite(ref_key.float()).all() and torch.isfinite(ref_value.float()).all()
+    row.update(
+        decode_ulps=max(
+            ulps(got_key[write_start:write_end], ref_key), ulps(got_value[write_start:write_end], ref_value)
+        )
+        if finite
+        else "non-finite input",
+        decode_equal=bool(
+            torch.equal(got_key[write_start:write_end].view(torch.int16), ref_key.view(torch.int16))
+            and torch.equal(got_value[write_start:write_end].view(torch.int16), ref_value.view(torch.int16))
+        ),
+        outside_untouched=untouched,
+    )
+    return row
+
+
+def byte_identity(section: Section, device: torch.device, smoke: bool) -> None:
+    if smoke:
+        cases = [(dict(SMOLLM2, layers=2), "LBNHC", 70, torch.int32, "default", True)]
+        cases += [(dict(SMOLLM2, layers=2), "LBHNC", 70, torch.int64, "entropy", False)]
+    else:
+        cases = []
+        for tokens in (4096, 32768):
+            for layout, index in (("LBNHC", torch.int32), ("LBHNC", torch.int64)):
+                cases.append((LLAMA, layout, tokens, index, "default", False))
+            cases.append((LLAMA, "LBNHC", tokens, torch.int64, "aggressive", tokens == 4096))
+        for profile in PACKED:
+            cases.append((SMOLLM2, "LBNHC", 4096, torch.int32, profile, profile == "default"))
+        cases += [(SMOLLM2, "LBNHC", 4096, torch.int64, p, False) for p in ("entropy", "smollm2-basis")]
+        cases.append((LLAMA, "LBNHC", 4096, torch.int64, "entropy", True))
+    for spec, layout, tokens, index, profile, special in cases:
+        name = f"{profile} {spec['model']} {layout} {tokens} tokens {str(index)[6:]}{' specials' if special else ''}"
+        section.run(name, lambda a=(spec, layout, tokens, index, profile, special): identity_case(*a, device))
+
+
+# ---- section 2 -----------------------------------------------------------------------------------
+
+
+def throughput(section: Section, device: torch.device, smoke: bool) -> None:
+    from bench_kernels import copy_bandwidth, median_seconds
+
+    from cachegen_vllm.codec import entropy
+    from cachegen_vllm.kernels import frames as kernels
+
+    reps = 2 if smoke else 20
+    copy_bps = copy_bandwidth(device.type, (1 << 20) if smoke else (2 << 30), reps)
+    section.row(case="device-to-device copy", gbps_read_plus_written=round(copy_bps / 1e9, 1))
+    spec = dict(SMOLLM2, layers=2) if smoke else LLAMA
+    geometry = geometry_of(spec)
+    for tokens in (70,) if smoke else (4096, 16384, 32768):
+        for name in ("default",) if smoke else ("default", "aggressive", "entropy"):
+
+            def case(tokens=tokens, name=name) -> dict:
+                profile = load_profile(name)
+                blocks = -(-tokens // BLOCK)
+                cache = vllm_caches(1, blocks, geometry.num_kv_heads, geometry.head_dim, "LBNHC", device)[0]
+                table = torch.randperm(blocks).to(device)
+                fill(cache, table, tokens, seed=tokens)
+                raw = 2 * tokens * geometry.num_kv_heads * geometry.head_dim * 2  # one layer's K and V
+                runtime = runtime_for(device)
+                row: dict = {"raw_mib_per_layer": round(raw / 2**20, 1)}
+                where = dict(
+                    geometry=geometry, profile=profile, layer=0, token_start=0, count=tokens, total_tokens=tokens
+                )
+                if profile.coding == "packed":
+                    plan = kernels.plan_encode(device=device, runtime=runtime, **where)
+                    encode_s = median_seconds(lambda: kernels.launch_encode(plan, cache, table), reps)
+                    frames = [bytes(f) for f in kernels.finish_encode(plan, geometry) if f is not None]
+                    target = torch.empty_like(cache)
+                    decode_plan = kernels.plan_decode(frames, geometry, device, runtime)
+                    decode_s = median_seconds(lambda: kernels.launch_decode(decode_plan, {0: target}, table), reps)
+                    row.update(
+                        encode_gbps=round(raw / encode_s / 1e9, 1),
+                        encode_vs_copy=round(raw / encode_s / copy_bps * 2, 3),  # reads raw, writes little
+                        decode_gbps=round(raw / decode_s / 1e9, 1),
+                        decode_vs_copy=round(raw / decode_s / copy_bps * 2, 3),
+                        ratio=round(raw / sum(map(len, frames)), 2),
+                    )
+                else:
+                    key, value = gather(cache, None, table, tokens)
+                    symbols = []
+                    for x in (key, value):
+                        s, _, _ = entropy.quantize(x.float().reshape(tokens, -1), 3)
+                        symbols.append((s, entropy.choose_tables(s, 3), 3))
+                    rans_s = median_seconds(lambda: entropy.encode(symbols, profile.lane_symbols), reps)
+                    row.update(rans_encode_gbps_of_raw=round(raw / rans_s / 1e9, 2))
+                before = runtime.host_syncs
+
+                def call() -> None:
+                    with counting_host_syncs(runtime):
+                        start_encode(cache, None, table, runtime=runtime, **where).finish()
+
+                wall = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    call()
+                    wall.append(time.perf_counter() - t0)
+                row.update(
+                    whole_call_ms=round(statistics.median(wall) * 1e3, 2),
+                    whole_call_gbps=round(raw / statistics.median(wall) / 1e9, 2),
+                    host_syncs_per_call=(runtime.host_syncs - before) / 3,
+                )
+                runtime.close()
+                return row
+
+            section.run(f"{name} {tokens} tokens, one layer of {spec['model']}", case)
+
+
+# ---- section 3 -----------------------------------------------------------------------------------
+
+
+def pipeline(section: Section, device: torch.device, smoke: bool) -> None:
+    """A forward pass's layers on the compute stream, the producer's encoding beside it, and a
+    consumer decoding on its own stream."""
+    spec = dict(SMOLLM2, layers=2) if smoke else LLAMA
+    geometry = geometry_of(spec)
+    tokens, held = (70, 16) if smoke else (8192, 1024)
+    profile = load_profile("default")
+    blocks = -(-tokens // BLOCK)
+    g = torch.Generator().manual_seed(7)
+    source = vllm_caches(geometry.num_layers, blocks + 8, geometry.num_kv_heads, geometry.head_dim, "LBNHC", device)
+    target = vllm_caches(geometry.num_layers, blocks + 8, geometry.num_kv_heads, geometry.head_dim, "LBNHC", device)
+    table = torch.randperm(blocks + 8, generator=g)[:blocks].to(device)
+    target_table = torch.randperm(blocks + 8, generator=g)[:blocks].to(device)
+    positions = torch.arange(tokens, device=device)
+    slots = table[positions // BLOCK], positions % BLOCK  # vLLM's slot mapping, as (block, row)
+    kv = [torch.randn(tokens, geometry.num_kv_heads, 2 * geometry.head_dim, generator=g).to(device, torch.bfloat16)]
+    hidden = 256 if smoke else 4096
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+    w = torch.randn(hidden, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5
+    sentinel = torch.tensor(1.5, dtype=torch.bfloat16)
+    for cache in target:
+        cache.fill_(sentinel.item())
+    runtime = runtime_for(device)
+
+    def forward(encode: bool, frames: queue.Queue | None) -> float:
+        """Seconds of the forward pass on the compute stream (events), encoding each layer if asked."""
+        on_gpu = device.type == "cuda"
+        start, end = (
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if on_gpu else (None, None)
+        )
+        t0 = time.perf_counter()
+        if start is not None:
+            start.record()
+        for layer, cache in enumerate(source):
+            cache[slots[0], :, slots[1]] = kv[0]  # the attention's cache write
+            torch.matmul(x, w)  # the layer's compute
+            if encode:
+                written = runtime.mark()
+                with runtime.encoding(after=written):
+                    pending = start_encode(
+                        cache,
+                        None,
+                        table,
+                        geometry=geometry,
+                        profile=profile,
+                        layer=layer,
+                        token_start=0,
+                        count=tokens,
+                        total_tokens=tokens,
+                        runtime=runtime,
+                        kernels=True,
+                    )
+                    copied = runtime.mark()
+
+                def seal(pending=pending, copied=copied, written=written) -> None:
+                    runtime.wait(copied)
+                    with runtime.encoding(after=written):
+                        for frame in pending.finish():
+                            frames.put(frame)
+
+                runtime.submit(seal)
+        if encode:
+            runtime.join_encodes()
+        if end is not None:
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return time.perf_counter() - t0
+
+    plain = [forward(False, None) for _ in range(3)]
+    frames: queue.Queue = queue.Queue()
+    forward(True, frames)  # the first: pinned buffers and layouts are made
+    runtime.drain()
+    while not frames.empty():
+        frames.get()
+    with_encoding = forward(True, frames)
+    runtime.drain()
+    received: list[bytes] = []
+    while not frames.empty():
+        received.append(frames.get())
+
+    def consume() -> None:
+        batch: list[bytes] = []
+        layer = None
+        for frame in [*received, None]:
+            current = parse_frame(frame, geometry).layer if frame is not None else None
+            if batch and current != layer:
+                with runtime.decoding():
+                    decode_frames_into_blocks(
+                        batch,
+                        dict(enumerate(target)),
+                        None,
+                        target_table,
+                        geometry=geometry,
+                        write_start=held,
+                        write_end=tokens,
+                        runtime=runtime,
+                        kernels=True,
+                    )
+                batch = []
+            if frame is not None:
+                batch.append(frame)
+                layer = current
+        with runtime.decoding():
+            runtime.wait(runtime.mark())
+
+    consumer = threading.Thread(target=consume)
+    t0 = time.perf_counter()
+    consumer.start()
+    consumer.join()
+    decode_s = time.perf_counter() - t0
+    reference = [
+        f
+        for layer, cache in enumerate(source)
+        for f in encode_layer(
+            *gather(cache.cpu(), None, table.cpu(), tokens), geometry=geometry, profile=profile, layer=layer
+        )
+    ]
+    loaded = [torch.cat(gather(cache.cpu(), None, target_table.cpu(), tokens), dim=-1) for cache in target]
+    prefix_untouched = all(bool((kv[:held] == sentinel).all()) for kv in loaded)
+    decoded = decode_frames(reference, geometry)
+    equal = all(
+        torch.equal(
+            loaded[layer][held:],
+            torch.cat([torch.cat([c.key, c.value], dim=-1) for c in decoded if c.layer == layer])[held:],
+        )
+        for layer in range(geometry.num_layers)
+    )
+    runtime.close()
+    section.row(
+        case=f"{spec['model']}, {geometry.num_layers} layers, {tokens} tokens, default profile",
+        forward_s=round(statistics.median(plain), 4),
+        forward_with_encoding_s=round(with_encoding, 4),
+        producer_overhead=round(with_encoding / statistics.median(plain) - 1, 4),
+        frames=len(received),
+        frames_equal_reference=received == reference,
+        consumer_decode_s=round(decode_s, 4),
+        decoded_equal_reference=equal,
+        held_prefix_untouched=prefix_untouched,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="the JSON of results (rewritten as they come)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    report = Report(args.out, args.smoke or device.type == "cpu")
+    caps = (20, 60, 60, 60) if device.type == "cpu" else (70, 160, 100, 90)
+    with report.section("0 versions and compilation", caps[0]) as s:
+        s.row(case="versions", **versions(device))
+        compile_all(s, device, report.data["smoke"])
+        fma_report(s)
+    with report.section("1 byte identity", caps[1]) as s:
+        byte_identity(s, device, report.data["smoke"])
+    with report.section("2 throughput", caps[2]) as s:
+        throughput(s, device, report.data["smoke"])
+    with report.section("3 pipeline", caps[3]) as s:
+        pipeline(s, device, report.data["smoke"])
+    statuses = {name: entry["status"] for name, entry in report.data["sections"].items()}
+    print(json.dumps(statuses), flush=True)
+    return 0 if all(v in ("ok", "capped") for v in statuses.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

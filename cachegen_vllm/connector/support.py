@@ -1,0 +1,40 @@
+"""What the connector supports, checked once at start-up on both sides: a refusal names the vLLM
+setting that asks for what is not supported yet (`ConfigError`), instead of a cache misread later
+or an error from deep inside an encode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cachegen_vllm.codec.profile import ConfigError
+
+
+def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
+    """Refuse, naming the field: pipeline parallelism, fp8 KV caches, MLA (a latent is not K and V),
+    values narrower or wider than keys, and several KV cache groups (hybrid models)."""
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ConfigError("pipeline_parallel_size", "CacheGenConnector does not support pipeline parallelism yet")
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype != "auto":
+        raise ConfigError(
+            "kv_cache_dtype",
+            f"CacheGenConnector codes KV caches in the model's dtype (--kv-cache-dtype auto), not {cache_dtype!r} yet",
+        )
+    if getattr(vllm_config.model_config, "use_mla", False):
+        raise ConfigError(
+            "use_mla", "CacheGenConnector does not code MLA latent caches yet (it would split one as K, V)"
+        )
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    if len(groups) > 1:
+        raise ConfigError(
+            "kv_cache_groups",
+            f"CacheGenConnector supports one KV cache group, this model has {len(groups)} (a hybrid attention model)",
+        )
+    for group in groups:
+        spec = group.kv_cache_spec
+        head_size, head_size_v = spec.head_size, getattr(spec, "head_size_v", spec.head_size)
+        if head_size_v != head_size:
+            raise ConfigError(
+                "head_size_v",
+                f"CacheGenConnector needs values as wide as keys; this model's are {head_size_v} and {head_size}",
+            )

@@ -1,0 +1,327 @@
+"""Where the connector's device work runs, and when the host waits for it.
+
+The forward pass must not wait for compression. On a GPU, `save_kv_layer` only enqueues: an event
+marks the layer's cache as written on the compute stream, the encode stream waits for that event
+and runs the kernels, the frames come back into pinned host memory asynchronously, and the sealer
+thread waits for that copy's event before it seals the frames and hands them to the transport. The
+compute stream is ordered after the encode stream on the device (`join_encodes`), never by a host
+wait. The decode side runs its kernels on a stream of its own, from frames staged in pinned memory,
+and waits for them before it reports a request loaded.
+
+Two implementations, one interface: `CudaRuntime` (streams, events, a pinned staging pool, a
+sealer thread) and `Runtime`, the synchronous one for CPU caches (work runs when it is enqueued, in
+the caller's thread; events are always complete). The connector calls the same methods on both,
+so CI exercises its GPU code paths on vLLM's CPU backend.
+
+Host synchronizations are counted in `host_syncs`: the runtime's own waits, and, inside
+`counting_host_syncs`, every tensor call that makes the host wait for a GPU (``.item()``,
+``.cpu()``, ``bool()``, boolean indexing...), on any device, so that a CPU run counts what a GPU
+run would wait for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger("vllm.cachegen_vllm.device")
+Frame = bytes | bytearray | memoryview
+
+
+class Event(Protocol):
+    """A point in a stream's work; `Runtime.wait` makes the host wait for it."""
+
+    def done(self) -> bool: ...
+
+
+class _Complete:
+    """The event of a synchronous runtime: whatever it marks has happened."""
+
+    def done(self) -> bool:
+        return True
+
+
+COMPLETE = _Complete()
+
+
+class Runtime:
+    """The synchronous runtime, for CPU caches: every method keeps the CUDA runtime's contract,
+    with nothing left to wait for."""
+
+    kind = "cpu"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host_syncs = 0
+        self._count_lock = threading.Lock()
+
+    def count_sync(self, n: int = 1) -> None:
+        with self._count_lock:
+            self.host_syncs += n
+
+    # ---- streams and events ------------------------------------------------------------------
+
+    def mark(self) -> Event:
+        """An event after all work enqueued so far on the current stream."""
+        return COMPLETE
+
+    def encoding(self, after: Event | None = None) -> contextlib.AbstractContextManager[None]:
+        """Make the encode stream current, its work ordered after ``after``."""
+        return contextlib.nullcontext()
+
+    def decoding(self) -> contextlib.AbstractContextManager[None]:
+        """Make the decode stream current."""
+        return contextlib.nullcontext()
+
+    def join_encodes(self) -> None:
+        """Order the current (compute) stream after the encode work enqueued so far, on the device."""
+
+    def wait(self, event: Event) -> None:
+        """The host waits for ``event`` (counted)."""
+        self.count_sync()
+
+    # ---- host memory -------------------------------------------------------------------------
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``tensor``, complete once an event marked after this call is waited for;
+        give it back with `release`."""
+        return tensor
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` on the device, enqueued on the current stream (from pinned memory on a GPU: a
+        copy from pageable memory would make the host wait for the stream)."""
+        host = torch.from_numpy(array)
+        return host if self.device.type == "cpu" else host.to(self.device)
+
+    def stage(self, parts: Sequence[tuple[int, Frame]], nbytes: int) -> torch.Tensor:
+        """uint8 [nbytes] on the device with each part's bytes at its offset (the rest undefined),
+        enqueued on the current stream."""
+        host = np.empty(nbytes, dtype=np.uint8)
+        _fill(host, parts)
+        return self.to_device(host)
+
+    def release(self, host: torch.Tensor) -> None:
+        """A host copy from `to_host` is no longer needed."""
+
+    # ---- the sealer --------------------------------------------------------------------------
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the sealer (here: now). Jobs run one at a time, in order; a job handles
+        its own errors."""
+        job()
+
+    def drain(self) -> None:
+        """Return once every job submitted so far has run."""
+
+    def close(self) -> None:
+        """Stop the sealer after the jobs already submitted."""
+
+
+def _fill(buffer: np.ndarray, parts: Sequence[tuple[int, Frame]]) -> None:
+    for at, part in parts:
+        buffer[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
+
+
+class _CudaEvent:
+    def __init__(self, stream: torch.cuda.Stream):
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+
+    def done(self) -> bool:
+        return bool(self.event.query())
+
+
+class _PinnedPool:
+    """Pinned host buffers by power-of-two size, reused: allocating pinned memory is slow (it maps
+    pages for the device), so each size is allocated once and kept. Buffers whose last use is an
+    enqueued copy come back when its event completes."""
+
+    KEEP = 8  # free buffers kept per size
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._pending: list[tuple[Event, torch.Tensor]] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(nbytes: int) -> int:
+        return max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        size = self._size(nbytes)
+        with self._lock:
+            for event, buffer in [p for p in self._pending if p[0].done()]:
+                self._pending.remove((event, buffer))
+                self._put(buffer)
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+    def _put(self, buffer: torch.Tensor) -> None:
+        free = self._free.setdefault(buffer.numel(), [])
+        if len(free) < self.KEEP:
+            free.append(buffer)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._put(buffer)
+
+    def give_after(self, event: Event, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._pending.append((event, buffer))
+
+
+class CudaRuntime(Runtime):
+    """Streams, events, pinned staging and a sealer thread on one CUDA device."""
+
+    kind = "cuda"
+
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        self._encode = torch.cuda.Stream(device)
+        self._decode = torch.cuda.Stream(device)
+        self._pinned = _PinnedPool()
+        self._owners: dict[int, torch.Tensor] = {}  # host copy's storage: its pooled buffer
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._sealer = threading.Thread(target=self._seal, name="cachegen-sealer", daemon=True)
+        self._sealer.start()
+
+    def mark(self) -> Event:
+        return _CudaEvent(torch.cuda.current_stream(self.device))
+
+    @contextlib.contextmanager
+    def encoding(self, after: Event | None = None) -> Iterator[None]:
+        with torch.cuda.stream(self._encode):
+            if isinstance(after, _CudaEvent):
+                self._encode.wait_event(after.event)
+            yield
+
+    def decoding(self) -> contextlib.AbstractContextManager[None]:
+        return torch.cuda.stream(self._decode)
+
+    def join_encodes(self) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self._encode)
+
+    def wait(self, event: Event) -> None:
+        self.count_sync()
+        if isinstance(event, _CudaEvent):
+            event.event.synchronize()
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor.numel() * tensor.element_size()
+        buffer = self._pinned.take(nbytes)
+        host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
+        host.copy_(tensor, non_blocking=True)
+        with self._count_lock:
+            self._owners[host.untyped_storage().data_ptr()] = buffer
+        return host
+
+    def release(self, host: torch.Tensor) -> None:
+        with self._count_lock:
+            buffer = self._owners.pop(host.untyped_storage().data_ptr(), None)
+        if buffer is not None:
+            self._pinned.give(buffer)
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        buffer = self._pinned.take(array.nbytes)
+        buffer.numpy()[: array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        return self._upload(buffer, array.nbytes).view(torch.from_numpy(array[:0]).dtype).view(array.shape)
+
+    def stage(self, parts: Sequence[tuple[int, Frame]], nbytes: int) -> torch.Tensor:
+        buffer = self._pinned.take(nbytes)
+        _fill(buffer.numpy(), parts)
+        return self._upload(buffer, nbytes)
+
+    def _upload(self, buffer: torch.Tensor, nbytes: int) -> torch.Tensor:
+        on_device = buffer[:nbytes].to(self.device, non_blocking=True)
+        self._pinned.give_after(self.mark(), buffer)  # reusable once the copy is done
+        return on_device
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def _seal(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a job reports its own failures; this keeps the sealer alive
+                log.exception("a sealer job failed")
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def drain(self) -> None:
+        self._jobs.join()
+
+    def close(self) -> None:
+        if self._sealer.is_alive():
+            self._jobs.put(None)
+            self._sealer.join(timeout=30)
+
+
+def runtime_for(device: torch.device) -> Runtime:
+    """The runtime for caches on ``device``."""
+    return CudaRuntime(device) if device.type == "cuda" else Runtime(device)
+
+
+# ---- counting the host's waits -----------------------------------------------------------------
+
+# Tensor calls that make the host wait for a GPU's work: they read a result on the host.
+_SYNCING: set[Any] = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.cpu,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+    torch.Tensor.nonzero,
+    torch.nonzero,
+    torch.Tensor.masked_select,
+    torch.masked_select,
+    torch.unique,
+    torch.Tensor.unique,
+    torch.repeat_interleave,
+}
+
+
+def _syncs(func: Any, args: tuple, kwargs: dict) -> bool:
+    if func in _SYNCING:
+        return func is not torch.repeat_interleave or "output_size" not in kwargs
+    if func is torch.Tensor.__getitem__:  # a boolean mask: the result's size is data
+        index = args[1] if len(args) > 1 else None
+        items = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+    if func is torch.Tensor.to:  # to the host
+        targets = [*args[1:], *kwargs.values()]
+        return any(str(t) == "cpu" or (isinstance(t, torch.device) and t.type == "cpu") for t in targets)
+    return False
+
+
+class _SyncCounter(TorchFunctionMode):
+    def __init__(self, runtime: Runtime):
+        super().__init__()
+        self.runtime = runtime
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _syncs(func, args, kwargs):
+            self.runtime.count_sync()
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def counting_host_syncs(runtime: Runtime) -> Iterator[None]:
+    """Count, into ``runtime.host_syncs``, every tensor call in this thread that would make the host
+    wait for a GPU, whatever the tensors' device."""
+    with _SyncCounter(runtime):
+        yield
