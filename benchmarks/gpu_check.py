@@ -289,7 +289,6 @@ def identity_case(spec: dict, layout: str, tokens: int, index_dtype, profile_nam
             runtime=runtime,
             kernels=True if profile.coding == "packed" else None,
         )
-        runtime.wait(runtime.mark())
         got = pending.finish()
     key, value = gather(caches[layer].cpu(), None, table.long(), tokens)
     want = encode_layer(
@@ -491,10 +490,8 @@ def pipeline(section: Section, device: torch.device, smoke: bool) -> None:
                         runtime=runtime,
                         kernels=True,
                     )
-                    copied = runtime.mark()
 
-                def seal(pending=pending, copied=copied, written=written) -> None:
-                    runtime.wait(copied)
+                def seal(pending=pending, written=written) -> None:
                     with runtime.encoding(after=written):
                         for frame in pending.finish():
                             frames.put(frame)

@@ -442,9 +442,9 @@ SMOLLM2 = dict(layers=30, heads=3, head_dim=64)  # the geometry the shipped basi
 def test_encoding_a_layer_waits_for_the_device_a_fixed_number_of_times(profile, monkeypatch):
     """On a GPU every read of a device result makes the host wait. The reference codec (the
     entropy-coded and basis profiles) reads twice per layer and save, whatever the prompt's
-    length, and the sealer waits once for the encode stream: counted here on CPU tensors, as the
-    tensor calls that would wait on a GPU (`device.counting_host_syncs`), with the torch rANS coder
-    (the Triton one's contract: device tensors in and out)."""
+    length: counted here on CPU tensors, as the tensor calls that would wait on a GPU
+    (`device.counting_host_syncs`), with the torch rANS coder (the Triton one's contract: device
+    tensors in and out)."""
     from cachegen_vllm.codec import entropy
 
     monkeypatch.setitem(entropy._CODERS, "cpu", entropy.REFERENCE_CODER)
@@ -465,7 +465,7 @@ def test_encoding_a_layer_waits_for_the_device_a_fixed_number_of_times(profile, 
             waits.append(w.runtime.host_syncs - before)
     finally:
         w.shutdown()
-    assert waits == [3, 3], waits
+    assert waits == [2, 2], waits
 
 
 def test_an_unexpected_error_while_encoding_drops_the_transfer_not_the_forward_pass(prefill, monkeypatch):

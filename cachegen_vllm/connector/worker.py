@@ -269,11 +269,10 @@ class CacheGenWorker:
                     )
                     runtime.submit(functools.partial(self._drop_failed, save.transfer_id))
                     continue
-                copied = runtime.mark()
                 enqueued = time.perf_counter() - started
                 with self._lock:
                     self._unsealed[save.req_id] += 1
-                runtime.submit(functools.partial(self._seal, save, layer, pending, written, copied, enqueued))
+                runtime.submit(functools.partial(self._seal, save, layer, pending, written, enqueued))
 
     def wait_for_save(self) -> None:
         """The step's end: the compute stream waits for the encode stream on the device (a
@@ -281,14 +280,12 @@ class CacheGenWorker:
         if self._producer is not None:
             self.runtime.join_encodes()
 
-    def _seal(
-        self, save: SaveRequest, layer: int, pending: PendingEncode, written: Event, copied: Event, enqueued: float
-    ) -> None:
+    def _seal(self, save: SaveRequest, layer: int, pending: PendingEncode, written: Event, enqueued: float) -> None:
         """The sealer's job for one save of one layer: make the frames, queue them for the decode."""
         producer = self._producer
         assert producer is not None
         try:
-            self._send(save, layer, pending, written, copied, enqueued, producer)
+            self._send(save, layer, pending, written, enqueued, producer)
         except Exception:  # a bug: the transfer is dropped (its decode recomputes), the prefill goes on
             log.exception("transfer %s: encoding layer %d failed; the decode recomputes", save.transfer_id, layer)
             self._drop_failed(save.transfer_id)
@@ -318,7 +315,6 @@ class CacheGenWorker:
         layer: int,
         pending: PendingEncode,
         written: Event,
-        copied: Event,
         enqueued: float,
         producer: FrameProducer,
     ) -> None:
@@ -326,8 +322,7 @@ class CacheGenWorker:
             return
         runtime = self.runtime
         started = time.perf_counter()
-        runtime.wait(copied)
-        with runtime.encoding(after=written):  # the reference codec's device work, if any
+        with runtime.encoding(after=written):  # waits for the kernels' copy, or runs the torch codec
             frames = pending.finish()
         last = save.end == save.total and layer == self.geometry.num_layers - 1
         try:

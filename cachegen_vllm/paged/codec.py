@@ -41,8 +41,8 @@ def _on_gpu(device: torch.device) -> bool:
 
 @dataclass
 class PendingEncode:
-    """A layer's frames on their way: `finish` makes them, once the copies `start_encode` enqueued
-    are complete (on a CPU cache, at once). The frames own their bytes."""
+    """A layer's frames on their way: `finish` makes them, waiting first for the copies
+    `start_encode` enqueued (on a CPU cache there are none). The frames own their bytes."""
 
     finish: Callable[[], list[bytes]]
 
@@ -64,8 +64,9 @@ def start_encode(
     """Begin the frames of tokens ``[token_start, token_start + count)`` of one layer of a request,
     read from its blocks (``block_ids`` on the cache's device; ``order``: the CPU page order, None
     where the tensor's strides are the layout). The kernels and their output's copy to the host go
-    on the current stream, with host memory from ``runtime``; the reference codec's work waits for
-    `PendingEncode.finish`, which must then run on a stream ordered after the cache's writes.
+    on the current stream, with host memory from ``runtime``, and `PendingEncode.finish` waits for
+    that copy; the reference codec's work waits for `finish`, which must then run on a stream
+    ordered after the cache's writes.
     ``kernels``: whether the Triton kernels encode (default: on a CUDA cache, for bit-packed frames;
     True on a CPU runs them in Triton's interpreter)."""
     runtime = runtime or Runtime(layer_cache.device)
@@ -78,8 +79,10 @@ def start_encode(
         plan = frames.plan_encode(geometry, profile, count=count, device=layer_cache.device, runtime=runtime, **where)
         frames.launch_encode(plan, layer_cache, block_ids)
         payload, bad = runtime.to_host(plan.buffer), [runtime.to_host(b) for b in plan.bad]
+        copied = runtime.mark()
 
         def sealed() -> list[bytes]:
+            runtime.wait(copied)
             try:
                 return [
                     bytes(frame)
