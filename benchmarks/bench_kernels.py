@@ -6,7 +6,7 @@ On a CUDA GPU (carry xxhash as a wheel to a machine with no package registry):
 
 For a Llama-3-8B-like cache (32 layers, 8 KV heads, head_dim 128, block size 16, bf16, pages in
 FlashAttention's order, shuffled block ids) at 4K, 16K and 32K tokens it times, per layer:
-encode and decode kernels alone (CUDA events, median of --reps), the whole `encode_blocks_on_kernels`
+encode and decode kernels alone (CUDA events, median of --reps), the whole `paged.encode_blocks`
 call (planning, kernels, copy to the host, headers, checksums), and the torch reference codec on the
 same device; GB/s counts bytes read plus bytes written, and "of copy" divides by a device-to-device
 copy measured in the same run.
@@ -267,8 +267,7 @@ def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, devi
     from cachegen_vllm.codec.bitpack import pack
     from cachegen_vllm.codec.quant import quantize
     from cachegen_vllm.kernels import frames as kernels
-    from cachegen_vllm.paged import gather
-    from cachegen_vllm.paged.codec import encode_blocks_on_kernels
+    from cachegen_vllm.paged import encode_blocks, gather
 
     profile = load_profile(profile_name)
     blocks = -(-tokens // BLOCK_SIZE)
@@ -286,8 +285,17 @@ def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, devi
     encode_s = median_seconds(lambda: kernels.launch_encode(plan, cache, table), reps)
     frames = kernels.finish_encode(plan, GEOMETRY)
     api_s = _wall(
-        lambda: encode_blocks_on_kernels(
-            cache, table, geometry=GEOMETRY, profile=profile, layer=0, token_start=0, count=tokens, total_tokens=tokens
+        lambda: encode_blocks(
+            cache,
+            None,
+            table,
+            geometry=GEOMETRY,
+            profile=profile,
+            layer=0,
+            token_start=0,
+            count=tokens,
+            total_tokens=tokens,
+            kernels=True,
         ),
         max(3, reps // 4),
     )

@@ -172,10 +172,9 @@ def byte_diff(got: list[bytes], want: list[bytes], geometry: KVGeometry) -> dict
             continue
         differ += 1
         header = parse_frame(b, geometry)
-        names = ("mins", "scales", "codes")
-        for s, slots in enumerate(payload_arrays(header, geometry)):
+        for s, slots in enumerate(payload_arrays(header, geometry)):  # K's arrays, then V's (FORMAT.md)
             for i, (offset, n) in enumerate(slots):
-                name = names[i % 3] if len(slots) > 2 else "exact"
+                name = f"array{i}"
                 count = int(
                     np.count_nonzero(np.frombuffer(a, np.uint8, n, offset) != np.frombuffer(b, np.uint8, n, offset))
                 )

@@ -61,10 +61,10 @@ class Runtime:
     def __init__(self, device: torch.device):
         self.device = device
         self.host_syncs = 0
-        self._count_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     def count_sync(self, n: int = 1) -> None:
-        with self._count_lock:
+        with self._lock:
             self.host_syncs += n
 
     # ---- streams and events ------------------------------------------------------------------
@@ -221,12 +221,12 @@ class CudaRuntime(Runtime):
         buffer = self._pinned.take(nbytes)
         host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
         host.copy_(tensor, non_blocking=True)
-        with self._count_lock:
+        with self._lock:
             self._owners[host.untyped_storage().data_ptr()] = buffer
         return host
 
     def release(self, host: torch.Tensor) -> None:
-        with self._count_lock:
+        with self._lock:
             buffer = self._owners.pop(host.untyped_storage().data_ptr(), None)
         if buffer is not None:
             self._pinned.give(buffer)

@@ -68,7 +68,7 @@ def plan_encode(
     work on the current stream (``runtime``: how host arrays get there; default plain copies)."""
     if profile.coding != "packed":
         raise ValueError(
-            f"coding {profile.coding!r}: the kernels code 'packed' frames (paged.encode_blocks routes the rest)"
+            f"coding {profile.coding!r}: the kernels code 'packed' frames (paged.start_encode routes the rest)"
         )
     headers, bases, size, launches = _encode_layout(
         geometry, profile, layer, token_start, count, total_tokens, device, runtime or Runtime(device)
@@ -189,10 +189,10 @@ def plan_decode(
     the device, grouped by layer and format flags, on the current stream (``runtime``: how)."""
     headers = [parse_frame(frame, geometry) for frame in frames]
     if any(h.coding != "packed" for h in headers):
-        raise ValueError("the kernels decode 'packed' frames only (paged.decode_into_blocks routes the rest)")
+        raise ValueError("the kernels decode 'packed' frames only (paged.decode_frames_into_blocks routes the rest)")
     if any((h.head_start, h.head_count) != (geometry.head_start, geometry.num_kv_heads) for h in headers):
         raise ValueError(
-            "the kernels decode frames of the cache's own heads only (paged.decode_into_blocks routes the rest)"
+            "the kernels decode frames of the cache's own heads only (paged.decode_frames_into_blocks routes the rest)"
         )
     runtime = runtime or Runtime(device)
     groups: dict[tuple, list[int]] = {}

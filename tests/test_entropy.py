@@ -286,8 +286,9 @@ def test_profile_coding_fields_are_validated():
 
 
 def test_paged_entry_points_carry_rans_frames():
-    """encode_blocks / decode_into_blocks (the connector's two calls) with a rans profile on a CPU
-    cache: the frames are encode_layer's, and decoding writes exactly the asked tokens."""
+    """paged's one-call encode and decode (`encode_blocks`, `decode_into_blocks`: what the connector's
+    `start_encode` and `decode_frames_into_blocks` do, at once) with a rans profile on a CPU cache:
+    the frames are encode_layer's, and decoding writes exactly the asked tokens."""
     from cachegen_vllm.paged import decode_into_blocks, encode_blocks, gather, scatter
 
     key, value = _kv(150, seed=9)

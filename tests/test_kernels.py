@@ -27,7 +27,6 @@ from cachegen_vllm.config import load_profile, profile_from_dict  # noqa: E402
 from cachegen_vllm.kernels import frames as kernel_frames  # noqa: E402
 from cachegen_vllm.kernels import paged_codec  # noqa: E402
 from cachegen_vllm.paged import decode_into_blocks, encode_blocks, gather  # noqa: E402
-from cachegen_vllm.paged.codec import encode_blocks_on_kernels  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 NUM_BLOCKS, BLOCK_SIZE = 12, 16
@@ -86,8 +85,9 @@ def test_encode_matches_reference_bytes(case, bits):
     cache = _cache(layout, heads, head_dim, dtype, seed=sum(bits))
     geometry, profile = _geometry(heads, head_dim, dtype), _profile(bits, **kw)
     table = BLOCKS.to(DEVICE)
-    frames = encode_blocks_on_kernels(
+    frames = encode_blocks(
         cache,
+        None,
         table,
         geometry=geometry,
         profile=profile,
@@ -95,6 +95,7 @@ def test_encode_matches_reference_bytes(case, bits):
         token_start=start,
         count=count,
         total_tokens=total,
+        kernels=True,
     )
     key, value = gather(cache.cpu(), None, BLOCKS, start + count)
     expected = encode_layer(
@@ -128,8 +129,9 @@ def test_each_layer_gets_its_own_widths_and_header():
     cache = _cache("NHD", 2, 32, torch.float16, seed=6)
     key, value = gather(cache.cpu(), None, BLOCKS, 50)
     for layer in (0, 1, 0):
-        frames = encode_blocks_on_kernels(
+        frames = encode_blocks(
             cache,
+            None,
             BLOCKS.to(DEVICE),
             geometry=geometry,
             profile=profile,
@@ -137,6 +139,7 @@ def test_each_layer_gets_its_own_widths_and_header():
             token_start=0,
             count=50,
             total_tokens=50,
+            kernels=True,
         )
         assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=layer)
 
@@ -152,8 +155,9 @@ def test_encode_writes_every_payload_byte(monkeypatch):
         "_frame_buffer",
         lambda size, device: torch.full((size,), 0xA5, dtype=torch.uint8, device=device),
     )
-    frames = encode_blocks_on_kernels(
+    frames = encode_blocks(
         cache,
+        None,
         BLOCKS.to(DEVICE),
         geometry=geometry,
         profile=profile,
@@ -161,6 +165,7 @@ def test_encode_writes_every_payload_byte(monkeypatch):
         token_start=start,
         count=count,
         total_tokens=total,
+        kernels=True,
     )
     key, value = gather(cache.cpu(), None, BLOCKS, start + count)
     expected = encode_layer(
@@ -211,8 +216,9 @@ def test_round_trip_through_both_paths():
     """A payload from the kernels decodes on the CPU path and back, into a CPU vLLM-style cache."""
     geometry, profile = _geometry(2, 64, torch.bfloat16), load_profile("default")
     cache = _cache("NHD", 2, 64, torch.bfloat16, seed=3)
-    frames = encode_blocks_on_kernels(
+    frames = encode_blocks(
         cache,
+        None,
         BLOCKS.to(DEVICE),
         geometry=geometry,
         profile=profile,
@@ -220,6 +226,7 @@ def test_round_trip_through_both_paths():
         token_start=0,
         count=130,
         total_tokens=130,
+        kernels=True,
     )
     cpu = torch.zeros_like(cache).cpu()
     for frame in frames:
@@ -240,8 +247,17 @@ def test_values_the_statistics_cannot_hold_travel_exact(poison):
     geometry, profile = _geometry(2, 32, torch.float32), _profile((4, 4), group=8, chunk=16)
     cache = _cache("HND", 2, 32, torch.float32, seed=4)
     cache[BLOCKS[1], 1, 5, 40] = poison  # token 21's value, head 1: the second frame
-    frames = encode_blocks_on_kernels(
-        cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0, token_start=0, count=40, total_tokens=40
+    frames = encode_blocks(
+        cache,
+        None,
+        BLOCKS.to(DEVICE),
+        geometry=geometry,
+        profile=profile,
+        layer=0,
+        token_start=0,
+        count=40,
+        total_tokens=40,
+        kernels=True,
     )
     key, value = gather(cache.cpu(), None, BLOCKS, 40)
     assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=0)
@@ -260,8 +276,17 @@ def test_constant_groups_get_the_smallest_scale():
     geometry, profile = _geometry(2, 32, torch.bfloat16), _profile((4, 2), value_axis="channel", group=8, chunk=16)
     cache = _cache("NHD", 2, 32, torch.bfloat16, seed=5)
     cache[BLOCKS[0]] = 0.5  # the first 16 tokens: every channel constant, before and after rotation
-    frames = encode_blocks_on_kernels(
-        cache, BLOCKS.to(DEVICE), geometry=geometry, profile=profile, layer=0, token_start=0, count=20, total_tokens=20
+    frames = encode_blocks(
+        cache,
+        None,
+        BLOCKS.to(DEVICE),
+        geometry=geometry,
+        profile=profile,
+        layer=0,
+        token_start=0,
+        count=20,
+        total_tokens=20,
+        kernels=True,
     )
     key, value = gather(cache.cpu(), None, BLOCKS, 20)
     assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=0)

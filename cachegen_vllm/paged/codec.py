@@ -114,8 +114,10 @@ def encode_blocks(
     token_start: int,
     count: int,
     total_tokens: int,
+    kernels: bool | None = None,
 ) -> list[bytes]:
-    """`start_encode` and its `finish` at once, on the current stream."""
+    """`start_encode` and its `finish` at once, on the current stream (``kernels=True`` on a CPU runs
+    the Triton kernels in Triton's interpreter: the same frames, byte for byte)."""
     return start_encode(
         layer_cache,
         order,
@@ -126,13 +128,8 @@ def encode_blocks(
         token_start=token_start,
         count=count,
         total_tokens=total_tokens,
+        kernels=kernels,
     ).finish()
-
-
-def encode_blocks_on_kernels(layer_cache: torch.Tensor, block_ids: torch.Tensor, **where) -> list[bytes]:
-    """`encode_blocks` through the Triton kernels on whatever device the cache is (Triton's
-    interpreter runs them on a CPU): the same frames, byte for byte."""
-    return start_encode(layer_cache, None, block_ids, kernels=True, **where).finish()
 
 
 def _reference_frame(
