@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from pathlib import Path
 
 from cachegen_vllm.launch import (
     cachegen_counters,
     common_prefix,
+    document_prompt,
+    free_ports,
     kv_transfer_config,
     post,
     start_instance,
@@ -36,28 +37,6 @@ PROMPTS = 4
 KV_CACHE_BYTES = 256 << 20
 
 
-def _free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports."""
-    for base in range(21000, 32000, count):
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
-
-
-def _prompt(index: int) -> list[int]:
-    from pydoc_data.topics import topics
-
-    from transformers import AutoTokenizer
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))[index * 20000 + 5000 :]
-    return AutoTokenizer.from_pretrained(str(ensure_default_model()))(text).input_ids[: 2 * 128 + 1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
@@ -65,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     args.logs.mkdir(parents=True, exist_ok=True)
     model = ensure_default_model()
-    base = _free_ports(7)  # three HTTP ports, then the producers': three for TP=3's ranks, one for TP=1's
+    base = free_ports(7)  # three HTTP ports, then the producers': three for TP=3's ranks, one for TP=1's
     ports = {"tp3": base, "tp1": base + 1, "reference": base + 2}
     binds = {"tp3": base + 3, "tp1": base + 6}
     procs = {
@@ -101,7 +80,7 @@ def main() -> None:
         for direction in (("tp3", "tp1"), ("tp1", "tp3")):
             for _ in range(PROMPTS):
                 index += 1
-                text = _prompt(index)
+                text = document_prompt(index, 2 * 128 + 1)
                 prefill, decode = direction
                 answer(urls["reference"], text, max_tokens=1)  # its prefix cache: a decode's computation
                 expected = answer(urls["reference"], text)
