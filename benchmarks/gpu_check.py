@@ -1,7 +1,7 @@
 """The GPU code paths checked on a real GPU in one command: the connector's kernels, runtime and
 pipeline, without vLLM or ZeroMQ, on a bare machine (torch, Triton, numba, xxhash, safetensors).
 
-    python3 benchmarks/gpu_check.py --out gpu_check.json            # on a GPU: about 7 minutes
+    python3 benchmarks/gpu_check.py --out gpu_check.json            # on a GPU: sections capped at 460 s in all
     python3 benchmarks/gpu_check.py --smoke --out gpu_check.json    # on a CPU: Triton's interpreter, tiny shapes
 
 Each section has a time cap (cases left when it is reached are listed as skipped) and writes its
