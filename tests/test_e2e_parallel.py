@@ -36,13 +36,14 @@ def cluster(model_dir, tmp_path_factory):
     procs = {
         # three ranks, one KV head each, on two cores, unpinned: pinned "0|1|0", two ranks spin on
         # one core in each all-reduce, and a decode's forward pass took up to 65 s; a longer peer
-        # timeout than the default, for ranks that share the cores while they wait
+        # timeout than the default, for ranks that share the cores while they wait (60 s: 30 s
+        # ran out once in a clean-clone CI run, tp1 -> tp3)
         "tp3": start_instance(
             model_dir,
             ports["tp3"],
             logs / "tp3.log",
             kv_transfer_config(
-                "kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port(3)}", "peer_timeout_s": 30}
+                "kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port(3)}", "peer_timeout_s": 60}
             ),
             extra_args=("--tensor-parallel-size", "3"),
             kv_cache_bytes=KV_CACHE_BYTES,
@@ -52,7 +53,7 @@ def cluster(model_dir, tmp_path_factory):
             ports["tp1"],
             logs / "tp1.log",
             kv_transfer_config(
-                "kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}", "peer_timeout_s": 30}
+                "kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}", "peer_timeout_s": 60}
             ),
             kv_cache_bytes=KV_CACHE_BYTES,
         ),

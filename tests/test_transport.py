@@ -303,10 +303,42 @@ def test_producer_dies(endpoints):
     assert next(stream)
     dead.close()
     started = time.monotonic()
-    with pytest.raises(PeerGone):
+    with pytest.raises(PeerGone, match=r"answered none of \d+ pings .* \(no connection\)"):
         next(stream)
     assert time.monotonic() - started < FAST.peer_timeout_s + 1.5
     assert wait_until(lambda: consumer.open_streams == 0 and consumer.buffered_bytes == 0)
+
+
+def test_a_stalled_consumer_thread_does_not_count_its_own_silence(endpoints):
+    """A consumer's IO thread that could not run (a starved process, a held GIL) sent no pings; the
+    producer's silence meanwhile is no sign of its death."""
+    config = TransportConfig(**{**FAST.__dict__, "lease_s": 10.0})  # the producer waits out the stall
+    producer, consumer = endpoints(config)
+    frames = make_frames(2)
+    producer.put("stalled", frames[0])
+    stream = consumer.fetch(producer.endpoint, "stalled", timeout_s=30)
+    assert next(stream) == frames[0]
+    consumer.call(lambda: time.sleep(config.peer_timeout_s * 3))
+    time.sleep(config.peer_timeout_s * 3 + 0.5)
+    produce(producer, "stalled", frames[1:])
+    assert list(stream) == frames[1:]
+    assert consumer.stats["failed_peer_gone"] == 0
+
+
+def test_a_stalled_producer_thread_reads_the_heartbeats_before_it_evicts(endpoints):
+    """The pings that queued while the producer's IO thread could not run renew the lease before it
+    judges the transfer abandoned."""
+    config = TransportConfig(**{**FAST.__dict__, "lease_s": 0.5, "peer_timeout_s": 5.0})  # the consumer waits
+    producer, consumer = endpoints(config)
+    frames = make_frames(2)
+    producer.put("stalled", frames[0])
+    stream = consumer.fetch(producer.endpoint, "stalled", timeout_s=30)
+    assert next(stream) == frames[0]
+    producer.call(lambda: time.sleep(config.lease_s * 3))
+    time.sleep(config.lease_s * 3 + 0.3)
+    produce(producer, "stalled", frames[1:])
+    assert list(stream) == frames[1:]
+    assert producer.stats["evicted"] == 0
 
 
 def test_producer_restart_is_detected_and_new_transfers_work(endpoints):

@@ -1,7 +1,9 @@
 """Consumer side (the decode instance): pulls a transfer's frames from the producer named in the
 request and hands them over in order, each as soon as it arrives, so that layer L can be decoded
 while layer L+1 is still on the wire. One DEALER socket per producer carries every transfer from
-that producer; heartbeats tell a dead or restarted producer from a slow one."""
+that producer; heartbeats tell a dead or restarted producer from a slow one. A producer counts as
+gone when it has answered none of our pings for `peer_timeout_s`: silence while this thread could
+not run (a starved process, a long-held GIL) sent no pings, and does not count against it."""
 
 from __future__ import annotations
 
@@ -11,29 +13,29 @@ import time
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from cachegen_vllm.codec.format import FrameError, check_integrity
 from cachegen_vllm.codec.profile import ConfigError
 from cachegen_vllm.transport import protocol as P
-from cachegen_vllm.transport._io import (
-    HANDSHAKE_FAILURES,
-    IOThread,
-    handshake_failed,
-    log,
-    secure_client,
-)
+from cachegen_vllm.transport._io import HANDSHAKE_FAILURES, IOThread, log, secure_client
 from cachegen_vllm.transport.config import TransportConfig
 from cachegen_vllm.transport.errors import CorruptFrame, PeerGone, TransferRefused, TransportError, TransportTimeout
 
 _END = object()
 
 
+CONNECTION_EVENTS = HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
 @dataclass
 class _Peer:
     sock: zmq.Socket
-    monitor: zmq.Socket | None
-    last_seen: float
+    monitor: zmq.Socket
     last_ping: float = 0.0
+    unanswered_since: float | None = None  # our first ping since the producer last said anything
+    pings: int = 0  # sent since then
+    connected: bool = False  # a handshake succeeded and no disconnection since
     epoch: bytes | None = None
     streams: dict[bytes, TransferStream] = field(default_factory=dict)
 
@@ -151,9 +153,9 @@ class FrameConsumer(IOThread):
         for peer in self._peers.values():
             for stream in list(peer.streams.values()):
                 stream._items.put(PeerGone("the consumer was closed"))
+            peer.sock.disable_monitor()  # first: else later sockets of the context never connected
+            peer.monitor.close(linger=0)
             peer.sock.close(linger=0)
-            if peer.monitor is not None:
-                peer.monitor.close(linger=0)
         self._peers.clear()
         self._buffered = 0
 
@@ -170,12 +172,11 @@ class FrameConsumer(IOThread):
             sock.linger = 0
             sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes + 4096)
             secure_client(sock, self.config)
-            monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES) if self.config.curve else None
+            monitor = sock.get_monitor_socket(CONNECTION_EVENTS)  # says whether a silent peer is reachable
             sock.connect(endpoint)
             self.poller.register(sock, zmq.POLLIN)
-            if monitor is not None:
-                self.poller.register(monitor, zmq.POLLIN)
-            peer = self._peers[endpoint] = _Peer(sock, monitor, last_seen=time.monotonic())
+            self.poller.register(monitor, zmq.POLLIN)
+            peer = self._peers[endpoint] = _Peer(sock, monitor)
         return peer
 
     def _send(self, endpoint: str, parts: list) -> None:
@@ -191,8 +192,8 @@ class FrameConsumer(IOThread):
         if stream._closed:
             return
         peer = self._peer(stream.endpoint)
-        if not peer.streams:
-            peer.last_seen = time.monotonic()  # silence is counted from now, not from the last transfer
+        if not peer.streams:  # silence is counted from the next ping, not from the last transfer
+            peer.unanswered_since, peer.pings = None, 0
         old = peer.streams.get(stream._tid)
         if old is not None:
             self._fail(old, TransferRefused(f"transfer {stream.transfer_id} was fetched again"), cancel=False)
@@ -227,22 +228,33 @@ class FrameConsumer(IOThread):
     def on_ready(self, ready: dict) -> None:
         for endpoint, peer in list(self._peers.items()):
             if peer.sock in ready:
-                while True:
-                    try:
-                        parts = peer.sock.recv_multipart(zmq.NOBLOCK, copy=True)
-                    except zmq.Again:
-                        break
-                    self._handle(endpoint, peer, parts)
-            if peer.monitor is not None and peer.monitor in ready:
-                while peer.monitor.poll(0):
-                    if handshake_failed(peer.monitor):
-                        self.stats["unauthenticated"] += 1
-                        log.warning("CURVE handshake with %s failed", endpoint)
-                        for stream in list(peer.streams.values()):
-                            self._fail(stream, TransferRefused(f"CURVE handshake with {endpoint} failed"), cancel=False)
+                self._receive(endpoint, peer)
+            if peer.monitor in ready:
+                self._watch(endpoint, peer)
+
+    def _receive(self, endpoint: str, peer: _Peer) -> None:
+        while True:
+            try:
+                parts = peer.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self._handle(endpoint, peer, parts)
+
+    def _watch(self, endpoint: str, peer: _Peer) -> None:
+        while peer.monitor.poll(0):
+            event = recv_monitor_message(peer.monitor, zmq.NOBLOCK)["event"]
+            if event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                peer.connected = True
+            elif event & zmq.EVENT_DISCONNECTED:
+                peer.connected = False
+            elif event & HANDSHAKE_FAILURES:
+                self.stats["unauthenticated"] += 1
+                log.warning("CURVE handshake with %s failed", endpoint)
+                for stream in list(peer.streams.values()):
+                    self._fail(stream, TransferRefused(f"CURVE handshake with {endpoint} failed"), cancel=False)
 
     def _handle(self, endpoint: str, peer: _Peer, parts: list[bytes]) -> None:
-        peer.last_seen = time.monotonic()
+        peer.unanswered_since, peer.pings = None, 0
         kind = parts[0]
         if kind == P.PONG and len(parts) == 2:
             if peer.epoch is not None and parts[1] != peer.epoch:
@@ -295,12 +307,23 @@ class FrameConsumer(IOThread):
 
     def tick(self) -> None:
         now = time.monotonic()
-        for endpoint, peer in self._peers.items():
+        for endpoint, peer in list(self._peers.items()):
             if not peer.streams:
                 continue
-            if now - peer.last_seen > self.config.peer_timeout_s:
-                for stream in list(peer.streams.values()):
-                    self._fail(stream, PeerGone(f"producer {endpoint} silent for {now - peer.last_seen:.1f} s"))
+            if peer.unanswered_since is not None and now - peer.unanswered_since > self.config.peer_timeout_s:
+                self._receive(endpoint, peer)  # answers that came while this thread was not running count
+                self._watch(endpoint, peer)
+                if peer.unanswered_since is not None:
+                    self._give_up(endpoint, peer, now - peer.unanswered_since)
             elif now - peer.last_ping >= self.config.heartbeat_s:
                 peer.last_ping = now
+                peer.pings += 1
+                if peer.unanswered_since is None:
+                    peer.unanswered_since = now
                 self._send(endpoint, [P.PING])
+
+    def _give_up(self, endpoint: str, peer: _Peer, silence_s: float) -> None:
+        connection = "connected" if peer.connected else "no connection"
+        why = f"producer {endpoint} answered none of {peer.pings} pings in {silence_s:.1f} s"
+        for stream in list(peer.streams.values()):
+            self._fail(stream, PeerGone(f"{why} ({connection})"))

@@ -132,9 +132,10 @@ class FrameProducer(IOThread):
 
     def close(self) -> None:
         self.stop()
-        self._sock.close(linger=0)
         if self._monitor is not None:
+            self._sock.disable_monitor()  # first: else later sockets of the context never connected
             self._monitor.close(linger=0)
+        self._sock.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
         with self._lock:
@@ -272,6 +273,10 @@ class FrameProducer(IOThread):
 
     def tick(self) -> None:
         now = time.monotonic()
+        with self._lock:
+            expiring = any(t.expires < now for t in self._transfers.values())
+        if expiring:  # the heartbeats that came while this thread was not running renew first
+            self.on_ready({self._sock: zmq.POLLIN})
         with self._lock:
             expired = [(tid, t.pulled) for tid, t in self._transfers.items() if t.expires < now]
             sendable = [(tid, t, r) for tid, t in self._transfers.items() for r in t.pulling.values() if r.consumer]
