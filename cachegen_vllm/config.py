@@ -248,10 +248,17 @@ class ConnectorConfig:
     start-up."""
 
     kv_role: str  # kv_producer (prefill), kv_consumer (decode), or kv_both (each request's params say)
-    profile: Profile
+    ladder: tuple[Profile, ...]  # producer: the profile, or with "adaptive" the levels, least compressed first
     transport: TransportConfig
     advertise: str  # producer: the endpoint decode instances connect to (default: bind)
     load_timeout_s: float  # consumer: a transfer not complete by then fails (policy decides)
+    link_mbps: float | None = None  # producer, adaptive: the link's goodput, fixed, instead of measuring it
+    recompute_tokens_per_s: float | None = None  # consumer: its own prefill rate; a slower link recomputes
+
+    @property
+    def adaptive(self) -> bool:
+        """The producer chooses a level of the ladder per request and layer (`adaptation`)."""
+        return len(self.ladder) > 1
 
     @property
     def sends(self) -> bool:
@@ -264,7 +271,9 @@ class ConnectorConfig:
         return self.kv_role in ("kv_consumer", "kv_both")
 
 
-CONNECTOR_FIELDS = {"profile", "advertise", "load_timeout_s"}
+CONNECTOR_FIELDS = {"profile", "ladder", "link_mbps", "recompute_tokens_per_s", "advertise", "load_timeout_s"}
+ADAPTIVE = "adaptive"  # the profile name that picks a level of `ladder` per request and layer
+DEFAULT_LADDER = ("raw", "high-quality", "default")  # for any model; the embedded one adds its basis
 EXTRA = "kv_connector_extra_config."
 
 
@@ -282,6 +291,44 @@ def _endpoint(field: str, value: Any) -> str:
     return endpoint
 
 
+def _rate(field: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+        raise ConfigError(field, f"must be a positive number; got {value!r}")
+    return float(value)
+
+
+def _profile(field: str, name: Any) -> Profile:
+    if not isinstance(name, str):
+        raise ConfigError(field, f"must be a profile's name or a .toml path; got {name!r}")
+    try:
+        return load_profile(name)
+    except ConfigError as e:
+        raise ConfigError(field, str(e).split(": ", 1)[1]) from None
+
+
+def _ladder(extra: dict) -> tuple[Profile, ...]:
+    """The profile, or with ``"adaptive"`` the ladder's levels (least compressed first, the last
+    one the quality floor), which must cut frames at the same token positions."""
+    name = extra.get("profile", "default")
+    if name != ADAPTIVE:
+        if "ladder" in extra:
+            raise ConfigError(EXTRA + "ladder", f'is read only with profile "{ADAPTIVE}"')
+        return (_profile(EXTRA + "profile", name),)
+    names = extra.get("ladder", list(DEFAULT_LADDER))
+    if not isinstance(names, list) or len(names) < 2:
+        raise ConfigError(EXTRA + "ladder", f"must list two profiles or more, least compressed first; got {names!r}")
+    ladder = tuple(_profile(f"{EXTRA}ladder[{i}]", n) for i, n in enumerate(names))
+    for i, profile in enumerate(ladder[1:], 1):
+        if profile.chunk_tokens != ladder[0].chunk_tokens:
+            raise ConfigError(
+                f"{EXTRA}ladder[{i}]",
+                f"chunk_tokens {profile.chunk_tokens} differs from ladder[0]'s {ladder[0].chunk_tokens}",
+            )
+    return ladder
+
+
 def connector_config_from_dict(kv_role: str | None, extra: Any) -> ConnectorConfig:
     """Validate a connector's ``kv_role`` and ``kv_connector_extra_config``; errors name the field,
     e.g. ``kv_connector_extra_config.profile: unknown profile 'fast'``. Transport options (bind,
@@ -295,18 +342,20 @@ def connector_config_from_dict(kv_role: str | None, extra: Any) -> ConnectorConf
         if key not in CONNECTOR_FIELDS | transport_fields:
             known = ", ".join(sorted(CONNECTOR_FIELDS | transport_fields))
             raise ConfigError(EXTRA + key, f"unknown option (known: {known})")
-    try:
-        profile = load_profile(extra.get("profile", "default"))
-    except ConfigError as e:
-        raise ConfigError(EXTRA + "profile", str(e).split(": ", 1)[1]) from None
     transport = transport_config_from_dict({k: v for k, v in extra.items() if k in transport_fields}, prefix=EXTRA)
     config = ConnectorConfig(
         kv_role,
-        profile,
+        _ladder(extra),
         transport,
         _endpoint(EXTRA + "advertise", extra.get("advertise", transport.bind)),
         _seconds(EXTRA + "load_timeout_s", extra.get("load_timeout_s", 120.0)),
+        _rate(EXTRA + "link_mbps", extra.get("link_mbps")),
+        _rate(EXTRA + "recompute_tokens_per_s", extra.get("recompute_tokens_per_s")),
     )
+    if config.link_mbps is not None and not config.adaptive:
+        raise ConfigError(EXTRA + "link_mbps", f'is read only with profile "{ADAPTIVE}"')
+    if config.recompute_tokens_per_s is not None and not config.receives:
+        raise ConfigError(EXTRA + "recompute_tokens_per_s", f"is read by a decode; {kv_role} loads nothing")
     if config.sends and transport.bind.startswith("tcp://") and transport.bind.endswith(":0"):
         raise ConfigError(
             EXTRA + "bind", f"{kv_role} needs a fixed port, e.g. tcp://127.0.0.1:5601 (decode instances connect to it)"

@@ -8,10 +8,13 @@ compute stream is ordered after the encode stream on the device (`join_encodes`)
 wait. The decode side runs its kernels on a stream of its own, from frames staged in pinned memory,
 and waits for them before it reports a request loaded.
 
-Two implementations, one interface: `CudaRuntime` (streams, events, a pinned staging pool, a
-sealer thread) and `Runtime`, the synchronous one for CPU caches (work runs when it is enqueued, in
-the caller's thread; events are always complete). The connector calls the same methods on both,
-so CI exercises its GPU code paths on vLLM's CPU backend.
+Three implementations, one interface: `CudaRuntime` (streams, events, a pinned staging pool, a
+sealer thread), and for CPU caches `Runtime`, the synchronous one (work runs when it is enqueued,
+in the caller's thread; events are always complete), or, where the process has a core its compute
+threads leave free, `ThreadedRuntime`: the sealer's jobs (on a CPU, the whole encoding) run on a
+thread of their own beside the forward pass, which waits for them only at the step's end
+(`join_encodes`). The connector calls the same methods on all, so CI exercises its GPU code paths
+on vLLM's CPU backend.
 
 Host synchronizations are counted in `host_syncs`: the runtime's own waits, and, inside
 `counting_host_syncs`, every tensor call that makes the host wait for a GPU (``.item()``,
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +61,7 @@ class Runtime:
     with nothing left to wait for."""
 
     kind = "cpu"
+    encode_holds_compute = True  # the forward pass waits while a layer is encoded
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -180,20 +185,65 @@ class _PinnedPool:
             self._pending.append((event, buffer))
 
 
-class CudaRuntime(Runtime):
+class _Sealer:
+    """The sealer thread: jobs run one at a time, in order, beside the forward pass."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._sealer = threading.Thread(target=self._seal, name="cachegen-sealer", daemon=True)
+        self._sealer.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def _seal(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a job reports its own failures; this keeps the sealer alive
+                log.exception("a sealer job failed")
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def drain(self) -> None:
+        self._jobs.join()
+
+    def close(self) -> None:
+        if self._sealer.is_alive():
+            self._jobs.put(None)
+            self._sealer.join(timeout=30)
+
+
+class ThreadedRuntime(_Sealer, Runtime):
+    """For CPU caches where a core is spare: encodings run on the sealer thread (their torch work
+    lets the forward pass's thread go on), and the step's end waits for them, since a CPU has no
+    stream to order the next step after them."""
+
+    kind = "cpu-threaded"
+    encode_holds_compute = False
+
+    def __init__(self, device: torch.device):
+        Runtime.__init__(self, device)
+        _Sealer.__init__(self)
+
+    def join_encodes(self) -> None:
+        self.drain()
+
+
+class CudaRuntime(_Sealer, Runtime):
     """Streams, events, pinned staging and a sealer thread on one CUDA device."""
 
     kind = "cuda"
+    encode_holds_compute = False
 
     def __init__(self, device: torch.device):
-        super().__init__(device)
+        Runtime.__init__(self, device)
         self._encode = torch.cuda.Stream(device)
         self._decode = torch.cuda.Stream(device)
         self._pinned = _PinnedPool()
         self._owners: dict[int, torch.Tensor] = {}  # host copy's storage: its pooled buffer
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._sealer = threading.Thread(target=self._seal, name="cachegen-sealer", daemon=True)
-        self._sealer.start()
+        _Sealer.__init__(self)
 
     def mark(self) -> Event:
         return _CudaEvent(torch.cuda.current_stream(self.device))
@@ -246,31 +296,18 @@ class CudaRuntime(Runtime):
         self._pinned.give_after(self.mark(), buffer)  # reusable once the copy is done
         return on_device
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
 
-    def _seal(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                job()
-            except Exception:  # a job reports its own failures; this keeps the sealer alive
-                log.exception("a sealer job failed")
-            finally:
-                self._jobs.task_done()
-        self._jobs.task_done()
-
-    def drain(self) -> None:
-        self._jobs.join()
-
-    def close(self) -> None:
-        if self._sealer.is_alive():
-            self._jobs.put(None)
-            self._sealer.join(timeout=30)
+def spare_core() -> bool:
+    """Whether this process may run on more cores than its compute threads use (vLLM's CPU backend
+    sets torch's threads to the cores it binds)."""
+    return len(os.sched_getaffinity(0)) > torch.get_num_threads()
 
 
 def runtime_for(device: torch.device) -> Runtime:
     """The runtime for caches on ``device``."""
-    return CudaRuntime(device) if device.type == "cuda" else Runtime(device)
+    if device.type == "cuda":
+        return CudaRuntime(device)
+    return ThreadedRuntime(device) if spare_core() else Runtime(device)
 
 
 # ---- counting the host's waits -----------------------------------------------------------------

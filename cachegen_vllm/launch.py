@@ -173,12 +173,13 @@ def vllm_metric(url: str, name: str) -> float:
 
 def cachegen_counters(url: str) -> dict[str, float]:
     """The connector's counters from a vLLM instance's /metrics; failures also by kind, as
-    ``failed_<kind>``."""
+    ``failed_<kind>``, and layers by level, as ``level_<profile>``."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
     for name, labels, value in re.findall(r"^vllm:cachegen_(\w+?)_total\{([^}]*)\} (\S+)$", text, re.M):
-        kind = re.search(r'kind="(\w+)"', labels)
-        for key in (name, *([f"failed_{kind[1]}"] if kind else [])):
+        label = re.search(r'(kind|level)="([^"]+)"', labels)
+        by_label = [f"{'failed' if label[1] == 'kind' else 'level'}_{label[2]}"] if label else []
+        for key in (name, *by_label):
             out[key] = out.get(key, 0.0) + float(value)
     return out

@@ -40,6 +40,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 log = logging.getLogger("cachegen_vllm.proxy")
 
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+# what a decode needs of a prefill's params, learnt from its answers: where its KV waits, and its link
+PRODUCER_PARAMS = ("producer", "producer_tp", "link_tokens_per_s")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -76,7 +78,7 @@ def create_app(
     prefills = itertools.cycle([u.rstrip("/") for u in prefill_urls])
     decodes = itertools.cycle([u.rstrip("/") for u in decode_urls])
     clients: dict[str, httpx.AsyncClient] = {}
-    producers: dict[str, dict] = {}  # prefill URL -> where its KV waits (producer, producer_tp), from its answers
+    producers: dict[str, dict] = {}  # prefill URL -> its PRODUCER_PARAMS, from its answers
 
     @asynccontextmanager
     async def lifespan(app):
@@ -117,7 +119,7 @@ def create_app(
             await _cancel(decode_leg)
             return _passthrough(prefill)
         params = prefill.json().get("kv_transfer_params")
-        where = {k: params[k] for k in ("producer", "producer_tp") if k in params} if params else {}
+        where = {k: params[k] for k in PRODUCER_PARAMS if k in params} if params else {}
         if where.get("producer"):
             producers[prefill_url] = where
         if decode_leg is None or where != told:

@@ -88,6 +88,28 @@ def test_each_role_gets_its_own_side_and_refuses_the_others_calls():
             "kv_connector_extra_config.profile",
         ),
         ("kv_producer", {}, "kv_connector_extra_config.bind"),  # a producer needs a port decodes can reach
+        ("kv_producer", {"bind": "tcp://127.0.0.1:5999", "ladder": ["raw"]}, "kv_connector_extra_config.ladder"),
+        (
+            "kv_producer",
+            {"bind": "tcp://127.0.0.1:5999", "profile": "adaptive", "ladder": ["raw", "fast"]},
+            "kv_connector_extra_config.ladder[1]",
+        ),
+        (
+            "kv_producer",
+            {"bind": "tcp://127.0.0.1:5999", "profile": "adaptive", "ladder": ["raw"]},
+            "kv_connector_extra_config.ladder",
+        ),
+        ("kv_producer", {"bind": "tcp://127.0.0.1:5999", "link_mbps": 100}, "kv_connector_extra_config.link_mbps"),
+        (
+            "kv_producer",
+            {"bind": "tcp://127.0.0.1:5999", "profile": "adaptive", "link_mbps": -1},
+            "kv_connector_extra_config.link_mbps",
+        ),
+        (
+            "kv_producer",
+            {"bind": "tcp://127.0.0.1:5999", "recompute_tokens_per_s": 1000},
+            "kv_connector_extra_config.recompute_tokens_per_s",
+        ),
         ("kv_consumer", {"load_timeout": 5}, "kv_connector_extra_config.load_timeout"),
         (
             "kv_consumer",
@@ -127,6 +149,20 @@ def test_the_advertised_endpoint_can_name_the_pods_address(monkeypatch):
         connector_config_from_dict("kv_producer", extra)
 
 
+def test_the_adaptive_ladder_must_cut_frames_at_the_same_tokens(tmp_path):
+    from cachegen_vllm.config import connector_config_from_dict
+
+    other = tmp_path / "long-chunks.toml"
+    other.write_text("chunk_tokens = 512\ngroup_tokens = 64\n[bits]\nkey = 4\nvalue = 4\n")
+    extra = {"bind": "tcp://127.0.0.1:5999", "profile": "adaptive", "ladder": ["raw", str(other)]}
+    with pytest.raises(ConfigError, match=r"ladder\[1\]: chunk_tokens 512 differs from ladder\[0\]'s 256"):
+        connector_config_from_dict("kv_producer", extra)
+    default = connector_config_from_dict("kv_producer", {"bind": "tcp://127.0.0.1:5999", "profile": "adaptive"})
+    assert default.adaptive and [p.name for p in default.ladder] == ["raw", "high-quality", "default"]
+    fixed = connector_config_from_dict("kv_producer", {"bind": "tcp://127.0.0.1:5999"})
+    assert not fixed.adaptive and [p.name for p in fixed.ladder] == ["default"]
+
+
 def test_stats_gather_across_ranks_and_reach_prometheus_as_counters_and_histograms():
     import prometheus_client
 
@@ -135,8 +171,10 @@ def test_stats_gather_across_ranks_and_reach_prometheus_as_counters_and_histogra
     rank0, rank1 = CacheGenStats(), CacheGenStats()
     rank0.add(raw_bytes=100, wire_bytes=25, transfers=1, failed_peer_gone=1)
     rank0.sample(transfer_duration=0.2, decode_duration=0.05)
-    rank1.add(raw_bytes=100, wire_bytes=25, transfers=1)
+    rank1.add(raw_bytes=100, wire_bytes=25, transfers=1, level_default=3, level_raw=1)
     rank1.sample(transfer_duration=0.4, decode_duration=0.07)
+    rank0.gauge(link_bytes_per_second=5e6)
+    rank1.gauge(link_bytes_per_second=7e6)  # a gauge is one rank's latest value, not a sum
     both = CacheGenStats().aggregate(rank0).aggregate(rank1)
     assert both.data["raw_bytes"] == 200 and both.data["transfer_duration"] == [0.2, 0.4]
     summary = both.reduce()
@@ -153,3 +191,5 @@ def test_stats_gather_across_ranks_and_reach_prometheus_as_counters_and_histogra
     assert 'vllm:cachegen_raw_bytes_total{engine="0"} 200.0' in text
     assert 'vllm:cachegen_transfer_duration_seconds_count{engine="0"} 2.0' in text
     assert 'vllm:cachegen_failures_total{engine="0",kind="peer_gone"} 1.0' in text
+    assert 'vllm:cachegen_levels_total{engine="0",level="default"} 3.0' in text
+    assert 'vllm:cachegen_link_bytes_per_second{engine="0"} 7e+06' in text

@@ -1,9 +1,10 @@
 """Disaggregated prefill/decode with real vLLM (CPU) servers on the embedded model, through our
 proxy and through vLLM's P/D router (vllm-router).
 
-Five servers, started once for the module: prefill instances with the raw (kv_both), the default
-and the entropy-coded profile in a calibrated basis (smollm2-basis), a decode instance (kv_both),
-and a plain instance (no connector) as the reference. The reference answers from its own prefix
+Six servers, started once for the module: prefill instances with the raw (kv_both) and the default
+profile, two adaptive ones (the link's goodput given: one fast, whose ladder is raw and default,
+one slow, whose ladder is raw and the entropy-coded profile in a calibrated basis, smollm2-basis),
+a decode instance (kv_both), and a plain instance (no connector) as the reference. The reference answers from its own prefix
 cache (the prompt is sent twice), which is the same computation a decode instance does after a
 transfer: cached KV plus the last prompt token. Tensor and data parallelism: test_e2e_parallel.py.
 """
@@ -38,6 +39,9 @@ from cachegen_vllm.proxy import create_app
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 32
 CONSUMER = {"peer_timeout_s": 3, "heartbeat_s": 0.5, "load_timeout_s": 60}
+# an adaptive producer's link given, not measured: on loopback it would be whatever two busy cores make it
+FAST_LINK = {"profile": "adaptive", "link_mbps": 100_000}
+SLOW_LINK = {"profile": "adaptive", "link_mbps": 0.1}
 
 
 BLOCK = 128  # vLLM's CPU block size
@@ -79,7 +83,7 @@ def prompt(blocks: int, offset: int) -> list[int]:
 @pytest.fixture(scope="module")
 def cluster(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("vllm-logs")
-    ports = {name: free_port() for name in ("raw", "default", "smollm2-basis", "decode", "reference")}
+    ports = {name: free_port() for name in ("raw", "default", "smollm2-basis", "adaptive", "decode", "reference")}
     procs = {
         # kv_both on either side of the raw transfers: each request's params pick the role
         "raw": start_instance(
@@ -100,7 +104,20 @@ def cluster(model_dir, tmp_path_factory):
             model_dir,
             ports["smollm2-basis"],
             logs / "smollm2-basis.log",
-            kv_transfer_config("kv_producer", {"profile": "smollm2-basis", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+            # adaptive on a link too slow for raw: every layer goes at the floor, the basis profile
+            kv_transfer_config(
+                "kv_producer",
+                {**SLOW_LINK, "ladder": ["raw", "smollm2-basis"], "bind": f"tcp://127.0.0.1:{free_port()}"},
+            ),
+            kv_cache_bytes=KV_CACHE_BYTES,
+        ),
+        "adaptive": start_instance(
+            model_dir,
+            ports["adaptive"],
+            logs / "adaptive.log",
+            kv_transfer_config(
+                "kv_producer", {**FAST_LINK, "ladder": ["raw", "default"], "bind": f"tcp://127.0.0.1:{free_port()}"}
+            ),
             kv_cache_bytes=KV_CACHE_BYTES,
         ),
         "decode": start_instance(
@@ -120,7 +137,7 @@ def cluster(model_dir, tmp_path_factory):
         for name, proc in procs.items():
             wait_healthy(urls[name], proc, timeout_s=600)
             warm_up(urls[name], str(model_dir))
-        for profile in ("raw", "default", "smollm2-basis"):
+        for profile in ("raw", "default", "smollm2-basis", "adaptive"):
             urls[f"proxy-{profile}"], server = serve(create_app([urls[profile]], [urls["decode"]]))
             servers.append(server)
         for profile in ("raw", "default"):  # vLLM's own P/D router in front of the same instances
@@ -169,6 +186,19 @@ def test_raw_kv_gives_the_reference_output(cluster, blocks, offset, stream):
     got, _ = through_proxy(urls, model, "raw", text, stream=stream)
     after = cachegen_counters(urls["decode"])
     assert after.get("transfers", 0) == before.get("transfers", 0) + 1  # the KV came over, not recomputed
+    assert got == reference(urls, model, text)
+
+
+def test_an_adaptive_prefill_on_a_fast_link_sends_raw_kv(cluster):
+    """Its ladder is raw and default; on a link this fast compressing gains nothing, so every layer
+    goes raw and the answer is the reference's exactly."""
+    urls, model = cluster
+    text = prompt(2, 30)
+    sent_before, before = cachegen_counters(urls["adaptive"]), cachegen_counters(urls["decode"])
+    got, tokens = through_proxy(urls, model, "adaptive", text)
+    sent, after = cachegen_counters(urls["adaptive"]), cachegen_counters(urls["decode"])
+    assert sent.get("level_raw", 0) - sent_before.get("level_raw", 0) == 30 and sent.get("level_default", 0) == 0
+    assert after["wire_bytes"] - before.get("wire_bytes", 0) == wire_bytes(model, "raw", tokens)
     assert got == reference(urls, model, text)
 
 
@@ -275,7 +305,12 @@ def test_entropy_coded_basis_profile_end_to_end(cluster):
     producer spent 54 s encoding a 2K-token request with five servers on two cores and the load
     timed out (README, known issues)."""
     urls, model = cluster
+    sent_before = cachegen_counters(urls["smollm2-basis"])
     matches, tokens, counted = _ask(urls, model, "smollm2-basis", [(4, 9), (8, 10)])
+    sent = cachegen_counters(urls["smollm2-basis"])
+    # its producer is adaptive on a slow link: every layer of both went at the floor of its ladder
+    assert sent.get("level_smollm2-basis", 0) - sent_before.get("level_smollm2-basis", 0) == 2 * 30
+    assert sent.get("level_raw", 0) == 0
     assert counted["transfers"] == 2 and counted.get("failures", 0) == 0
     assert counted["raw_bytes"] / counted["wire_bytes"] > 5.0  # 2.73 bits/element on the 16 quality windows
     assert counted["wire_bytes"] < 0.6 * sum(wire_bytes(model, "default", n) for n in tokens)

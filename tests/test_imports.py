@@ -4,6 +4,7 @@ function, goes one way down
     codec  <-  kernels  <-  paged  <-  connector  <-  serving tools
     codec  <-  transport  <-  config  <-  connector
     device  <-  kernels, paged, connector
+    adaptation  <-  transport, connector   (the level choice's math: nothing below it)
 
 and no module imports itself back through others (no cycle, whatever hides it in a function)."""
 
@@ -22,12 +23,13 @@ PACKAGE = "cachegen_vllm"
 ALLOWED = {
     "codec": set(),
     "device": set(),  # streams, events, pinned memory: torch only
+    "adaptation": set(),  # rates and the level choice: the standard library only
     "kernels": {"codec", "device"},
-    "transport": {"codec"},
+    "transport": {"codec", "adaptation"},
     "paged": {"codec", "kernels", "device"},
     "config": {"codec", "transport"},
-    "connector": {"codec", "paged", "transport", "config", "device"},
-    "tools": {"codec", "kernels", "paged", "transport", "config", "connector", "device", "root"},
+    "connector": {"codec", "paged", "transport", "config", "device", "adaptation"},
+    "tools": {"codec", "kernels", "paged", "transport", "config", "connector", "device", "adaptation", "root"},
     "root": set(),
 }
 # third-party packages a component must not reach: what keeps the codec pure, the kernels off the
@@ -35,6 +37,7 @@ ALLOWED = {
 FORBIDDEN = {
     "codec": {"vllm", "triton", "zmq", "fastapi", "httpx"},
     "device": {"vllm", "triton", "zmq", "fastapi", "httpx"},
+    "adaptation": {"vllm", "triton", "zmq", "fastapi", "httpx", "torch", "numpy"},
     "kernels": {"vllm", "zmq", "fastapi", "httpx"},
     "transport": {"vllm", "triton", "fastapi", "httpx"},
     "config": {"vllm", "triton", "zmq"},
@@ -48,6 +51,7 @@ def component(module: str) -> str:
     if parts[1] in ("codec", "kernels", "transport", "paged", "connector") or module in (
         f"{PACKAGE}.config",
         f"{PACKAGE}.device",
+        f"{PACKAGE}.adaptation",
     ):
         return parts[1]
     return "tools"

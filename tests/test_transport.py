@@ -515,3 +515,19 @@ def test_transport_config_errors_name_the_field(data, field):
     with pytest.raises(ConfigError) as e:
         transport_config_from_dict(data, prefix="transport.")
     assert e.value.field == field
+
+
+def test_credits_measure_the_goodput_while_the_reader_paces_the_transfer(endpoints):
+    """A reader that takes 20 ms per frame is what a 20 ms-per-frame link looks like from the
+    producer: the credits it returns while the producer waits for them measure that rate; and the
+    backlog is every byte not yet credited back."""
+    producer, consumer = endpoints()
+    frames = make_frames(24)
+    produce(producer, "paced", frames)
+    assert producer.goodput_bytes_per_s is None and producer.backlog_bytes == sum(map(len, frames))
+    for _ in consumer.fetch(producer.endpoint, "paced", timeout_s=30):
+        time.sleep(0.02)
+    rate = len(frames[0]) / 0.02
+    assert producer.goodput_bytes_per_s is not None
+    assert 0.5 * rate < producer.goodput_bytes_per_s < 1.2 * rate, (producer.goodput_bytes_per_s, rate)
+    assert wait_until(lambda: producer.backlog_bytes == 0)

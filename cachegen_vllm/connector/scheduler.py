@@ -9,7 +9,10 @@ transfer is dropped and its response carries no params.
 
 Decode (``kv_consumer``): a request whose params say where its KV waits (`RemotePrefill`) reports
 the prompt, less the last token (which vLLM recomputes to sample from) and less any prefix it
-already holds in its prefix cache, as loadable asynchronously, and gets a `LoadRequest`. One load
+already holds in its prefix cache, as loadable asynchronously, and gets a `LoadRequest`; unless
+the producer's link, as it estimates it, would bring the prompt slower than this instance computes
+it (``recompute_tokens_per_s``, `adaptation.should_recompute`): then it recomputes, and the
+workers cancel the transfer. One load
 attempt per request: asked again after a failure or a preemption, it recomputes, since the
 producer has released or lost the frames by then. A request aborted while loading has its load
 cancelled.
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.logger import init_logger
 from vllm.v1.request import RequestStatus
 
+from cachegen_vllm.adaptation import should_recompute
 from cachegen_vllm.config import ConnectorConfig
 from cachegen_vllm.connector.metadata import (
     CacheGenMetadata,
@@ -35,6 +39,7 @@ from cachegen_vllm.connector.metadata import (
     SaveRequest,
     new_transfer_id,
 )
+from cachegen_vllm.connector.metrics import CacheGenStats
 from cachegen_vllm.connector.ranks import Placement, rank_endpoint
 
 if TYPE_CHECKING:
@@ -65,7 +70,10 @@ class CacheGenScheduler:
         self._new_cancels: list[str] = []
         self._new_aborts: list[str] = []
         self._local_hits: dict[str, int] = {}  # tokens a loading request already holds
-        self._loaded: set[str] = set()  # requests whose load was scheduled: never a second attempt
+        self._loaded: set[str] = set()  # requests whose load was scheduled or declined: never a second attempt
+        self._new_declines: list[LoadRequest] = []
+        self._link_tokens_per_s: float | None = None  # prefill: its workers' latest estimate
+        self._stats = CacheGenStats()
 
     def _remote_prefill(self, request: Request) -> RemotePrefill | None:
         if not self.config.receives:
@@ -94,8 +102,37 @@ class CacheGenScheduler:
         count = loadable - num_computed_tokens
         if count <= 0:
             return 0, False
+        if self._declines(remote):
+            self._loaded.add(request.request_id)
+            self._new_declines.append(
+                LoadRequest(request.request_id, remote.transfer_id, remote.producer, [], 0, 0, remote.producer_tp)
+            )
+            self._stats.add(declined=1)
+            log.info(
+                "request %s: its KV would come at %.0f tokens/s, slower than recomputing it (%.0f); recomputing",
+                request.request_id,
+                remote.link_tokens_per_s,
+                self.config.recompute_tokens_per_s,
+            )
+            return 0, False
         self._local_hits[request.request_id] = num_computed_tokens
         return count, True
+
+    def _declines(self, remote: RemotePrefill) -> bool:
+        own = self.config.recompute_tokens_per_s
+        link = remote.link_tokens_per_s
+        return own is not None and link is not None and should_recompute(link, own)
+
+    def update_connector_output(self, stats: CacheGenStats | None) -> None:
+        """Prefill: the workers' latest link estimate, for the params of the requests that finish."""
+        if stats is not None and stats.data.get("link_tokens_per_second"):
+            self._link_tokens_per_s = stats.data["link_tokens_per_second"]
+
+    def get_stats(self) -> CacheGenStats | None:
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, CacheGenStats()
+        return stats
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         remote = self._remote_decode(request)
@@ -123,8 +160,10 @@ class CacheGenScheduler:
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> CacheGenMetadata:
-        meta = CacheGenMetadata(loads=self._new_loads, cancels=self._new_cancels, aborted=self._new_aborts)
-        self._new_loads, self._new_cancels, self._new_aborts = [], [], []
+        meta = CacheGenMetadata(
+            loads=self._new_loads, cancels=self._new_cancels, aborted=self._new_aborts, declined=self._new_declines
+        )
+        self._new_loads, self._new_cancels, self._new_aborts, self._new_declines = [], [], [], []
         if not self._saving:
             return meta
         # (request, its new blocks, whether they replace the old ones, tokens computed before this step)
@@ -170,4 +209,6 @@ class CacheGenScheduler:
         if aborted:
             self._new_aborts.append(saving.transfer_id)
             return held, None
-        return held, RemotePrefill(saving.transfer_id, self._producer, saving.total, self._producer_tp).to_params()
+        return held, RemotePrefill(
+            saving.transfer_id, self._producer, saving.total, self._producer_tp, self._link_tokens_per_s
+        ).to_params()

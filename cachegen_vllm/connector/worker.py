@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 
+from cachegen_vllm.adaptation import Adapter
 from cachegen_vllm.codec import FrameError, KVGeometry
 from cachegen_vllm.codec import basis as bases
 from cachegen_vllm.codec.format import frame_layer
@@ -41,8 +43,8 @@ from cachegen_vllm.codec.geometry import rank_heads
 from cachegen_vllm.codec.profile import ConfigError
 from cachegen_vllm.config import EXTRA, ConnectorConfig
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
-from cachegen_vllm.connector.metrics import FAILURE_PREFIX, PRODUCER_COUNTERS, CacheGenStats
-from cachegen_vllm.connector.ranks import Placement, first_holder, rank_endpoint, sources
+from cachegen_vllm.connector.metrics import FAILURE_PREFIX, LEVEL_PREFIX, PRODUCER_COUNTERS, CacheGenStats
+from cachegen_vllm.connector.ranks import Placement, Source, first_holder, rank_endpoint, sources
 from cachegen_vllm.device import Event, Runtime, runtime_for
 from cachegen_vllm.paged import (
     PageOrder,
@@ -51,6 +53,7 @@ from cachegen_vllm.paged import (
     kernel_block_ids,
     probe_page_order,
     start_encode,
+    time_encode,
     warm_up,
 )
 from cachegen_vllm.transport import FrameConsumer, FrameProducer, TransferStream, TransportError
@@ -112,6 +115,9 @@ class CacheGenWorker:
         self._cancelled: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._stats = CacheGenStats()
+        self._adapter: Adapter | None = None  # an adaptive producer's measurements and choices
+        self._sent = (0, 0)  # raw and wire bytes this rank has sent, all transfers
+        self._last_layer: tuple[CacheGenMetadata | None, float] = (None, 0.0)  # the step and end of the last save
         self._producer_reported: dict[str, int] = {}  # transport counters already in the stats
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -168,25 +174,25 @@ class CacheGenWorker:
             head_start=head_start,
             total_kv_heads=total,
         )
-        profile = self.config.profile
-        profile.check_geometry(self._geometry.num_layers, self._geometry.head_dim, total)
-        # a consumer reads frames coded in its own profile's basis too, not only in the shipped ones
-        self._bases = (bases.load(profile.basis),) if profile.basis else ()
+        ladder = self.config.ladder
+        for profile in ladder:
+            profile.check_geometry(self._geometry.num_layers, self._geometry.head_dim, total)
+        # a consumer reads frames coded in its own profiles' bases too, not only in the shipped ones
+        self._bases = tuple(bases.load(p.basis) for p in ladder if p.basis)
         started = time.perf_counter()
-        warm_up(
-            {index: cache for index, cache in layers.values()},
-            order,
-            geometry=self._geometry,
-            profile=profile,
-            runtime=self._runtime,
-            bases=self._bases,
-        )
+        caches = {index: cache for index, cache in layers.values()}
+        for profile in ladder:
+            warm_up(caches, order, geometry=self._geometry, profile=profile, runtime=self._runtime, bases=self._bases)
+        names = ", ".join(p.name for p in ladder)
         log.info(
-            "CacheGenConnector warmed up on %s in %.1f s (profile %s)",
+            "CacheGenConnector warmed up on %s in %.1f s (%s); encodes %s",
             first.device,
             time.perf_counter() - started,
-            profile.name,
+            names,
+            "on the forward pass's thread" if self.runtime.encode_holds_compute else "beside the forward pass",
         )
+        if self.config.adaptive and self.config.sends:
+            self._adapter = self._start_adapter(caches[0], order)
         replica = first_holder(head_start, total, self.placement.tp_size) != self.placement.tp_rank
         if self.config.sends and replica:  # decodes read these heads from the first rank holding them
             log.info(
@@ -202,15 +208,36 @@ class CacheGenWorker:
             transport = dataclasses.replace(self.config.transport, bind=bind)
             self._producer = FrameProducer(transport)
             log.info(
-                "CacheGenConnector sends KV heads [%d, %d) from %s (profile %s)",
+                "CacheGenConnector sends KV heads [%d, %d) from %s (%s %s)",
                 head_start,
                 head_start + heads,
                 self._producer.endpoint,
-                profile.name,
+                "levels" if self.config.adaptive else "profile",
+                names,
             )
         if self.config.receives:
             self._consumer = FrameConsumer(self.config.transport)
             log.info("CacheGenConnector receives (the profile of each transfer is in its frames)")
+
+    def _start_adapter(self, layer_cache: torch.Tensor, order: PageOrder | None) -> Adapter:
+        """Each level's encode rate and size on one chunk, measured now: the choices' first guesses."""
+        priors = []
+        for profile in self.config.ladder:
+            tokens = profile.chunk_tokens
+            seconds, wire = time_encode(
+                layer_cache, order, geometry=self.geometry, profile=profile, runtime=self.runtime, tokens=tokens
+            )
+            raw = self.geometry.layer_bytes(tokens)
+            priors.append((raw / max(seconds, 1e-9), wire / raw))
+        fixed = self.config.link_mbps * 1e6 / 8 if self.config.link_mbps else None
+        adapter = Adapter([p.name for p in self.config.ladder], priors, self.runtime.encode_holds_compute, fixed)
+        levels = (f"{v.name} {v.wire_ratio:.2f}x at {v.encode_bytes_per_s / 1e6:.0f} MB/s" for v in adapter.levels())
+        log.info(
+            "CacheGenConnector adapts: %s; link %s",
+            ", ".join(levels),
+            f"fixed at {self.config.link_mbps} Mbit/s" if fixed else "measured",
+        )
+        return adapter
 
     @property
     def geometry(self) -> KVGeometry:
@@ -243,12 +270,17 @@ class CacheGenWorker:
             return
         layer, _ = self._layers[layer_name]
         runtime = self.runtime
+        arrived = time.perf_counter()
+        if self._adapter is not None and self._last_layer[0] is meta:  # the forward pass since the last layer
+            saved = sum(self.geometry.layer_bytes(save.end - save.start) for save in meta.saves)
+            self._adapter.produced(saved, arrived - self._last_layer[1])
         written = runtime.mark()  # the layer's cache as the attention left it
         with runtime.encoding(after=written):
             if self._step_tables[0] is not meta:  # the step's first layer: its block tables, once
                 self._step_tables = (meta, {save.transfer_id: self._block_table(save.block_ids) for save in meta.saves})
             tables = self._step_tables[1]
             for save in meta.saves:
+                level = self._level(save, layer)
                 started = time.perf_counter()
                 try:
                     pending = start_encode(
@@ -256,7 +288,7 @@ class CacheGenWorker:
                         self._order,
                         tables[save.transfer_id],
                         geometry=self.geometry,
-                        profile=self.config.profile,
+                        profile=self.config.ladder[level],
                         layer=layer,
                         token_start=save.start,
                         count=save.end - save.start,
@@ -272,7 +304,24 @@ class CacheGenWorker:
                 enqueued = time.perf_counter() - started
                 with self._lock:
                     self._unsealed[save.req_id] += 1
-                runtime.submit(functools.partial(self._seal, save, layer, pending, written, enqueued))
+                runtime.submit(functools.partial(self._seal, save, layer, level, pending, written, enqueued))
+        self._last_layer = (meta, time.perf_counter())
+
+    def _level(self, save: SaveRequest, layer: int) -> int:
+        """The ladder's level for this layer of this save: the only one, or the adapter's choice."""
+        if self._adapter is None:
+            return 0
+        assert self._producer is not None
+        now = self._adapter.conditions(self._producer.goodput_bytes_per_s, self._producer.backlog_bytes)
+        level = self._adapter.choose(
+            self.geometry.layer_bytes(save.end - save.start), self.geometry.num_layers - layer, now
+        )
+        rates = {
+            "link_bytes_per_second": now.link_bytes_per_s,
+            "production_bytes_per_second": now.production_bytes_per_s,
+        }
+        self._gauge(**{name: rate for name, rate in rates.items() if math.isfinite(rate)})  # inf: not measured yet
+        return level
 
     def wait_for_save(self) -> None:
         """The step's end: the compute stream waits for the encode stream on the device (a
@@ -280,12 +329,14 @@ class CacheGenWorker:
         if self._producer is not None:
             self.runtime.join_encodes()
 
-    def _seal(self, save: SaveRequest, layer: int, pending: PendingEncode, written: Event, enqueued: float) -> None:
+    def _seal(
+        self, save: SaveRequest, layer: int, level: int, pending: PendingEncode, written: Event, enqueued: float
+    ) -> None:
         """The sealer's job for one save of one layer: make the frames, queue them for the decode."""
         producer = self._producer
         assert producer is not None
         try:
-            self._send(save, layer, pending, written, enqueued, producer)
+            self._send(save, layer, level, pending, written, enqueued, producer)
         except Exception:  # a bug: the transfer is dropped (its decode recomputes), the prefill goes on
             log.exception("transfer %s: encoding layer %d failed; the decode recomputes", save.transfer_id, layer)
             self._drop_failed(save.transfer_id)
@@ -313,6 +364,7 @@ class CacheGenWorker:
         self,
         save: SaveRequest,
         layer: int,
+        level: int,
         pending: PendingEncode,
         written: Event,
         enqueued: float,
@@ -337,12 +389,18 @@ class CacheGenWorker:
             return
         seconds = enqueued + time.perf_counter() - started
         self._encoding[save.transfer_id] = self._encoding.get(save.transfer_id, 0.0) + seconds
+        raw, wire = self.geometry.layer_bytes(save.end - save.start), sum(map(len, frames))
         self._count(
-            raw_bytes=self.geometry.layer_bytes(save.end - save.start),
-            wire_bytes=sum(map(len, frames)),
+            raw_bytes=raw,
+            wire_bytes=wire,
             encode_seconds=seconds,
             transfers=int(last and self._counts_requests),
+            **{LEVEL_PREFIX + self.config.ladder[level].name: 1},
         )
+        if self._adapter is not None:
+            self._adapter.encoded(level, raw, wire, seconds)
+        with self._lock:
+            self._sent = (self._sent[0] + raw, self._sent[1] + wire)
         if last:
             encoding = self._encoding.pop(save.transfer_id)
             if self._counts_requests:
@@ -368,6 +426,10 @@ class CacheGenWorker:
             return
         for load in meta.loads:  # before the cancels: a request may be aborted in the step its load begins
             self._start_load(load, self._consumer)
+        for declined in meta.declined:  # recomputed here: the producer frees the frames at once
+            for source in self._plan(declined):
+                endpoint = rank_endpoint(declined.producer, source.producer_rank)
+                self._consumer.decline(endpoint, declined.transfer_id, (source.reader, source.readers))
         for req_id in meta.cancels:
             with self._lock:  # a load already over has left _loads: nothing to stop
                 cancelled = self._loads.get(req_id)
@@ -377,14 +439,17 @@ class CacheGenWorker:
                 for stream in cancelled.streams:
                     stream.cancel()
 
-    def _start_load(self, request: LoadRequest, consumer: FrameConsumer) -> None:
+    def _plan(self, request: LoadRequest) -> list[Source]:
+        """The producer ranks this rank reads the transfer from."""
         try:
-            plan = sources(
+            return sources(
                 self.geometry.total_kv_heads, request.producer_tp, self.placement.tp_size, self.placement.tp_rank
             )
         except ValueError as e:  # a producer split another way than the model can be: nothing to pull
             log.warning("transfer %s cannot be loaded: %s; kv_load_failure_policy applies", request.transfer_id, e)
-            plan = []
+            return []
+
+    def _start_load(self, request: LoadRequest, consumer: FrameConsumer) -> None:
         streams = [
             consumer.fetch(
                 rank_endpoint(request.producer, source.producer_rank),
@@ -393,7 +458,7 @@ class CacheGenWorker:
                 from_token=request.start,
                 reader=(source.reader, source.readers),
             )
-            for source in plan
+            for source in self._plan(request)
         ]
         load = _Load(request, streams, time.perf_counter(), pending=len(streams), failed=not streams)
         with self._lock:
@@ -537,6 +602,10 @@ class CacheGenWorker:
         with self._lock:
             self._stats.add(**amounts)
 
+    def _gauge(self, **values: float) -> None:
+        with self._lock:
+            self._stats.gauge(**values)
+
     def _sample(self, **values: float) -> None:
         with self._lock:
             self._stats.sample(**values)
@@ -548,6 +617,12 @@ class CacheGenWorker:
                 total = self._producer.stats[stat]
                 self._count(**{metric: total - self._producer_reported.get(metric, 0)})
                 self._producer_reported[metric] = total
+            link = self._adapter.fixed_link_bytes_per_s if self._adapter else None
+            link = link or self._producer.goodput_bytes_per_s
+            raw, wire = self._sent
+            if link and raw:  # what a decode's fallback compares with its own prefill rate
+                wire_per_token = self.geometry.layer_bytes(1) * self.geometry.num_layers * wire / raw
+                self._gauge(link_tokens_per_second=link / wire_per_token)
         with self._lock:
             if self._stats.is_empty():
                 return None

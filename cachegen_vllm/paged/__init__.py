@@ -8,6 +8,7 @@ from cachegen_vllm.paged.codec import (
     decode_into_blocks,
     encode_blocks,
     start_encode,
+    time_encode,
     warm_up,
 )
 from cachegen_vllm.paged.layout import PageOrder, gather, kernel_block_ids, probe_page_order, scatter
@@ -23,5 +24,6 @@ __all__ = [
     "probe_page_order",
     "scatter",
     "start_encode",
+    "time_encode",
     "warm_up",
 ]

@@ -13,6 +13,7 @@ whole encoding (device work and the host's reads) wherever the caller runs it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -280,3 +281,32 @@ def warm_up(
                 bases=bases,
                 runtime=runtime,
             )
+
+
+def time_encode(
+    layer_cache: torch.Tensor,
+    order: PageOrder | None,
+    *,
+    geometry: KVGeometry,
+    profile: Profile,
+    runtime: Runtime,
+    tokens: int,
+) -> tuple[float, int]:
+    """(seconds, wire bytes) of encoding ``tokens`` tokens of layer 0 read from the cache's first
+    block, repeated: a start-up estimate of the profile's encode rate and size, before any request
+    has measured them (run after `warm_up`, so that nothing compiles here)."""
+    table = runtime.to_device(np.zeros(-(-tokens // layer_cache.shape[2]), dtype=np.int64))
+    started = time.perf_counter()
+    frames = start_encode(
+        layer_cache,
+        order,
+        table,
+        geometry=geometry,
+        profile=profile,
+        layer=0,
+        token_start=0,
+        count=tokens,
+        total_tokens=tokens,
+        runtime=runtime,
+    ).finish()
+    return time.perf_counter() - started, sum(map(len, frames))

@@ -139,6 +139,19 @@ class FrameConsumer(IOThread):
         self.call(lambda: self._open(stream))
         return stream
 
+    def decline(self, endpoint: str, transfer_id: str, reader: tuple[int, int] = (0, 1)) -> None:
+        """Tell the producer that this reader will not read the transfer (the decode recomputes the
+        prompt instead): it frees the frames once all its readers are done, not after ``ttl_s``."""
+        tid = transfer_id.encode()
+        args = P.PULL_ARGS.pack(0, 0, self.config.max_frame_bytes, *reader)  # no credit: nothing is sent
+
+        def send() -> None:
+            self._peer(endpoint)
+            self._send(endpoint, [P.PULL, tid, args])
+            self._send(endpoint, [P.CANC, tid])
+
+        self.call(send)
+
     @property
     def buffered_bytes(self) -> int:
         """Bytes received and not yet read, over all transfers."""

@@ -5,18 +5,23 @@ ranks that need this producer's heads), each with its own position and credits; 
 until every reader confirms them (DONE) or gives up (CANC). A transfer nobody pulls is evicted
 after `ttl_s`, and one whose consumers stop renewing its lease (heartbeats) after `lease_s`, so a
 decode that never comes or dies pins nothing. A consumer that already holds a prefix of the tokens
-pulls from a token on, and only the frames holding later tokens cross the wire."""
+pulls from a token on, and only the frames holding later tokens cross the wire.
+
+The consumers' credits are acknowledgements too: while a reader waits for credits, the link (or
+the reader) is what paces the transfer, and the bytes acknowledged per second then are its
+goodput (`goodput_bytes_per_s`), which bandwidth adaptation reads with `backlog_bytes`."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import zmq
 
+from cachegen_vllm.adaptation import Ewma
 from cachegen_vllm.codec.format import frame_tokens
 from cachegen_vllm.transport import protocol as P
 from cachegen_vllm.transport._io import (
@@ -43,6 +48,8 @@ class _Reader:
     next_frame: int = 0  # index in the transfer's frames of the next one to consider
     sent: int = 0  # DATA messages of this PULL, the next one's seq
     end_sent: bool = False
+    unacked: deque[int] = field(default_factory=deque)  # sizes of the frames sent and not credited back
+    done_bytes: int = 0  # of the transfer's frames: credited back, or skipped (held by the consumer)
 
 
 @dataclass
@@ -72,6 +79,8 @@ class FrameProducer(IOThread):
         self._transfers: dict[bytes, _Transfer] = {}
         self._ended: OrderedDict[bytes, tuple[int, str]] = OrderedDict()
         self._buffered = 0
+        self._goodput = Ewma()
+        self._paced_since: float | None = None  # since when a reader has waited for credits
         sock = self._context.socket(zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sends to a vanished consumer fail instead of vanishing
@@ -129,6 +138,20 @@ class FrameProducer(IOThread):
     @property
     def transfers(self) -> int:
         return len(self._transfers)
+
+    @property
+    def goodput_bytes_per_s(self) -> float | None:
+        """Bytes per second the consumers acknowledged while the link paced a transfer (a moving
+        mean; None before the first such time)."""
+        return self._goodput.value
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes of frames some reader has still to acknowledge (all of a transfer nobody pulls yet)."""
+        with self._lock:
+            return sum(
+                t.nbytes - min((r.done_bytes for r in t.pulling.values()), default=0) for t in self._transfers.values()
+            )
 
     def close(self) -> None:
         self.stop()
@@ -246,8 +269,14 @@ class FrameProducer(IOThread):
                 credited = self._transfers.get(tid)
                 index = credited.reader_of(consumer) if credited is not None else None
                 if credited is not None and index is not None:
-                    credited.pulling[index].credits += P.U32.unpack(args[1])[0]
+                    reader = credited.pulling[index]
+                    count = P.U32.unpack(args[1])[0]
+                    reader.credits += count
+                    acked = sum(reader.unacked.popleft() for _ in range(min(count, len(reader.unacked))))
+                    reader.done_bytes += acked
                     self._renew(credited)
+            if credited is not None and index is not None:
+                self._acknowledged(acked)
         elif kind in (P.DONE, P.CANC) and len(args) == 1:
             self._reader_done(tid, consumer, cancelled=kind == P.CANC)
         else:
@@ -271,6 +300,13 @@ class FrameProducer(IOThread):
             else:
                 self._end(tid, P.COMPLETED, "completed")
 
+    def _acknowledged(self, nbytes: int) -> None:
+        """Bytes credited back: while a reader waited for credits, they measure the goodput."""
+        now = time.monotonic()
+        if self._paced_since is not None and now > self._paced_since:
+            self._goodput.update(nbytes / (now - self._paced_since))
+            self._paced_since = now
+
     def tick(self) -> None:
         now = time.monotonic()
         with self._lock:
@@ -291,10 +327,16 @@ class FrameProducer(IOThread):
         for tid, t, reader in sendable:
             if tid in self._transfers:  # not ended by another reader's pump this tick
                 self._pump(tid, t, reader)
+        paced = any(r.credits == 0 and r.next_frame < len(t.frames) for _, t, r in sendable)
+        if not paced:
+            self._paced_since = None
+        elif self._paced_since is None:
+            self._paced_since = now
 
     def _pump(self, tid: bytes, t: _Transfer, r: _Reader) -> None:
         while r.consumer is not None and r.credits > 0 and r.next_frame < len(t.frames):
             if t.token_ends[r.next_frame] <= r.from_token:  # the consumer holds these tokens
+                r.done_bytes += len(t.frames[r.next_frame])
                 r.next_frame += 1
                 continue
             frame = t.frames[r.next_frame]
@@ -307,6 +349,7 @@ class FrameProducer(IOThread):
             r.next_frame += 1
             r.sent += 1
             r.credits -= 1
+            r.unacked.append(len(frame))
             self.stats["frames_sent"] += 1
             self.stats["bytes_sent"] += len(frame)
         if r.consumer is not None and t.finished and not r.end_sent and r.next_frame == len(t.frames):
