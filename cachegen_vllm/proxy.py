@@ -40,8 +40,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 log = logging.getLogger("cachegen_vllm.proxy")
 
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "content-encoding"}
-# what a decode needs of a prefill's params, learnt from its answers: where its KV waits, and its link
-PRODUCER_PARAMS = ("producer", "producer_tp", "link_tokens_per_s")
+# what a decode needs of a prefill's params, learnt from its answers: where its KV waits (a change
+# means the decode leg went to the wrong place), and the producer's latest link estimate
+WHERE = ("producer", "producer_tp")
+PRODUCER_PARAMS = (*WHERE, "link_tokens_per_s")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -119,10 +121,10 @@ def create_app(
             await _cancel(decode_leg)
             return _passthrough(prefill)
         params = prefill.json().get("kv_transfer_params")
-        where = {k: params[k] for k in PRODUCER_PARAMS if k in params} if params else {}
-        if where.get("producer"):
-            producers[prefill_url] = where
-        if decode_leg is None or where != told:
+        learnt = {k: params[k] for k in PRODUCER_PARAMS if k in params} if params else {}
+        if learnt.get("producer"):
+            producers[prefill_url] = learnt
+        if decode_leg is None or any(learnt.get(k) != (told or {}).get(k) for k in WHERE):
             # first request to this prefill, or it has no connector or moved: hand over now
             await _cancel(decode_leg)
             if not params:

@@ -4,9 +4,10 @@ proxy and through vLLM's P/D router (vllm-router).
 Six servers, started once for the module: prefill instances with the raw (kv_both) and the default
 profile, two adaptive ones (the link's goodput given: one fast, whose ladder is raw and default,
 one slow, whose ladder is raw and the entropy-coded profile in a calibrated basis, smollm2-basis),
-a decode instance (kv_both), and a plain instance (no connector) as the reference. The reference answers from its own prefix
-cache (the prompt is sent twice), which is the same computation a decode instance does after a
-transfer: cached KV plus the last prompt token. Tensor and data parallelism: test_e2e_parallel.py.
+a decode instance (kv_both), and a plain instance (no connector) as the reference. The reference
+answers from its own prefix cache (the prompt is sent twice), which is the same computation a
+decode instance does after a transfer: cached KV plus the last prompt token. Tensor and data
+parallelism: test_e2e_parallel.py.
 """
 
 import json
