@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 NEAR_IP, FAR_IP = "10.231.0.1", "10.231.0.2"  # the test hosts' own addresses, inside the namespaces
 
@@ -23,10 +23,24 @@ class Link:
     far_ip: str
     rate: str
     delay_ms: float  # one-way delay actually applied (0 where the kernel has no netem)
+    near_dev: str = ""  # the veth ends, one in each namespace (set by `shaped_link`)
+    far_dev: str = ""
 
     def command(self, side: str, argv: list[str]) -> list[str]:
         """argv run inside the ``near`` or ``far`` namespace."""
         return ["ip", "netns", "exec", getattr(self, side), *argv]
+
+    def set_rate(self, rate: str) -> Link:
+        """Reshape both directions to ``rate`` in place (``tc qdisc replace``: the namespaces, the
+        addresses and every open connection stay), with the same delay; returns the link as it is
+        now. Works from any namespace (``tc -n``)."""
+        if not (self.near_dev and self.far_dev):
+            raise ValueError("set_rate needs a Link made by shaped_link (it knows the devices)")
+        applied = min(_shape(ns, dev, rate, self.delay_ms, "replace") for ns, dev in self._ends())
+        return replace(self, rate=rate, delay_ms=applied)
+
+    def _ends(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        return ((self.near, self.near_dev), (self.far, self.far_dev))
 
 
 def _ip(*args: str) -> None:
@@ -56,10 +70,12 @@ def _bits_per_second(rate: str) -> float:
     raise ValueError(f"rate must look like 100mbit, 1gbit, ...; got {rate!r}")
 
 
-def _shape(ns: str, dev: str, rate: str, delay_ms: float) -> float:
-    """Shape one direction; returns the delay that could be applied. netem gives rate and delay;
-    where the kernel lacks it (seen: a sandbox kernel without sch_netem), tbf gives the rate alone."""
-    tc = ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root"]
+def _shape(ns: str, dev: str, rate: str, delay_ms: float, verb: str = "add") -> float:
+    """Shape one direction (``verb``: tc's "add" a first time, "replace" to change it); returns the
+    delay that could be applied. netem gives rate and delay; where the kernel lacks it (seen: a
+    sandbox kernel without sch_netem), tbf gives the rate alone."""
+    _bits_per_second(rate)  # a bad rate fails here, not as tc's error
+    tc = ["tc", "-n", ns, "qdisc", verb, "dev", dev, "root"]
     netem = subprocess.run(
         [*tc, "netem", "delay", f"{delay_ms}ms", "rate", rate, "limit", "100000"],
         check=False,
@@ -79,7 +95,7 @@ def _shape(ns: str, dev: str, rate: str, delay_ms: float) -> float:
 def shaped_link(rate: str, delay_ms: float):
     """Two namespaces joined by a veth pair, each direction shaped to ``rate`` (tc syntax, e.g.
     "1gbit") with ``delay_ms`` one-way delay where the kernel has netem (`Link.delay_ms` says what
-    was applied). Removed on exit, also on error."""
+    was applied); `Link.set_rate` changes the rate later. Removed on exit, also on error."""
     tag = uuid.uuid4().hex[:6]
     near, far = f"cgn{tag}", f"cgf{tag}"
     try:
@@ -93,7 +109,7 @@ def shaped_link(rate: str, delay_ms: float):
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             applied.append(_shape(ns, dev, rate, delay_ms))
-        yield Link(near, far, NEAR_IP, FAR_IP, rate, min(applied))
+        yield Link(near, far, NEAR_IP, FAR_IP, rate, min(applied), f"vn{tag}", f"vf{tag}")
     finally:
         for ns in (near, far):
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
