@@ -74,7 +74,10 @@ PREFILL_PORTS = {mode: 8111 + i for i, mode in enumerate(PD_MODES)}
 KV_PORTS = {mode: 5611 + i for i, mode in enumerate(CACHEGEN)}
 PROXY_PORTS = {mode: 8301 + i for i, mode in enumerate(CACHEGEN)}
 NIXL_SIDE_PORTS = {"near": 5700, "far": 5701}
-DECODE_PORT, NIXL_DECODE_PORT, ROUTER_PORT, ROUTER_METRICS_PORT = 8200, 8201, 8400, 8401
+DECODE_PORT, NIXL_DECODE_PORT, ADAPTIVE_DECODE_PORT, ROUTER_PORT, ROUTER_METRICS_PORT = 8200, 8201, 8202, 8400, 8401
+# the decode's own prefill rate on its one core, for the adaptive mode's recompute fallback: the
+# recompute rows measured 1024 tokens in 1.88 s (545 tokens/s), fewer per second for longer prompts
+RECOMPUTE_TOKENS_PER_S = 500
 KV_CACHE_BYTES = 256 << 20  # per instance: 11K tokens (SmolLM2-135M: 22.5 KiB/token), a load batch fits
 
 
@@ -136,9 +139,13 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
-def transfer_stats(mode: str, before: dict, after: dict, requests: int) -> dict:
-    """Per-request transfer figures of ``mode`` between two `metrics` readings."""
-    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+def transfer_stats(mode: str, readings: list[tuple[dict, dict]], requests: int) -> dict:
+    """Per-request transfer figures of ``mode`` over pairs of `metrics` readings taken just before
+    and after its requests (one decode serves every CacheGen mode: only those intervals are its)."""
+    d: dict[str, float] = {}
+    for before, after in readings:
+        for k in after:
+            d[k] = d.get(k, 0.0) + after[k] - before.get(k, 0.0)
     if mode == "nixl":
         wire = d.get("nixl_bytes_transferred_sum", 0.0) / requests
         failures = sum(d.get(k, 0.0) for k in ("nixl_num_failed_transfers_total", "nixl_num_kv_expired_reqs_total"))
@@ -160,6 +167,7 @@ def transfer_stats(mode: str, before: dict, after: dict, requests: int) -> dict:
         "ratio": raw / wire if wire else None,
         "failures": d.get("failures", 0.0),
         "transfers": d.get("transfers", 0.0),
+        "declined": d.get("declined", 0.0),  # recomputed by the decode: the link was slower
     }
 
 
@@ -188,7 +196,9 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (k - lo)
 
 
-def start_servers(near_ns: str, near_ip: str, far_ip: str, modes: list[str], logs: Path, procs: dict) -> dict:
+def start_servers(
+    near_ns: str, near_ip: str, far_ip: str, modes: list[str], logs: Path, procs: dict, recompute_tokens_per_s: float
+) -> dict:
     """Every instance the modes need, the proxies and the router, into ``procs``; their URLs by name."""
     from cachegen_vllm.launch import kv_transfer_config, start_instance, start_router
     from cachegen_vllm.model import default_model_dir
@@ -222,6 +232,12 @@ def start_servers(near_ns: str, near_ip: str, far_ip: str, modes: list[str], log
         config = kv_transfer_config("kv_consumer", {})
         procs["decode"] = start_instance(model, DECODE_PORT, logs / "decode.log", config, far, "1", **common)
         urls["decode"] = f"http://127.0.0.1:{DECODE_PORT}"
+    if "adaptive" in modes:  # its own decode: the only one that recomputes where the link is slower
+        config = kv_transfer_config("kv_consumer", {"recompute_tokens_per_s": recompute_tokens_per_s})
+        procs["decode-adaptive"] = start_instance(
+            model, ADAPTIVE_DECODE_PORT, logs / "decode-adaptive.log", config, far, "1", **common
+        )
+        urls["decode-adaptive"] = f"http://127.0.0.1:{ADAPTIVE_DECODE_PORT}"
     if "nixl" in modes:
         launcher = nixl_env(far_ip, "far") + far
         procs["decode-nixl"] = start_instance(
@@ -234,7 +250,12 @@ def start_servers(near_ns: str, near_ip: str, far_ip: str, modes: list[str], log
         urls["front-nixl"] = f"http://127.0.0.1:{ROUTER_PORT}"
     for mode in (m for m in CACHEGEN if m in modes):
         argv = [sys.executable, "-m", "cachegen_vllm.cli", "proxy", "--prefill", urls[f"prefill-{mode}"]]
-        argv += ["--decode", urls["decode"], "--port", str(PROXY_PORTS[mode])]
+        argv += [
+            "--decode",
+            urls["decode-adaptive" if mode == "adaptive" else "decode"],
+            "--port",
+            str(PROXY_PORTS[mode]),
+        ]
         log = open(logs / f"proxy-{mode}.log", "w")  # noqa: SIM115 (the child owns it)
         procs[f"front-{mode}"] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         urls[f"front-{mode}"] = f"http://127.0.0.1:{PROXY_PORTS[mode]}"
@@ -301,7 +322,7 @@ def measure(spec: dict, link, modes: list[str], rows: list[dict], log: dict) -> 
     procs: dict = {}
     started = time.perf_counter()
     try:
-        urls = start_servers(link.near, link.near_ip, link.far_ip, modes, logs, procs)
+        urls = start_servers(link.near, link.near_ip, link.far_ip, modes, logs, procs, spec["recompute_tokens_per_s"])
         for name, proc in procs.items():
             wait_healthy(urls[name], proc, timeout_s=900)
         for name in urls:  # the instances first: a decode's first pass must not be a 1-token one
@@ -318,7 +339,11 @@ def measure(spec: dict, link, modes: list[str], rows: list[dict], log: dict) -> 
         log["startup_s"].append(time.perf_counter() - started)
         print(f"{', '.join(modes)}: servers up in {log['startup_s'][-1]:.0f} s", flush=True)
         prefill_url = urls.get("prefill-default") or next(u for n, u in urls.items() if n.startswith("prefill-"))
-        decode_of = {m: urls["decode-nixl"] if m == "nixl" else urls["decode"] for m in PD_MODES if m in modes}
+        decode_of = {
+            m: urls["decode-nixl" if m == "nixl" else f"decode-{m}" if m == "adaptive" else "decode"]
+            for m in PD_MODES
+            if m in modes
+        }
         ids = token_text(model)
         texts = {n: ids[n : 2 * n] for n in lengths}  # distinct texts per length
         load_base = 2 * max(lengths)
@@ -356,8 +381,7 @@ def measure(spec: dict, link, modes: list[str], rows: list[dict], log: dict) -> 
                         "samples": samples[mode],
                     }
                     if mode in before_after:  # the sum over the repetitions, per request
-                        b, a = before_after[mode][0][0], before_after[mode][-1][1]
-                        row.update(transfer_stats(mode, b, a, reps))
+                        row.update(transfer_stats(mode, before_after[mode], reps))
                     if mode == "adaptive":
                         row.update(levels=chose[mode], **estimates(urls["prefill-adaptive"]))
                     rows.append(row)
@@ -395,7 +419,7 @@ def measure(spec: dict, link, modes: list[str], rows: list[dict], log: dict) -> 
                     "samples": [r[:2] for r in results],
                 }
                 if mode in decode_of:
-                    row.update(transfer_stats(mode, before, metrics(decode_of[mode]), concurrency))
+                    row.update(transfer_stats(mode, [(before, metrics(decode_of[mode]))], concurrency))
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
             log["measure_s"].append(time.perf_counter() - rate_started)
@@ -474,7 +498,7 @@ def print_table(rows: list[dict], reps: int) -> None:
     )
     print(
         f"{'link':<9}{'tokens':>7} {'mode':<14}{'TTFT':>7}{'e2e':>7}{'ovh':>7}{'xfer':>7}{'dec':>7}"
-        f"{'wire MB':>9}{'ratio':>7}{'fail':>5}  adaptive: layers per level"
+        f"{'wire MB':>9}{'ratio':>7}{'fail':>5}  adaptive: layers per level (last request), declined"
     )
     for r in single:
         base = prefill.get((r["rate"], r["prompt_tokens"]))
@@ -486,6 +510,7 @@ def print_table(rows: list[dict], reps: int) -> None:
             f"{_f(None if wire is None else wire / 1e6, '.1f', 9)}{_f(r.get('ratio'), '.2f', 7)}"
             f"{_f(r.get('failures'), '.0f', 5)}"
             + ("  " + " ".join(f"{k}:{v:.0f}" for k, v in r["levels"].items() if v) if r.get("levels") else "")
+            + (f"  declined {r['declined']:.0f}" if r.get("declined") else "")
         )
     load = [r for r in rows if r.get("load")]
     if load:
@@ -511,6 +536,12 @@ def main() -> None:
         default="prefill-idle",
         help="NIXL's busy-polling progress threads: the prefill's run SCHED_IDLE (prefill-idle, the default), "
         "both sides' (idle), or none (share: each takes half its instance's core)",
+    )
+    parser.add_argument(
+        "--recompute-tokens-per-s",
+        type=float,
+        default=RECOMPUTE_TOKENS_PER_S,
+        help="the adaptive mode's decode: its own prefill rate, below which it recomputes (default: %(default)s)",
     )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/e2e.json"))
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/results/e2e.png"))
@@ -546,6 +577,7 @@ def main() -> None:
             "reps": args.reps,
             "concurrency": args.concurrency,
             "nixl_pollers": args.nixl_pollers,
+            "recompute_tokens_per_s": args.recompute_tokens_per_s,
             "logs": str(args.logs),
             "out": out.name,
         }
