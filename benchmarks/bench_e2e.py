@@ -185,7 +185,7 @@ def estimates(prefill_url: str) -> dict[str, float]:
     """The adaptive prefill's rate estimates now (its gauges): what its last choices were made from."""
     from cachegen_vllm.launch import vllm_metric
 
-    names = ("link_bytes_per_second", "production_bytes_per_second", "link_tokens_per_second")
+    names = ("link_bytes_per_second", "production_bytes_per_second", "kv_tokens_per_second")
     return {name: vllm_metric(prefill_url, f"cachegen_{name}") for name in names}
 
 

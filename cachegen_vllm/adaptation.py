@@ -70,12 +70,30 @@ def choose(levels: list[Level], layer_bytes: float, layers_left: int, now: Condi
     return next(i for i, estimate in enumerate(estimates) if estimate <= good_enough), estimates
 
 
-def should_recompute(link_tokens_per_s: float, prefill_tokens_per_s: float) -> bool:
-    """The decode's fallback: recompute the prompt itself where its KV would cross the link slower
-    than the decode computes it. Both take time in proportion to the tokens missing, so the rule
-    compares rates: prompt tokens per second over the link (the producer's goodput over its wire
-    bytes per token) against tokens per second of the decode's own prefill."""
-    return link_tokens_per_s < prefill_tokens_per_s
+def should_recompute(kv_tokens_per_s: float, prefill_tokens_per_s: float) -> bool:
+    """The decode's fallback, CacheGen's fall-back-to-text in P/D terms: recompute the prompt where
+    its KV would reach the decode slower than the decode computes it. The KV arrives as fast as the
+    slower of the prefill making it and the link carrying it (they overlap), and both sides' times
+    grow with the tokens missing, so the rule compares rates: `kv_tokens_per_s` (the producer's
+    `kv_tokens_per_s`) against the decode's own prefill tokens per second."""
+    return kv_tokens_per_s < prefill_tokens_per_s
+
+
+def kv_tokens_per_s(
+    link_bytes_per_s: float | None,
+    wire_bytes_per_token: float,
+    production_bytes_per_s: float | None,
+    raw_bytes_per_token: float,
+) -> float | None:
+    """Prompt tokens per second at which a producer's KV reaches a decode: the slower of its making
+    (raw bytes per second of the forward pass) and its crossing (the goodput over the wire bytes
+    per token at the recent sizes); None where neither is measured."""
+    rates = []
+    if link_bytes_per_s:
+        rates.append(link_bytes_per_s / wire_bytes_per_token)
+    if production_bytes_per_s:
+        rates.append(production_bytes_per_s / raw_bytes_per_token)
+    return min(rates) if rates else None
 
 
 class Ewma:
@@ -120,6 +138,10 @@ class Adapter:
     def produced(self, raw_bytes: int, seconds: float) -> None:
         if seconds > 0:
             self._production.update(raw_bytes / seconds)
+
+    @property
+    def production_bytes_per_s(self) -> float | None:
+        return self._production.value
 
     def levels(self) -> list[Level]:
         return [

@@ -43,7 +43,7 @@ HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "content-enco
 # what a decode needs of a prefill's params, learnt from its answers: where its KV waits (a change
 # means the decode leg went to the wrong place), and the producer's latest link estimate
 WHERE = ("producer", "producer_tp")
-PRODUCER_PARAMS = (*WHERE, "link_tokens_per_s")
+PRODUCER_PARAMS = (*WHERE, "kv_tokens_per_s")
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -4,7 +4,17 @@ import math
 
 import pytest
 
-from cachegen_vllm.adaptation import SLACK, Adapter, Conditions, Ewma, Level, choose, finish_seconds, should_recompute
+from cachegen_vllm.adaptation import (
+    SLACK,
+    Adapter,
+    Conditions,
+    Ewma,
+    Level,
+    choose,
+    finish_seconds,
+    kv_tokens_per_s,
+    should_recompute,
+)
 
 MB = 1e6
 LAYER = 768 * 1024  # raw bytes of one layer of a 1K-token prompt on the embedded model (3 KV heads)
@@ -76,8 +86,8 @@ def test_choose_refuses_nothing_to_choose_from():
 
 
 def test_recompute_when_the_link_brings_tokens_slower_than_the_decode_computes_them():
-    assert should_recompute(link_tokens_per_s=400, prefill_tokens_per_s=1500)
-    assert not should_recompute(link_tokens_per_s=4000, prefill_tokens_per_s=1500)
+    assert should_recompute(kv_tokens_per_s=400, prefill_tokens_per_s=1500)
+    assert not should_recompute(kv_tokens_per_s=4000, prefill_tokens_per_s=1500)
 
 
 def test_ewma_ignores_samples_that_say_nothing():
@@ -103,3 +113,10 @@ def test_the_adapter_starts_from_its_priors_and_follows_its_measurements():
     assert adapter.conditions(5 * MB, 0).link_bytes_per_s == 5 * MB
     fixed = Adapter(["raw"], [(math.inf, 1.0)], False, fixed_link_bytes_per_s=1 * MB)
     assert fixed.conditions(5 * MB, 0).link_bytes_per_s == 1 * MB  # configured: the measurement is ignored
+
+
+def test_kv_arrives_at_the_slower_of_its_making_and_its_crossing():
+    # link: 1000 B/s over 10 wire bytes per token = 100 tokens/s; prefill: 5000 B/s over 20 raw = 250
+    assert kv_tokens_per_s(1000.0, 10.0, 5000.0, 20.0) == 100.0
+    assert kv_tokens_per_s(None, 10.0, 5000.0, 20.0) == 250.0  # the link not measured yet
+    assert kv_tokens_per_s(None, 10.0, None, 20.0) is None

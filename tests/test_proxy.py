@@ -34,7 +34,7 @@ def fake_backend(name: str, seen: list):
                     "transfer_id": params["transfer_id"],
                     "producer": f"tcp://{name}",
                     "producer_tp": 3,  # a tensor-parallel prefill: the decode needs to know
-                    "link_tokens_per_s": float(len(seen)),  # its estimate changes with every answer
+                    "kv_tokens_per_s": float(len(seen)),  # its estimate changes with every answer
                 },
             }
         if body.get("stream"):
@@ -101,10 +101,10 @@ def test_first_request_hands_over_then_later_ones_overlap_the_legs():
             "transfer_id": tid,
             "producer": "tcp://prefill",
             "producer_tp": 3,
-            "link_tokens_per_s": 2.0,
+            "kv_tokens_per_s": 2.0,
         }
         # Later ones: the decode leg starts while the (slow) prefill is still computing, with the
-        # link estimate of the previous answer; a new estimate is no reason to send it again.
+        # estimate of the previous answer; a new estimate is no reason to send it again.
         seen.clear()
         r = httpx.post(f"{proxy}/v1/completions", json={"model": "slow", "prompt": "hi"}, timeout=10)
         assert r.status_code == 200
@@ -120,7 +120,7 @@ def test_first_request_hands_over_then_later_ones_overlap_the_legs():
             "transfer_id": tid,
             "producer": "tcp://prefill",
             "producer_tp": 3,
-            "link_tokens_per_s": 2.0,
+            "kv_tokens_per_s": 2.0,
         }
         # A failed prefill cancels the decode leg at once (it would take 5 s) and its error comes back.
         started = time.monotonic()

@@ -328,7 +328,7 @@ def test_a_request_without_params_is_computed_locally():
         assert s.get_num_new_matched_tokens(request("d", 300, params), 0) == (0, False)
 
 
-# ---- bandwidth: the producer's link estimate and the decode's fallback -------------------------
+# ---- bandwidth: the producer's estimate of its KV's arrival and the decode's fallback ----------
 
 
 def test_the_prefill_passes_its_workers_link_estimate_on_in_the_params():
@@ -337,16 +337,16 @@ def test_the_prefill_passes_its_workers_link_estimate_on_in_the_params():
     s, r = producer(), request("a", 300, SAVE)
     s.update_state_after_alloc(r, blocks(4, 5, 6), 0)
     s.build_connector_meta(step(new=[("a", [4, 5, 6], 0)], scheduled={"a": 300}))
-    s.update_connector_output(CacheGenStats(data={"link_tokens_per_second": 812.5, "raw_bytes": 10}))
+    s.update_connector_output(CacheGenStats(data={"kv_tokens_per_second": 812.5, "raw_bytes": 10}))
     s.update_connector_output(CacheGenStats(data={"raw_bytes": 10}))  # no estimate this interval: the last holds
     r.status = RequestStatus.FINISHED_LENGTH_CAPPED
-    assert s.request_finished(r, [4, 5, 6])[1]["link_tokens_per_s"] == 812.5
+    assert s.request_finished(r, [4, 5, 6])[1]["kv_tokens_per_s"] == 812.5
 
 
 @pytest.mark.parametrize("link,declined", [(400.0, True), (4000.0, False), (None, False)])
 def test_a_decode_recomputes_where_the_link_is_slower_than_its_own_prefill(link, declined):
     s = CacheGenScheduler(connector_config_from_dict("kv_consumer", {"recompute_tokens_per_s": 1500}))
-    r = request("b", 300, load_params(num_tokens=300, **({"link_tokens_per_s": link} if link else {})))
+    r = request("b", 300, load_params(num_tokens=300, **({"kv_tokens_per_s": link} if link else {})))
     assert s.get_num_new_matched_tokens(r, 0) == ((0, False) if declined else (299, True))
     assert s.get_num_new_matched_tokens(r, 0) == ((0, False) if declined else (299, True))  # asked again: same
     meta = s.build_connector_meta(step())
@@ -355,5 +355,5 @@ def test_a_decode_recomputes_where_the_link_is_slower_than_its_own_prefill(link,
 
 
 def test_without_its_own_rate_a_decode_always_loads():
-    r = request("b", 300, load_params(num_tokens=300, link_tokens_per_s=1.0))
+    r = request("b", 300, load_params(num_tokens=300, kv_tokens_per_s=1.0))
     assert consumer().get_num_new_matched_tokens(r, 0) == (299, True)

@@ -110,6 +110,7 @@ def test_saved_layers_load_into_the_decodes_blocks_exactly(prefill):
         and sent.data["transfers"] == 1
         and sent.data["raw_bytes"] == 40 * LAYERS * 2 * HEADS * HEAD_DIM * 2
     )
+    assert sent.data["kv_tokens_per_second"] > 0  # the forward pass's pace, for decodes' fallback
 
 
 def test_a_decode_holding_a_prefix_writes_only_the_rest(prefill):

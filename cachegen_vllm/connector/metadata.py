@@ -72,7 +72,7 @@ class RemotePrefill:
     producer: str  # the ZeroMQ endpoint of the producer's first tensor-parallel rank
     num_tokens: int | None  # the prompt's tokens the producer has; None: not known yet
     producer_tp: int = 1  # the producer's tensor-parallel ranks
-    link_tokens_per_s: float | None = None  # the producer's estimate of its link, in prompt tokens per second
+    kv_tokens_per_s: float | None = None  # the producer's estimate: prompt tokens/s its KV reaches a decode at
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> RemotePrefill | None:
@@ -90,9 +90,9 @@ class RemotePrefill:
         producer_tp = params.get("producer_tp", 1)
         if not _positive(producer_tp) or producer_tp > 1024:
             raise ParamsError(f"kv_transfer_params.producer_tp must be an integer in 1..1024; got {producer_tp!r}")
-        link = params.get("link_tokens_per_s")
+        link = params.get("kv_tokens_per_s")
         if link is not None and (isinstance(link, bool) or not isinstance(link, (int, float)) or not link > 0):
-            raise ParamsError(f"kv_transfer_params.link_tokens_per_s must be a positive number; got {link!r}")
+            raise ParamsError(f"kv_transfer_params.kv_tokens_per_s must be a positive number; got {link!r}")
         return cls(_transfer_id(params), producer, num_tokens, producer_tp, link)
 
     def to_params(self) -> dict[str, Any]:
@@ -104,8 +104,8 @@ class RemotePrefill:
         }
         if self.num_tokens is not None:
             params["num_tokens"] = self.num_tokens
-        if self.link_tokens_per_s is not None:
-            params["link_tokens_per_s"] = self.link_tokens_per_s
+        if self.kv_tokens_per_s is not None:
+            params["kv_tokens_per_s"] = self.kv_tokens_per_s
         return params
 
 

@@ -37,8 +37,8 @@ LEVEL_PREFIX = "level_"  # + a profile's name: layers of requests a producer cod
 # The latest value seen (one rank's), on the prefill: what adaptation and the decode's fallback read.
 GAUGES = {
     "link_bytes_per_second": "Goodput of the link to the decodes as the prefill estimates it (bytes/s)",
-    "production_bytes_per_second": "Raw KV bytes the prefill's forward pass makes per second (adaptive profile)",
-    "link_tokens_per_second": "Prompt tokens per second the prefill's KV crosses the link at, at its recent sizes",
+    "production_bytes_per_second": "Raw KV bytes the prefill's forward pass makes per second",
+    "kv_tokens_per_second": "Prompt tokens per second at which the prefill's KV reaches a decode (made and carried)",
 }
 # Per-transfer durations, one sample each: histograms beside the counters' sums.
 HISTOGRAMS = {

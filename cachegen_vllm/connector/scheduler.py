@@ -10,9 +10,9 @@ transfer is dropped and its response carries no params.
 Decode (``kv_consumer``): a request whose params say where its KV waits (`RemotePrefill`) reports
 the prompt, less the last token (which vLLM recomputes to sample from) and less any prefix it
 already holds in its prefix cache, as loadable asynchronously, and gets a `LoadRequest`; unless
-the producer's link, as it estimates it, would bring the prompt slower than this instance computes
-it (``recompute_tokens_per_s``, `adaptation.should_recompute`): then it recomputes, and the
-workers cancel the transfer. One load
+the KV, as the producer estimates its making and its link, would arrive slower than this instance
+computes the prompt (``recompute_tokens_per_s``, `adaptation.should_recompute`): then it
+recomputes, and the workers cancel the transfer. One load
 attempt per request: asked again after a failure or a preemption, it recomputes, since the
 producer has released or lost the frames by then. A request aborted while loading has its load
 cancelled.
@@ -72,7 +72,7 @@ class CacheGenScheduler:
         self._local_hits: dict[str, int] = {}  # tokens a loading request already holds
         self._loaded: set[str] = set()  # requests whose load was scheduled or declined: never a second attempt
         self._new_declines: list[LoadRequest] = []
-        self._link_tokens_per_s: float | None = None  # prefill: its workers' latest estimate
+        self._kv_tokens_per_s: float | None = None  # prefill: its workers' latest estimate
         self._stats = CacheGenStats()
 
     def _remote_prefill(self, request: Request) -> RemotePrefill | None:
@@ -109,9 +109,9 @@ class CacheGenScheduler:
             )
             self._stats.add(declined=1)
             log.info(
-                "request %s: its KV would come at %.0f tokens/s, slower than recomputing it (%.0f); recomputing",
+                "request %s: its KV would arrive at %.0f tokens/s, slower than recomputing it (%.0f); recomputing",
                 request.request_id,
-                remote.link_tokens_per_s,
+                remote.kv_tokens_per_s,
                 self.config.recompute_tokens_per_s,
             )
             return 0, False
@@ -120,13 +120,14 @@ class CacheGenScheduler:
 
     def _declines(self, remote: RemotePrefill) -> bool:
         own = self.config.recompute_tokens_per_s
-        link = remote.link_tokens_per_s
-        return own is not None and link is not None and should_recompute(link, own)
+        arrives = remote.kv_tokens_per_s
+        return own is not None and arrives is not None and should_recompute(arrives, own)
 
     def update_connector_output(self, stats: CacheGenStats | None) -> None:
-        """Prefill: the workers' latest link estimate, for the params of the requests that finish."""
-        if stats is not None and stats.data.get("link_tokens_per_second"):
-            self._link_tokens_per_s = stats.data["link_tokens_per_second"]
+        """Prefill: the workers' latest estimate of how fast its KV reaches a decode, for the params
+        of the requests that finish."""
+        if stats is not None and stats.data.get("kv_tokens_per_second"):
+            self._kv_tokens_per_s = stats.data["kv_tokens_per_second"]
 
     def get_stats(self) -> CacheGenStats | None:
         if self._stats.is_empty():
@@ -210,5 +211,5 @@ class CacheGenScheduler:
             self._new_aborts.append(saving.transfer_id)
             return held, None
         return held, RemotePrefill(
-            saving.transfer_id, self._producer, saving.total, self._producer_tp, self._link_tokens_per_s
+            saving.transfer_id, self._producer, saving.total, self._producer_tp, self._kv_tokens_per_s
         ).to_params()

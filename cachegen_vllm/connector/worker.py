@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 
-from cachegen_vllm.adaptation import Adapter
+from cachegen_vllm.adaptation import Adapter, kv_tokens_per_s
 from cachegen_vllm.codec import FrameError, KVGeometry
 from cachegen_vllm.codec import basis as bases
 from cachegen_vllm.codec.format import frame_layer
@@ -115,7 +115,7 @@ class CacheGenWorker:
         self._cancelled: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._stats = CacheGenStats()
-        self._adapter: Adapter | None = None  # an adaptive producer's measurements and choices
+        self._adapter: Adapter | None = None  # a producer's measured rates, and an adaptive one's choices
         self._sent = (0, 0)  # raw and wire bytes this rank has sent, all transfers
         self._last_layer: tuple[CacheGenMetadata | None, float] = (None, 0.0)  # the step and end of the last save
         self._producer_reported: dict[str, int] = {}  # transport counters already in the stats
@@ -191,7 +191,7 @@ class CacheGenWorker:
             names,
             "on the forward pass's thread" if self.runtime.encode_holds_compute else "beside the forward pass",
         )
-        if self.config.adaptive and self.config.sends:
+        if self.config.sends:
             self._adapter = self._start_adapter(caches[0], order)
         replica = first_holder(head_start, total, self.placement.tp_size) != self.placement.tp_rank
         if self.config.sends and replica:  # decodes read these heads from the first rank holding them
@@ -220,7 +220,11 @@ class CacheGenWorker:
             log.info("CacheGenConnector receives (the profile of each transfer is in its frames)")
 
     def _start_adapter(self, layer_cache: torch.Tensor, order: PageOrder | None) -> Adapter:
-        """Each level's encode rate and size on one chunk, measured now: the choices' first guesses."""
+        """The producer's rates: with a fixed profile only measured (for the decodes' fallback), for
+        a ladder also each level's encode rate and size on one chunk, measured now: the choices'
+        first guesses."""
+        if not self.config.adaptive:
+            return Adapter([self.config.ladder[0].name], [(math.inf, 1.0)], self.runtime.encode_holds_compute)
         priors = []
         for profile in self.config.ladder:
             tokens = profile.chunk_tokens
@@ -309,7 +313,7 @@ class CacheGenWorker:
 
     def _level(self, save: SaveRequest, layer: int) -> int:
         """The ladder's level for this layer of this save: the only one, or the adapter's choice."""
-        if self._adapter is None:
+        if self._adapter is None or not self.config.adaptive:
             return 0
         assert self._producer is not None
         now = self._adapter.conditions(self._producer.goodput_bytes_per_s, self._producer.backlog_bytes)
@@ -617,12 +621,17 @@ class CacheGenWorker:
                 total = self._producer.stats[stat]
                 self._count(**{metric: total - self._producer_reported.get(metric, 0)})
                 self._producer_reported[metric] = total
-            link = self._adapter.fixed_link_bytes_per_s if self._adapter else None
-            link = link or self._producer.goodput_bytes_per_s
+            assert self._adapter is not None
             raw, wire = self._sent
-            if link and raw:  # what a decode's fallback compares with its own prefill rate
-                wire_per_token = self.geometry.layer_bytes(1) * self.geometry.num_layers * wire / raw
-                self._gauge(link_tokens_per_second=link / wire_per_token)
+            raw_per_token = self.geometry.layer_bytes(1) * self.geometry.num_layers
+            arrives = kv_tokens_per_s(  # what a decode's fallback compares with its own prefill rate
+                self._adapter.fixed_link_bytes_per_s or self._producer.goodput_bytes_per_s,
+                raw_per_token * (wire / raw if raw else 1.0),
+                self._adapter.production_bytes_per_s,
+                raw_per_token,
+            )
+            if arrives is not None:
+                self._gauge(kv_tokens_per_second=arrives)
         with self._lock:
             if self._stats.is_empty():
                 return None
