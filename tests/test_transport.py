@@ -531,3 +531,22 @@ def test_credits_measure_the_goodput_while_the_reader_paces_the_transfer(endpoin
     assert producer.goodput_bytes_per_s is not None
     assert 0.5 * rate < producer.goodput_bytes_per_s < 1.2 * rate, (producer.goodput_bytes_per_s, rate)
     assert wait_until(lambda: producer.backlog_bytes == 0)
+
+
+def test_a_link_that_got_faster_raises_the_goodput_estimate(endpoints):
+    """Frames that a slow reader paced set a low estimate; later frames are made slower than the
+    reader takes them (nothing waits for credits, so nothing measures the link), and each credit
+    raises the estimate a step."""
+    producer, consumer = endpoints()
+    produce(producer, "slow", make_frames(24))
+    for _ in consumer.fetch(producer.endpoint, "slow", timeout_s=30):
+        time.sleep(0.02)
+    slow = producer.goodput_bytes_per_s
+    assert slow is not None
+    for i in range(3):  # frames made slower than they are read: the producer never waits for credits
+        stream = consumer.fetch(producer.endpoint, f"fast-{i}", timeout_s=30)
+        making = threading.Thread(target=produce, args=(producer, f"fast-{i}", make_frames(24, seed=i), 0.01))
+        making.start()
+        assert len(list(stream)) == 24
+        making.join()
+    assert producer.goodput_bytes_per_s > 2 * slow, (slow, producer.goodput_bytes_per_s)

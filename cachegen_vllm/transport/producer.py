@@ -9,7 +9,10 @@ pulls from a token on, and only the frames holding later tokens cross the wire.
 
 The consumers' credits are acknowledgements too: while a reader waits for credits, the link (or
 the reader) is what paces the transfer, and the bytes acknowledged per second then are its
-goodput (`goodput_bytes_per_s`), which bandwidth adaptation reads with `backlog_bytes`."""
+goodput (`goodput_bytes_per_s`), which bandwidth adaptation reads with `backlog_bytes`. While
+nothing waits, the link carries all it is given: each credit then raises the estimate a little
+(`PROBE`), so that a link that got faster is found again once smaller frames no longer fill it
+(a link still slow paces the larger frames this brings, and its samples pull the estimate back)."""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from cachegen_vllm.transport.config import TransportConfig
 from cachegen_vllm.transport.errors import BufferFull, TransferRefused
 
 TOMBSTONES = 4096  # ended transfers remembered, so a late PULL is refused instead of parked
+PROBE = 1.1  # the goodput estimate's rise per credit that came while no reader waited for one
 
 
 @dataclass
@@ -50,6 +54,12 @@ class _Reader:
     end_sent: bool = False
     unacked: deque[int] = field(default_factory=deque)  # sizes of the frames sent and not credited back
     done_bytes: int = 0  # of the transfer's frames: credited back, or skipped (held by the consumer)
+
+    def acknowledge(self, count: int) -> int:
+        """The bytes of the next ``count`` frames sent, now credited back."""
+        acked = sum(self.unacked.popleft() for _ in range(min(count, len(self.unacked))))
+        self.done_bytes += acked
+        return acked
 
 
 @dataclass
@@ -272,8 +282,7 @@ class FrameProducer(IOThread):
                     reader = credited.pulling[index]
                     count = P.U32.unpack(args[1])[0]
                     reader.credits += count
-                    acked = sum(reader.unacked.popleft() for _ in range(min(count, len(reader.unacked))))
-                    reader.done_bytes += acked
+                    acked = reader.acknowledge(count)
                     self._renew(credited)
             if credited is not None and index is not None:
                 self._acknowledged(acked)
@@ -301,11 +310,14 @@ class FrameProducer(IOThread):
                 self._end(tid, P.COMPLETED, "completed")
 
     def _acknowledged(self, nbytes: int) -> None:
-        """Bytes credited back: while a reader waited for credits, they measure the goodput."""
+        """``nbytes`` credited back: while a reader waited for credits, they measure the goodput;
+        otherwise the link kept up, and the estimate rises a step."""
         now = time.monotonic()
         if self._paced_since is not None and now > self._paced_since:
             self._goodput.update(nbytes / (now - self._paced_since))
             self._paced_since = now
+        elif self._goodput.value is not None:
+            self._goodput.value *= PROBE
 
     def tick(self) -> None:
         now = time.monotonic()
