@@ -25,6 +25,7 @@ from cachegen_vllm.transport import (
 )
 from cachegen_vllm.transport import protocol as P
 from cachegen_vllm.transport.config import TransportConfig
+from cachegen_vllm.transport.producer import PROBE_MAX
 
 GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
 PROFILE = profile_from_dict({"chunk_tokens": 32, "group_tokens": 8, "bits": {"key": 4, "value": 4}}, "t")
@@ -549,4 +550,4 @@ def test_a_link_that_got_faster_raises_the_goodput_estimate(endpoints):
         making.start()
         assert len(list(stream)) == 24
         making.join()
-    assert producer.goodput_bytes_per_s > 2 * slow, (slow, producer.goodput_bytes_per_s)
+    assert 2 * slow < producer.goodput_bytes_per_s <= PROBE_MAX * slow, (slow, producer.goodput_bytes_per_s)

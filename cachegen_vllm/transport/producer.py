@@ -10,9 +10,9 @@ pulls from a token on, and only the frames holding later tokens cross the wire.
 The consumers' credits are acknowledgements too: while a reader waits for credits, the link (or
 the reader) is what paces the transfer, and the bytes acknowledged per second then are its
 goodput (`goodput_bytes_per_s`), which bandwidth adaptation reads with `backlog_bytes`. While
-nothing waits, the link carries all it is given: each credit then raises the estimate a little
-(`PROBE`), so that a link that got faster is found again once smaller frames no longer fill it
-(a link still slow paces the larger frames this brings, and its samples pull the estimate back)."""
+nothing waits, the link carries all it is given: each credit then raises the estimate a step
+(`PROBE`, up to `PROBE_MAX` times the measured goodput), so that a link that got faster is found
+again once smaller frames no longer fill it; the next paced sample replaces the raised value."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ from cachegen_vllm.transport.errors import BufferFull, TransferRefused
 
 TOMBSTONES = 4096  # ended transfers remembered, so a late PULL is refused instead of parked
 PROBE = 1.1  # the goodput estimate's rise per credit that came while no reader waited for one
+# at most this many times the measured goodput: enough to go down the whole ladder (raw to the
+# basis profile is 6x in size); unbounded, a prefill slower than the link raised it without end
+PROBE_MAX = 8.0
 
 
 @dataclass
@@ -89,7 +92,8 @@ class FrameProducer(IOThread):
         self._transfers: dict[bytes, _Transfer] = {}
         self._ended: OrderedDict[bytes, tuple[int, str]] = OrderedDict()
         self._buffered = 0
-        self._goodput = Ewma()
+        self._goodput = Ewma()  # of the paced samples
+        self._probe = 1.0  # the estimate over the measured goodput, raised while nothing waits
         self._paced_since: float | None = None  # since when a reader has waited for credits
         sock = self._context.socket(zmq.ROUTER)
         sock.linger = 0
@@ -152,8 +156,8 @@ class FrameProducer(IOThread):
     @property
     def goodput_bytes_per_s(self) -> float | None:
         """Bytes per second the consumers acknowledged while the link paced a transfer (a moving
-        mean; None before the first such time)."""
-        return self._goodput.value
+        mean; None before the first such time), raised while the link keeps up with all it gets."""
+        return None if self._goodput.value is None else self._goodput.value * self._probe
 
     @property
     def backlog_bytes(self) -> int:
@@ -315,9 +319,9 @@ class FrameProducer(IOThread):
         now = time.monotonic()
         if self._paced_since is not None and now > self._paced_since:
             self._goodput.update(nbytes / (now - self._paced_since))
-            self._paced_since = now
-        elif self._goodput.value is not None:
-            self._goodput.value *= PROBE
+            self._paced_since, self._probe = now, 1.0
+        else:
+            self._probe = min(PROBE_MAX, self._probe * PROBE)
 
     def tick(self) -> None:
         now = time.monotonic()
