@@ -40,9 +40,9 @@ def caches(seed: int | None) -> dict[str, tuple[int, torch.Tensor]]:
     }
 
 
-def worker(role: str, layers, **extra) -> CacheGenWorker:
+def worker(role: str, layers, runtime: Runtime | None = None, **extra) -> CacheGenWorker:
     w = CacheGenWorker(connector_config_from_dict(role, extra), model_name="test-model")
-    w.bind_caches(layers, order=None)
+    w.bind_caches(layers, order=None, runtime=runtime)
     return w
 
 
@@ -381,11 +381,7 @@ class LaggingSealer(Runtime):
 
 def test_a_finished_prefill_request_is_reported_sent_only_once_its_frames_are_sealed():
     layers, runtime = caches(seed=1), LaggingSealer()
-    w = CacheGenWorker(
-        connector_config_from_dict("kv_producer", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}),
-        model_name="test-model",
-    )
-    w.bind_caches(layers, order=None, runtime=runtime)
+    w = worker("kv_producer", layers, runtime, profile="raw", bind=f"tcp://127.0.0.1:{free_port()}")
     try:
         save_prompt(w, layers, [7, 2, 9], total=40, chunk=24)
         assert len(runtime.jobs) == 2 * LAYERS and w._producer.buffered_bytes == 0  # enqueued, not sealed
@@ -554,11 +550,7 @@ def test_a_producer_with_a_spare_core_encodes_beside_the_forward_pass_the_same_f
     source = caches(seed=3)
     sent = []
     for runtime in (device.Runtime(torch.device("cpu")), device.ThreadedRuntime(torch.device("cpu"))):
-        w = CacheGenWorker(
-            connector_config_from_dict("kv_producer", {"profile": "default", "bind": f"tcp://127.0.0.1:{free_port()}"}),
-            model_name="test-model",
-        )
-        w.bind_caches(source, order=None, runtime=runtime)
+        w = worker("kv_producer", source, runtime, profile="default", bind=f"tcp://127.0.0.1:{free_port()}")
         try:
             save_prompt(w, source, [7, 2, 9], total=40, chunk=24)
             w.wait_for_save()  # the step's end: every encoding of it is sealed

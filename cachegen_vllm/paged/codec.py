@@ -115,6 +115,7 @@ def encode_blocks(
     token_start: int,
     count: int,
     total_tokens: int,
+    runtime: Runtime | None = None,
     kernels: bool | None = None,
 ) -> list[bytes]:
     """`start_encode` and its `finish` at once, on the current stream (``kernels=True`` on a CPU runs
@@ -129,6 +130,7 @@ def encode_blocks(
         token_start=token_start,
         count=count,
         total_tokens=total_tokens,
+        runtime=runtime,
         kernels=kernels,
     ).finish()
 
@@ -255,10 +257,10 @@ def warm_up(
     cache = next(iter(layer_caches.values()))
     layers = {profile.layer_bits(layer): layer for layer in sorted(layer_caches, reverse=True)}.values()
     totals = covering_token_counts(profile)
-    table = runtime.to_device(np.zeros(-(-max(totals) // cache.shape[2]), dtype=np.int64))
+    table = _first_block_repeated(cache, max(totals), runtime)
     for layer in layers:
         for total in totals:
-            frames = start_encode(
+            frames = encode_blocks(
                 layer_caches[layer],
                 order,
                 table,
@@ -269,7 +271,7 @@ def warm_up(
                 count=total,
                 total_tokens=total,
                 runtime=runtime,
-            ).finish()
+            )
             decode_frames_into_blocks(
                 frames,
                 layer_caches,
@@ -295,9 +297,9 @@ def time_encode(
     """(seconds, wire bytes) of encoding ``tokens`` tokens of layer 0 read from the cache's first
     block, repeated: a start-up estimate of the profile's encode rate and size, before any request
     has measured them (run after `warm_up`, so that nothing compiles here)."""
-    table = runtime.to_device(np.zeros(-(-tokens // layer_cache.shape[2]), dtype=np.int64))
+    table = _first_block_repeated(layer_cache, tokens, runtime)
     started = time.perf_counter()
-    frames = start_encode(
+    frames = encode_blocks(
         layer_cache,
         order,
         table,
@@ -308,5 +310,10 @@ def time_encode(
         count=tokens,
         total_tokens=tokens,
         runtime=runtime,
-    ).finish()
+    )
     return time.perf_counter() - started, sum(map(len, frames))
+
+
+def _first_block_repeated(layer_cache: torch.Tensor, tokens: int, runtime: Runtime) -> torch.Tensor:
+    """A block table for ``tokens`` tokens that reads the cache's first block for all of them."""
+    return runtime.to_device(np.zeros(-(-tokens // layer_cache.shape[2]), dtype=np.int64))
