@@ -76,7 +76,7 @@ PROXY_PORTS = {mode: 8301 + i for i, mode in enumerate(CACHEGEN)}
 NIXL_SIDE_PORTS = {"near": 5700, "far": 5701}
 DECODE_PORT, NIXL_DECODE_PORT, ADAPTIVE_DECODE_PORT, ROUTER_PORT, ROUTER_METRICS_PORT = 8200, 8201, 8202, 8400, 8401
 # the decode's own prefill rate on its one core, for the adaptive mode's recompute fallback: the
-# recompute rows measured 1024 tokens in 1.88 s (545 tokens/s), fewer per second for longer prompts
+# recompute rows run 360-575 tokens/s (benchmarks/results/e2e.json), fewer for longer prompts
 RECOMPUTE_TOKENS_PER_S = 500
 KV_CACHE_BYTES = 256 << 20  # per instance: 11K tokens (SmolLM2-135M: 22.5 KiB/token), a load batch fits
 
