@@ -51,10 +51,16 @@ GEOMETRY = KVGeometry(LAYERS, HEADS, HEAD_DIM, DTYPE, model="llama-3-8b-like")
 
 
 def kernel_profiles() -> list[str]:
-    """The shipped profiles whose frames the paged kernels code (bit-packed ones)."""
+    """The shipped profiles whose frames the paged kernels code (bit-packed ones; a lossless width
+    goes through the field coder, `_ptxas_lossless`)."""
+    from cachegen_vllm.codec.profile import LOSSLESS_BITS
     from cachegen_vllm.config import shipped_profiles
 
-    return [name for name in shipped_profiles() if load_profile(name).coding == "packed"]
+    def coded(name: str) -> bool:
+        profile = load_profile(name)
+        return profile.coding == "packed" and LOSSLESS_BITS not in {w for _, w in profile.widths()}
+
+    return [name for name in shipped_profiles() if coded(name)]
 
 
 def ptxas_report(profile_name: str, geometry: KVGeometry = GEOMETRY) -> list[dict]:
@@ -177,6 +183,32 @@ def _ptxas_rans() -> list[dict]:
                     attrs,
                     {"num_warps": 4, "enable_fp_fusion": False},
                 ),
+            )
+        )
+    return rows
+
+
+def _ptxas_lossless() -> list[dict]:
+    """The lossless field coder's kernels for sm_90a, for bf16 (one variant per dtype's fields)."""
+    from cachegen_vllm.codec import lossless
+    from cachegen_vllm.kernels import lossless_fields as fields
+
+    rows = []
+    for kernel in (fields.split_kernel, fields.merge_kernel):
+        signature = {name: "i32" if name in ("tokens", "channels") else "*i64" for name in kernel.arg_names}
+        constexprs = dict(E=8, M=7, ESCAPE=lossless.ESCAPE, BLOCK_T=fields.BLOCK_TOKENS, BLOCK_C=fields.BLOCK_CHANNELS)
+        for name in constexprs:
+            signature[name] = "constexpr"
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if signature[n] == "*i64"}
+        rows.append(
+            dict(
+                profile="lossless",
+                kernel=f"lossless_fields.{kernel.__name__}",
+                key_bits=None,
+                value_bits=None,
+                num_warps=4,
+                block_t=fields.BLOCK_TOKENS,
+                **_sm90a(kernel, signature, constexprs, attrs, {"num_warps": 4, "enable_fp_fusion": False}),
             )
         )
     return rows
@@ -401,14 +433,14 @@ def _rans_rows(tokens: int, reps: int, copy_bps: float, device: str) -> dict:
 def _cpu_codec_rows(reps: int) -> list[dict]:
     """The codec on this CPU (the compiled rANS lanes for entropy-coded profiles): one layer of 128
     and of 1,024 random bf16 tokens, the embedded model's geometry, packed (default), entropy-coded
-    (entropy) and entropy-coded in the calibrated basis (smollm2-basis) profiles."""
+    (entropy), entropy-coded in the calibrated basis (smollm2-basis) and lossless profiles."""
     from cachegen_vllm.codec import decode_frames, encode_layer
 
     geometry = KVGeometry(30, 3, 64, torch.bfloat16, model="SmolLM2-135M-Instruct")
     rows = []
     for tokens in (128, 1024):
         key, value = (torch.randn(tokens, 3, 64, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (1, 2))
-        for name in ("default", "entropy", "smollm2-basis"):
+        for name in ("default", "entropy", "smollm2-basis", "lossless"):
             profile = load_profile(name)
             frames = encode_layer(key, value, geometry=geometry, profile=profile, layer=3)
             # each lambda runs before the loop moves on: binding the loop's variables late is right here
@@ -463,7 +495,7 @@ def main() -> None:
             )
         result = dict(machine="host CPU", geometry=str(GEOMETRY), rows=rows)
     elif args.ptxas:
-        rows = [row for name in kernel_profiles() for row in ptxas_report(name)] + _ptxas_rans()
+        rows = [row for name in kernel_profiles() for row in ptxas_report(name)] + _ptxas_rans() + _ptxas_lossless()
         print(
             f"{'profile':<13} {'kernel':<28} {'bits k/v':>8} {'warps':>5} {'tile':>5} "
             f"{'regs':>5} {'spill B':>7} {'smem B':>6} {'fma':>4}"

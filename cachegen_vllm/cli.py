@@ -78,6 +78,52 @@ def _basis(args) -> None:
     print(f"{args.out}: basis {basis.digest:016x} for (layers, kv heads, head dim) {basis.shape}, fitted on {sample}")
 
 
+def _kv_extract(args) -> None:
+    from cachegen_vllm import kvfile
+
+    geometry, kv = kvfile.extract(args.model, args.text.read_text(), kvfile.CACHE_DTYPES[args.dtype], args.tokens)
+    kvfile.save_kv(args.out, geometry, kv)
+    print(f"{args.out}: {kv[0][0].shape[0]} tokens x {geometry.num_layers} layers of {geometry.dtype} KV, {geometry}")
+
+
+def _kv_encode(args) -> None:
+    from cachegen_vllm import kvfile
+    from cachegen_vllm.config import load_profile
+
+    geometry, kv = kvfile.load_kv(args.kv)
+    frames = kvfile.encode(geometry, kv, load_profile(args.profile))
+    kvfile.save_frames(args.out, geometry.model, frames)
+    raw, wire = sum(k.nbytes + v.nbytes for k, v in kv), sum(map(len, frames))
+    elements = sum(k.numel() + v.numel() for k, v in kv)
+    print(f"{args.out}: {len(frames)} frames, {wire} bytes, {8 * wire / elements:.3f} bits/element, {raw / wire:.2f}x")
+
+
+def _kv_decode(args) -> None:
+    from cachegen_vllm import kvfile
+    from cachegen_vllm.codec.basis import load
+
+    model, frames = kvfile.load_frames(args.frames)
+    geometry, kv = kvfile.decode(model, frames, tuple(load(str(p)) for p in args.basis))
+    kvfile.save_kv(args.out, geometry, kv)
+    print(f"{args.out}: {kv[0][0].shape[0]} tokens x {geometry.num_layers} layers of {geometry.dtype} KV")
+
+
+def _kv_inspect(args) -> None:
+    from cachegen_vllm import kvfile
+
+    if args.file.read_bytes()[:4] == kvfile.FRAMES_MAGIC:
+        model, frames = kvfile.load_frames(args.file)
+        geometry = kvfile.frames_geometry(model, frames[0])
+        total = sum(map(len, frames))
+        print(f"{args.file}: {len(frames)} frames of {geometry}, {total} bytes")
+        for part, n in sorted(kvfile.parts(model, frames).items(), key=lambda kv: -kv[1]):
+            print(f"  {part:<26}{n:>12} bytes {100 * n / total:6.2f}%")
+    else:
+        geometry, kv = kvfile.load_kv(args.file)
+        raw = sum(k.nbytes + v.nbytes for k, v in kv)
+        print(f"{args.file}: KV of {kv[0][0].shape[0]} tokens, {geometry}, {raw} bytes")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cachegen-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +203,29 @@ def main(argv: list[str] | None = None) -> None:
         "--skip-tokens", type=int, default=4, help="leading tokens the profiles send exact (attention sinks)"
     )
     p.set_defaults(run=_basis)
+
+    p = sub.add_parser("kv", help="offline KV tools: extract a model's KV, encode, decode, inspect files")
+    kv = p.add_subparsers(dest="kv_command", required=True)
+    q = kv.add_parser("extract", help="the KV cache a serving engine holds after a prefill of a text")
+    q.add_argument("model", type=Path, help="a Hugging Face model directory (cachegen-vllm model: the embedded one)")
+    q.add_argument("--text", type=Path, required=True, help="a UTF-8 text file: the prompt")
+    q.add_argument("--out", type=Path, required=True, help="the KV file to write (safetensors)")
+    q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8_e4m3", "fp8_e5m2"])
+    q.add_argument("--tokens", type=int, help="at most this many tokens of the text")
+    q.set_defaults(run=_kv_extract)
+    q = kv.add_parser("encode", help="a KV file into frames, with a profile")
+    q.add_argument("kv", type=Path, help="a KV file (kv extract, kv decode)")
+    q.add_argument("--profile", required=True, help="a shipped profile's name or a .toml path")
+    q.add_argument("--out", type=Path, required=True, help="the frames file to write")
+    q.set_defaults(run=_kv_encode)
+    q = kv.add_parser("decode", help="a frames file back into a KV file")
+    q.add_argument("frames", type=Path)
+    q.add_argument("--out", type=Path, required=True, help="the KV file to write")
+    q.add_argument("--basis", type=Path, nargs="*", default=[], help="basis files the frames may name (not shipped)")
+    q.set_defaults(run=_kv_decode)
+    q = kv.add_parser("inspect", help="what a KV or frames file holds, and a frames file's bytes by part")
+    q.add_argument("file", type=Path)
+    q.set_defaults(run=_kv_inspect)
 
     # These two parse their own options.
     sub.add_parser("proxy", help="OpenAI-compatible front end for prefill + decode instances", add_help=False)

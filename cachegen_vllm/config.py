@@ -22,6 +22,7 @@ from cachegen_vllm.codec import basis
 from cachegen_vllm.codec.profile import (
     CODINGS,
     EXACT_BITS,
+    LOSSLESS_BITS,
     MAX_BASIS_BITS,
     MAX_CHUNK_TOKENS,
     MAX_LANE_SYMBOLS,
@@ -47,8 +48,10 @@ __all__ = [
 
 
 def _bits(field: str, value: Any) -> int:
+    if value == "lossless":
+        return LOSSLESS_BITS
     if not isinstance(value, int) or isinstance(value, bool) or not (value in QUANT_BITS or value == EXACT_BITS):
-        raise ConfigError(field, f"must be an integer 1..8, or {EXACT_BITS} for exact; got {value!r}")
+        raise ConfigError(field, f'must be an integer 1..8, "lossless", or {EXACT_BITS} for exact; got {value!r}')
     return value
 
 
@@ -163,7 +166,7 @@ def profile_from_dict(data: dict, name: str, root: Path | None = None) -> Profil
     )
     if rotation == "basis":  # a basis's alphabet spans 2**(bits+4) steps, up to the widest table (codec/entropy.py)
         for field, width in profile.widths():
-            if MAX_BASIS_BITS < width < EXACT_BITS:
+            if MAX_BASIS_BITS < width < LOSSLESS_BITS:
                 raise ConfigError(
                     field,
                     f'rotation = "basis" codes at most {MAX_BASIS_BITS} bits (or {EXACT_BITS}, exact); got {width}',

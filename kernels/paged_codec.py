@@ -429,6 +429,8 @@ def check_supported(geometry: KVGeometry, group_tokens: int) -> None:
     d = geometry.head_dim
     if d < 8 or d & (d - 1):
         raise ValueError(f"head_dim {d}: the kernels need a power of two >= 8 (the CPU path takes any)")
+    if geometry.fp8:
+        raise ValueError(f"dtype {geometry.dtype}: the kernels code 16- and 32-bit caches (the reference takes fp8)")
     if not 1 <= group_tokens <= MAX_GROUP_TOKENS:
         raise ValueError(f"group_tokens {group_tokens}: the kernels take 1..{MAX_GROUP_TOKENS}")
 

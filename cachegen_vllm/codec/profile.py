@@ -13,6 +13,9 @@ from cachegen_vllm.codec.geometry import KV
 
 EXACT_BITS = 16
 """A bit width of 16 means "not quantized": the token's KV travels in the cache's own dtype."""
+LOSSLESS_BITS = 15
+"""A bit width of 15 means "lossless": the token's KV comes back bit for bit, its exponents coded
+(`codec.lossless`). Between 8-bit codes and exact, so that a tier's "at least" keeps its meaning."""
 
 QUANT_BITS = range(1, 9)
 ROTATIONS = ("none", "hadamard", "basis")
@@ -90,8 +93,6 @@ class Profile:
                 raise ConfigError(
                     f"bits.layers[{i}].last", f"layer {rule.last} does not exist (the model has {num_layers} layers)"
                 )
-        if self.rotation == "hadamard" and head_dim & (head_dim - 1):
-            raise ConfigError("rotation", f"hadamard needs a power-of-two head_dim, got {head_dim}")
 
     def layer_bits(self, layer: int) -> tuple[int, int]:
         """(key, value) widths of a layer before the token tiers apply."""

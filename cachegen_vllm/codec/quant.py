@@ -22,22 +22,31 @@ STAT_DTYPE = torch.float16
 _SMALLEST_SCALE = 2.0**-24  # fp16's smallest subnormal: a constant group still divides safely
 
 
-def hadamard_(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard transform over the last dimension (a power of two), in place.
+def hadamard_block(head_dim: int) -> int:
+    """The Hadamard block of a head: the largest power of two dividing ``head_dim`` (the whole head
+    when it is a power of two; 16 of 80, 32 of 96)."""
+    return head_dim & -head_dim
 
-    Butterflies in Sylvester order, then one multiply by 1/sqrt(d): a fixed sequence of fp32 adds
-    that a kernel can repeat exactly. The transform is its own inverse. Rotating each head before
-    quantizing spreads outlier channels over the head, which a min/max grid prefers.
+
+def hadamard_(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal block Walsh-Hadamard transform over the last dimension, in place: each run of
+    `hadamard_block` channels is rotated on its own.
+
+    Butterflies in Sylvester order, then one multiply by 1/sqrt(block): a fixed sequence of fp32
+    adds that a kernel can repeat exactly. The transform is its own inverse. Rotating each head
+    before quantizing spreads outlier channels over the head (over its block, where the head is not
+    a power of two wide), which a min/max grid prefers.
     """
     d = x.shape[-1]
+    block = hadamard_block(d)
     h = 1
-    while h < d:
+    while h < block:
         pairs = x.view(*x.shape[:-1], d // (2 * h), 2, h)
         a, b = pairs[..., 0, :].clone(), pairs[..., 1, :]
         pairs[..., 0, :] += b
         pairs[..., 1, :] = a - b
         h *= 2
-    return x.mul_(1.0 / math.sqrt(d))
+    return x.mul_(1.0 / math.sqrt(block))
 
 
 def fixed_point_exponent(x: torch.Tensor) -> torch.Tensor:

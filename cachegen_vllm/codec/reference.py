@@ -8,18 +8,20 @@ step per code of a lane, not per tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from cachegen_vllm.codec import basis as bases_
-from cachegen_vllm.codec import entropy
+from cachegen_vllm.codec import entropy, lossless
 from cachegen_vllm.codec.allocation import Segment, chunk_bounds, plan_segments
 from cachegen_vllm.codec.bitpack import pack, unpack
 from cachegen_vllm.codec.format import FrameError, FrameHeader, frame_geometry, parse_frame, payload_arrays, write_frame
-from cachegen_vllm.codec.geometry import KV, KVGeometry
-from cachegen_vllm.codec.profile import EXACT_BITS, Profile, statistics_axis
+from cachegen_vllm.codec.geometry import FP8_DTYPES, KV, KVGeometry
+from cachegen_vllm.codec.lossless import LosslessError
+from cachegen_vllm.codec.profile import EXACT_BITS, LOSSLESS_BITS, Profile, statistics_axis
 from cachegen_vllm.codec.quant import STAT_DTYPE, dequantize, hadamard_, quantize
 from cachegen_vllm.codec.rans import RansError
 
@@ -44,8 +46,9 @@ class _CodedTensor:
 
     exact: torch.Tensor  # its values: sent as they are if the statistics are not finite
     arrays: list[torch.Tensor]  # its coded arrays (rans: the first three; the lanes come from the coder)
-    finite: torch.Tensor | None  # 0-d bool: whether the statistics are finite; None: exact by its width
+    finite: torch.Tensor | None  # 0-d bool: whether the statistics are finite; None: exact or lossless
     rans: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (symbols, tables, alphabet) to code
+    lossless: lossless.Split | None = None  # a lossless tensor: its escape stream, cut once its count is read
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,23 @@ def _profile_rotation(profile: Profile, geometry: KVGeometry) -> _Rotation:
 
 
 def _encode_tensor(
-    x: torch.Tensor, bits: int, axis: str, group_tokens: int, coding: str, rotation: _Rotation, where: tuple[int, KV]
+    x: torch.Tensor,
+    bits: int,
+    axis: str,
+    group_tokens: int,
+    coding: str,
+    rotation: _Rotation,
+    where: tuple[int, KV],
+    scale: float,
 ) -> _CodedTensor:
-    """Code one tensor of one segment with no host read. ``where``: (layer, tensor)."""
+    """Code one tensor of one segment with no host read. ``where``: (layer, tensor); ``scale``:
+    what the cache's stored numbers are multiplied by (fp8 caches; lossy codes code values)."""
     if bits == EXACT_BITS:
         return _CodedTensor(x, [], None)
-    work = rotation.apply(x, *where)
+    if bits == LOSSLESS_BITS:
+        parts = lossless.split(x)
+        return _CodedTensor(x, parts.arrays, None, lossless=parts)
+    work = rotation.apply(x.float() * scale if scale != 1.0 else x, *where)
     if coding == "rans":
         alphabet = entropy.alphabet_bits(bits, rotation.basis is not None)
         symbols, centers, step = entropy.quantize(work.view(x.shape[0], -1), bits, alphabet)
@@ -97,10 +111,11 @@ def _encode_tensor(
     return _CodedTensor(x, [mins, scales, pack(codes, bits)], finite)
 
 
-def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes]:
+def _encode_frames(chunks, geometry: KVGeometry, profile: Profile, scales: tuple[float, float]) -> list[bytes]:
     """Frames for ``chunks``: (key, value, layer, token_start, segments) each. All tensors are coded
     on their device first; then the host reads twice, whatever the token count: which statistics
-    are finite and how long each rANS stream is, then every array of every frame in one copy."""
+    are finite and how long each rANS or escape stream is, then every array of every frame in one
+    copy."""
     rotation = _profile_rotation(profile, geometry)
     plans = []  # per frame: (layer, token_start, segments, its coded tensors K, V, K, V...)
     for key, value, layer, token_start, segments in chunks:
@@ -114,25 +129,44 @@ def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes
                 part = x[row : row + seg.tokens]
                 bits, axis = seg.bits(tensor), statistics_axis(tensor, profile.value_axis)
                 tensors.append(
-                    _encode_tensor(part, bits, axis, profile.group_tokens, profile.coding, rotation, (layer, tensor))
+                    _encode_tensor(
+                        part,
+                        bits,
+                        axis,
+                        profile.group_tokens,
+                        profile.coding,
+                        rotation,
+                        (layer, tensor),
+                        scales[tensor],
+                    )
                 )
             row += seg.tokens
         plans.append((layer, token_start, segments, tensors))
     coded = [t for *_, tensors in plans for t in tensors]
     checked = [t for t in coded if t.finite is not None]
     pending = [t for t in coded if t.rans is not None]
+    split = [t for t in coded if t.lossless is not None]
     batch = entropy.encode([t.rans for t in pending], profile.lane_symbols) if pending else None  # type: ignore[misc]
-    # host read 1: finite statistics, stream lengths
+    # host read 1: finite statistics, stream lengths, escape counts
     small = [torch.stack([t.finite for t in checked]).to(torch.int64)] if checked else []  # type: ignore[misc]
+    small += [torch.stack([t.lossless.escape_count for t in split])] if split else []  # type: ignore[union-attr]
     small += [batch.word_totals()] if batch is not None else []
     read = torch.cat(small).tolist() if small else []
     finite = {id(t): bool(ok) for t, ok in zip(checked, read)}
-    lanes = dict(zip(map(id, pending), batch.arrays(read[len(checked) :]))) if batch is not None else {}
+    escapes = dict(zip(map(id, split), read[len(checked) : len(checked) + len(split)]))
+    read = read[len(checked) + len(split) :]
+    lanes = dict(zip(map(id, pending), batch.arrays(read))) if batch is not None else {}
     # host read 2: every frame's arrays
     headers, frame_arrays = [], []
     for layer, token_start, segments, tensors in plans:
         arrays, widths, words = [], [], []
         for t, (seg, tensor) in zip(tensors, [(s, k) for s in segments for k in KV]):
+            if t.lossless is not None:
+                count = escapes[id(t)]
+                arrays += [*t.arrays, t.lossless.escape_stream(count)]
+                widths.append(LOSSLESS_BITS)
+                words.append(count)
+                continue
             if not finite.get(id(t), False):  # exact by its width, or sent exact rather than wrong
                 arrays.append(_byte_view(t.exact))
                 widths.append(EXACT_BITS)
@@ -148,6 +182,7 @@ def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes
                 words.append(0)
         final = tuple(Segment(seg.tokens, *widths[2 * i : 2 * i + 2]) for i, seg in enumerate(segments))
         rans_coded = profile.coding == "rans"
+        streamed = rans_coded or any(words)
         headers.append(
             FrameHeader(
                 layer,
@@ -158,8 +193,9 @@ def _encode_frames(chunks, geometry: KVGeometry, profile: Profile) -> list[bytes
                 final,
                 coding=profile.coding,
                 lane_symbols=profile.lane_symbols if rans_coded else 0,
-                stream_words=tuple(zip(words[::2], words[1::2])) if rans_coded else (),
+                stream_words=tuple(zip(words[::2], words[1::2])) if streamed else (),
                 basis=rotation.basis.digest if rotation.basis is not None else 0,
+                scales=scales,
             )
         )
         frame_arrays.append(arrays)
@@ -184,13 +220,15 @@ def encode_chunk(
     layer: int,
     token_start: int,
     segments: list[Segment],
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> bytes:
     """One frame for tokens ``[token_start, token_start + len(key))`` of one layer.
 
     key, value: [tokens, kv_heads, head_dim] in ``geometry.dtype``. A segment whose values fp16
-    statistics cannot hold (inf/nan or beyond +-65504) is sent exact rather than wrong.
+    statistics cannot hold (inf/nan or beyond +-65504) is sent exact rather than wrong. ``scales``:
+    (key, value) multipliers of an fp8 cache's stored numbers (vLLM's ``k_scale``, ``v_scale``).
     """
-    return _encode_frames([(key, value, layer, token_start, segments)], geometry, profile)[0]
+    return _encode_frames([(key, value, layer, token_start, segments)], geometry, profile, _scales(geometry, scales))[0]
 
 
 def encode_layer(
@@ -202,6 +240,7 @@ def encode_layer(
     layer: int,
     token_start: int = 0,
     total_tokens: int | None = None,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> list[bytes]:
     """Frames for a layer's tokens ``[token_start, token_start + len(key))``, one per chunk.
 
@@ -213,7 +252,15 @@ def encode_layer(
     for start, count in chunk_bounds(profile, token_start, key.shape[0]):
         rows = slice(start - token_start, start - token_start + count)
         chunks.append((key[rows], value[rows], layer, start, plan_segments(profile, layer, start, count, total)))
-    return _encode_frames(chunks, geometry, profile)
+    return _encode_frames(chunks, geometry, profile, _scales(geometry, scales))
+
+
+def _scales(geometry: KVGeometry, scales: tuple[float, float]) -> tuple[float, float]:
+    """``scales`` as floats, checked: only an fp8 cache stores scaled numbers."""
+    key, value = float(scales[0]), float(scales[1])
+    if not all(math.isfinite(s) and s > 0 for s in (key, value)) or ((key, value) != (1.0, 1.0) and not geometry.fp8):
+        raise ValueError(f"scales {scales}: positive numbers for an fp8 cache, (1, 1) for a {geometry.dtype} one")
+    return key, value
 
 
 def _frame_rotation(header: FrameHeader, geometry: KVGeometry, known: tuple[bases_.Basis, ...]) -> _Rotation:
@@ -266,10 +313,12 @@ def decode_frames(
     expect_layer: int | None = None,
     expect_token_start: int | None = None,
     bases: tuple[bases_.Basis, ...] = (),
+    cache_scales: Callable[[int], tuple[float, float]] | None = None,
 ) -> list[DecodedChunk]:
     """Decode frames to K and V on ``device``, the rANS lanes of all of them in one pass. ``bases``:
-    calibrated bases frames may name besides the shipped ones. Raises FrameError on any bad byte of
-    any frame, or a basis it does not have."""
+    calibrated bases frames may name besides the shipped ones; ``cache_scales``: an fp8 cache's (key,
+    value) scales of a layer, which the values are stored for (default: the producer's, in each
+    frame). Raises FrameError on any bad byte of any frame, or a basis it does not have."""
     # per frame: its header, rotation, and per segment (K, V) a tensor or a _RansPart
     parsed: list[tuple[FrameHeader, _Rotation, list[list[torch.Tensor | _RansPart]]]] = []
     pending: list[_RansPart] = []
@@ -285,8 +334,19 @@ def decode_frames(
             for tensor in KV:
                 bits, axis = seg.bits(tensor), header.axis(tensor)
                 shape = (seg.tokens, shard.num_kv_heads, shard.head_dim)
-                if bits == EXACT_BITS:
-                    pair.append(arrays.pop(0).view(shard.dtype).view(shape))
+                own = cache_scales(header.layer)[tensor] if cache_scales else header.scales[tensor]
+                if bits in (EXACT_BITS, LOSSLESS_BITS):
+                    if bits == EXACT_BITS:
+                        stored = arrays.pop(0).view(shard.dtype).view(shape)
+                    else:
+                        try:
+                            stored = lossless.merge(arrays[:5], shape, shard.dtype)
+                        except LosslessError as e:
+                            raise FrameError(f"layer {header.layer} lossless {tensor.name.lower()}: {e}") from None
+                        del arrays[:5]
+                    # numbers stored for the producer's fp8 scale, restored for this cache's
+                    same = own == header.scales[tensor]
+                    pair.append(stored if same else _store(stored.float() * header.scales[tensor], own, shard.dtype))
                 elif header.coding == "rans":
                     part = _rans_part(arrays[:6], header, entropy.alphabet_bits(bits, bool(header.basis)), shape)
                     pair.append(part)
@@ -298,7 +358,7 @@ def decode_frames(
                     x = dequantize(
                         codes, mins.view(STAT_DTYPE), scales.view(STAT_DTYPE), shape, axis, header.group_tokens
                     )
-                    pair.append(rotation.invert(x, header.layer, tensor).to(geometry.dtype))
+                    pair.append(_store(rotation.invert(x, header.layer, tensor), own, geometry.dtype))
             segments.append(pair)
         parsed.append((header, rotation, segments))
     try:
@@ -307,10 +367,17 @@ def decode_frames(
         raise FrameError(str(e)) from None
     out = []
     for header, rotation, segments in parsed:
+        stored_for = cache_scales(header.layer) if cache_scales else header.scales
         tensors = [
-            rotation.invert(
-                entropy.dequantize(symbols[id(x)], x.centers, x.step, x.coded.bits).view(x.shape), header.layer, tensor
-            ).to(geometry.dtype)
+            _store(
+                rotation.invert(
+                    entropy.dequantize(symbols[id(x)], x.centers, x.step, x.coded.bits).view(x.shape),
+                    header.layer,
+                    tensor,
+                ),
+                stored_for[tensor],
+                geometry.dtype,
+            )
             if isinstance(x, _RansPart)
             else x
             for pair in segments
@@ -319,6 +386,15 @@ def decode_frames(
         key, value = torch.cat(tensors[::2]), torch.cat(tensors[1::2])
         out.append(DecodedChunk(header.layer, header.token_start, key, value, header.head_start))
     return out
+
+
+def _store(values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 values as a cache of ``dtype`` stores them: an fp8 cache the values divided by its
+    scale, saturated to its range (a cast beyond it gives NaN, not the largest number)."""
+    if dtype not in FP8_DTYPES:
+        return values.to(dtype)
+    largest = torch.finfo(dtype).max
+    return (values / scale).clamp(-largest, largest).to(dtype)
 
 
 def decode_chunk(

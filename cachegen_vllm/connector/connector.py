@@ -50,8 +50,9 @@ class CacheGenConnector(KVConnectorBase_V1):
 
                 placement = dataclasses.replace(placement, tp_rank=get_tensor_model_parallel_rank())
             name = str(model.served_model_name or model.model)
+            cache = vllm_config.cache_config
             self._worker = CacheGenWorker(
-                config, name, placement, model.get_total_num_kv_heads(), vllm_config.cache_config.block_size
+                config, name, placement, model.get_total_num_kv_heads(), cache.block_size, str(cache.cache_dtype)
             )
 
     @property
@@ -108,7 +109,7 @@ class CacheGenConnector(KVConnectorBase_V1):
         return meta
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.worker.register_kv_caches(kv_caches)
+        self.worker.register_kv_caches(kv_caches, self._vllm_config)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         meta = self._metadata()

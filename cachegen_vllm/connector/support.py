@@ -8,17 +8,22 @@ from typing import Any
 
 from cachegen_vllm.codec.profile import ConfigError
 
+# vLLM --kv-cache-dtype settings the connector codes: the model's dtype, or fp8 scaled per layer
+CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+
 
 def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
-    """Refuse, naming the field: pipeline parallelism, fp8 KV caches, MLA (a latent is not K and V),
-    values narrower or wider than keys, and several KV cache groups (hybrid models)."""
+    """Refuse, naming the field: pipeline parallelism, KV cache dtypes other than the model's and
+    fp8 with one scale per layer, MLA (a latent is not K and V), values narrower or wider than keys,
+    and several KV cache groups (hybrid models)."""
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ConfigError("pipeline_parallel_size", "CacheGenConnector does not support pipeline parallelism yet")
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
-    if cache_dtype != "auto":
+    if cache_dtype not in CACHE_DTYPES:
         raise ConfigError(
             "kv_cache_dtype",
-            f"CacheGenConnector codes KV caches in the model's dtype (--kv-cache-dtype auto), not {cache_dtype!r} yet",
+            f"CacheGenConnector codes KV caches in {', '.join(CACHE_DTYPES)} (--kv-cache-dtype), "
+            f"not {cache_dtype!r} yet",
         )
     if getattr(vllm_config.model_config, "use_mla", False):
         raise ConfigError(

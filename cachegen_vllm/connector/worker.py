@@ -30,6 +30,8 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +62,8 @@ from cachegen_vllm.transport import FrameConsumer, FrameProducer, TransferStream
 
 log = init_logger("vllm.cachegen_vllm.connector")
 DROPPED_REMEMBERED = 1024  # dropped transfers whose later layers are skipped (a request's span at most)
+# vLLM's fp8 cache settings and the format of the bytes its uint8 pages hold
+FP8_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclasses.dataclass
@@ -83,8 +87,10 @@ class CacheGenWorker:
         placement: Placement | None = None,
         total_kv_heads: int | None = None,
         block_size: int | None = None,
+        kv_cache_dtype: str = "auto",
     ):
         self.config = config
+        self.kv_cache_dtype = kv_cache_dtype  # vLLM's setting: an fp8 one stores uint8 pages of this format
         self.model_name = model_name
         self.placement = placement or Placement()
         self.total_kv_heads = total_kv_heads  # None: the caches hold all the model's heads
@@ -93,6 +99,7 @@ class CacheGenWorker:
         # and seconds by every rank, as each moves its own
         self._counts_requests = self.placement.tp_rank == 0
         self._layers: dict[str, tuple[int, torch.Tensor]] = {}  # layer name: (index, cache)
+        self._scales: Callable[[int], tuple[float, float]] | None = None  # an fp8 cache's, by layer
         self._order: PageOrder | None = None
         self._kernel_blocks = 1  # the caches' blocks per vLLM block
         self._block_tokens = 0  # tokens per vLLM block
@@ -120,36 +127,54 @@ class CacheGenWorker:
         self._last_layer: tuple[CacheGenMetadata | None, float] = (None, 0.0)  # the step and end of the last save
         self._producer_reported: dict[str, int] = {}  # transport counters already in the stats
 
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], vllm_config: Any) -> None:
         """vLLM's caches, one per attention layer: on a GPU, views whose strides are the layout; on
         vLLM's CPU backend, pages whose order is probed."""
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
         from vllm.model_executor.models.utils import extract_layer_index
         from vllm.platforms import current_platform
 
         first = next(iter(kv_caches.values()))
+        attention = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, list(kv_caches))  # type: ignore[type-abstract]
         if current_platform.is_cpu():
             from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
             _, _, block_size, width = first.shape
-            order = probe_page_order(
-                _get_attn_isa(first.dtype, block_size, width // 2), first.dtype, block_size, width // 2
-            )
+            dtype = vllm_config.model_config.dtype  # what vLLM's cache writer is given
+            isa = _get_attn_isa(dtype, block_size, width // 2, self.kv_cache_dtype)
+            order = probe_page_order(isa, dtype, block_size, width // 2, self.kv_cache_dtype)
         elif current_platform.is_cuda_alike():
             order = None
         else:
             raise RuntimeError(
                 f"CacheGenConnector runs on vLLM's CUDA and CPU backends, not {current_platform.device_name}"
             )
-        self.bind_caches({name: (extract_layer_index(name), t) for name, t in kv_caches.items()}, order)
+        by_index = {extract_layer_index(name): layer for name, layer in attention.items()}
+
+        def scales(layer: int) -> tuple[float, float]:  # read at each use: vLLM may calibrate them at first
+            module = by_index[layer]
+            return float(module._k_scale_float), float(module._v_scale_float)  # type: ignore[attr-defined]
+
+        self.bind_caches(
+            {name: (extract_layer_index(name), t) for name, t in kv_caches.items()},
+            order,
+            scales=scales if self.kv_cache_dtype.startswith("fp8") else None,
+        )
 
     def bind_caches(
-        self, layers: dict[str, tuple[int, torch.Tensor]], order: PageOrder | None, runtime: Runtime | None = None
+        self,
+        layers: dict[str, tuple[int, torch.Tensor]],
+        order: PageOrder | None,
+        runtime: Runtime | None = None,
+        scales: Callable[[int], tuple[float, float]] | None = None,
     ) -> None:
         """Start on these caches (layer name: (layer index, cache)) in this page order (None: the
-        tensors' strides are the layout), warm every code path up, and open the transport."""
+        tensors' strides are the layout), warm every code path up, and open the transport.
+        ``scales``: an fp8 cache's (key, value) scales of a layer (vLLM's ``k_scale``, ``v_scale``)."""
         first = next(iter(layers.values()))[1]
         _, heads, kernel_block, width = first.shape
-        self._layers, self._order = layers, order
+        self._layers, self._order, self._scales = layers, order, scales
         self._runtime = runtime or runtime_for(first.device)
         if self.block_size is not None:
             if self.block_size % kernel_block:
@@ -169,7 +194,7 @@ class CacheGenWorker:
             len(layers),
             heads,
             width // 2,
-            first.dtype,
+            FP8_CACHE_DTYPES.get(self.kv_cache_dtype, first.dtype),
             model=self.model_name,
             head_start=head_start,
             total_kv_heads=total,
@@ -255,6 +280,9 @@ class CacheGenWorker:
             raise RuntimeError("the connector's worker has no KV caches yet (register_kv_caches)")
         return self._runtime
 
+    def _layer_scales(self, layer: int) -> tuple[float, float]:
+        return self._scales(layer) if self._scales is not None else (1.0, 1.0)
+
     def _block_table(self, block_ids: list[int]) -> torch.Tensor:
         """A request's blocks as the caches index them, on the device (current stream)."""
         return self.runtime.to_device(np.array(kernel_block_ids(block_ids, self._kernel_blocks), dtype=np.int64))
@@ -298,6 +326,7 @@ class CacheGenWorker:
                         count=save.end - save.start,
                         total_tokens=save.total,
                         runtime=runtime,
+                        scales=self._layer_scales(layer),
                     )
                 except Exception:  # a bug must not stop the forward pass: the transfer is dropped
                     log.exception(
@@ -557,6 +586,7 @@ class CacheGenWorker:
                     write_end=end,
                     bases=self._bases,
                     runtime=runtime,
+                    cache_scales=self._scales,
                 )
             for layer, written in decoded:
                 loaded[layer] += written

@@ -23,7 +23,8 @@ import torch
 from cachegen_vllm.codec import KVGeometry, Profile, decode_frames, encode_chunk, encode_layer
 from cachegen_vllm.codec.allocation import covering_token_counts
 from cachegen_vllm.codec.basis import Basis
-from cachegen_vllm.codec.format import FrameHeader, frame_coding, frame_heads
+from cachegen_vllm.codec.format import FrameHeader, frame_coding, frame_heads, frame_widths
+from cachegen_vllm.codec.profile import LOSSLESS_BITS
 from cachegen_vllm.device import Runtime
 from cachegen_vllm.paged.layout import PageOrder, gather, scatter
 
@@ -31,13 +32,26 @@ Frame = bytes | bytearray | memoryview
 
 
 def _on_gpu(device: torch.device) -> bool:
-    """Whether a cache is a CUDA one. The first time one is, this imports the Triton rANS coder,
-    which registers itself with the codec for CUDA tensors (entropy-coded frames use it)."""
+    """Whether a cache is a CUDA one. The first time one is, this imports the Triton rANS coder and
+    lossless field coder, which register themselves with the codec for CUDA tensors."""
     if device.type != "cuda":
         return False
-    from cachegen_vllm.kernels import rans_coder  # noqa: F401  (registers itself)
+    from cachegen_vllm.kernels import lossless_fields, rans_coder  # noqa: F401  (each registers itself)
 
     return True
+
+
+def _kernels_take(geometry: KVGeometry, group_tokens: int, widths: set[int]) -> bool:
+    """Whether the Triton frame kernels code frames of these widths on this CUDA cache: bit-packed
+    codes or exact, on what `check_supported` accepts (a power-of-two head, 16- or 32-bit floats);
+    the reference codec, torch on the same device, takes the rest (lossless, fp8, other heads)."""
+    from cachegen_vllm.kernels.paged_codec import check_supported
+
+    try:
+        check_supported(geometry, group_tokens)
+    except ValueError:
+        return False
+    return LOSSLESS_BITS not in widths
 
 
 @dataclass
@@ -61,6 +75,7 @@ def start_encode(
     total_tokens: int,
     runtime: Runtime | None = None,
     kernels: bool | None = None,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> PendingEncode:
     """Begin the frames of tokens ``[token_start, token_start + count)`` of one layer of a request,
     read from its blocks (``block_ids`` on the cache's device; ``order``: the CPU page order, None
@@ -69,11 +84,17 @@ def start_encode(
     that copy; the reference codec's work waits for `finish`, which must then run on a stream
     ordered after the cache's writes.
     ``kernels``: whether the Triton kernels encode (default: on a CUDA cache, for bit-packed frames;
-    True on a CPU runs them in Triton's interpreter)."""
+    True on a CPU runs them in Triton's interpreter). ``scales``: an fp8 cache's (key, value) scales
+    of this layer."""
     runtime = runtime or Runtime(layer_cache.device)
     where = dict(layer=layer, token_start=token_start, total_tokens=total_tokens)
     if kernels is None:
-        kernels = _on_gpu(layer_cache.device) and profile.coding == "packed"
+        widths = {w for _, w in profile.widths()}
+        kernels = (
+            _on_gpu(layer_cache.device)
+            and profile.coding == "packed"
+            and _kernels_take(geometry, profile.group_tokens, widths)
+        )
     if kernels:
         from cachegen_vllm.kernels import frames  # Triton: imported only where the kernels run
 
@@ -88,7 +109,7 @@ def start_encode(
                 return [
                     bytes(frame)
                     if frame is not None
-                    else _reference_frame(layer_cache, block_ids, h, geometry, profile)
+                    else _reference_frame(layer_cache, block_ids, h, geometry, profile, scales)
                     for frame, h in zip(frames.finish_encode(plan, geometry, payload, bad), plan.headers)
                 ]
             finally:
@@ -99,7 +120,8 @@ def start_encode(
 
     def reference() -> list[bytes]:
         key, value = gather(layer_cache, order, block_ids, token_start + count)
-        return encode_layer(key[token_start:], value[token_start:], geometry=geometry, profile=profile, **where)
+        key, value = (t[token_start:].view(geometry.dtype) for t in (key, value))  # fp8: vLLM's uint8 pages
+        return encode_layer(key, value, geometry=geometry, profile=profile, scales=scales, **where)
 
     return PendingEncode(reference)
 
@@ -117,6 +139,7 @@ def encode_blocks(
     total_tokens: int,
     runtime: Runtime | None = None,
     kernels: bool | None = None,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> list[bytes]:
     """`start_encode` and its `finish` at once, on the current stream (``kernels=True`` on a CPU runs
     the Triton kernels in Triton's interpreter: the same frames, byte for byte)."""
@@ -132,11 +155,17 @@ def encode_blocks(
         total_tokens=total_tokens,
         runtime=runtime,
         kernels=kernels,
+        scales=scales,
     ).finish()
 
 
 def _reference_frame(
-    cache: torch.Tensor, block_ids: torch.Tensor, header: FrameHeader, geometry: KVGeometry, profile: Profile
+    cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    header: FrameHeader,
+    geometry: KVGeometry,
+    profile: Profile,
+    scales: tuple[float, float],
 ) -> bytes:
     """The reference codec's frame for the tokens and segments of ``header``, on the CPU."""
     key, value = gather(cache, None, block_ids, header.token_start + header.token_count)
@@ -149,6 +178,7 @@ def _reference_frame(
         layer=header.layer,
         token_start=header.token_start,
         segments=list(header.segments),
+        scales=scales,
     )
 
 
@@ -170,6 +200,7 @@ def decode_frames_into_blocks(
     bases: tuple[Basis, ...] = (),
     runtime: Runtime | None = None,
     kernels: bool | None = None,
+    cache_scales: Callable[[int], tuple[float, float]] | None = None,
 ) -> list[tuple[int, int]]:
     """Decode frames into the request's blocks of their layers, on the current stream: the packed
     frames of the cache's own heads on a GPU in one batch of kernel launches, the others through
@@ -177,13 +208,20 @@ def decode_frames_into_blocks(
     write_end)`` and the heads the cache holds (``geometry``'s share of the model's; a frame may
     hold another); ``bases``: calibrated bases besides the shipped ones that frames may be coded
     in. ``kernels``: whether the Triton kernels decode what they can (default: on a CUDA cache;
-    True on a CPU runs them in Triton's interpreter). Returns (layer, tokens written) per frame;
+    True on a CPU runs them in Triton's interpreter); ``cache_scales``: an fp8 cache's (key, value)
+    scales of a layer (default: the producer's, which each frame says). Returns (layer, tokens written) per frame;
     raises FrameError on bad bytes, before writing anything of the frames the kernels decode."""
     device = next(iter(layer_caches.values())).device
     own = (geometry.head_start, geometry.num_kv_heads)
     if kernels is None:
         kernels = _on_gpu(device)
-    on_kernels = [kernels and frame_coding(f) == "packed" and frame_heads(f) == own for f in frames]
+    on_kernels = [
+        kernels
+        and frame_coding(f) == "packed"
+        and frame_heads(f) == own
+        and _kernels_take(geometry, 1, frame_widths(f))
+        for f in frames
+    ]
     out: dict[int, tuple[int, int]] = {}
     kernel_frames = [f for f, k in zip(frames, on_kernels) if k]
     if kernel_frames:
@@ -203,7 +241,11 @@ def decode_frames_into_blocks(
             lo, hi = _written(header.token_start, header.token_count, write_start, write_end)
             out[i] = (header.layer, max(0, hi - lo))
     rest = [i for i, k in enumerate(on_kernels) if not k]
-    chunks = decode_frames([frames[i] for i in rest], geometry, device=device, bases=bases) if rest else []
+    chunks = (
+        decode_frames([frames[i] for i in rest], geometry, device=device, bases=bases, cache_scales=cache_scales)
+        if rest
+        else []
+    )
     for i, chunk in zip(rest, chunks):
         lo, hi = _written(chunk.token_start, chunk.key.shape[0], write_start, write_end)
         first, last = _written(chunk.head_start, chunk.key.shape[1], geometry.head_start, geometry.heads.stop)
@@ -212,8 +254,10 @@ def decode_frames_into_blocks(
             continue
         rows = slice(lo - chunk.token_start, hi - chunk.token_start)
         heads = slice(first - chunk.head_start, last - chunk.head_start)
-        key, value = chunk.key[rows, heads], chunk.value[rows, heads]
-        scatter(layer_caches[chunk.layer], order, block_ids, lo, key, value, first_head=first - geometry.head_start)
+        cache = layer_caches[chunk.layer]
+        # fp8 values go into vLLM's uint8 pages as they are
+        key, value = (t[rows, heads].view(cache.dtype) for t in (chunk.key, chunk.value))
+        scatter(cache, order, block_ids, lo, key, value, first_head=first - geometry.head_start)
         out[i] = (chunk.layer, hi - lo)
     return [out[i] for i in range(len(frames))]
 

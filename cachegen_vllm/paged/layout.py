@@ -20,7 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-PROBE_BASE = 64  # digits 1..64 are exact in every float dtype vLLM uses, bf16 included
+PROBE_BASE = 64  # digits 1..64 are exact in every 16- or 32-bit float dtype vLLM uses, bf16 included
+# fp8 caches hold fewer exact integers: 1..16 in e4m3 (4 significant bits), 1..8 in e5m2 (3)
+FP8_PROBE = {
+    "fp8": (torch.float8_e4m3fn, 16),
+    "fp8_e4m3": (torch.float8_e4m3fn, 16),
+    "fp8_e5m2": (torch.float8_e5m2, 8),
+}
 
 
 @dataclass(frozen=True)
@@ -31,22 +37,28 @@ class PageOrder:
     value: torch.Tensor  # int64 [block_size, head_size], offsets into the whole page
 
 
-def probe_page_order(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> PageOrder:
+def probe_page_order(
+    isa: str, dtype: torch.dtype, block_size: int, head_size: int, kv_cache_dtype: str = "auto"
+) -> PageOrder:
     """Where vLLM's CPU cache writer puts each (token, channel) of one page, found by writing
     known values through it: first ones (which offsets an area uses), then the index of every
-    element, one base-64 digit per pass (exact in bf16)."""
+    element, one digit per pass (base 64, exact in bf16; base 16 or 8 in an fp8 cache).
+    ``dtype``: the model's (what the writer is given); ``kv_cache_dtype``: vLLM's cache setting."""
     from vllm import _custom_ops as ops  # vLLM's CPU build only: imported where a CPU cache is probed
 
     count = block_size * head_size
+    stored, base = FP8_PROBE.get(kv_cache_dtype, (dtype, PROBE_BASE))
 
     def write(area: str, values: torch.Tensor) -> torch.Tensor:
         data = values.to(dtype).view(block_size, 1, head_size)
         zero = torch.zeros_like(data)
-        page = torch.zeros(1, 1, 2 * block_size, head_size, dtype=dtype)
+        page = torch.zeros(1, 1, 2 * block_size, head_size, dtype=torch.uint8 if stored != dtype else dtype)
         key_cache, value_cache = page.chunk(2, dim=2)
         k, v = (data, zero) if area == "key" else (zero, data)
-        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, torch.arange(block_size), isa)
-        return page.view(-1)
+        ops.cpu_attn_reshape_and_cache(
+            k, v, key_cache, value_cache, torch.arange(block_size), isa, kv_cache_dtype=kv_cache_dtype
+        )
+        return page.view(-1).view(stored).float()
 
     orders = {}
     for area in ("key", "value"):
@@ -57,11 +69,11 @@ def probe_page_order(isa: str, dtype: torch.dtype, block_size: int, head_size: i
             )
         index, scale = torch.zeros(count, dtype=torch.int64), 1
         while scale < count:
-            digits = write(area, torch.arange(count) // scale % PROBE_BASE + 1)[positions].to(torch.int64)
-            if not ((digits >= 1) & (digits <= PROBE_BASE)).all():
+            digits = write(area, torch.arange(count) // scale % base + 1)[positions].to(torch.int64)
+            if not ((digits >= 1) & (digits <= base)).all():
                 raise RuntimeError(f"vLLM CPU page layout (isa={isa}) transforms the values it stores; unsupported")
             index += (digits - 1) * scale
-            scale *= PROBE_BASE
+            scale *= base
         offsets = torch.full((count,), -1, dtype=torch.int64)
         offsets[index] = positions
         if (offsets < 0).any():
