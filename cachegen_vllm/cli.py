@@ -91,7 +91,7 @@ def _kv_encode(args) -> None:
     from cachegen_vllm.config import load_profile
 
     geometry, kv = kvfile.load_kv(args.kv)
-    frames = kvfile.encode(geometry, kv, load_profile(args.profile))
+    frames = kvfile.encode(geometry, kv, load_profile(args.profile), args.model)
     kvfile.save_frames(args.out, geometry.model, frames)
     raw, wire = sum(k.nbytes + v.nbytes for k, v in kv), sum(map(len, frames))
     elements = sum(k.numel() + v.numel() for k, v in kv)
@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("kv", type=Path, help="a KV file (kv extract, kv decode)")
     q.add_argument("--profile", required=True, help="a shipped profile's name or a .toml path")
     q.add_argument("--out", type=Path, required=True, help="the frames file to write")
+    q.add_argument(
+        "--model", type=Path, help='the checkpoint the KV comes from: a profile\'s "auto" basis is fitted on it'
+    )
     q.set_defaults(run=_kv_encode)
     q = kv.add_parser("decode", help="a frames file back into a KV file")
     q.add_argument("frames", type=Path)

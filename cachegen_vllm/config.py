@@ -20,6 +20,7 @@ from typing import Any
 
 from cachegen_vllm.codec import basis
 from cachegen_vllm.codec.profile import (
+    AUTO_BASIS,
     CODINGS,
     EXACT_BITS,
     LOSSLESS_BITS,
@@ -96,8 +97,10 @@ def _basis_file(rotation: str, coding: str, value: Any, root: Path | None) -> st
         return None
     if coding != "rans":
         raise ConfigError("rotation", '"basis" needs coding = "rans": bit-packed codes cannot spend bits per component')
+    if value == AUTO_BASIS:  # fitted to the serving model when a connector starts (connector/autobasis.py)
+        return AUTO_BASIS
     if not isinstance(value, str):
-        raise ConfigError("basis", f'rotation = "basis" needs the path of a basis file; got {value!r}')
+        raise ConfigError("basis", f'rotation = "basis" needs the path of a basis file or "auto"; got {value!r}')
     path = Path(value) if root is None else root / value
     try:
         basis.load(str(path.resolve()))
@@ -172,6 +175,11 @@ def profile_from_dict(data: dict, name: str, root: Path | None = None) -> Profil
                     f'rotation = "basis" codes at most {MAX_BASIS_BITS} bits (or {EXACT_BITS}, exact); got {width}',
                 )
     return profile
+
+
+def cache_dir() -> Path:
+    """Where the project keeps what it makes once and reuses: the embedded model, fitted bases."""
+    return Path(os.environ.get("CACHEGEN_VLLM_CACHE", Path.home() / ".cache" / "cachegen-vllm"))
 
 
 def shipped_profiles() -> list[str]:

@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from cachegen_vllm.config import cache_dir
 from cachegen_vllm.launch import cachegen_counters, kv_transfer_config, start_instance, stop_all, wait_healthy, warm_up
-from cachegen_vllm.model import cache_dir, ensure_default_model
+from cachegen_vllm.model import ensure_default_model
 
 
 def _cores(role: str) -> str:

@@ -21,7 +21,9 @@ from cachegen_vllm.codec import KV, KVGeometry, decode_frames, encode_layer, par
 from cachegen_vllm.codec import basis as bases
 from cachegen_vllm.codec.format import CHECKSUM, HEADER, SEGMENT, HeaderFields, frame_geometry, tensor_arrays
 from cachegen_vllm.codec.geometry import DTYPE_CODES, DTYPES
-from cachegen_vllm.codec.profile import EXACT_BITS, LOSSLESS_BITS, Profile
+from cachegen_vllm.codec.profile import AUTO_BASIS, EXACT_BITS, LOSSLESS_BITS, Profile
+from cachegen_vllm.config import cache_dir
+from cachegen_vllm.connector import autobasis
 
 KV_KIND = "cachegen-vllm kv 1"
 FRAMES_MAGIC = b"CGKF"
@@ -106,7 +108,15 @@ def load_kv(path: Path) -> tuple[KVGeometry, list[tuple[torch.Tensor, torch.Tens
     return KVGeometry(layers, first.shape[1], first.shape[2], first.dtype, model=metadata.get("model", "")), kv
 
 
-def encode(geometry: KVGeometry, kv: list[tuple[torch.Tensor, torch.Tensor]], profile: Profile) -> list[bytes]:
+def encode(
+    geometry: KVGeometry, kv: list[tuple[torch.Tensor, torch.Tensor]], profile: Profile, model: Path | None = None
+) -> list[bytes]:
+    """The frames of every layer; ``model``: the checkpoint an ``"auto"`` basis is fitted on (or
+    read from the cache of fitted bases)."""
+    if profile.basis == AUTO_BASIS:
+        if model is None:
+            raise KVFileError('--model: the profile\'s basis is "auto": give the checkpoint the KV comes from')
+        profile = autobasis.resolve(profile, str(model))
     profile.check_geometry(geometry.num_layers, geometry.head_dim, geometry.num_kv_heads)
     return [
         f
@@ -154,12 +164,19 @@ def frames_geometry(model: str, frame: memoryview) -> KVGeometry:
     return KVGeometry(h.num_layers, h.num_kv_heads, h.head_dim, DTYPES[h.dtype], model=model)
 
 
+def fitted_bases() -> tuple[bases.Basis, ...]:
+    """The bases `"auto"` profiles fitted on this machine (connector/autobasis.py's cache)."""
+    return tuple(bases.load(str(p)) for p in sorted((cache_dir() / "bases").glob("*.safetensors")))
+
+
 def decode(
     model: str, frames: list[memoryview], known: tuple[bases.Basis, ...] = ()
 ) -> tuple[KVGeometry, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Every layer's K and V from a frames file's frames (all tokens from 0, every layer)."""
+    """Every layer's K and V from a frames file's frames (all tokens from 0, every layer); frames
+    may be coded in ``known`` bases, the shipped ones or those fitted here."""
     if not frames:
         raise KVFileError("the file holds no frames")
+    known = (*known, *fitted_bases())
     geometry = frames_geometry(model, frames[0])
     chunks: dict[int, list] = defaultdict(list)
     for chunk in decode_frames(frames, geometry, bases=known):

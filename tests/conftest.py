@@ -23,6 +23,33 @@ def model_dir():
     return ensure_default_model()
 
 
+@pytest.fixture(scope="session")
+def llama_dir(model_dir, tmp_path_factory):
+    """A model of another geometry than the embedded one: a small Llama with head_dim 128 and 8 KV
+    heads, random weights, built by transformers, with the embedded model's tokenizer."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # the embedded model's
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, path / name)
+    return path
+
+
 _HANDED_OUT: set[int] = set()
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from cachegen_vllm.codec.profile import LOSSLESS_BITS
+from cachegen_vllm.codec.profile import AUTO_BASIS, LOSSLESS_BITS
 from cachegen_vllm.config import ConfigError, load_profile, profile_from_dict, shipped_profiles
 
 GOOD = {"chunk_tokens": 256, "group_tokens": 64, "bits": {"key": 4, "value": 4}}
@@ -86,7 +86,8 @@ def test_shipped_profiles_load_and_fit_the_default_model():
     for name in names:
         profile = load_profile(name)
         assert profile.name == name
-        profile.check_geometry(num_layers=30, head_dim=64)
+        if profile.basis != AUTO_BASIS:  # "basis": fitted to the model by the connector (test_autobasis.py)
+            profile.check_geometry(num_layers=30, head_dim=64)
 
 
 def test_a_copied_profile_loads_by_path(tmp_path):

@@ -1,36 +1,11 @@
 """The offline KV tools (`cachegen-vllm kv ...`) on a model of another geometry than the embedded one:
 a small Llama with head_dim 128 and 8 KV heads, random weights, built by transformers."""
 
-import shutil
-
 import pytest
 import torch
 
 from cachegen_vllm import kvfile
 from cachegen_vllm.cli import main
-
-
-@pytest.fixture(scope="module")
-def llama_dir(model_dir, tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("llama")
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # the embedded model's
-        if (model_dir / name).exists():
-            shutil.copy(model_dir / name, path / name)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +88,18 @@ def test_bad_files_are_refused_naming_what_is_wrong(llama_dir, text_file, tmp_pa
     model, frames = kvfile.load_frames(frames_path)
     with pytest.raises(kvfile.KVFileError, match=r"layer 1: frames start at tokens \[\]"):
         kvfile.decode(model, frames[:1])
+
+
+def test_an_auto_basis_profile_encodes_with_the_models_fitted_basis(llama_dir, text_file, tmp_path):
+    kv_path, frames_path, back_path = tmp_path / "kv.safetensors", tmp_path / "kv.cgkv", tmp_path / "back.safetensors"
+    main(["kv", "extract", str(llama_dir), "--text", str(text_file), "--tokens", "300", "--out", str(kv_path)])
+    with pytest.raises(kvfile.KVFileError, match=r'^--model: the profile\'s basis is "auto"'):
+        main(["kv", "encode", str(kv_path), "--profile", "basis", "--out", str(frames_path)])
+    main(["kv", "encode", str(kv_path), "--profile", "basis", "--model", str(llama_dir), "--out", str(frames_path)])
+    model, frames = kvfile.load_frames(frames_path)
+    assert "key rans lanes" in kvfile.parts(model, frames)
+    main(["kv", "decode", str(frames_path), "--out", str(back_path)])  # finds the fitted basis in the cache
+    (_, kv), (_, back) = kvfile.load_kv(kv_path), kvfile.load_kv(back_path)
+    for (k, v), (k2, v2) in zip(kv, back):
+        for a, b in ((k, k2), (v, v2)):
+            assert (a.float() - b.float()).pow(2).mean() < 0.05 * a.float().pow(2).mean()

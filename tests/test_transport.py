@@ -10,7 +10,7 @@ import pytest
 import torch
 import zmq
 import zmq.auth
-from conftest import wait_until
+from conftest import free_port, wait_until
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.config import ConfigError, profile_from_dict, transport_config_from_dict
@@ -551,3 +551,22 @@ def test_a_link_that_got_faster_raises_the_goodput_estimate(endpoints):
         assert len(list(stream)) == 24
         making.join()
     assert 2 * slow < producer.goodput_bytes_per_s <= PROBE_MAX * slow, (slow, producer.goodput_bytes_per_s)
+
+
+def test_a_consumer_fetches_a_published_basis_by_its_digest(endpoints):
+    """What a decode does with frames coded in a basis it never had: ask their producer."""
+    producer, consumer = endpoints()
+    data = bytes(range(256)) * 1000
+    producer.publish_basis(0x1234, data)
+    assert consumer.fetch_basis(producer.endpoint, 0x1234, timeout_s=5) == data
+    with pytest.raises(TransferRefused, match="no basis 0000000000005678 here"):
+        consumer.fetch_basis(producer.endpoint, 0x5678, timeout_s=5)
+    assert producer.stats["bases_sent"] == 1 and producer.stats["bases_refused"] == 1
+    with pytest.raises(ValueError, match="exceeds max_frame_bytes"):
+        producer.publish_basis(1, bytes(FAST.max_frame_bytes + 1))
+
+
+def test_a_basis_fetch_from_a_silent_producer_times_out(endpoints):
+    _, consumer = endpoints(producer=False)
+    with pytest.raises(TransportTimeout, match=r"sent no basis 0000000000000007 in 0.5 s"):
+        consumer.fetch_basis(f"tcp://127.0.0.1:{free_port()}", 7, timeout_s=0.5)

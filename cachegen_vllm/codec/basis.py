@@ -128,15 +128,28 @@ def save(basis: Basis, path: Path, metadata: dict[str, str] | None = None) -> No
 @cache
 def load(path: str) -> Basis:
     """The basis in a safetensors file (cached per path). ValueError if it is not one."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        return from_bytes(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def from_bytes(data: bytes) -> Basis:
+    """The basis a basis file's bytes hold (what a producer sends a consumer that lacks it).
+    ValueError if they are not one."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     try:
-        tensors = load_file(path)
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        tensors = load(data)
+    except (SafetensorError, ValueError) as e:
+        raise ValueError(f"not a readable safetensors file ({e})") from None
     if set(tensors) != {"forward"}:
-        raise ValueError(f"{path}: a basis file holds one tensor 'forward', found {sorted(tensors)}")
+        raise ValueError(f"a basis file holds one tensor 'forward', found {sorted(tensors)}")
     return Basis.from_forward(tensors["forward"])
 
 

@@ -287,6 +287,12 @@ def frame_heads(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
     return fields.head_start, fields.head_count
 
 
+def frame_basis(frame: bytes | bytearray | memoryview) -> int:
+    """The digest of the basis a frame is coded in (0: none), from its header alone: for a consumer
+    that fetches a basis it lacks before `parse_frame` checks the rest."""
+    return _header_fields(frame).basis
+
+
 def frame_widths(frame: bytes | bytearray | memoryview) -> set[int]:
     """The bit widths of a frame's segments, from its segment table alone (unchecked: for a caller
     that picks a decoder before `parse_frame` checks the rest)."""

@@ -23,6 +23,7 @@ VALUE_AXES = ("channel", "token")
 CODINGS = ("packed", "rans")
 MAX_CHUNK_TOKENS = 1 << 16
 MAX_LANE_SYMBOLS = (1 << 16) - 1  # a lane's word count travels as a u16
+AUTO_BASIS = "auto"  # a profile's `basis`: fitted to the serving model at start-up (connector/autobasis.py)
 MAX_BASIS_BITS = 5  # wider codes in a calibrated basis would clip its largest coefficients (entropy.alphabet_bits)
 
 
@@ -78,6 +79,8 @@ class Profile:
 
     def check_geometry(self, num_layers: int, head_dim: int, num_kv_heads: int | None = None) -> None:
         """Raise ConfigError if this profile cannot serve a model of this shape."""
+        if self.basis == AUTO_BASIS:
+            raise ConfigError("basis", '"auto" is fitted to a model first (connector.autobasis.resolve)')
         if self.basis is not None:
             from cachegen_vllm.codec.basis import load  # basis files are read only by profiles that name one
 

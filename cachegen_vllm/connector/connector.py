@@ -52,7 +52,13 @@ class CacheGenConnector(KVConnectorBase_V1):
             name = str(model.served_model_name or model.model)
             cache = vllm_config.cache_config
             self._worker = CacheGenWorker(
-                config, name, placement, model.get_total_num_kv_heads(), cache.block_size, str(cache.cache_dtype)
+                config,
+                name,
+                placement,
+                model.get_total_num_kv_heads(),
+                cache.block_size,
+                str(cache.cache_dtype),
+                str(model.model),
             )
 
     @property

@@ -26,6 +26,7 @@ COUNTERS = {
     "evicted": "Transfers the prefill dropped because no decode pulled them within ttl_s or renewed its lease",
     "released": "Prefill requests whose blocks were held until their frames were sealed, then released",
     "declined": "Requests whose KV the decode recomputed instead: the link was slower than its own prefill",
+    "bases_fetched": "Calibrated bases the decode fetched from a producer (frames coded in a basis it lacked)",
 }
 PRODUCER_COUNTERS = {
     "queued_bytes": "bytes_queued",

