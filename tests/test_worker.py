@@ -25,10 +25,12 @@ LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 3, 2, 16, 16, 12
 FAST = {"heartbeat_s": 0.1, "peer_timeout_s": 1.0, "load_timeout_s": 10}
 
 
-def caches(seed: int | None) -> dict[str, tuple[int, torch.Tensor]]:
+def caches(
+    seed: int | None, layers: int = LAYERS, heads: int = HEADS, head_dim: int = HEAD_DIM, blocks: int = NUM_BLOCKS
+) -> dict[str, tuple[int, torch.Tensor]]:
     """Layer name: (index, a [blocks, heads, block_size, 2 * head_dim] bf16 cache), random or NaN."""
     g = torch.Generator().manual_seed(seed or 0)
-    shape = (NUM_BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM)
+    shape = (blocks, heads, BLOCK_SIZE, 2 * head_dim)
     return {
         f"model.layers.{i}.self_attn.attn": (
             i,
@@ -36,7 +38,7 @@ def caches(seed: int | None) -> dict[str, tuple[int, torch.Tensor]]:
             if seed is not None
             else torch.full(shape, float("nan")).bfloat16(),
         )
-        for i in range(LAYERS)
+        for i in range(layers)
     }
 
 
