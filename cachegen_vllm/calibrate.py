@@ -250,10 +250,11 @@ def run(
     from tqdm import tqdm
 
     from cachegen_vllm.config import load_profile
+    from cachegen_vllm.connector import autobasis
 
     if not (target_dnll > 0 and math.isfinite(target_dnll)):
         raise ValueError(f"--target-dnll must be a positive number of nats/token, got {target_dnll}")
-    base = load_profile(base_name)
+    base = autobasis.resolve(load_profile(base_name), str(model_dir))  # "auto": this model's fitted basis
     corpus = text.read_text() if text else None
     harness = Harness(model_dir, windows, context_tokens, continuation_tokens, 0, corpus=corpus)
     base.check_geometry(harness.geometry.num_layers, harness.geometry.head_dim, harness.geometry.num_kv_heads)

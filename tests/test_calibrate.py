@@ -141,3 +141,16 @@ def test_the_basis_command_fits_a_basis_a_profile_can_use(model_dir, tmp_path):
         root=tmp_path,
     )
     profile.check_geometry(30, 64, 3)
+
+
+@pytest.mark.model
+def test_a_model_without_a_shipped_basis_calibrates_on_its_automatic_one(llama_dir, tmp_path):
+    """`--base basis` on a model of another geometry: widths calibrated on the basis fitted to it."""
+    from cachegen_vllm.codec.basis import load
+    from cachegen_vllm.connector import autobasis
+
+    out = tmp_path / "llama.toml"
+    run(llama_dir, None, 0.05, out, "basis", windows=2, context_tokens=256, continuation_tokens=32)
+    written = load_profile(out)
+    fitted = autobasis.resolve(load_profile("basis"), str(llama_dir)).basis
+    assert written.basis == fitted and load(written.basis).shape == (2, 8, 128)
