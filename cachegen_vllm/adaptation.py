@@ -112,7 +112,8 @@ class Ewma:
 
 class Adapter:
     """One producer rank's measurements and choices: per level, its encode rate and wire ratio
-    (start-up estimates until requests measure them); the prefill's KV production rate; the link's
+    (moving means that start from the start-up estimates, so that one request's outlier, such as a
+    tiny prompt's fixed costs, moves a level's rate without replacing it); the prefill's KV production rate; the link's
     goodput, fixed by configuration or as the transport measures it (until it has, the link counts
     as fast: the first frames go light, and the credits they bring back measure the link)."""
 
@@ -126,8 +127,8 @@ class Adapter:
         self.names, self.priors = names, priors
         self.encode_holds_compute = encode_holds_compute
         self.fixed_link_bytes_per_s = fixed_link_bytes_per_s
-        self._encode = [Ewma() for _ in names]
-        self._ratio = [Ewma() for _ in names]
+        self._encode = [Ewma(value=rate if math.isfinite(rate) else None) for rate, _ in priors]
+        self._ratio = [Ewma(value=ratio) for _, ratio in priors]
         self._production = Ewma()
 
     def encoded(self, level: int, raw_bytes: int, wire_bytes: int, seconds: float) -> None:
@@ -145,11 +146,7 @@ class Adapter:
 
     def levels(self) -> list[Level]:
         return [
-            Level(
-                name,
-                ratio.value if ratio.value is not None else prior[1],
-                encode.value if encode.value is not None else prior[0],
-            )
+            Level(name, ratio.value if ratio.value is not None else prior[1], encode.value or prior[0])
             for name, prior, encode, ratio in zip(self.names, self.priors, self._encode, self._ratio, strict=True)
         ]
 

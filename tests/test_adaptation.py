@@ -105,7 +105,13 @@ def test_the_adapter_starts_from_its_priors_and_follows_its_measurements():
     adapter = Adapter(["raw", "default"], [(math.inf, 1.0), (100 * MB, 0.3)], encode_holds_compute=True)
     assert [lv.wire_ratio for lv in adapter.levels()] == [1.0, 0.3]
     adapter.encoded(1, raw_bytes=LAYER, wire_bytes=LAYER // 2, seconds=LAYER / (10 * MB))
-    assert adapter.levels()[1] == Level("default", 0.5, pytest.approx(10 * MB))
+    # one slow sample moves the start-up estimate 30% of the way, it does not replace it
+    assert adapter.levels()[1] == Level("default", pytest.approx(0.36), pytest.approx(73 * MB))
+    for _ in range(30):
+        adapter.encoded(1, raw_bytes=LAYER, wire_bytes=LAYER // 2, seconds=LAYER / (10 * MB))
+    assert adapter.levels()[1] == Level("default", pytest.approx(0.5, rel=1e-3), pytest.approx(10 * MB, rel=1e-3))
+    adapter.encoded(0, raw_bytes=LAYER, wire_bytes=LAYER, seconds=LAYER / (500 * MB))
+    assert adapter.levels()[0].encode_bytes_per_s == pytest.approx(500 * MB)  # no finite prior: measured
     now = adapter.conditions(None, 0)
     assert now.link_bytes_per_s == math.inf and now.production_bytes_per_s == math.inf
     adapter.produced(LAYER, 0.01)

@@ -2,11 +2,12 @@
 comes back bit for bit, in the cache's own dtype (bf16, fp16, fp32 or fp8).
 
 Why it pays: within one channel a tensor's values span a few binades, so the exponent field (8 bits
-in bf16) carries two to three bits of information, while sign and mantissa are close to random and
-gain nothing from coding (SplitZip's observation). So the exponent is coded relative to the
-channel's largest in a few fixed-length bits, with an escape stream for the rare far ones, and the
-rest travels as it is. Fixed-length codes keep both directions elementwise (one pass on a GPU); the
-only sequential step is the escape stream's compaction, a prefix sum.
+in bf16) carries far fewer bits of information than it has (docs/RESULTS.md measures how many),
+while sign and mantissa are close to random and gain nothing from coding (SplitZip's observation).
+So the exponent is coded relative to the channel's largest in a few fixed-length bits, with an
+escape stream for the rare far ones, and the rest travels as it is. Fixed-length codes keep both
+directions elementwise (one pass on a GPU); the only sequential step is the escape stream's
+compaction, a prefix sum.
 
 For one tensor of one segment, ``u`` [tokens, channels] the elements' bits as unsigned integers, a
 dtype of E exponent and M mantissa bits (`geometry.FLOAT_FIELDS`):
