@@ -34,6 +34,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed[: packed_nbytes(count, bits)]
 
 
+def low_bytes(values: torch.Tensor, width: int) -> torch.Tensor:
+    """The low ``width`` bytes of each int64, little-endian, uint8 [n * width]: fixed-width
+    integers as the format stores them, with no narrow integer types on the device."""
+    return values.reshape(-1).contiguous().view(torch.uint8).view(-1, 8)[:, :width].reshape(-1)
+
+
 def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of `pack`: ``count`` uint8 codes from a packed stream."""
     if not 1 <= bits <= 8:

@@ -39,6 +39,7 @@ import torch
 import xxhash
 
 from cachegen_vllm.codec import rans, rans_numba
+from cachegen_vllm.codec.bitpack import low_bytes
 from cachegen_vllm.codec.format import rans_lanes
 from cachegen_vllm.codec.quant import fixed_point_exponent, power_of_two
 
@@ -264,18 +265,13 @@ class LaneBatch:
         for lanes, total in zip(self.lane_counts, totals):
             out.append(
                 (
-                    _low_bytes(self.states[lane : lane + lanes], 4),
-                    _low_bytes(self.lane_words[lane : lane + lanes], 2),
-                    _low_bytes(self.stream[word : word + total], 2),
+                    low_bytes(self.states[lane : lane + lanes], 4),
+                    low_bytes(self.lane_words[lane : lane + lanes], 2),
+                    low_bytes(self.stream[word : word + total], 2),
                 )
             )
             lane, word = lane + lanes, word + total
         return out
-
-
-def _low_bytes(values: torch.Tensor, width: int) -> torch.Tensor:
-    """The low ``width`` bytes of each int64, uint8 [n * width]."""
-    return values.contiguous().view(torch.uint8).view(-1, 8)[:, :width].reshape(-1)
 
 
 def encode(tensors: list[tuple[torch.Tensor, torch.Tensor, int]], lane_symbols: int) -> LaneBatch:

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from cachegen_vllm.codec.bitpack import pack, packed_nbytes, unpack
+from cachegen_vllm.codec.bitpack import low_bytes, pack, packed_nbytes, unpack
 from cachegen_vllm.codec.geometry import FLOAT_FIELDS
 
 CODE_BITS = 3
@@ -98,23 +98,20 @@ def array_sizes(elements: int, channels: int, dtype: torch.dtype, escapes: int) 
     ]
 
 
+# the integer type of each element width torch can view a float tensor as (uint8 for fp8)
+_BITS_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
 def _as_unsigned(x: torch.Tensor) -> torch.Tensor:
     """int64 [T, C]: each element's bits as an unsigned integer."""
     width = x.element_size()
-    signed = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[width]
-    return x.contiguous().view(signed).to(torch.int64) & ((1 << (8 * width)) - 1)
+    return x.contiguous().view(_BITS_OF_WIDTH[width]).to(torch.int64) & ((1 << (8 * width)) - 1)
 
 
 def _from_unsigned(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     width = torch.empty((), dtype=dtype).element_size()
-    signed = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[width]
     wrapped = torch.where(u >= 1 << (8 * width - 1), u - (1 << (8 * width)), u) if width > 1 else u
-    return wrapped.to(signed).view(dtype)
-
-
-def _bytes_of(values: torch.Tensor, count: int) -> torch.Tensor:
-    """uint8 [n * count]: the low ``count`` bytes of each int64, little-endian."""
-    return values.reshape(-1).contiguous().view(torch.uint8).view(-1, 8)[:, :count].reshape(-1)
+    return wrapped.to(_BITS_OF_WIDTH[width]).view(dtype)
 
 
 @dataclass(frozen=True)
@@ -146,7 +143,7 @@ def split(x: torch.Tensor) -> Split:
     arrays = [
         top.to(torch.uint8),
         pack(flat_codes.to(torch.uint8), CODE_BITS),
-        _bytes_of(rest, rest_bits // 8),
+        low_bytes(rest, rest_bits // 8),
         pack((rest.reshape(-1) >> (8 * (rest_bits // 8))).to(torch.uint8), high)
         if high
         else torch.empty(0, dtype=torch.uint8, device=u.device),

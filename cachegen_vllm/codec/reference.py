@@ -319,11 +319,13 @@ def decode_frames(
     calibrated bases frames may name besides the shipped ones; ``cache_scales``: an fp8 cache's (key,
     value) scales of a layer, which the values are stored for (default: the producer's, in each
     frame). Raises FrameError on any bad byte of any frame, or a basis it does not have."""
-    # per frame: its header, rotation, and per segment (K, V) a tensor or a _RansPart
-    parsed: list[tuple[FrameHeader, _Rotation, list[list[torch.Tensor | _RansPart]]]] = []
+    # per frame: its header, rotation, the scales its values are stored for, and per segment (K, V)
+    # a tensor or a _RansPart
+    parsed: list[tuple[FrameHeader, _Rotation, tuple[float, float], list[list[torch.Tensor | _RansPart]]]] = []
     pending: list[_RansPart] = []
     for frame in frames:
         header = parse_frame(frame, geometry, expect_layer, expect_token_start)
+        stored_for = cache_scales(header.layer) if cache_scales else header.scales
         shard = frame_geometry(header, geometry)
         rotation = _frame_rotation(header, shard, bases)
         data = torch.frombuffer(bytearray(frame), dtype=torch.uint8).to(device)
@@ -334,7 +336,7 @@ def decode_frames(
             for tensor in KV:
                 bits, axis = seg.bits(tensor), header.axis(tensor)
                 shape = (seg.tokens, shard.num_kv_heads, shard.head_dim)
-                own = cache_scales(header.layer)[tensor] if cache_scales else header.scales[tensor]
+                own = stored_for[tensor]
                 if bits in (EXACT_BITS, LOSSLESS_BITS):
                     if bits == EXACT_BITS:
                         stored = arrays.pop(0).view(shard.dtype).view(shape)
@@ -360,14 +362,13 @@ def decode_frames(
                     )
                     pair.append(_store(rotation.invert(x, header.layer, tensor), own, geometry.dtype))
             segments.append(pair)
-        parsed.append((header, rotation, segments))
+        parsed.append((header, rotation, stored_for, segments))
     try:
         symbols = dict(zip(map(id, pending), entropy.decode([p.coded for p in pending]))) if pending else {}
     except RansError as e:
         raise FrameError(str(e)) from None
     out = []
-    for header, rotation, segments in parsed:
-        stored_for = cache_scales(header.layer) if cache_scales else header.scales
+    for header, rotation, stored_for, segments in parsed:
         tensors = [
             _store(
                 rotation.invert(
