@@ -147,6 +147,21 @@ def _sm90a(kernel, signature: dict, constexprs: dict, attrs: dict, options: dict
     )
 
 
+def _coder_row(profile: str, module: str, kernel, signature: dict, constexprs: dict, block_t: int) -> dict:
+    """One of the data-driven coders' kernels (no bit widths among its constants) compiled for
+    sm_90a with 4 warps, its pointers declared 16-byte aligned."""
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if signature[n].startswith("*")}
+    return dict(
+        profile=profile,
+        kernel=f"{module}.{kernel.__name__}",
+        key_bits=None,
+        value_bits=None,
+        num_warps=4,
+        block_t=block_t,
+        **_sm90a(kernel, signature, constexprs, attrs, {"num_warps": 4, "enable_fp_fusion": False}),
+    )
+
+
 def _ptxas_rans() -> list[dict]:
     """The rANS lane kernels for sm_90a (one variant each: bit widths are data, not constants)."""
     from cachegen_vllm.kernels import rans_coder
@@ -163,28 +178,8 @@ def _ptxas_rans() -> list[dict]:
             else "*i64"
             for name in kernel.arg_names
         }
-        attrs = {
-            (i,): [["tt.divisibility", 16]]
-            for i, name in enumerate(kernel.arg_names)
-            if signature[name].startswith("*")
-        }
-        rows.append(
-            dict(
-                profile="entropy",
-                kernel=f"rans_coder.{kernel.__name__}",
-                key_bits=None,
-                value_bits=None,
-                num_warps=4,
-                block_t=rans_coder.BLOCK_LANES,
-                **_sm90a(
-                    kernel,
-                    signature,
-                    {**constexprs, "BLOCK": rans_coder.BLOCK_LANES},
-                    attrs,
-                    {"num_warps": 4, "enable_fp_fusion": False},
-                ),
-            )
-        )
+        constexprs = {**constexprs, "BLOCK": rans_coder.BLOCK_LANES}
+        rows.append(_coder_row("entropy", "rans_coder", kernel, signature, constexprs, rans_coder.BLOCK_LANES))
     return rows
 
 
@@ -193,24 +188,14 @@ def _ptxas_lossless() -> list[dict]:
     from cachegen_vllm.codec import lossless
     from cachegen_vllm.kernels import lossless_fields as fields
 
+    constexprs = dict(E=8, M=7, ESCAPE=lossless.ESCAPE, BLOCK_T=fields.BLOCK_TOKENS, BLOCK_C=fields.BLOCK_CHANNELS)
     rows = []
     for kernel in (fields.split_kernel, fields.merge_kernel):
-        signature = {name: "i32" if name in ("tokens", "channels") else "*i64" for name in kernel.arg_names}
-        constexprs = dict(E=8, M=7, ESCAPE=lossless.ESCAPE, BLOCK_T=fields.BLOCK_TOKENS, BLOCK_C=fields.BLOCK_CHANNELS)
-        for name in constexprs:
-            signature[name] = "constexpr"
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if signature[n] == "*i64"}
-        rows.append(
-            dict(
-                profile="lossless",
-                kernel=f"lossless_fields.{kernel.__name__}",
-                key_bits=None,
-                value_bits=None,
-                num_warps=4,
-                block_t=fields.BLOCK_TOKENS,
-                **_sm90a(kernel, signature, constexprs, attrs, {"num_warps": 4, "enable_fp_fusion": False}),
-            )
-        )
+        signature = {
+            name: "constexpr" if name in constexprs else "i32" if name in ("tokens", "channels") else "*i64"
+            for name in kernel.arg_names
+        }
+        rows.append(_coder_row("lossless", "lossless_fields", kernel, signature, constexprs, fields.BLOCK_TOKENS))
     return rows
 
 

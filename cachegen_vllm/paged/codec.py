@@ -219,7 +219,7 @@ def decode_frames_into_blocks(
         kernels
         and frame_coding(f) == "packed"
         and frame_heads(f) == own
-        and _kernels_take(geometry, 1, frame_widths(f))
+        and _kernels_take(geometry, 1, frame_widths(f))  # any group size decodes: 1 passes its check
         for f in frames
     ]
     out: dict[int, tuple[int, int]] = {}
