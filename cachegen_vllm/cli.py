@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("model", type=Path, help="a Hugging Face model directory (cachegen-vllm model: the embedded one)")
     q.add_argument("--text", type=Path, required=True, help="a UTF-8 text file: the prompt")
     q.add_argument("--out", type=Path, required=True, help="the KV file to write (safetensors)")
-    q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8_e4m3", "fp8_e5m2"])
+    q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"])
     q.add_argument("--tokens", type=int, help="at most this many tokens of the text")
     q.set_defaults(run=_kv_extract)
     q = kv.add_parser("encode", help="a KV file into frames, with a profile")

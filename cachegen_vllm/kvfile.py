@@ -24,18 +24,14 @@ from cachegen_vllm.codec.geometry import DTYPE_CODES, DTYPES
 from cachegen_vllm.codec.profile import AUTO_BASIS, EXACT_BITS, LOSSLESS_BITS, Profile
 from cachegen_vllm.config import cache_dir
 from cachegen_vllm.connector import autobasis
+from cachegen_vllm.paged import FP8_CACHE_DTYPES
 
 KV_KIND = "cachegen-vllm kv 1"
 FRAMES_MAGIC = b"CGKF"
 FRAMES_VERSION = 1
 PREAMBLE = struct.Struct("<4sHH")
 # --dtype choices: vLLM's names for what a cache holds
-CACHE_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
+CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, **FP8_CACHE_DTYPES}
 
 
 class KVFileError(ValueError):

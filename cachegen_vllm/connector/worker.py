@@ -51,6 +51,7 @@ from cachegen_vllm.connector.metrics import FAILURE_PREFIX, LEVEL_PREFIX, PRODUC
 from cachegen_vllm.connector.ranks import Placement, Source, first_holder, rank_endpoint, sources
 from cachegen_vllm.device import Event, Runtime, runtime_for
 from cachegen_vllm.paged import (
+    FP8_CACHE_DTYPES,
     PageOrder,
     PendingEncode,
     decode_frames_into_blocks,
@@ -64,8 +65,6 @@ from cachegen_vllm.transport import FrameConsumer, FrameProducer, TransferStream
 
 log = init_logger("vllm.cachegen_vllm.connector")
 DROPPED_REMEMBERED = 1024  # dropped transfers whose later layers are skipped (a request's span at most)
-# vLLM's fp8 cache settings and the format of the bytes its uint8 pages hold
-FP8_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclasses.dataclass

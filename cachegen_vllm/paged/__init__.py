@@ -11,9 +11,10 @@ from cachegen_vllm.paged.codec import (
     time_encode,
     warm_up,
 )
-from cachegen_vllm.paged.layout import PageOrder, gather, kernel_block_ids, probe_page_order, scatter
+from cachegen_vllm.paged.layout import FP8_CACHE_DTYPES, PageOrder, gather, kernel_block_ids, probe_page_order, scatter
 
 __all__ = [
+    "FP8_CACHE_DTYPES",
     "PageOrder",
     "PendingEncode",
     "decode_frames_into_blocks",

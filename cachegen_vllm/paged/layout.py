@@ -20,13 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+# vLLM's fp8 cache settings (--kv-cache-dtype) and the format of the bytes its uint8 pages hold
+FP8_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 PROBE_BASE = 64  # digits 1..64 are exact in every 16- or 32-bit float dtype vLLM uses, bf16 included
 # fp8 caches hold fewer exact integers: 1..16 in e4m3 (4 significant bits), 1..8 in e5m2 (3)
-FP8_PROBE = {
-    "fp8": (torch.float8_e4m3fn, 16),
-    "fp8_e4m3": (torch.float8_e4m3fn, 16),
-    "fp8_e5m2": (torch.float8_e5m2, 8),
-}
+FP8_PROBE_BASES = {torch.float8_e4m3fn: 16, torch.float8_e5m2: 8}
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,8 @@ def probe_page_order(
     from vllm import _custom_ops as ops  # vLLM's CPU build only: imported where a CPU cache is probed
 
     count = block_size * head_size
-    stored, base = FP8_PROBE.get(kv_cache_dtype, (dtype, PROBE_BASE))
+    stored = FP8_CACHE_DTYPES.get(kv_cache_dtype, dtype)
+    base = FP8_PROBE_BASES.get(stored, PROBE_BASE)
 
     def write(area: str, values: torch.Tensor) -> torch.Tensor:
         data = values.to(dtype).view(block_size, 1, head_size)
