@@ -128,7 +128,7 @@ def metrics(url: str) -> dict[str, float]:
     import re
     import urllib.request
 
-    from cachegen_vllm.launch import cachegen_counters
+    from cachegen_vllm.serving.launch import cachegen_counters
 
     out = cachegen_counters(url)
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
@@ -173,7 +173,7 @@ def transfer_stats(mode: str, readings: list[tuple[dict, dict]], requests: int) 
 
 def levels(urls: dict, mode: str) -> dict[str, float]:
     """Layers the adaptive prefill has coded at each level so far (nothing for the other modes)."""
-    from cachegen_vllm.launch import cachegen_counters
+    from cachegen_vllm.serving.launch import cachegen_counters
 
     if mode != "adaptive":
         return {}
@@ -183,7 +183,7 @@ def levels(urls: dict, mode: str) -> dict[str, float]:
 
 def estimates(prefill_url: str) -> dict[str, float]:
     """The adaptive prefill's rate estimates now (its gauges): what its last choices were made from."""
-    from cachegen_vllm.launch import vllm_metric
+    from cachegen_vllm.serving.launch import vllm_metric
 
     names = ("link_bytes_per_second", "production_bytes_per_second", "kv_tokens_per_second")
     return {name: vllm_metric(prefill_url, f"cachegen_{name}") for name in names}
@@ -200,8 +200,8 @@ def start_servers(
     near_ns: str, near_ip: str, far_ip: str, modes: list[str], logs: Path, procs: dict, recompute_tokens_per_s: float
 ) -> dict:
     """Every instance the modes need, the proxies and the router, into ``procs``; their URLs by name."""
-    from cachegen_vllm.launch import kv_transfer_config, start_instance, start_router
-    from cachegen_vllm.model import default_model_dir
+    from cachegen_vllm.offline.model import default_model_dir
+    from cachegen_vllm.serving.launch import kv_transfer_config, start_instance, start_router
 
     model = default_model_dir()
     common = {"extra_args": ("--no-enable-prefix-caching",), "kv_cache_bytes": KV_CACHE_BYTES}
@@ -249,7 +249,7 @@ def start_servers(
         )
         urls["front-nixl"] = f"http://127.0.0.1:{ROUTER_PORT}"
     for mode in (m for m in CACHEGEN if m in modes):
-        argv = [sys.executable, "-m", "cachegen_vllm.cli", "proxy", "--prefill", urls[f"prefill-{mode}"]]
+        argv = [sys.executable, "-m", "cachegen_vllm.serving.cli", "proxy", "--prefill", urls[f"prefill-{mode}"]]
         argv += [
             "--decode",
             urls["decode-adaptive" if mode == "adaptive" else "decode"],
@@ -314,8 +314,8 @@ def demote_pollers(procs: dict) -> list[int]:
 def measure(spec: dict, link, modes: list[str], rows: list[dict], log: dict) -> None:
     """Starts the instances ``modes`` need, measures at every rate (reshaping the link in between),
     stops them; appends to ``rows``."""
-    from cachegen_vllm.launch import post, stop_all, wait_healthy, warm_up
-    from cachegen_vllm.model import default_model_dir
+    from cachegen_vllm.offline.model import default_model_dir
+    from cachegen_vllm.serving.launch import post, stop_all, wait_healthy, warm_up
 
     logs, reps, concurrency, lengths = Path(spec["logs"]), spec["reps"], spec["concurrency"], spec["lengths"]
     model = str(default_model_dir())
@@ -560,7 +560,7 @@ def main() -> None:
         return
     if max(args.lengths) * 2 + len(modes) * args.concurrency * LOAD_TOKENS > 110_000:
         sys.exit("the prompts would run past the text's 113K tokens: fewer --lengths or less --concurrency")
-    from cachegen_vllm.model import ensure_default_model
+    from cachegen_vllm.offline.model import ensure_default_model
     from cachegen_vllm.testing.netns import shaped_link, unavailable
 
     if why := unavailable():

@@ -6,7 +6,7 @@ On a CUDA GPU (carry xxhash as a wheel to a machine with no package registry):
 
 For a Llama-3-8B-like cache (32 layers, 8 KV heads, head_dim 128, block size 16, bf16, pages in
 FlashAttention's order, shuffled block ids) at 4K, 16K and 32K tokens it times, per layer:
-encode and decode kernels alone (CUDA events, median of --reps), the whole `paged.encode_blocks`
+encode and decode kernels alone (CUDA events, median of --reps), the whole `PagedCaches.start_encode`
 call (planning, kernels, copy to the host, headers, checksums), and the torch reference codec on the
 same device; GB/s counts bytes read plus bytes written, and "of copy" divides by a device-to-device
 copy measured in the same run.
@@ -66,8 +66,8 @@ def kernel_profiles() -> list[str]:
 def ptxas_report(profile_name: str, geometry: KVGeometry = GEOMETRY) -> list[dict]:
     """Compile every (key bits, value bits) variant requests of the profile launch for sm_90a:
     ptxas's allocation and the fused multiply-adds in the PTX."""
-    from cachegen_vllm.kernels.frames import profile_variants
-    from cachegen_vllm.kernels.paged_codec import decode_kernel, encode_kernel, kernel_constants
+    from cachegen_vllm.kernels.plans import profile_variants
+    from cachegen_vllm.kernels.tile_kernels import decode_kernel, encode_kernel, kernel_constants
 
     profile = load_profile(profile_name)
     constants = kernel_constants(geometry, profile.group_tokens, profile.value_axis, profile.rotation == "hadamard")
@@ -205,16 +205,16 @@ def _host_rows(profile_name: str) -> list[dict]:
     import numpy as np
 
     from cachegen_vllm.codec.format import frame_nbytes, seal_frame
-    from cachegen_vllm.kernels import frames
+    from cachegen_vllm.kernels import plans
 
     profile, cpu, rows = load_profile(profile_name), torch.device("cpu"), []
     for tokens in TOKENS:
-        frames._LAYOUTS.clear()
+        plans._LAYOUTS.clear()
         t0 = time.perf_counter()
-        headers, bases, size, launches = frames._encode_layout(GEOMETRY, profile, 0, 0, tokens, tokens, cpu)
+        headers, bases, size, launches = plans._encode_layout(GEOMETRY, profile, 0, 0, tokens, tokens, cpu)
         t1 = time.perf_counter()
         for layer in range(1, LAYERS):
-            frames._encode_layout(GEOMETRY, profile, layer, 0, tokens, tokens, cpu)
+            plans._encode_layout(GEOMETRY, profile, layer, 0, tokens, tokens, cpu)
         t2 = time.perf_counter()
         host = np.ones(size, dtype=np.uint8)  # touched, as the copy from the device leaves it
         t3 = time.perf_counter()
@@ -280,11 +280,11 @@ def copy_bandwidth(device: str, nbytes: int, reps: int) -> float:
 
 
 def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, device: str) -> dict:
-    from cachegen_vllm.codec import decode_chunk, encode_layer
+    from cachegen_vllm.codec import decode_chunk, encode_layer, read_frame
     from cachegen_vllm.codec.bitpack import pack
     from cachegen_vllm.codec.quant import quantize
-    from cachegen_vllm.kernels import frames as kernels
-    from cachegen_vllm.paged import encode_blocks, gather
+    from cachegen_vllm.kernels import plans as kernels
+    from cachegen_vllm.paged import PagedCaches, gather
 
     profile = load_profile(profile_name)
     blocks = -(-tokens // BLOCK_SIZE)
@@ -301,22 +301,9 @@ def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, devi
     wire = plan.buffer.numel()
     encode_s = median_seconds(lambda: kernels.launch_encode(plan, cache, table), reps)
     frames = kernels.finish_encode(plan, GEOMETRY)
-    api_s = _wall(
-        lambda: encode_blocks(
-            cache,
-            None,
-            table,
-            geometry=GEOMETRY,
-            profile=profile,
-            layer=0,
-            token_start=0,
-            count=tokens,
-            total_tokens=tokens,
-            kernels=True,
-        ),
-        max(3, reps // 4),
-    )
-    dplan = kernels.plan_decode(frames, GEOMETRY, cache.device)
+    caches = PagedCaches({0: cache}, None, GEOMETRY, kernels=True)
+    api_s = _wall(lambda: caches.start_encode(0, table, profile, 0, tokens, tokens).finish(), max(3, reps // 4))
+    dplan = kernels.plan_decode([read_frame(f) for f in frames], GEOMETRY, cache.device)
     target = torch.empty_like(store).permute(0, 2, 1, 3)
     decode_s = median_seconds(lambda: kernels.launch_decode(dplan, {0: target}, table), reps)
 

@@ -19,11 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from cachegen_vllm.launch import (
+from cachegen_vllm.offline.model import ensure_default_model
+from cachegen_vllm.serving.launch import (
     cachegen_counters,
-    common_prefix,
-    document_prompt,
-    free_ports,
     kv_transfer_config,
     post,
     start_instance,
@@ -31,7 +29,8 @@ from cachegen_vllm.launch import (
     wait_healthy,
     warm_up,
 )
-from cachegen_vllm.model import ensure_default_model
+from cachegen_vllm.testing.ports import free_ports
+from cachegen_vllm.testing.prompts import common_prefix, document_prompt
 
 PROMPTS = 4
 KV_CACHE_BYTES = 256 << 20

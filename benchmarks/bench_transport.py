@@ -72,7 +72,7 @@ def consume(endpoint: str) -> None:
     nbytes = frames = 0
     for frame in stream:
         first = first or time.monotonic()
-        nbytes += len(frame)
+        nbytes += len(frame.data)
         frames += 1
     print(
         json.dumps({"first_frame": first, "last_frame": time.monotonic(), "bytes": nbytes, "frames": frames}),

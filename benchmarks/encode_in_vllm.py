@@ -21,10 +21,9 @@ import torch
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.config import load_profile
-from cachegen_vllm.launch import (
+from cachegen_vllm.offline.model import ensure_default_model
+from cachegen_vllm.serving.launch import (
     cachegen_counters,
-    document_prompt,
-    free_ports,
     kv_transfer_config,
     post,
     start_instance,
@@ -32,7 +31,8 @@ from cachegen_vllm.launch import (
     wait_healthy,
     warm_up,
 )
-from cachegen_vllm.model import ensure_default_model
+from cachegen_vllm.testing.ports import free_ports
+from cachegen_vllm.testing.prompts import document_prompt
 
 KV_CACHE_BYTES = 256 << 20
 
@@ -77,7 +77,7 @@ def main() -> None:
         for url, proc in zip((prefill, decode), procs):
             wait_healthy(url, proc, 600)
             warm_up(url, str(model))
-        argv = [sys.executable, "-m", "cachegen_vllm.cli", "proxy", "--prefill", prefill, "--decode", decode]
+        argv = [sys.executable, "-m", "cachegen_vllm.serving.cli", "proxy", "--prefill", prefill, "--decode", decode]
         procs.append(
             subprocess.Popen(
                 [*argv, "--port", str(base + 2)],

@@ -53,11 +53,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import numpy as np  # noqa: E402
 
-from cachegen_vllm.codec import KVGeometry, decode_frames, encode_layer  # noqa: E402
+from cachegen_vllm.codec import KVGeometry, decode_frames, encode_layer, read_frame  # noqa: E402
 from cachegen_vllm.codec.format import parse_frame, payload_arrays  # noqa: E402
 from cachegen_vllm.config import load_profile  # noqa: E402
 from cachegen_vllm.device import counting_host_syncs, runtime_for  # noqa: E402
-from cachegen_vllm.paged import decode_frames_into_blocks, gather, start_encode, warm_up  # noqa: E402
+from cachegen_vllm.paged import PagedCaches, gather  # noqa: E402
 
 PACKED = ("raw", "high-quality", "default", "aggressive")
 LLAMA = dict(layers=32, heads=8, head_dim=128, model="llama-3-8b-like")
@@ -233,7 +233,7 @@ def compile_all(section: Section, device: torch.device, smoke: bool) -> None:
 
             def case(name=name, caches=caches, geometry=geometry) -> dict:
                 runtime = runtime_for(device)
-                warm_up(dict(enumerate(caches)), None, geometry=geometry, profile=load_profile(name), runtime=runtime)
+                PagedCaches(dict(enumerate(caches)), None, geometry, runtime=runtime).warm_up(load_profile(name))
                 runtime.close()
                 return {}
 
@@ -276,21 +276,9 @@ def identity_case(spec: dict, layout: str, tokens: int, index_dtype, profile_nam
     on_device = table.to(device)
     start = tokens // 3 + 5  # a save that starts mid-block
     runtime = runtime_for(device)
+    bound = PagedCaches({layer: caches[layer]}, None, geometry, runtime=runtime, kernels=True)
     with runtime.encoding(after=runtime.mark()):
-        pending = start_encode(
-            caches[layer],
-            None,
-            on_device,
-            geometry=geometry,
-            profile=profile,
-            layer=layer,
-            token_start=start,
-            count=tokens - start,
-            total_tokens=tokens,
-            runtime=runtime,
-            kernels=True if profile.coding == "packed" else None,
-        )
-        got = pending.finish()
+        got = bound.start_encode(layer, on_device, profile, start, tokens, tokens).finish()
     key, value = gather(caches[layer].cpu(), None, table.long(), tokens)
     want = encode_layer(
         key[start:],
@@ -307,17 +295,8 @@ def identity_case(spec: dict, layout: str, tokens: int, index_dtype, profile_nam
     target.fill_(float("nan"))
     write_start, write_end = start + 7, tokens - 3
     with runtime.decoding():
-        decode_frames_into_blocks(
-            want,
-            {layer: target},
-            None,
-            on_device,
-            geometry=geometry,
-            write_start=write_start,
-            write_end=write_end,
-            runtime=runtime,
-            kernels=True if profile.coding == "packed" else None,
-        )
+        into = PagedCaches({layer: target}, None, geometry, runtime=runtime, kernels=True)
+        into.decode([read_frame(f) for f in want], on_device, write_start, write_end)
         runtime.wait(runtime.mark())
     runtime.close()
     chunks = decode_frames(want, geometry)
@@ -370,7 +349,7 @@ def throughput(section: Section, device: torch.device, smoke: bool) -> None:
     from bench_kernels import copy_bandwidth, median_seconds
 
     from cachegen_vllm.codec import entropy
-    from cachegen_vllm.kernels import frames as kernels
+    from cachegen_vllm.kernels import plans as kernels
 
     reps = 2 if smoke else 20
     copy_bps = copy_bandwidth(device.type, (1 << 20) if smoke else (2 << 30), reps)
@@ -397,7 +376,7 @@ def throughput(section: Section, device: torch.device, smoke: bool) -> None:
                     encode_s = median_seconds(lambda: kernels.launch_encode(plan, cache, table), reps)
                     frames = [bytes(f) for f in kernels.finish_encode(plan, geometry) if f is not None]
                     target = torch.empty_like(cache)
-                    decode_plan = kernels.plan_decode(frames, geometry, device, runtime)
+                    decode_plan = kernels.plan_decode([read_frame(f) for f in frames], geometry, device, runtime)
                     decode_s = median_seconds(lambda: kernels.launch_decode(decode_plan, {0: target}, table), reps)
                     row.update(
                         encode_gbps=round(raw / encode_s / 1e9, 1),
@@ -415,10 +394,11 @@ def throughput(section: Section, device: torch.device, smoke: bool) -> None:
                     rans_s = median_seconds(lambda: entropy.encode(symbols, profile.lane_symbols), reps)
                     row.update(rans_encode_gbps_of_raw=round(raw / rans_s / 1e9, 2))
                 before = runtime.host_syncs
+                bound = PagedCaches({0: cache}, None, geometry, runtime=runtime)
 
                 def call() -> None:
                     with counting_host_syncs(runtime):
-                        start_encode(cache, None, table, runtime=runtime, **where).finish()
+                        bound.start_encode(0, table, profile, 0, tokens, tokens).finish()
 
                 wall = []
                 for _ in range(3):
@@ -462,6 +442,8 @@ def pipeline(section: Section, device: torch.device, smoke: bool) -> None:
     for cache in target:
         cache.fill_(sentinel.item())
     runtime = runtime_for(device)
+    sending = PagedCaches(dict(enumerate(source)), None, geometry, runtime=runtime, kernels=True)
+    receiving = PagedCaches(dict(enumerate(target)), None, geometry, runtime=runtime, kernels=True)
 
     def forward(encode: bool, frames: queue.Queue | None) -> float:
         """Seconds of the forward pass on the compute stream (events), encoding each layer if asked."""
@@ -478,19 +460,7 @@ def pipeline(section: Section, device: torch.device, smoke: bool) -> None:
             if encode:
                 written = runtime.mark()
                 with runtime.encoding(after=written):
-                    pending = start_encode(
-                        cache,
-                        None,
-                        table,
-                        geometry=geometry,
-                        profile=profile,
-                        layer=layer,
-                        token_start=0,
-                        count=tokens,
-                        total_tokens=tokens,
-                        runtime=runtime,
-                        kernels=True,
-                    )
+                    pending = sending.start_encode(layer, table, profile, 0, tokens, tokens)
 
                 def seal(pending=pending, written=written) -> None:
                     with runtime.encoding(after=written):
@@ -519,23 +489,14 @@ def pipeline(section: Section, device: torch.device, smoke: bool) -> None:
         received.append(frames.get())
 
     def consume() -> None:
-        batch: list[bytes] = []
+        batch: list = []
         layer = None
-        for frame in [*received, None]:
-            current = parse_frame(frame, geometry).layer if frame is not None else None
+        for data in [*received, None]:
+            frame = read_frame(data) if data is not None else None  # where a consumer reads it
+            current = frame.header.layer if frame is not None else None
             if batch and current != layer:
                 with runtime.decoding():
-                    decode_frames_into_blocks(
-                        batch,
-                        dict(enumerate(target)),
-                        None,
-                        target_table,
-                        geometry=geometry,
-                        write_start=held,
-                        write_end=tokens,
-                        runtime=runtime,
-                        kernels=True,
-                    )
+                    receiving.decode(batch, target_table, held, tokens)
                 batch = []
             if frame is not None:
                 batch.append(frame)

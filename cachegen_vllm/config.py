@@ -97,7 +97,7 @@ def _basis_file(rotation: str, coding: str, value: Any, root: Path | None) -> st
         return None
     if coding != "rans":
         raise ConfigError("rotation", '"basis" needs coding = "rans": bit-packed codes cannot spend bits per component')
-    if value == AUTO_BASIS:  # fitted to the serving model when a connector starts (connector/autobasis.py)
+    if value == AUTO_BASIS:  # fitted to the serving model when a connector starts (fitting/auto.py)
         return AUTO_BASIS
     if not isinstance(value, str):
         raise ConfigError("basis", f'rotation = "basis" needs the path of a basis file or "auto"; got {value!r}')

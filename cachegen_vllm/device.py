@@ -37,7 +37,6 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger("vllm.cachegen_vllm.device")
-Frame = bytes | bytearray | memoryview
 
 
 class Event(Protocol):
@@ -106,7 +105,7 @@ class Runtime:
         host = torch.from_numpy(array)
         return host if self.device.type == "cpu" else host.to(self.device)
 
-    def stage(self, parts: Sequence[tuple[int, Frame]], nbytes: int) -> torch.Tensor:
+    def stage(self, parts: Sequence[tuple[int, memoryview]], nbytes: int) -> torch.Tensor:
         """uint8 [nbytes] on the device with each part's bytes at its offset (the rest undefined),
         enqueued on the current stream."""
         host = np.empty(nbytes, dtype=np.uint8)
@@ -130,7 +129,7 @@ class Runtime:
         """Stop the sealer after the jobs already submitted."""
 
 
-def _fill(buffer: np.ndarray, parts: Sequence[tuple[int, Frame]]) -> None:
+def _fill(buffer: np.ndarray, parts: Sequence[tuple[int, memoryview]]) -> None:
     for at, part in parts:
         buffer[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
 
@@ -286,7 +285,7 @@ class CudaRuntime(_Sealer, Runtime):
         buffer.numpy()[: array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         return self._upload(buffer, array.nbytes).view(torch.from_numpy(array[:0]).dtype).view(array.shape)
 
-    def stage(self, parts: Sequence[tuple[int, Frame]], nbytes: int) -> torch.Tensor:
+    def stage(self, parts: Sequence[tuple[int, memoryview]], nbytes: int) -> torch.Tensor:
         buffer = self._pinned.take(nbytes)
         _fill(buffer.numpy(), parts)
         return self._upload(buffer, nbytes)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cachegen_vllm.codec.profile import EXACT_BITS
 from cachegen_vllm.config import profile_from_dict
-from cachegen_vllm.model import ensure_default_model
-from cachegen_vllm.quality import Harness, format_table, result_dict
+from cachegen_vllm.offline.model import ensure_default_model
+from cachegen_vllm.offline.quality import Harness, format_table, result_dict
 
 SINK4 = [{"tokens": 4, "key": EXACT_BITS, "value": EXACT_BITS}]
 

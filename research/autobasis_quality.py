@@ -1,4 +1,4 @@
-"""The automatic basis (profile `basis = "auto"`, cachegen_vllm/connector/autobasis.py) against the
+"""The automatic basis (profile `basis = "auto"`, cachegen_vllm/fitting/auto.py) against the
 hand-fitted one shipped for the embedded model: the fit's time and memory, and bits per element
 and KL of both at the smollm2-basis profile's tiers with 2- and 3-bit widths, on the quality
 windows of the language reference and on Python source (another kind of text than either basis
@@ -21,9 +21,9 @@ from pathlib import Path
 from basis_study import python_source
 
 from cachegen_vllm.config import load_profile
-from cachegen_vllm.connector import autobasis
-from cachegen_vllm.model import ensure_default_model
-from cachegen_vllm.quality import Harness, result_dict
+from cachegen_vllm.fitting import auto as autobasis
+from cachegen_vllm.offline.model import ensure_default_model
+from cachegen_vllm.offline.quality import Harness, result_dict
 
 WIDTHS = (2, 3)
 

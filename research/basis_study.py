@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from cachegen_vllm.calibrate import basis_statistics
 from cachegen_vllm.codec.basis import REGULARIZATION, fit, save
 from cachegen_vllm.codec.basis import load as load_basis
 from cachegen_vllm.config import load_profile
-from cachegen_vllm.model import ensure_default_model
-from cachegen_vllm.quality import Harness, result_dict
+from cachegen_vllm.fitting.basis import basis_statistics
+from cachegen_vllm.offline.model import ensure_default_model
+from cachegen_vllm.offline.quality import Harness, result_dict
 
 WIDTHS = (2, 3)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from cachegen_vllm.codec.quant import dequantize, hadamard_, quantize
-from cachegen_vllm.model import ensure_default_model
-from cachegen_vllm.quality import Harness
+from cachegen_vllm.offline.model import ensure_default_model
+from cachegen_vllm.offline.quality import Harness
 
 GROUP = 64
 

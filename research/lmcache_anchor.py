@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import torch
 
 from cachegen_vllm.config import load_profile
-from cachegen_vllm.model import default_model_dir
-from cachegen_vllm.quality import Harness, format_table, result_dict
+from cachegen_vllm.offline.model import default_model_dir
+from cachegen_vllm.offline.quality import Harness, format_table, result_dict
 
 CHUNK = 256  # LMCache's default chunk_size
 

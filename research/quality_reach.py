@@ -16,9 +16,9 @@ from pathlib import Path
 from basis_study import python_source
 
 from cachegen_vllm.config import load_profile
-from cachegen_vllm.connector import autobasis
-from cachegen_vllm.model import ensure_default_model
-from cachegen_vllm.quality import Harness, result_dict
+from cachegen_vllm.fitting import auto as autobasis
+from cachegen_vllm.offline.model import ensure_default_model
+from cachegen_vllm.offline.quality import Harness, result_dict
 
 PROFILES = ("smollm2-basis-calibrated", "smollm2-basis", "basis")
 

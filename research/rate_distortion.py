@@ -26,8 +26,8 @@ from pathlib import Path
 import xxhash
 
 from cachegen_vllm.config import load_profile, shipped_profiles
-from cachegen_vllm.model import ensure_default_model
-from cachegen_vllm.quality import Harness, QualityResult, format_table, result_dict
+from cachegen_vllm.offline.model import ensure_default_model
+from cachegen_vllm.offline.quality import Harness, QualityResult, format_table, result_dict
 
 ANCHORS = Path(__file__).parent / "anchors"
 PROFILES = Path(__file__).parent / "profiles"  # research-only profiles (superseded calibrations)

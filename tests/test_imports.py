@@ -2,13 +2,16 @@
 function, goes one way down
 
     codec  <-  kernels  <-  paged  <-  connector  <-  serving tools
-    codec  <-  transport  <-  config  <-  connector
+    codec  <-  transport  <-  config  <-  fitting  <-  connector, offline tools  <-  serving tools
     device  <-  kernels, paged, connector
     adaptation  <-  transport, connector   (the level choice's math: nothing below it)
+    params  <-  transport, connector, serving tools   (the kv_transfer_params contract, plain Python)
+    testing: helpers of the tests and benchmarks, above everything
 
 and no module imports itself back through others (no cycle, whatever hides it in a function)."""
 
 import ast
+import itertools
 import os
 from pathlib import Path
 
@@ -24,37 +27,54 @@ ALLOWED = {
     "codec": set(),
     "device": set(),  # streams, events, pinned memory: torch only
     "adaptation": set(),  # rates and the level choice: the standard library only
+    "params": set(),  # the kv_transfer_params contract: the standard library only
     "kernels": {"codec", "device"},
-    "transport": {"codec", "adaptation"},
+    "transport": {"codec", "adaptation", "params"},
     "paged": {"codec", "kernels", "device"},
     "config": {"codec", "transport"},
-    "connector": {"codec", "paged", "transport", "config", "device", "adaptation"},
-    "tools": {"codec", "kernels", "paged", "transport", "config", "connector", "device", "adaptation", "root"},
+    "fitting": {"codec", "config"},
+    "connector": {"codec", "paged", "transport", "config", "device", "adaptation", "params", "fitting"},
+    "offline": {"codec", "kernels", "paged", "config", "device", "fitting"},
+    "serving": {"codec", "config", "connector", "params", "fitting", "offline", "root"},
+    "testing": {"serving", "offline", "config", "codec", "root"},
+    "configs": set(),  # the shipped profiles and bases: data that anything may read
     "root": set(),
 }
 # third-party packages a component must not reach: what keeps the codec pure, the kernels off the
-# network and vLLM out of everything below the connector
+# network, vLLM out of everything below the connector and the contract free of everything
 FORBIDDEN = {
     "codec": {"vllm", "triton", "zmq", "fastapi", "httpx"},
     "device": {"vllm", "triton", "zmq", "fastapi", "httpx"},
     "adaptation": {"vllm", "triton", "zmq", "fastapi", "httpx", "torch", "numpy"},
+    "params": {"vllm", "triton", "zmq", "fastapi", "httpx", "torch", "numpy"},
     "kernels": {"vllm", "zmq", "fastapi", "httpx"},
     "transport": {"vllm", "triton", "fastapi", "httpx"},
     "config": {"vllm", "triton", "zmq"},
+    "fitting": {"vllm", "triton", "zmq", "fastapi", "httpx"},
+    "offline": {"vllm", "zmq", "fastapi", "httpx"},
 }
+COMPONENTS = {
+    "codec",
+    "kernels",
+    "transport",
+    "paged",
+    "connector",
+    "fitting",
+    "serving",
+    "offline",
+    "testing",
+    "configs",
+}
+MODULES = {"config", "device", "adaptation", "params"}
 
 
 def component(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "root"
-    if parts[1] in ("codec", "kernels", "transport", "paged", "connector") or module in (
-        f"{PACKAGE}.config",
-        f"{PACKAGE}.device",
-        f"{PACKAGE}.adaptation",
-    ):
+    if parts[1] in COMPONENTS or parts[1] in MODULES:
         return parts[1]
-    return "tools"
+    raise AssertionError(f"{module} is in no component: add it to COMPONENTS or MODULES and to ALLOWED")
 
 
 def modules() -> dict[str, Path]:
@@ -70,9 +90,14 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path, known: set[str]) -> tuple[set[str], set[str]]:
-    """(modules of the package, top-level third-party names) that the file imports, anywhere in it."""
+    """(modules of the package, top-level third-party names) that the file imports, anywhere in it,
+    or runs in a process of its own (``python -m`` and the module's name, in a list)."""
     ours, theirs = set(), set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.List, ast.Tuple)):  # [..., "-m", "cachegen_vllm.x", ...]: run as a process
+            values = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+            ours.update(m for flag, m in itertools.pairwise(values) if flag == "-m" and m in known)
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -109,17 +134,22 @@ EXECUTES = {name: with_packages(name, ours) for name, (ours, _) in GRAPH.items()
 def test_the_walk_sees_every_layer():
     assert {component(m) for m in GRAPH} == set(ALLOWED)
     assert {
-        "cachegen_vllm.kernels.paged_codec",
+        "cachegen_vllm.kernels.tile_kernels",
         "cachegen_vllm.connector.scheduler",
+        "cachegen_vllm.connector.saving",
+        "cachegen_vllm.connector.loading",
         "cachegen_vllm.paged.layout",
+        "cachegen_vllm.fitting.__main__",
     } <= set(GRAPH)
+    # the automatic basis is fitted by `python -m cachegen_vllm.fitting`: a dependency the walk reads
+    assert "cachegen_vllm.fitting" in GRAPH["cachegen_vllm.fitting.auto"][0]
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))
 def test_imports_go_down_the_layers(module):
     ours, theirs = GRAPH[module]
     here = component(module)
-    wrong = sorted(m for m in ours if component(m) not in ALLOWED[here] | {here})
+    wrong = sorted(m for m in ours if component(m) not in ALLOWED[here] | {here, "configs"})
     assert not wrong, f"{module} ({here}) imports {wrong}, against the layering"
     reached = sorted(theirs & FORBIDDEN.get(here, set()))
     assert not reached, f"{module} ({here}) imports {reached}"
@@ -161,17 +191,20 @@ def test_no_import_cycles():
 def test_the_checker_catches_what_it_must(tmp_path):
     """A cycle hidden in a function and an upward import, in a scratch file, are both seen."""
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from cachegen_vllm.connector.worker import CacheGenWorker\n\nimport vllm.config\n")
+    bad.write_text(
+        "def f():\n    from cachegen_vllm.connector.worker import CacheGenWorker\n\nimport vllm.config\n"
+        "ARGV = ['python', '-m', 'cachegen_vllm.serving.cli']\n"
+    )
     ours, theirs = imports(bad, set(GRAPH))
-    assert ours == {"cachegen_vllm.connector.worker"} and theirs == {"vllm"}
+    assert ours == {"cachegen_vllm.connector.worker", "cachegen_vllm.serving.cli"} and theirs == {"vllm"}
     assert component("cachegen_vllm.connector.worker") not in ALLOWED["codec"]
 
 
 def test_the_kernels_folder_is_not_a_top_level_package():
     """Run from the repository's root, Python finds the top-level kernels/ as a package named
     `kernels`, which transformers and vLLM probe for (Hugging Face's kernel hub library): importing
-    it must run none of our code (it once imported the codec, and numba with it, into every vLLM
-    worker, whose start-up then failed)."""
+    it must run none of our code (the codec would bring numba into every vLLM worker, whose
+    kernel-override scan fails on it)."""
     import subprocess
     import sys
 

@@ -20,13 +20,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest.py befo
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("no GPU, and Triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
 
-from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer, parse_frame  # noqa: E402
+from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer, parse_frame, read_frame  # noqa: E402
 from cachegen_vllm.codec.format import payload_arrays  # noqa: E402
 from cachegen_vllm.codec.profile import EXACT_BITS  # noqa: E402
 from cachegen_vllm.config import load_profile, profile_from_dict  # noqa: E402
-from cachegen_vllm.kernels import frames as kernel_frames  # noqa: E402
-from cachegen_vllm.kernels import paged_codec  # noqa: E402
-from cachegen_vllm.paged import decode_into_blocks, encode_blocks, gather  # noqa: E402
+from cachegen_vllm.kernels import plans, tile_kernels  # noqa: E402
+from cachegen_vllm.paged import PagedCaches, gather  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 NUM_BLOCKS, BLOCK_SIZE = 12, 16
@@ -65,6 +64,13 @@ def _cache(layout: str, heads: int, head_dim: int, dtype, seed: int):
 BLOCKS = torch.tensor([7, 2, 9, 0, 11, 4, 5, 1, 3], dtype=torch.int32)  # shuffled, non-contiguous
 
 
+def _encode(cache, table, geometry, profile, layer, start, count, total, kernels: bool) -> list[bytes]:
+    """A layer's frames from the request in ``table``'s blocks of ``cache``, by the kernels (in
+    Triton's interpreter on a CPU) or the reference codec."""
+    caches = PagedCaches({layer: cache}, None, geometry, kernels=kernels)
+    return caches.start_encode(layer, table, profile, start, start + count, total).finish()
+
+
 def _geometry(heads, head_dim, dtype):
     return KVGeometry(num_layers=2, num_kv_heads=heads, head_dim=head_dim, dtype=dtype, model="test")
 
@@ -85,18 +91,7 @@ def test_encode_matches_reference_bytes(case, bits):
     cache = _cache(layout, heads, head_dim, dtype, seed=sum(bits))
     geometry, profile = _geometry(heads, head_dim, dtype), _profile(bits, **kw)
     table = BLOCKS.to(DEVICE)
-    frames = encode_blocks(
-        cache,
-        None,
-        table,
-        geometry=geometry,
-        profile=profile,
-        layer=1,
-        token_start=start,
-        count=count,
-        total_tokens=total,
-        kernels=True,
-    )
+    frames = _encode(cache, table, geometry, profile, 1, start, count, total, kernels=True)
     key, value = gather(cache.cpu(), None, BLOCKS, start + count)
     expected = encode_layer(
         key[start:],
@@ -129,18 +124,7 @@ def test_each_layer_gets_its_own_widths_and_header():
     cache = _cache("NHD", 2, 32, torch.float16, seed=6)
     key, value = gather(cache.cpu(), None, BLOCKS, 50)
     for layer in (0, 1, 0):
-        frames = encode_blocks(
-            cache,
-            None,
-            BLOCKS.to(DEVICE),
-            geometry=geometry,
-            profile=profile,
-            layer=layer,
-            token_start=0,
-            count=50,
-            total_tokens=50,
-            kernels=True,
-        )
+        frames = _encode(cache, BLOCKS.to(DEVICE), geometry, profile, layer, 0, 50, 50, kernels=True)
         assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=layer)
 
 
@@ -151,22 +135,11 @@ def test_encode_writes_every_payload_byte(monkeypatch):
     geometry, profile = _geometry(heads, head_dim, dtype), _profile((3, 1), **kw)
     cache = _cache(layout, heads, head_dim, dtype, seed=9)
     monkeypatch.setattr(
-        kernel_frames,
+        plans,
         "_frame_buffer",
         lambda size, device: torch.full((size,), 0xA5, dtype=torch.uint8, device=device),
     )
-    frames = encode_blocks(
-        cache,
-        None,
-        BLOCKS.to(DEVICE),
-        geometry=geometry,
-        profile=profile,
-        layer=0,
-        token_start=start,
-        count=count,
-        total_tokens=total,
-        kernels=True,
-    )
+    frames = _encode(cache, BLOCKS.to(DEVICE), geometry, profile, 0, start, count, total, kernels=True)
     key, value = gather(cache.cpu(), None, BLOCKS, start + count)
     expected = encode_layer(
         key[start:], value[start:], geometry=geometry, profile=profile, layer=0, token_start=start, total_tokens=total
@@ -191,14 +164,19 @@ def test_decode_matches_reference_and_writes_only_its_tokens(case, bits):
     write_start, write_end = start + 3, start + count - 2  # a prefix held already, a tail not wanted
 
     ours = torch.full_like(source, float("nan")).to(DEVICE)
-    headers = kernel_frames.decode_frames_paged(
-        frames, {0: ours}, BLOCKS.to(DEVICE), geometry=geometry, write_start=write_start, write_end=write_end
+    headers = plans.decode_frames_paged(
+        [read_frame(f) for f in frames],
+        {0: ours},
+        BLOCKS.to(DEVICE),
+        geometry=geometry,
+        write_start=write_start,
+        write_end=write_end,
     )
     assert [h.token_start for h in headers] == [parse_frame(f, geometry).token_start for f in frames]
     theirs = torch.full_like(source, float("nan"))  # on the CPU: the reference decodes and scatters
     for frame in frames:
-        decode_into_blocks(
-            frame, {0: theirs}, None, BLOCKS, geometry=geometry, write_start=write_start, write_end=write_end
+        PagedCaches({0: theirs}, None, geometry, kernels=False).decode(
+            [read_frame(frame)], BLOCKS, write_start, write_end
         )
     ours = ours.cpu()
     written = ~torch.isnan(theirs.float())
@@ -216,26 +194,13 @@ def test_round_trip_through_both_paths():
     """A payload from the kernels decodes on the CPU path and back, into a CPU vLLM-style cache."""
     geometry, profile = _geometry(2, 64, torch.bfloat16), load_profile("default")
     cache = _cache("NHD", 2, 64, torch.bfloat16, seed=3)
-    frames = encode_blocks(
-        cache,
-        None,
-        BLOCKS.to(DEVICE),
-        geometry=geometry,
-        profile=profile,
-        layer=0,
-        token_start=0,
-        count=130,
-        total_tokens=130,
-        kernels=True,
-    )
+    frames = _encode(cache, BLOCKS.to(DEVICE), geometry, profile, 0, 0, 130, 130, kernels=True)
     cpu = torch.zeros_like(cache).cpu()
     for frame in frames:
-        decode_into_blocks(frame, {0: cpu}, None, BLOCKS, geometry=geometry, write_start=0, write_end=130)
-    again = encode_blocks(
-        cpu, None, BLOCKS, geometry=geometry, profile=profile, layer=0, token_start=0, count=130, total_tokens=130
-    )
+        PagedCaches({0: cpu}, None, geometry, kernels=False).decode([read_frame(frame)], BLOCKS, 0, 130)
+    again = _encode(cpu, BLOCKS, geometry, profile, 0, 0, 130, 130, kernels=False)
     back = torch.zeros_like(cache)
-    kernel_frames.decode_frames_paged(again, {0: back}, BLOCKS.to(DEVICE), geometry=geometry)
+    plans.decode_frames_paged([read_frame(f) for f in again], {0: back}, BLOCKS.to(DEVICE), geometry=geometry)
     k0, v0 = gather(cache.cpu(), None, BLOCKS, 130)
     k1, v1 = gather(back.cpu(), None, BLOCKS, 130)
     assert (k1 - k0).float().abs().mean() < 0.1 and (v1 - v0).float().abs().mean() < 0.1  # 4-bit error, not garbage
@@ -247,18 +212,7 @@ def test_values_the_statistics_cannot_hold_travel_exact(poison):
     geometry, profile = _geometry(2, 32, torch.float32), _profile((4, 4), group=8, chunk=16)
     cache = _cache("HND", 2, 32, torch.float32, seed=4)
     cache[BLOCKS[1], 1, 5, 40] = poison  # token 21's value, head 1: the second frame
-    frames = encode_blocks(
-        cache,
-        None,
-        BLOCKS.to(DEVICE),
-        geometry=geometry,
-        profile=profile,
-        layer=0,
-        token_start=0,
-        count=40,
-        total_tokens=40,
-        kernels=True,
-    )
+    frames = _encode(cache, BLOCKS.to(DEVICE), geometry, profile, 0, 0, 40, 40, kernels=True)
     key, value = gather(cache.cpu(), None, BLOCKS, 40)
     assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=0)
     assert parse_frame(frames[1], geometry).segments[0].value_bits == EXACT_BITS
@@ -266,9 +220,9 @@ def test_values_the_statistics_cannot_hold_travel_exact(poison):
 
 def test_unsupported_geometry_is_refused_by_name():
     with pytest.raises(ValueError, match="head_dim 96"):
-        paged_codec.check_supported(_geometry(2, 96, torch.float16), 64)
+        tile_kernels.check_supported(_geometry(2, 96, torch.float16), 64)
     with pytest.raises(ValueError, match="group_tokens 512"):
-        paged_codec.check_supported(_geometry(2, 64, torch.float16), 512)
+        tile_kernels.check_supported(_geometry(2, 64, torch.float16), 512)
 
 
 def test_constant_groups_get_the_smallest_scale():
@@ -276,18 +230,7 @@ def test_constant_groups_get_the_smallest_scale():
     geometry, profile = _geometry(2, 32, torch.bfloat16), _profile((4, 2), value_axis="channel", group=8, chunk=16)
     cache = _cache("NHD", 2, 32, torch.bfloat16, seed=5)
     cache[BLOCKS[0]] = 0.5  # the first 16 tokens: every channel constant, before and after rotation
-    frames = encode_blocks(
-        cache,
-        None,
-        BLOCKS.to(DEVICE),
-        geometry=geometry,
-        profile=profile,
-        layer=0,
-        token_start=0,
-        count=20,
-        total_tokens=20,
-        kernels=True,
-    )
+    frames = _encode(cache, BLOCKS.to(DEVICE), geometry, profile, 0, 0, 20, 20, kernels=True)
     key, value = gather(cache.cpu(), None, BLOCKS, 20)
     assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=0)
     assert torch.equal(decode_chunk(frames[0], geometry).key, key[:16])  # the constant, not nan

@@ -4,8 +4,8 @@ a small Llama with head_dim 128 and 8 KV heads, random weights, built by transfo
 import pytest
 import torch
 
-from cachegen_vllm import kvfile
-from cachegen_vllm.cli import main
+from cachegen_vllm.offline import kvfile
+from cachegen_vllm.serving.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port as _free_port
 from conftest import serve as _serve
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cachegen_vllm.proxy import create_app
+from cachegen_vllm.serving.proxy import create_app
+from cachegen_vllm.testing.ports import free_ports
 
 
 def fake_backend(name: str, seen: list):
@@ -180,7 +180,7 @@ def test_models_and_health(cluster):
 
 
 def test_unreachable_backend_is_a_502():
-    url, server = _serve(create_app([f"http://127.0.0.1:{_free_port()}"], [f"http://127.0.0.1:{_free_port()}"]))
+    url, server = _serve(create_app([f"http://127.0.0.1:{free_ports()}"], [f"http://127.0.0.1:{free_ports()}"]))
     try:
         r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "hi"}, timeout=10)
         assert r.status_code == 502 and "prefill instance" in r.json()["error"]["message"]

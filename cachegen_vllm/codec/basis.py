@@ -30,6 +30,7 @@ another basis than the producer's.
 from __future__ import annotations
 
 import importlib.resources
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -37,7 +38,8 @@ from pathlib import Path
 import torch
 import xxhash
 
-from cachegen_vllm.codec.geometry import KV
+from cachegen_vllm.codec.geometry import KV, KVGeometry
+from cachegen_vllm.codec.profile import AUTO_BASIS, ConfigError, Profile
 from cachegen_vllm.codec.quant import fixed_point_exponent, power_of_two
 
 FRACTION_BITS = 16
@@ -154,16 +156,49 @@ def from_bytes(data: bytes) -> Basis:
 
 
 @cache
-def _shipped() -> dict[int, Basis]:
-    """The basis files shipped in configs/, by digest: listed and loaded once, not per frame."""
+def shipped() -> dict[int, Basis]:
+    """The basis files shipped in configs/, by digest: listed and loaded once per process."""
     root = importlib.resources.files("cachegen_vllm.configs")
     bases = (load(str(p)) for p in sorted(root.iterdir(), key=lambda p: p.name) if p.name.endswith(".safetensors"))
     return {b.digest: b for b in bases}
 
 
-def find(digest: int, known: tuple[Basis, ...] = ()) -> Basis | None:
-    """The basis with this digest among ``known`` and the shipped ones, or None."""
-    for basis in known:
-        if basis.digest == digest:
-            return basis
-    return _shipped().get(digest)
+class BasisRegistry:
+    """The bases a worker or a tool codes and decodes in, by digest: the shipped ones, and those a
+    profile names, a producer fitted or a decode fetched, added as they come (from any thread).
+    Encoding finds a profile's basis here (`for_profile`), decoding a frame's by the digest it
+    names (`get`)."""
+
+    def __init__(self, *bases: Basis):
+        self._lock = threading.Lock()
+        self._bases = dict(shipped())
+        for basis in bases:
+            self.add(basis)
+
+    def add(self, basis: Basis) -> Basis:
+        """Keep ``basis``; the one kept under its digest is returned."""
+        with self._lock:
+            return self._bases.setdefault(basis.digest, basis)
+
+    def get(self, digest: int) -> Basis | None:
+        return self._bases.get(digest)
+
+    def for_profile(self, profile: Profile, geometry: KVGeometry | None = None) -> Basis | None:
+        """The basis a profile codes in (None: it codes in none), loaded from its file and kept;
+        ConfigError naming ``basis`` if the file is not a basis, or was fitted on another shape than
+        ``geometry``'s."""
+        if profile.rotation != "basis":
+            return None
+        if profile.basis == AUTO_BASIS or profile.basis is None:
+            raise ConfigError("basis", '"auto" is fitted to a model first (fitting.auto.resolve)')
+        try:
+            basis = self.add(load(profile.basis))
+        except ValueError as e:
+            raise ConfigError("basis", str(e)) from None
+        want = geometry and (geometry.num_layers, geometry.total_kv_heads, geometry.head_dim)
+        if want and basis.shape != want:
+            raise ConfigError(
+                "basis",
+                f"{profile.basis} was fitted on (layers, kv heads, head dim) {basis.shape}, this model has {want}",
+            )
+        return basis

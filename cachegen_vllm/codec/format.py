@@ -2,7 +2,8 @@
 
 docs/FORMAT.md is the normative description; this module is its only implementation, and the
 decoder validates every length and field *before* it allocates or reads anything. Bad bytes raise
-`FrameError`, whose message says what is wrong; nothing else escapes `parse_frame`.
+`FrameError`, whose message says what is wrong; nothing else escapes `read_frame`, which reads a
+frame once where it enters and hands its header on with its bytes (`ParsedFrame`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 import xxhash
 
 from cachegen_vllm.codec import lossless
@@ -34,6 +36,8 @@ KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD | FLAG_RANS
 HEADER = struct.Struct("<4sHHQQHHHBBHHIIIHHHHff")
 SEGMENT = struct.Struct("<IBBHII")
 CHECKSUM = struct.Struct("<Q")
+
+Frame = bytes | bytearray | memoryview  # a frame's bytes, however they are held
 
 
 class FrameError(ValueError):
@@ -98,6 +102,11 @@ class FrameHeader:
     @property
     def token_count(self) -> int:
         return sum(s.tokens for s in self.segments)
+
+    @property
+    def widths(self) -> set[int]:
+        """The bit widths of its segments, keys and values."""
+        return {bits for s in self.segments for bits in (s.key_bits, s.value_bits)}
 
 
 def _aligned(n: int) -> int:
@@ -210,12 +219,10 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
             header.words(i, KV.KEY),
             header.words(i, KV.VALUE),
         )
-    CHECKSUM.pack_into(
-        frame, total - CHECKSUM.size, xxhash.xxh3_64_intdigest(memoryview(frame)[: total - CHECKSUM.size])
-    )
+    CHECKSUM.pack_into(frame, total - CHECKSUM.size, _checksum(memoryview(frame)[: total - CHECKSUM.size]))
 
 
-def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: Sequence[bytes | bytearray | memoryview]) -> bytes:
+def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: Sequence[Frame]) -> bytes:
     """Assemble a frame from its payload arrays, in `payload_arrays` order."""
     out = bytearray(frame_nbytes(header, geometry))
     slots = [slot for seg in payload_arrays(header, geometry) for slot in seg]
@@ -234,15 +241,45 @@ def _check_bits(field: str, bits: int) -> None:
         raise FrameError(f"{field} is {bits}, not 1..8, {LOSSLESS_BITS} (lossless) or {EXACT_BITS} (exact)")
 
 
-def frame_geometry(header: FrameHeader, geometry: KVGeometry) -> KVGeometry:
-    """The share of ``geometry``'s model whose heads a parsed frame holds: what sizes its arrays."""
-    return geometry.shard(header.head_start, header.head_count)
+@dataclass(frozen=True)
+class ParsedFrame:
+    """A frame read once, where it entered (`read_frame`): its bytes, its header, and the model it
+    says it belongs to. Everything but that model's identity is checked; `check` compares it with
+    a geometry. Every later decision (layer, basis, coding, heads, widths) reads ``header``."""
+
+    data: memoryview
+    header: FrameHeader
+    fingerprint: int
+    model_shape: tuple[int, int, int, torch.dtype]  # (layers, the model's kv heads, head dim, dtype)
+
+    def check(self, geometry: KVGeometry, expect_layer: int | None = None, expect_token_start: int | None = None):
+        """FrameError unless the frame is of ``geometry``'s model (any share of its heads), and of
+        the layer and first token expected, if given."""
+        want = (geometry.num_layers, geometry.total_kv_heads, geometry.head_dim, geometry.dtype)
+        if self.model_shape != want:
+            raise FrameError(
+                f"KV geometry (layers, kv heads, head dim, dtype) is {self.model_shape}, this model's is {want}"
+            )
+        if self.fingerprint != geometry.fingerprint:
+            raise FrameError(
+                f"model fingerprint {self.fingerprint:016x} is not this model's ({geometry.fingerprint:016x})"
+            )
+        if expect_layer is not None and self.header.layer != expect_layer:
+            raise FrameError(f"frame is for layer {self.header.layer}, expected layer {expect_layer}")
+        if expect_token_start is not None and self.header.token_start != expect_token_start:
+            raise FrameError(f"frame starts at token {self.header.token_start}, expected token {expect_token_start}")
+
+    def shard(self, geometry: KVGeometry) -> KVGeometry:
+        """The share of ``geometry``'s model whose heads the frame holds: what sizes its arrays."""
+        return geometry.shard(self.header.head_start, self.header.head_count)
 
 
-def check_integrity(frame: bytes | bytearray | memoryview) -> memoryview:
-    """Check what needs no model: magic, version, length and checksum. Cheap (xxh3 runs at memory
-    speed), so a transport can refuse corrupted frames before handing them on."""
-    view = memoryview(frame).cast("B")
+def _checksum(view: memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(view)
+
+
+def _integrity(view: memoryview) -> HeaderFields:
+    """The header's fields of a frame whose magic, version, length and checksum are right."""
     size = len(view)
     if size < HEADER.size + SEGMENT.size + CHECKSUM.size:
         raise FrameError(f"frame is {size} bytes, shorter than the smallest possible frame")
@@ -253,94 +290,44 @@ def check_integrity(frame: bytes | bytearray | memoryview) -> memoryview:
         raise FrameError(f"wire format version {fields.version}, this decoder reads version {VERSION}")
     if fields.frame_bytes != size:
         raise FrameError(f"frame says it is {fields.frame_bytes} bytes but {size} arrived")
-    checksum = CHECKSUM.unpack_from(view, size - CHECKSUM.size)[0]
-    if xxhash.xxh3_64_intdigest(view[: size - CHECKSUM.size]) != checksum:
+    if _checksum(view[: size - CHECKSUM.size]) != CHECKSUM.unpack_from(view, size - CHECKSUM.size)[0]:
         raise FrameError("checksum mismatch: the frame was corrupted")
-    return view
+    return fields
 
 
-def _header_fields(frame: bytes | bytearray | memoryview) -> HeaderFields:
-    """The header's fields, checking only that it is one (nothing else is vouched for)."""
+def frame_tokens(frame: Frame) -> tuple[int, int]:
+    """``(token_start, token_count)`` from a frame's header, without checking the rest: for the
+    producer, which routes its own frames by the tokens they hold."""
     view = memoryview(frame).cast("B")
     if len(view) < HEADER.size or bytes(view[:4]) != MAGIC:
         raise FrameError("not a frame: too short or bad magic")
-    return HeaderFields.unpack(view)
-
-
-def frame_tokens(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """``(token_start, token_count)`` from a frame's header, without checking the rest: for the
-    producer, which routes its own frames by the tokens they hold."""
-    fields = _header_fields(frame)
+    fields = HeaderFields.unpack(view)
     return fields.token_start, fields.token_count
 
 
-def frame_layer(frame: bytes | bytearray | memoryview) -> int:
-    """The layer a frame holds, from its header alone: for a consumer that batches a layer's frames
-    before `parse_frame` checks the rest."""
-    return _header_fields(frame).layer
-
-
-def frame_heads(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """``(head_start, head_count)`` of the model's KV heads a frame holds, from its header alone: for
-    a caller that picks a decoder before `parse_frame` checks the rest."""
-    fields = _header_fields(frame)
-    return fields.head_start, fields.head_count
-
-
-def frame_basis(frame: bytes | bytearray | memoryview) -> int:
-    """The digest of the basis a frame is coded in (0: none), from its header alone: for a consumer
-    that fetches a basis it lacks before `parse_frame` checks the rest."""
-    return _header_fields(frame).basis
-
-
-def frame_widths(frame: bytes | bytearray | memoryview) -> set[int]:
-    """The bit widths of a frame's segments, from its segment table alone (unchecked: for a caller
-    that picks a decoder before `parse_frame` checks the rest)."""
+def read_frame(frame: Frame) -> ParsedFrame:
+    """Validate a frame whole, once: magic, version, length and checksum first (before any field
+    is trusted), then every field and the segment table against the sizes they imply, for the
+    model the header names; raise FrameError on anything wrong. `ParsedFrame.check` compares that
+    model with the reader's."""
     view = memoryview(frame).cast("B")
-    count = min(_header_fields(frame).num_segments, (len(view) - HEADER.size) // SEGMENT.size)
-    widths = set()
-    for i in range(count):
-        _, key_bits, value_bits, *_ = SEGMENT.unpack_from(view, HEADER.size + i * SEGMENT.size)
-        widths |= {key_bits, value_bits}
-    return widths
-
-
-def frame_coding(frame: bytes | bytearray | memoryview) -> str:
-    """How a frame's quantized tensors are coded ("packed" or "rans"), from its flags alone: for a
-    caller that picks a decoder before `parse_frame` checks the rest."""
-    return "rans" if _header_fields(frame).flags & FLAG_RANS else "packed"
-
-
-def parse_frame(
-    frame: bytes | bytearray | memoryview,
-    geometry: KVGeometry,
-    expect_layer: int | None = None,
-    expect_token_start: int | None = None,
-) -> FrameHeader:
-    """Validate a whole frame of ``geometry``'s model (any share of its heads) and return its
-    header; raise FrameError on anything wrong."""
-    view = check_integrity(frame)
     size = len(view)
-    h = HeaderFields.unpack(view)
+    h = _integrity(view)
     if h.flags & ~KNOWN_FLAGS:
         raise FrameError(f"unknown flags 0x{h.flags & ~KNOWN_FLAGS:x}")
-    got = (h.num_layers, h.num_kv_heads, h.head_dim, DTYPES.get(h.dtype, f"code {h.dtype}"))
-    want = (geometry.num_layers, geometry.total_kv_heads, geometry.head_dim, geometry.dtype)
-    if got != want:
-        raise FrameError(f"KV geometry (layers, kv heads, head dim, dtype) is {got}, this model's is {want}")
-    if h.fingerprint != geometry.fingerprint:
-        raise FrameError(f"model fingerprint {h.fingerprint:016x} is not this model's ({geometry.fingerprint:016x})")
+    if h.dtype not in DTYPES:
+        raise FrameError(f"the frame's KV geometry has dtype code {h.dtype}, none of {sorted(DTYPES)}")
+    if h.num_layers == 0 or h.head_dim == 0:
+        raise FrameError(f"a model of {h.num_layers} layers and heads {h.head_dim} wide")
     if h.head_count == 0 or h.head_start + h.head_count > h.num_kv_heads:
         raise FrameError(
             f"heads [{h.head_start}, {h.head_start + h.head_count}) are not among the model's {h.num_kv_heads}"
         )
-    geometry = geometry.shard(h.head_start, h.head_count)  # sizes are the frame's heads'
+    geometry = KVGeometry(  # the frame's heads: what sizes its arrays
+        h.num_layers, h.head_count, h.head_dim, DTYPES[h.dtype], head_start=h.head_start, total_kv_heads=h.num_kv_heads
+    )
     if h.layer >= h.num_layers:
         raise FrameError(f"layer {h.layer} out of range (model has {h.num_layers})")
-    if expect_layer is not None and h.layer != expect_layer:
-        raise FrameError(f"frame is for layer {h.layer}, expected layer {expect_layer}")
-    if expect_token_start is not None and h.token_start != expect_token_start:
-        raise FrameError(f"frame starts at token {h.token_start}, expected token {expect_token_start}")
     if h.group_tokens == 0:
         raise FrameError("group_tokens is 0")
     coding = "rans" if h.flags & FLAG_RANS else "packed"
@@ -396,4 +383,15 @@ def parse_frame(
     expected = frame_nbytes(header, geometry)
     if expected != size:
         raise FrameError(f"segments need a {expected}-byte frame, got {size}")
-    return header
+    model_shape = (h.num_layers, h.num_kv_heads, h.head_dim, DTYPES[h.dtype])
+    return ParsedFrame(view, header, h.fingerprint, model_shape)
+
+
+def parse_frame(
+    frame: Frame, geometry: KVGeometry, expect_layer: int | None = None, expect_token_start: int | None = None
+) -> FrameHeader:
+    """`read_frame` and `ParsedFrame.check` at once: the header of a valid frame of ``geometry``'s
+    model (any share of its heads); FrameError on anything wrong."""
+    parsed = read_frame(frame)
+    parsed.check(geometry, expect_layer, expect_token_start)
+    return parsed.header

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,7 @@ class KVGeometry:
                 f"are not a share of the model's {self.total_kv_heads}"
             )
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> int:
         """xxh3-64 of the model's name and geometry (all its heads, whatever share this is): frames
         of another model are refused by it."""

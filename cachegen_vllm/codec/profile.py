@@ -1,8 +1,8 @@
 """Compression profiles as the codec reads them: how a layer's KV is cut into frames and how many
 bits each token gets. `cachegen_vllm.config` parses and validates profile files into these.
 
-A profile is model-independent unless it names layers or a basis; `Profile.check_geometry` binds
-it to a model's geometry and catches the rest.
+A profile is model-independent unless it names layers or a basis; `Profile.check_geometry` and
+`codec.basis.BasisRegistry.for_profile` bind it to a model's geometry and catch the rest.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ VALUE_AXES = ("channel", "token")
 CODINGS = ("packed", "rans")
 MAX_CHUNK_TOKENS = 1 << 16
 MAX_LANE_SYMBOLS = (1 << 16) - 1  # a lane's word count travels as a u16
-AUTO_BASIS = "auto"  # a profile's `basis`: fitted to the serving model at start-up (connector/autobasis.py)
+AUTO_BASIS = "auto"  # a profile's `basis`: fitted to the serving model at start-up (fitting/auto.py)
 MAX_BASIS_BITS = 5  # wider codes in a calibrated basis would clip its largest coefficients (entropy.alphabet_bits)
 
 
@@ -77,20 +77,9 @@ class Profile:
     lane_symbols: int = 1024  # rans: codes per lane (each lane costs 6 bytes; fewer lanes, less parallelism)
     basis: str | None = None  # rotation "basis": the basis file (codec.basis), an absolute path
 
-    def check_geometry(self, num_layers: int, head_dim: int, num_kv_heads: int | None = None) -> None:
-        """Raise ConfigError if this profile cannot serve a model of this shape."""
-        if self.basis == AUTO_BASIS:
-            raise ConfigError("basis", '"auto" is fitted to a model first (connector.autobasis.resolve)')
-        if self.basis is not None:
-            from cachegen_vllm.codec.basis import load  # basis files are read only by profiles that name one
-
-            fitted = load(self.basis).shape
-            if (fitted[0], fitted[2]) != (num_layers, head_dim) or num_kv_heads not in (None, fitted[1]):
-                raise ConfigError(
-                    "basis",
-                    f"{self.basis} was fitted on (layers, kv heads, head dim) {fitted}, "
-                    f"this model has ({num_layers}, {num_kv_heads}, {head_dim})",
-                )
+    def check_geometry(self, num_layers: int) -> None:
+        """Raise ConfigError if this profile names layers a model of ``num_layers`` lacks (its basis,
+        if it names one: `codec.basis.BasisRegistry.for_profile`)."""
         for i, rule in enumerate(self.layers):
             if rule.last >= num_layers:
                 raise ConfigError(

@@ -18,7 +18,15 @@ from cachegen_vllm.codec import basis as bases_
 from cachegen_vllm.codec import entropy, lossless
 from cachegen_vllm.codec.allocation import Segment, chunk_bounds, plan_segments
 from cachegen_vllm.codec.bitpack import pack, unpack
-from cachegen_vllm.codec.format import FrameError, FrameHeader, frame_geometry, parse_frame, payload_arrays, write_frame
+from cachegen_vllm.codec.format import (
+    Frame,
+    FrameError,
+    FrameHeader,
+    ParsedFrame,
+    payload_arrays,
+    read_frame,
+    write_frame,
+)
 from cachegen_vllm.codec.geometry import FP8_DTYPES, KV, KVGeometry
 from cachegen_vllm.codec.lossless import LosslessError
 from cachegen_vllm.codec.profile import EXACT_BITS, LOSSLESS_BITS, Profile, statistics_axis
@@ -74,12 +82,14 @@ class _Rotation:
         return hadamard_(y) if self.hadamard else y
 
 
-def _profile_rotation(profile: Profile, geometry: KVGeometry) -> _Rotation:
-    return _Rotation(
-        profile.rotation == "hadamard",
-        bases_.load(profile.basis) if profile.rotation == "basis" else None,
-        geometry.heads,
-    )
+def _profile_rotation(profile: Profile, geometry: KVGeometry, basis: bases_.Basis | None) -> _Rotation:
+    if (profile.rotation == "basis") != (basis is not None):
+        raise ValueError(
+            f"profile {profile.name!r} codes in a basis: give it (BasisRegistry.for_profile)"
+            if basis is None
+            else f"profile {profile.name!r} codes in no basis, one was given"
+        )
+    return _Rotation(profile.rotation == "hadamard", basis, geometry.heads)
 
 
 def _encode_tensor(
@@ -111,12 +121,14 @@ def _encode_tensor(
     return _CodedTensor(x, [mins, scales, pack(codes, bits)], finite)
 
 
-def _encode_frames(chunks, geometry: KVGeometry, profile: Profile, scales: tuple[float, float]) -> list[bytes]:
+def _encode_frames(
+    chunks, geometry: KVGeometry, profile: Profile, scales: tuple[float, float], basis: bases_.Basis | None
+) -> list[bytes]:
     """Frames for ``chunks``: (key, value, layer, token_start, segments) each. All tensors are coded
     on their device first; then the host reads twice, whatever the token count: which statistics
     are finite and how long each rANS or escape stream is, then every array of every frame in one
     copy."""
-    rotation = _profile_rotation(profile, geometry)
+    rotation = _profile_rotation(profile, geometry, basis)
     plans = []  # per frame: (layer, token_start, segments, its coded tensors K, V, K, V...)
     for key, value, layer, token_start, segments in chunks:
         expected = (sum(s.tokens for s in segments), geometry.num_kv_heads, geometry.head_dim)
@@ -221,14 +233,17 @@ def encode_chunk(
     token_start: int,
     segments: list[Segment],
     scales: tuple[float, float] = (1.0, 1.0),
+    basis: bases_.Basis | None = None,
 ) -> bytes:
     """One frame for tokens ``[token_start, token_start + len(key))`` of one layer.
 
     key, value: [tokens, kv_heads, head_dim] in ``geometry.dtype``. A segment whose values fp16
     statistics cannot hold (inf/nan or beyond +-65504) is sent exact rather than wrong. ``scales``:
     (key, value) multipliers of an fp8 cache's stored numbers (vLLM's ``k_scale``, ``v_scale``).
+    ``basis``: the profile's, if it codes in one (`codec.basis.BasisRegistry.for_profile`).
     """
-    return _encode_frames([(key, value, layer, token_start, segments)], geometry, profile, _scales(geometry, scales))[0]
+    chunk = (key, value, layer, token_start, segments)
+    return _encode_frames([chunk], geometry, profile, _scales(geometry, scales), basis)[0]
 
 
 def encode_layer(
@@ -241,8 +256,10 @@ def encode_layer(
     token_start: int = 0,
     total_tokens: int | None = None,
     scales: tuple[float, float] = (1.0, 1.0),
+    basis: bases_.Basis | None = None,
 ) -> list[bytes]:
-    """Frames for a layer's tokens ``[token_start, token_start + len(key))``, one per chunk.
+    """Frames for a layer's tokens ``[token_start, token_start + len(key))``, one per chunk (the
+    rest as `encode_chunk`).
 
     ``total_tokens`` (default: the end of this range) is the request's prompt length, from which
     token distances for the recent-token bit tiers are counted.
@@ -252,7 +269,7 @@ def encode_layer(
     for start, count in chunk_bounds(profile, token_start, key.shape[0]):
         rows = slice(start - token_start, start - token_start + count)
         chunks.append((key[rows], value[rows], layer, start, plan_segments(profile, layer, start, count, total)))
-    return _encode_frames(chunks, geometry, profile, _scales(geometry, scales))
+    return _encode_frames(chunks, geometry, profile, _scales(geometry, scales), basis)
 
 
 def _scales(geometry: KVGeometry, scales: tuple[float, float]) -> tuple[float, float]:
@@ -263,10 +280,10 @@ def _scales(geometry: KVGeometry, scales: tuple[float, float]) -> tuple[float, f
     return key, value
 
 
-def _frame_rotation(header: FrameHeader, geometry: KVGeometry, known: tuple[bases_.Basis, ...]) -> _Rotation:
+def _frame_rotation(header: FrameHeader, geometry: KVGeometry, bases: bases_.BasisRegistry) -> _Rotation:
     if not header.basis:
         return _Rotation(header.hadamard)
-    basis = bases_.find(header.basis, known)
+    basis = bases.get(header.basis)
     if basis is None:
         raise FrameError(
             f"the frame is coded in basis {header.basis:016x}, which this decoder does not have: give it the "
@@ -306,29 +323,34 @@ def _rans_part(arrays: list[torch.Tensor], header: FrameHeader, bits: int, shape
 
 
 def decode_frames(
-    frames: Sequence[bytes | bytearray | memoryview],
+    frames: Sequence[Frame | ParsedFrame],
     geometry: KVGeometry,
     *,
     device: torch.device | str = "cpu",
     expect_layer: int | None = None,
     expect_token_start: int | None = None,
-    bases: tuple[bases_.Basis, ...] = (),
+    bases: bases_.BasisRegistry | None = None,
     cache_scales: Callable[[int], tuple[float, float]] | None = None,
 ) -> list[DecodedChunk]:
-    """Decode frames to K and V on ``device``, the rANS lanes of all of them in one pass. ``bases``:
-    calibrated bases frames may name besides the shipped ones; ``cache_scales``: an fp8 cache's (key,
-    value) scales of a layer, which the values are stored for (default: the producer's, in each
-    frame). Raises FrameError on any bad byte of any frame, or a basis it does not have."""
+    """Decode frames to K and V on ``device``, the rANS lanes of all of them in one pass. Frames
+    come as bytes (read here) or read already (`read_frame`, where they entered). ``bases``: where
+    the calibrated bases frames name are found (default: the shipped ones); ``cache_scales``: an
+    fp8 cache's (key, value) scales of a layer, which the values are stored for (default: the
+    producer's, in each frame). Raises FrameError on any bad byte of any frame, a frame of another
+    model, or a basis it does not have."""
+    bases = bases or bases_.BasisRegistry()
     # per frame: its header, rotation, the scales its values are stored for, and per segment (K, V)
     # a tensor or a _RansPart
     parsed: list[tuple[FrameHeader, _Rotation, tuple[float, float], list[list[torch.Tensor | _RansPart]]]] = []
     pending: list[_RansPart] = []
-    for frame in frames:
-        header = parse_frame(frame, geometry, expect_layer, expect_token_start)
+    for item in frames:
+        frame = item if isinstance(item, ParsedFrame) else read_frame(item)
+        frame.check(geometry, expect_layer, expect_token_start)
+        header = frame.header
         stored_for = cache_scales(header.layer) if cache_scales else header.scales
-        shard = frame_geometry(header, geometry)
+        shard = frame.shard(geometry)
         rotation = _frame_rotation(header, shard, bases)
-        data = torch.frombuffer(bytearray(frame), dtype=torch.uint8).to(device)
+        data = torch.frombuffer(bytearray(frame.data), dtype=torch.uint8).to(device)
         segments = []
         for seg, slots in zip(header.segments, payload_arrays(header, shard)):
             arrays = [data[offset : offset + n] for offset, n in slots]
@@ -399,13 +421,13 @@ def _store(values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tens
 
 
 def decode_chunk(
-    frame: bytes | bytearray | memoryview,
+    frame: Frame | ParsedFrame,
     geometry: KVGeometry,
     *,
     device: torch.device | str = "cpu",
     expect_layer: int | None = None,
     expect_token_start: int | None = None,
-    bases: tuple[bases_.Basis, ...] = (),
+    bases: bases_.BasisRegistry | None = None,
 ) -> DecodedChunk:
     """Decode one frame to K and V on ``device`` (`decode_frames`). Raises FrameError on any bad byte."""
     return decode_frames(

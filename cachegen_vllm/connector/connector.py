@@ -107,27 +107,25 @@ class CacheGenConnector(KVConnectorBase_V1):
 
     # ---- worker side --------------------------------------------------------------------------
 
-    def _metadata(self) -> CacheGenMetadata | None:
-        if not self.has_connector_metadata():
-            return None
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, CacheGenMetadata)
-        return meta
-
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker.register_kv_caches(kv_caches, self._vllm_config)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """The step's start, before its forward pass (vLLM 0.32 starts loads after it)."""
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, CacheGenMetadata):
+            self.worker.begin_step(connector_metadata)
+
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        meta = self._metadata()
-        if meta is not None:
-            self.worker.save_kv_layer(layer_name, kv_layer, meta)
+        self.worker.save_kv_layer(layer_name)  # the bound cache: vLLM passes the registered tensor
 
     def wait_for_save(self) -> None:
         self.worker.wait_for_save()
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        meta = self._metadata()
-        if meta is not None:
+        if self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, CacheGenMetadata)
             self.worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:

@@ -1,12 +1,13 @@
 """Transfer metrics through vLLM's KVConnectorStats, exported on vLLM's /metrics.
 
-Workers count per event and sample per transfer; vLLM ships the stats to its logger process,
+Workers count per event and sample per transfer (`Counters`); vLLM ships the stats to its logger process,
 gathers them across workers and ranks (`aggregate`), logs a summary (`reduce`) and feeds
 Prometheus (`CacheGenPromMetrics`): ``vllm:cachegen_<counter>_total``, the histograms
 ``vllm:cachegen_<name>_seconds`` and ``vllm:cachegen_failures_total{kind=...}``."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,35 @@ class CacheGenStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
+
+
+class Counters:
+    """A worker's counters, gauges and samples since the last report (`take`), from any of its
+    threads: the forward pass's, the sealer, the transport's and the loads'."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = CacheGenStats()
+
+    def count(self, **amounts: float) -> None:
+        with self._lock:
+            self._stats.add(**amounts)
+
+    def gauge(self, **values: float) -> None:
+        with self._lock:
+            self._stats.gauge(**values)
+
+    def sample(self, **values: float) -> None:
+        with self._lock:
+            self._stats.sample(**values)
+
+    def take(self) -> CacheGenStats | None:
+        """What was counted since the last call, or None if nothing was."""
+        with self._lock:
+            if self._stats.is_empty():
+                return None
+            stats, self._stats = self._stats, CacheGenStats()
+        return stats
 
 
 class CacheGenPromMetrics(KVConnectorPromMetrics):

@@ -30,17 +30,10 @@ from vllm.v1.request import RequestStatus
 
 from cachegen_vllm.adaptation import should_recompute
 from cachegen_vllm.config import ConnectorConfig
-from cachegen_vllm.connector.metadata import (
-    CacheGenMetadata,
-    LoadRequest,
-    ParamsError,
-    RemoteDecode,
-    RemotePrefill,
-    SaveRequest,
-    new_transfer_id,
-)
+from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
 from cachegen_vllm.connector.metrics import CacheGenStats
 from cachegen_vllm.connector.ranks import Placement, rank_endpoint
+from cachegen_vllm.params import ParamsError, RemoteDecode, RemotePrefill, new_transfer_id
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks

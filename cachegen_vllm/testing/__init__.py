@@ -1,2 +1,2 @@
 """Helpers for the tests and benchmarks, not for serving: shaped network links between network
-namespaces (`netns`)."""
+namespaces (`netns`), free loopback ports (`ports`), prompts and how answers compare (`prompts`)."""

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from cachegen_vllm.codec.format import FrameError, check_integrity
+from cachegen_vllm.codec.format import FrameError, ParsedFrame, read_frame
 from cachegen_vllm.codec.profile import ConfigError
+from cachegen_vllm.params import MAX_TRANSFER_ID
 from cachegen_vllm.transport import protocol as P
 from cachegen_vllm.transport._io import HANDSHAKE_FAILURES, IOThread, log, secure_client
 from cachegen_vllm.transport.config import TransportConfig
@@ -42,8 +43,10 @@ class _Peer:
 
 
 class TransferStream:
-    """The frames of one transfer, in order. Iterate it (blocking, up to the deadline); use it as
-    a context manager so that an abandoned transfer is cancelled on both sides."""
+    """The frames of one transfer, in order, each read once as it arrived (`codec.read_frame`: its
+    checksum and header checked, the header kept with its bytes). Iterate it (blocking, up to the
+    deadline); use it as a context manager so that an abandoned transfer is cancelled on both
+    sides."""
 
     def __init__(
         self,
@@ -69,7 +72,7 @@ class TransferStream:
     def __iter__(self):
         return self
 
-    def __next__(self) -> bytes:
+    def __next__(self) -> ParsedFrame:
         if self._closed:
             raise StopIteration
         try:
@@ -83,7 +86,7 @@ class TransferStream:
         if isinstance(item, TransportError):
             self._closed = True
             raise item
-        self._consumer._unbuffer(len(item))
+        self._consumer._unbuffer(len(item.data))
         self._read += 1
         if self._read >= max(1, self._consumer.config.credit_frames // 2):
             credits, self._read = self._read, 0
@@ -132,8 +135,8 @@ class FrameConsumer(IOThread):
         ``reader`` = (i, n): this is reader i of the n that read the transfer (the producer keeps
         it until all n are done)."""
         tid = transfer_id.encode()
-        if not 0 < len(tid) <= P.MAX_TRANSFER_ID:
-            raise ValueError(f"transfer id must be 1..{P.MAX_TRANSFER_ID} bytes")
+        if not 0 < len(tid) <= MAX_TRANSFER_ID:
+            raise ValueError(f"transfer id must be 1..{MAX_TRANSFER_ID} bytes")
         if not 0 <= reader[0] < reader[1] <= 0xFFFF:
             raise ValueError(f"reader must be (i, n) with 0 <= i < n <= 65535; got {reader}")
         stream = TransferStream(self, endpoint, transfer_id, time.monotonic() + timeout_s, from_token, reader)
@@ -249,8 +252,8 @@ class FrameConsumer(IOThread):
                 item = stream._items.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, bytes):
-                self._unbuffer(len(item))
+            if isinstance(item, ParsedFrame):
+                self._unbuffer(len(item.data))
         if cancel:
             self._send(stream.endpoint, [P.CANC, stream._tid])
 
@@ -319,14 +322,14 @@ class FrameConsumer(IOThread):
                 self.stats["out_of_order"] += 1
                 return
             try:
-                check_integrity(frame)
+                parsed = read_frame(frame)
             except FrameError as e:
                 return self._fail(stream, CorruptFrame(f"frame {seq} of transfer {stream.transfer_id}: {e}"))
             stream._next_seq += 1
             stream.frames_received += 1
             stream.bytes_received += len(frame)
             self._unbuffer(-len(frame))
-            stream._items.put(frame)
+            stream._items.put(parsed)
         elif kind == P.END and len(parts) == 3 and len(parts[2]) == P.U32.size:
             if P.U32.unpack(parts[2])[0] != stream._next_seq:
                 return self._fail(

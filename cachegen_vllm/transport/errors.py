@@ -20,7 +20,7 @@ class PeerGone(TransportError):
 
 
 class CorruptFrame(TransportError):
-    """A frame failed its integrity check (length, magic, version or checksum)."""
+    """A frame failed to read: its length, checksum or a header field is wrong."""
 
     kind = "corrupt"
 

@@ -26,6 +26,7 @@ import zmq
 
 from cachegen_vllm.adaptation import Ewma
 from cachegen_vllm.codec.format import frame_tokens
+from cachegen_vllm.params import MAX_TRANSFER_ID
 from cachegen_vllm.transport import protocol as P
 from cachegen_vllm.transport._io import (
     HANDSHAKE_FAILURES,
@@ -40,7 +41,8 @@ from cachegen_vllm.transport.errors import BufferFull, TransferRefused
 TOMBSTONES = 4096  # ended transfers remembered, so a late PULL is refused instead of parked
 PROBE = 1.1  # the goodput estimate's rise per credit that came while no reader waited for one
 # at most this many times the measured goodput: enough to go down the whole ladder (raw to the
-# basis profile is 6x in size); unbounded, a prefill slower than the link raised it without end
+# basis profile is 6x in size); where a prefill is slower than the link nothing ever waits, and
+# the estimate would rise without bound
 PROBE_MAX = 8.0
 
 
@@ -271,7 +273,7 @@ class FrameProducer(IOThread):
             else:
                 self._send(consumer, [P.BERR, args[0], f"no basis {P.U64.unpack(args[0])[0]:016x} here".encode()])
             return
-        if not args or not 0 < len(args[0]) <= P.MAX_TRANSFER_ID:
+        if not args or not 0 < len(args[0]) <= MAX_TRANSFER_ID:
             return self._malformed(f"{kind[:8]!r} without a valid transfer id")
         tid = args[0]
         if kind == P.PULL and len(args) == 2 and len(args[1]) == P.PULL_ARGS.size:

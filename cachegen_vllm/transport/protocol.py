@@ -33,7 +33,6 @@ U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 ERR_CODE = struct.Struct("<B")
 
-MAX_TRANSFER_ID = 128  # bytes
 MAX_CONTROL_MESSAGE = 1024  # bytes of any part a producer accepts: consumers send only control
 
 # How a transfer ended; sent as ERR codes (COMPLETED is only recorded, never sent).

@@ -1,13 +1,12 @@
 """A calibrated basis for whatever model a producer serves, with no manual step: a profile whose
-`basis` is ``"auto"`` gets one fitted to the model at start-up, by `cachegen-vllm basis` in a
-process of its own (a few forward passes of the checkpoint with transformers, on the CPU, over a
-built-in text; its memory is gone when it exits), and cached on disk under the checkpoint's
-identity, so that a restart, or another rank, reuses it. The producer then serves the file to
-any decode whose frames name a basis it lacks (`FrameProducer.publish_basis`).
+`basis` is ``"auto"`` gets one fitted to the model at start-up, by ``python -m
+cachegen_vllm.fitting`` in a process of its own (a few forward passes of the checkpoint with
+transformers, on the CPU, over a built-in text; its memory is gone when it exits), and cached on
+disk under the checkpoint's identity, so that a restart, or another rank, reuses it. The producer
+then serves the file to any decode whose frames name a basis it lacks.
 
-What the fit measures and why (the metric of the queries for keys, of the output projection for
-values): `codec.basis`. It needs Llama-style attention modules (q_proj, o_proj, rotary
-embeddings), as transformers writes Llama, Qwen2 and Mistral.
+What the fit measures and why: `codec.basis`. It needs Llama-style attention modules (q_proj,
+o_proj, rotary embeddings), as transformers writes Llama, Qwen2 and Mistral.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ import xxhash
 from cachegen_vllm.codec.profile import AUTO_BASIS, ConfigError, Profile
 from cachegen_vllm.config import cache_dir
 
-# The built-in text's windows (the CPython language reference, `cachegen_vllm.quality`), between
-# the quality windows: a fit of 8 x 1,024 tokens.
+# The built-in text's windows (the CPython language reference), between the quality windows: a
+# fit of 8 x 1,024 tokens.
 WINDOWS = 8
 CONTEXT_TOKENS = 1024
 FIT = f"fit-v1 windows={WINDOWS} context={CONTEXT_TOKENS}"  # a change of the procedure refits
@@ -47,10 +46,15 @@ def basis_path(model: str, chunk_tokens: int, skip_tokens: int) -> Path:
     return cache_dir() / "bases" / f"{Path(model).name}-{key}.safetensors"
 
 
+def fitted_bases() -> list[Path]:
+    """The bases fitted on this machine so far."""
+    return sorted((cache_dir() / "bases").glob("*.safetensors"))
+
+
 def fit(model: str, chunk_tokens: int, skip_tokens: int, log=print) -> Path:
-    """The cached basis of ``model`` for these settings, fitted now if it is not cached yet
-    (``cachegen-vllm basis``, on the CPU; RuntimeError with its output if that fails). One process
-    fits at a time: the tensor-parallel ranks of a producer wait for the first and read its file."""
+    """The cached basis of ``model`` for these settings, fitted now if it is not cached yet (on the
+    CPU; RuntimeError with the fit's output if it fails). One process fits at a time: the
+    tensor-parallel ranks of a producer wait for the first and read its file."""
     path = basis_path(model, chunk_tokens, skip_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
@@ -58,7 +62,7 @@ def fit(model: str, chunk_tokens: int, skip_tokens: int, log=print) -> Path:
         if path.is_file():
             return path
         partial = path.with_suffix(f".{os.getpid()}.partial")
-        argv = [sys.executable, "-m", "cachegen_vllm.cli", "basis", str(model), "--out", str(partial)]
+        argv = [sys.executable, "-m", "cachegen_vllm.fitting", str(model), "--out", str(partial)]  # __main__.py
         argv += ["--windows", str(WINDOWS), "--context-tokens", str(CONTEXT_TOKENS)]
         argv += ["--chunk-tokens", str(chunk_tokens), "--skip-tokens", str(skip_tokens)]
         log(f"fitting a basis for {Path(model).name} (once; cached in {path.parent})")

@@ -17,8 +17,15 @@ import time
 from pathlib import Path
 
 from cachegen_vllm.config import cache_dir
-from cachegen_vllm.launch import cachegen_counters, kv_transfer_config, start_instance, stop_all, wait_healthy, warm_up
-from cachegen_vllm.model import ensure_default_model
+from cachegen_vllm.offline.model import ensure_default_model
+from cachegen_vllm.serving.launch import (
+    cachegen_counters,
+    kv_transfer_config,
+    start_instance,
+    stop_all,
+    wait_healthy,
+    warm_up,
+)
 
 
 def _cores(role: str) -> str:
@@ -81,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 [
                     sys.executable,
                     "-m",
-                    "cachegen_vllm.cli",
-                    "proxy",
+                    "cachegen_vllm.serving.proxy",
                     "--prefill",
                     prefill_url,
                     "--decode",

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 
-from cachegen_vllm.codec import KV, KVGeometry, decode_frames, encode_layer, parse_frame
-from cachegen_vllm.codec import basis as bases
-from cachegen_vllm.codec.format import CHECKSUM, HEADER, SEGMENT, HeaderFields, frame_geometry, tensor_arrays
-from cachegen_vllm.codec.geometry import DTYPE_CODES, DTYPES
+from cachegen_vllm.codec import KV, FrameError, KVGeometry, ParsedFrame, decode_frames, encode_layer, read_frame
+from cachegen_vllm.codec.basis import Basis, BasisRegistry, load
+from cachegen_vllm.codec.format import CHECKSUM, HEADER, SEGMENT, HeaderFields, tensor_arrays
+from cachegen_vllm.codec.geometry import DTYPE_CODES
 from cachegen_vllm.codec.profile import AUTO_BASIS, EXACT_BITS, LOSSLESS_BITS, Profile
-from cachegen_vllm.config import cache_dir
-from cachegen_vllm.connector import autobasis
+from cachegen_vllm.fitting import auto as autobasis
 from cachegen_vllm.paged import FP8_CACHE_DTYPES
 
 KV_KIND = "cachegen-vllm kv 1"
@@ -113,11 +112,12 @@ def encode(
         if model is None:
             raise KVFileError('--model: the profile\'s basis is "auto": give the checkpoint the KV comes from')
         profile = autobasis.resolve(profile, str(model))
-    profile.check_geometry(geometry.num_layers, geometry.head_dim, geometry.num_kv_heads)
+    profile.check_geometry(geometry.num_layers)
+    basis = BasisRegistry().for_profile(profile, geometry)
     return [
         f
         for layer, (k, v) in enumerate(kv)
-        for f in encode_layer(k, v, geometry=geometry, profile=profile, layer=layer)
+        for f in encode_layer(k, v, geometry=geometry, profile=profile, layer=layer, basis=basis)
     ]
 
 
@@ -129,9 +129,9 @@ def save_frames(path: Path, model: str, frames: list[bytes]) -> None:
             out.write(frame)
 
 
-def load_frames(path: Path) -> tuple[str, list[memoryview]]:
-    """The model's name and the frames of a frames file, cut by each frame's own length (checked
-    whole by `parse_frame` when decoded). KVFileError naming the byte where it goes wrong."""
+def load_frames(path: Path) -> tuple[str, list[ParsedFrame]]:
+    """The model's name and the frames of a frames file, cut by each frame's own length and read
+    (`codec.read_frame`). KVFileError naming the byte where it goes wrong."""
     data = memoryview(Path(path).read_bytes())
     if len(data) < PREAMBLE.size:
         raise KVFileError(f"{path}: {len(data)} bytes, shorter than a frames file's preamble")
@@ -147,35 +147,32 @@ def load_frames(path: Path) -> tuple[str, list[memoryview]]:
         size = HeaderFields.unpack(data[at:]).frame_bytes
         if size < HEADER.size or at + size > len(data):
             raise KVFileError(f"{path}: byte {at}: a frame of {size} bytes does not fit in the file")
-        frames.append(data[at : at + size])
+        try:
+            frames.append(read_frame(data[at : at + size]))
+        except FrameError as e:
+            raise KVFileError(f"{path}: byte {at}: {e}") from None
         at += size
     return model, frames
 
 
-def frames_geometry(model: str, frame: memoryview) -> KVGeometry:
-    """The model's geometry as a frame's header says it (checked when the frames are parsed)."""
-    h = HeaderFields.unpack(frame)
-    if h.dtype not in DTYPES:
-        raise KVFileError(f"frame dtype code {h.dtype} is none of {sorted(DTYPES)}")
-    return KVGeometry(h.num_layers, h.num_kv_heads, h.head_dim, DTYPES[h.dtype], model=model)
-
-
-def fitted_bases() -> tuple[bases.Basis, ...]:
-    """The bases `"auto"` profiles fitted on this machine (connector/autobasis.py's cache)."""
-    return tuple(bases.load(str(p)) for p in sorted((cache_dir() / "bases").glob("*.safetensors")))
+def frames_geometry(model: str, frame: ParsedFrame) -> KVGeometry:
+    """The model's geometry as a frame says it, with the model's name: what its frames are checked
+    against."""
+    layers, heads, head_dim, dtype = frame.model_shape
+    return KVGeometry(layers, heads, head_dim, dtype, model=model)
 
 
 def decode(
-    model: str, frames: list[memoryview], known: tuple[bases.Basis, ...] = ()
+    model: str, frames: list[ParsedFrame], known: tuple[Basis, ...] = ()
 ) -> tuple[KVGeometry, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Every layer's K and V from a frames file's frames (all tokens from 0, every layer); frames
     may be coded in ``known`` bases, the shipped ones or those fitted here."""
     if not frames:
         raise KVFileError("the file holds no frames")
-    known = (*known, *fitted_bases())
+    bases = BasisRegistry(*known, *(load(str(p)) for p in autobasis.fitted_bases()))
     geometry = frames_geometry(model, frames[0])
     chunks: dict[int, list] = defaultdict(list)
-    for chunk in decode_frames(frames, geometry, bases=known):
+    for chunk in decode_frames(frames, geometry, bases=bases):
         chunks[chunk.layer].append(chunk)
     kv = []
     for layer in range(geometry.num_layers):
@@ -197,15 +194,13 @@ PARTS = {
 }
 
 
-def parts(model: str, frames: list[memoryview]) -> dict[str, int]:
+def parts(model: str, frames: list[ParsedFrame]) -> dict[str, int]:
     """Bytes of the frames by part: headers (with segment tables), each kind of array of K and of
     V, alignment padding and checksums. The parts add up to the frames' bytes."""
     out: dict[str, int] = defaultdict(int)
-    geometry = frames_geometry(model, frames[0]) if frames else None
     for frame in frames:
-        assert geometry is not None
-        header = parse_frame(frame, geometry)
-        shard = frame_geometry(header, geometry)
+        header = frame.header
+        shard = frame.shard(frames_geometry(model, frame))
         out["headers"] += HEADER.size + SEGMENT.size * len(header.segments)
         used = HEADER.size + SEGMENT.size * len(header.segments) + CHECKSUM.size
         for seg, sizes in zip(header.segments, tensor_arrays(header, shard)):
@@ -216,5 +211,5 @@ def parts(model: str, frames: list[memoryview]) -> dict[str, int]:
                     out[f"{tensor.name.lower()} {role}"] += n
                     used += n
         out["checksums"] += CHECKSUM.size
-        out["padding"] += len(frame) - used
+        out["padding"] += len(frame.data) - used
     return dict(out)

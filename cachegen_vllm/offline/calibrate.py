@@ -25,13 +25,12 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 import xxhash
 
-from cachegen_vllm.codec.basis import Basis, fit
+from cachegen_vllm.codec.basis import BasisRegistry
 from cachegen_vllm.codec.basis import load as load_basis
 from cachegen_vllm.codec.profile import EXACT_BITS, MAX_BASIS_BITS, LayerBits, Profile
-from cachegen_vllm.quality import Harness, QualityResult
+from cachegen_vllm.offline.quality import Harness, QualityResult
 
 PROBE_BITS = 3
 PROBES = 4  # per layer: keys and values, each at PROBE_BITS and one bit less
@@ -51,9 +50,8 @@ class Calibration:
 
 def _isolated(base: Profile, layer: int, tensor: str, bits: int) -> Profile:
     """Only one tensor of one layer quantized, with the base's sink and recent tiers as the
-    calibrated profile will have them. (Probes once dropped the tiers: quantizing the attention
-    sinks made the probes of a basis profile add up to 6.7x the KL of all tensors quantized together,
-    and the allocation spent bits against that.)"""
+    calibrated profile will have them: a probe that quantized the attention sinks would measure
+    damage the profile never does, and the allocation would spend bits against it."""
     key, value = (bits, EXACT_BITS) if tensor == "key" else (EXACT_BITS, bits)
     return replace(
         base,
@@ -250,14 +248,15 @@ def run(
     from tqdm import tqdm
 
     from cachegen_vllm.config import load_profile
-    from cachegen_vllm.connector import autobasis
+    from cachegen_vllm.fitting import auto as autobasis
 
     if not (target_dnll > 0 and math.isfinite(target_dnll)):
         raise ValueError(f"--target-dnll must be a positive number of nats/token, got {target_dnll}")
     base = autobasis.resolve(load_profile(base_name), str(model_dir))  # "auto": this model's fitted basis
     corpus = text.read_text() if text else None
     harness = Harness(model_dir, windows, context_tokens, continuation_tokens, 0, corpus=corpus)
-    base.check_geometry(harness.geometry.num_layers, harness.geometry.head_dim, harness.geometry.num_kv_heads)
+    base.check_geometry(harness.geometry.num_layers)
+    BasisRegistry().for_profile(base, harness.geometry)
     with tqdm(total=PROBES * harness.geometry.num_layers, desc="layer sensitivity", unit="probe") as bar:
         calibration = calibrate(
             harness,
@@ -275,56 +274,3 @@ def run(
     out.write_text(profile_toml(calibration, base_name, sample, out.parent))
     load_profile(out)  # what was written must load: a ConfigError here is a calibration bug, not the user's
     return calibration
-
-
-@torch.inference_mode()
-def basis_statistics(harness: Harness, chunk_tokens: int, skip_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What `codec.basis.fit` needs, float64 [layers, 2, kv heads, dim, dim] each, from the
-    harness's windows: the covariance of K and V (centred per chunk of ``chunk_tokens``, as the
-    quantizer centres them; the first ``skip_tokens``, sent exact, left out), and the metric: the
-    second moment of the queries of each KV head's query heads (after RoPE) for keys, the Gram
-    matrix of its columns of the output projection for values. Llama-style attention modules
-    (q_proj, o_proj, rotary embeddings passed in) as transformers writes them."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    g = harness.geometry
-    shape = (g.num_layers, 2, g.num_kv_heads, g.head_dim, g.head_dim)
-    covariance, metric = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
-    for kv in harness.exact_kv:
-        for layer, tensors in enumerate(kv):
-            for t, x in enumerate(tensors):
-                for chunk in x[skip_tokens:].double().split(chunk_tokens):
-                    centred = chunk - chunk.mean(0)
-                    covariance[layer, t] += torch.einsum("thd,the->hde", centred, centred)
-
-    attention = [block.self_attn for block in harness.model.model.layers]
-
-    def queries(layer: int):
-        def hook(module, args, kwargs):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            cos, sin = kwargs["position_embeddings"]
-            q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, g.head_dim).transpose(1, 2)
-            q, _ = apply_rotary_pos_emb(q, q, cos, sin)
-            q = q[0].double().reshape(g.num_kv_heads, -1, g.head_dim)  # a KV head's query heads are consecutive
-            metric[layer, 0] += q.mT @ q
-
-        return hook
-
-    hooks = [a.register_forward_pre_hook(queries(i), with_kwargs=True) for i, a in enumerate(attention)]
-    try:
-        for window in harness.windows:
-            harness.model(window[: harness.context_tokens - 1][None])
-    finally:
-        for h in hooks:
-            h.remove()
-    for layer, a in enumerate(attention):
-        columns = a.o_proj.weight.double().view(
-            -1, g.num_kv_heads, a.o_proj.weight.shape[1] // g.num_kv_heads // g.head_dim, g.head_dim
-        )
-        metric[layer, 1] = torch.einsum("ohgd,ohge->hde", columns, columns)
-    return covariance, metric
-
-
-def fit_basis(harness: Harness, chunk_tokens: int, skip_tokens: int) -> Basis:
-    """The calibrated basis (codec/basis.py) of the harness's model on its windows."""
-    return fit(*basis_statistics(harness, chunk_tokens, skip_tokens))

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,36 +15,6 @@ import urllib.request
 from pathlib import Path
 
 WARMUP_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports (a producer with tensor parallelism
-    binds one per rank)."""
-    for base in range(21000, 32000, count):
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
-
-
-def document_prompt(index: int, tokens: int) -> list[int]:
-    """``tokens`` token ids of English text (Python's documentation) for the embedded model, from a
-    place that differs with ``index``."""
-    from pydoc_data.topics import topics
-
-    from transformers import AutoTokenizer
-
-    from cachegen_vllm.model import ensure_default_model
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))[index * 20000 + 5000 :]
-    ids = AutoTokenizer.from_pretrained(str(ensure_default_model()))(text).input_ids[:tokens]
-    if len(ids) < tokens:
-        raise ValueError(f"document_prompt: index {index} leaves {len(ids)} tokens of text, not {tokens}")
-    return ids
 
 
 def kv_transfer_config(role: str, extra: dict, policy: str = "recompute") -> dict:
@@ -156,12 +125,6 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
             p.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
-
-
-def common_prefix(a: str, b: str) -> float:
-    """How much of two answers agrees before their first difference, as a share of the longer."""
-    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return same / max(len(a), len(b), 1)
 
 
 def vllm_metric(url: str, name: str) -> float:

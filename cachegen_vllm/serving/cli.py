@@ -7,14 +7,14 @@ from pathlib import Path
 
 
 def _model(args) -> None:
-    from cachegen_vllm.model import ensure_default_model
+    from cachegen_vllm.offline.model import ensure_default_model
 
     print(ensure_default_model(args.target))
 
 
 def _quality(args) -> None:
-    from cachegen_vllm.model import ensure_default_model
-    from cachegen_vllm.quality import run
+    from cachegen_vllm.offline.model import ensure_default_model
+    from cachegen_vllm.offline.quality import run
 
     model_dir = args.model or ensure_default_model()
     run(
@@ -29,8 +29,8 @@ def _quality(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from cachegen_vllm.calibrate import run
-    from cachegen_vllm.model import ensure_default_model
+    from cachegen_vllm.offline.calibrate import run
+    from cachegen_vllm.offline.model import ensure_default_model
 
     model_dir = args.model or ensure_default_model()
     calibration = run(
@@ -52,34 +52,8 @@ def _calibrate(args) -> None:
     )
 
 
-def _basis(args) -> None:
-    from cachegen_vllm.calibrate import fit_basis
-    from cachegen_vllm.codec.basis import save
-    from cachegen_vllm.model import ensure_default_model
-    from cachegen_vllm.quality import Harness
-
-    model_dir = Path(args.model or ensure_default_model())
-    harness = Harness(
-        model_dir,
-        args.windows,
-        args.context_tokens,
-        1,
-        0,
-        corpus=args.text.read_text() if args.text else None,
-        offset=args.offset,
-    )
-    basis = fit_basis(harness, args.chunk_tokens, args.skip_tokens)
-    sample = (
-        f"{args.windows} windows of {args.context_tokens} tokens of "
-        + (args.text.name if args.text else "the CPython language reference")
-        + f", moved {args.offset} tokens on"
-    )
-    save(basis, args.out, {"model": model_dir.name, "sample": sample, "chunk_tokens": str(args.chunk_tokens)})
-    print(f"{args.out}: basis {basis.digest:016x} for (layers, kv heads, head dim) {basis.shape}, fitted on {sample}")
-
-
 def _kv_extract(args) -> None:
-    from cachegen_vllm import kvfile
+    from cachegen_vllm.offline import kvfile
 
     geometry, kv = kvfile.extract(args.model, args.text.read_text(), kvfile.CACHE_DTYPES[args.dtype], args.tokens)
     kvfile.save_kv(args.out, geometry, kv)
@@ -87,8 +61,8 @@ def _kv_extract(args) -> None:
 
 
 def _kv_encode(args) -> None:
-    from cachegen_vllm import kvfile
     from cachegen_vllm.config import load_profile
+    from cachegen_vllm.offline import kvfile
 
     geometry, kv = kvfile.load_kv(args.kv)
     frames = kvfile.encode(geometry, kv, load_profile(args.profile), args.model)
@@ -99,8 +73,8 @@ def _kv_encode(args) -> None:
 
 
 def _kv_decode(args) -> None:
-    from cachegen_vllm import kvfile
     from cachegen_vllm.codec.basis import load
+    from cachegen_vllm.offline import kvfile
 
     model, frames = kvfile.load_frames(args.frames)
     geometry, kv = kvfile.decode(model, frames, tuple(load(str(p)) for p in args.basis))
@@ -109,12 +83,12 @@ def _kv_decode(args) -> None:
 
 
 def _kv_inspect(args) -> None:
-    from cachegen_vllm import kvfile
+    from cachegen_vllm.offline import kvfile
 
     if args.file.read_bytes()[:4] == kvfile.FRAMES_MAGIC:
         model, frames = kvfile.load_frames(args.file)
         geometry = kvfile.frames_geometry(model, frames[0])
-        total = sum(map(len, frames))
+        total = sum(len(f.data) for f in frames)
         print(f"{args.file}: {len(frames)} frames of {geometry}, {total} bytes")
         for part, n in sorted(kvfile.parts(model, frames).items(), key=lambda kv: -kv[1]):
             print(f"  {part:<26}{n:>12} bytes {100 * n / total:6.2f}%")
@@ -179,31 +153,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.set_defaults(run=_calibrate)
 
-    p = sub.add_parser(
-        "basis", help='fit a calibrated per-head basis for rotation = "basis" profiles; writes a .safetensors file'
-    )
-    p.add_argument("model", type=Path, nargs="?", help="a Hugging Face model directory (default: the embedded model)")
-    p.add_argument("--text", type=Path, help="a UTF-8 sample text (default: the CPython language reference)")
-    p.add_argument("--out", type=Path, required=True, help="the basis file to write (a profile names it in `basis`)")
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument(
-        "--context-tokens", type=int, default=1151, help="tokens per window (+1, the harness's continuation)"
-    )
-    p.add_argument(
-        "--offset",
-        type=int,
-        default=1152,
-        help="tokens each window is moved on: the defaults fit on the text "
-        "between the quality windows (`cachegen-vllm quality`: 16 windows of 1024+128 tokens), never on them",
-    )
-    p.add_argument(
-        "--chunk-tokens", type=int, default=256, help="the profiles' chunk: the covariance is centred per chunk"
-    )
-    p.add_argument(
-        "--skip-tokens", type=int, default=4, help="leading tokens the profiles send exact (attention sinks)"
-    )
-    p.set_defaults(run=_basis)
-
     p = sub.add_parser("kv", help="offline KV tools: extract a model's KV, encode, decode, inspect files")
     kv = p.add_subparsers(dest="kv_command", required=True)
     q = kv.add_parser("extract", help="the KV cache a serving engine holds after a prefill of a text")
@@ -230,15 +179,29 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("file", type=Path)
     q.set_defaults(run=_kv_inspect)
 
-    # These two parse their own options.
+    # These parse their own options.
+    sub.add_parser(
+        "basis",
+        help='fit a calibrated per-head basis for rotation = "basis" profiles; writes a .safetensors file',
+        add_help=False,
+    )
     sub.add_parser("proxy", help="OpenAI-compatible front end for prefill + decode instances", add_help=False)
     sub.add_parser("demo", help="the main job: local prefill + decode + proxy answering real requests", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("proxy", "demo"):
-        from importlib import import_module
+    if args.command == "basis":
+        from cachegen_vllm.fitting.__main__ import main as fit_main
+        from cachegen_vllm.offline.model import ensure_default_model
 
-        return import_module(f"cachegen_vllm.{args.command}").main(rest)
+        return fit_main(rest, prog="cachegen-vllm basis", default_model=ensure_default_model)
+    if args.command == "proxy":
+        from cachegen_vllm.serving.proxy import main as proxy_main
+
+        return proxy_main(rest)
+    if args.command == "demo":
+        from cachegen_vllm.serving.demo import main as demo_main
+
+        return demo_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.run(args)

@@ -14,8 +14,7 @@ Reported per profile, averaged over windows:
 - greedy match: the fraction of a greedy continuation that matches the exact-KV one before the
   first divergence (so 1.0 means the same text).
 
-The texts are the Python language reference shipped with CPython (``pydoc_data.topics``): long
-technical English that every machine has, so results repeat anywhere without a download.
+The windows, the model and its exact KV: `cachegen_vllm.fitting.sample`.
 """
 
 from __future__ import annotations
@@ -29,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from cachegen_vllm.codec import KVGeometry, decode_frames, encode_layer
-from cachegen_vllm.codec.basis import load as load_basis
+from cachegen_vllm.codec import decode_frames, encode_layer
+from cachegen_vllm.codec.basis import BasisRegistry
 from cachegen_vllm.codec.profile import Profile
 from cachegen_vllm.config import load_profile
-from cachegen_vllm.connector import autobasis
+from cachegen_vllm.fitting import auto as autobasis
+from cachegen_vllm.fitting.sample import ModelSample
 
 
 @dataclass
@@ -49,27 +49,9 @@ class QualityResult:
     greedy_match: float  # nan when no greedy tokens were asked for
 
 
-def load_windows(tokenizer, count: int, length: int, corpus: str | None = None, offset: int = 0) -> list[torch.Tensor]:
-    """``count`` non-overlapping token windows of ``length``, spread over ``corpus`` (default: the
-    Python language reference), each moved ``offset`` tokens on: with an offset of at least
-    ``length`` (and a stride that leaves room), windows between those of offset 0, e.g. to fit a
-    basis on text the quality windows do not hold."""
-    if corpus is None:
-        from pydoc_data.topics import topics
-
-        corpus = "\n\n".join(topics[name] for name in sorted(topics))
-    ids = torch.tensor(tokenizer(corpus).input_ids)
-    available = len(ids) // length
-    if available < count:
-        raise ValueError(f"the corpus holds {available} windows of {length} tokens, {count} asked for")
-    stride = available // count  # spread the windows over the whole reference
-    if offset + ((count - 1) * stride + 1) * length > len(ids):
-        raise ValueError(f"windows moved {offset} tokens on run past the corpus's {len(ids)} tokens")
-    return [ids[i * stride * length + offset : (i * stride + 1) * length + offset] for i in range(count)]
-
-
-class Harness:
-    """A transformers model plus the exact-KV baseline for a set of windows."""
+class Harness(ModelSample):
+    """The model's sample plus the exact-KV baseline of each window: what compressed KV is scored
+    against."""
 
     def __init__(
         self,
@@ -81,31 +63,9 @@ class Harness:
         corpus: str | None = None,
         offset: int = 0,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        cfg = self.model.config
-        self.geometry = KVGeometry(
-            cfg.num_hidden_layers,
-            cfg.num_key_value_heads,
-            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-            torch.bfloat16,
-            model=Path(model_dir).name,
-        )
-        self.context_tokens, self.greedy_tokens = context_tokens, greedy_tokens
-        self.windows = load_windows(self.tokenizer, windows, context_tokens + continuation_tokens, corpus, offset)
-        self.exact_kv = [self._prefill(w[: context_tokens - 1]) for w in self.windows]
+        super().__init__(model_dir, windows, context_tokens, continuation_tokens, corpus, offset)
+        self.greedy_tokens = greedy_tokens
         self.baseline = [self._score(kv, w) for kv, w in zip(self.exact_kv, self.windows)]
-
-    @torch.inference_mode()
-    def _prefill(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        cache = self.model(ids[None], use_cache=True).past_key_values
-        # [1, heads, tokens, dim] -> [tokens, heads, dim], rounded to bf16 like vLLM's cache
-        return [
-            (layer.keys[0].transpose(0, 1).bfloat16(), layer.values[0].transpose(0, 1).bfloat16())
-            for layer in cache.layers
-        ]
 
     def _cache(self, kv):
         from transformers import DynamicCache
@@ -133,16 +93,17 @@ class Harness:
     def roundtrip(self, profile: Profile, kv):
         """KV after encode + decode, and the bytes the frames took."""
         out, nbytes = [], 0
-        bases = (load_basis(profile.basis),) if profile.basis else ()
+        bases = BasisRegistry()
+        basis = bases.for_profile(profile, self.geometry)
         for layer, (k, v) in enumerate(kv):
-            frames = encode_layer(k, v, geometry=self.geometry, profile=profile, layer=layer)
+            frames = encode_layer(k, v, geometry=self.geometry, profile=profile, layer=layer, basis=basis)
             nbytes += sum(len(f) for f in frames)
             chunks = decode_frames(frames, self.geometry, bases=bases)
             out.append((torch.cat([c.key for c in chunks]), torch.cat([c.value for c in chunks])))
         return out, nbytes
 
     def evaluate(self, profile: Profile) -> QualityResult:
-        profile.check_geometry(self.geometry.num_layers, self.geometry.head_dim, self.geometry.num_kv_heads)
+        profile.check_geometry(self.geometry.num_layers)
         total_bytes = elements = 0
         dnll, kl, top1, greedy = [], [], [], []
         for kv, window, (base_nll, base_logprobs, base_greedy) in zip(self.exact_kv, self.windows, self.baseline):

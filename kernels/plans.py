@@ -16,14 +16,13 @@ import numpy as np
 import torch
 
 from cachegen_vllm.codec.allocation import chunk_bounds, covering_token_counts, plan_segments
-from cachegen_vllm.codec.format import FrameHeader, frame_nbytes, parse_frame, seal_frame
+from cachegen_vllm.codec.format import FrameHeader, ParsedFrame, frame_nbytes, seal_frame
 from cachegen_vllm.codec.geometry import KV, KVGeometry
 from cachegen_vllm.codec.profile import Profile
 from cachegen_vllm.device import Runtime
-from cachegen_vllm.kernels.paged_codec import decode_tiles, encode_tiles, kernel_constants
+from cachegen_vllm.kernels.tile_kernels import decode_tiles, encode_tiles, kernel_constants
 from cachegen_vllm.kernels.tiles import TensorField, frame_slots, frame_tiles, tensor_column
 
-Frame = bytes | bytearray | memoryview
 # Tiles grouped by (key bits, value bits), one launch and one compiled kernel each: the widths,
 # the frame of each tile, and the tiles on the device.
 Launch = tuple[tuple[int, int], list[int], torch.Tensor]
@@ -68,7 +67,7 @@ def plan_encode(
     work on the current stream (``runtime``: how host arrays get there; default plain copies)."""
     if profile.coding != "packed":
         raise ValueError(
-            f"coding {profile.coding!r}: the kernels code 'packed' frames (paged.start_encode routes the rest)"
+            f"coding {profile.coding!r}: the kernels code 'packed' frames (PagedCaches.start_encode routes the rest)"
         )
     headers, bases, size, launches = _encode_layout(
         geometry, profile, layer, token_start, count, total_tokens, device, runtime or Runtime(device)
@@ -183,17 +182,18 @@ class DecodePlan:
 
 
 def plan_decode(
-    frames: list[Frame], geometry: KVGeometry, device: torch.device, runtime: Runtime | None = None
+    frames: list[ParsedFrame], geometry: KVGeometry, device: torch.device, runtime: Runtime | None = None
 ) -> DecodePlan:
-    """Validate frames (`FrameError` on any bad byte, before anything is written) and copy them to
-    the device, grouped by layer and format flags, on the current stream (``runtime``: how)."""
-    headers = [parse_frame(frame, geometry) for frame in frames]
+    """Check frames read where they entered against the model (`FrameError` before anything is
+    written) and copy them to the device, grouped by layer and format flags, on the current stream
+    (``runtime``: how)."""
+    for frame in frames:
+        frame.check(geometry)
+    headers = [frame.header for frame in frames]
     if any(h.coding != "packed" for h in headers):
-        raise ValueError("the kernels decode 'packed' frames only (paged.decode_frames_into_blocks routes the rest)")
+        raise ValueError("the kernels decode 'packed' frames only (PagedCaches.decode routes the rest)")
     if any((h.head_start, h.head_count) != (geometry.head_start, geometry.num_kv_heads) for h in headers):
-        raise ValueError(
-            "the kernels decode frames of the cache's own heads only (paged.decode_frames_into_blocks routes the rest)"
-        )
+        raise ValueError("the kernels decode frames of the cache's own heads only (PagedCaches.decode routes the rest)")
     runtime = runtime or Runtime(device)
     groups: dict[tuple, list[int]] = {}
     for i, h in enumerate(headers):
@@ -201,7 +201,7 @@ def plan_decode(
     launches = []
     for (layer, group_tokens, value_axis, hadamard), members in groups.items():
         bases, size = frame_slots([headers[i] for i in members], geometry)
-        buffer = runtime.stage([(base, frames[i]) for i, base in zip(members, bases)], size)
+        buffer = runtime.stage([(base, frames[i].data) for i, base in zip(members, bases)], size)
         tiles = [(i, t) for i, base in zip(members, bases) for t in frame_tiles(headers[i], geometry, base)]
         launches.append(
             (
@@ -231,7 +231,7 @@ def launch_decode(
 
 
 def decode_frames_paged(
-    frames: list[Frame],
+    frames: list[ParsedFrame],
     caches: Mapping[int, torch.Tensor],
     block_table: torch.Tensor,
     *,
@@ -240,7 +240,7 @@ def decode_frames_paged(
     write_end: int = 1 << 62,
     runtime: Runtime | None = None,
 ) -> list[FrameHeader]:
-    """Validate and decode frames into the request's blocks, on the current stream; returns their
+    """Check and decode frames into the request's blocks, on the current stream; returns their
     headers. ``runtime``: how frames reach the device (default: plain copies)."""
     device = next(iter(caches.values())).device
     plan = plan_decode(frames, geometry, device, runtime)

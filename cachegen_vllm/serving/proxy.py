@@ -27,23 +27,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
-import uuid
 from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-log = logging.getLogger("cachegen_vllm.proxy")
+from cachegen_vllm.params import ParamsError, RemoteDecode, RemotePrefill, new_transfer_id
+
+log = logging.getLogger("cachegen_vllm.serving.proxy")
 
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "content-encoding"}
-# what a decode needs of a prefill's params, learnt from its answers: where its KV waits (a change
-# means the decode leg went to the wrong place), and the producer's latest link estimate
-WHERE = ("producer", "producer_tp")
-PRODUCER_PARAMS = (*WHERE, "kv_tokens_per_s")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -80,7 +78,8 @@ def create_app(
     prefills = itertools.cycle([u.rstrip("/") for u in prefill_urls])
     decodes = itertools.cycle([u.rstrip("/") for u in decode_urls])
     clients: dict[str, httpx.AsyncClient] = {}
-    producers: dict[str, dict] = {}  # prefill URL -> its PRODUCER_PARAMS, from its answers
+    # prefill URL -> its last answer's params: where its KV waits and its latest link estimate
+    producers: dict[str, RemotePrefill] = {}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -98,11 +97,9 @@ def create_app(
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object")
         http = clients["http"]
-        transfer_id = f"cg-{uuid.uuid4().hex}"
+        transfer_id = new_transfer_id()
         prefill_url, decode_url = next(prefills), next(decodes)
-        prefill_body = dict(
-            body, stream=False, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "transfer_id": transfer_id}
-        )
+        prefill_body = dict(body, stream=False, max_tokens=1, kv_transfer_params=RemoteDecode(transfer_id).to_params())
         prefill_body.pop("stream_options", None)
         if "max_completion_tokens" in prefill_body:
             prefill_body["max_completion_tokens"] = 1
@@ -110,7 +107,7 @@ def create_app(
         told = producers.get(prefill_url) if overlap else None
         decode_leg = None
         if told:  # overlap: the decode pulls the KV while the prefill computes it
-            params = {"do_remote_prefill": True, "transfer_id": transfer_id, **told}
+            params = dataclasses.replace(told, transfer_id=transfer_id, num_tokens=None).to_params()
             decode_leg = _send_decode(http, f"{decode_url}{path}", dict(body, kv_transfer_params=params))
         try:
             prefill = await prefill_leg
@@ -120,17 +117,20 @@ def create_app(
         if prefill.status_code != 200:
             await _cancel(decode_leg)
             return _passthrough(prefill)
-        params = prefill.json().get("kv_transfer_params")
-        learnt = {k: params[k] for k in PRODUCER_PARAMS if k in params} if params else {}
-        if learnt.get("producer"):
+        try:
+            learnt = RemotePrefill.from_params(prefill.json().get("kv_transfer_params"))
+        except ParamsError as e:
+            log.warning("prefill %s answered with unusable params (%s); decode recomputes the prompt", prefill_url, e)
+            learnt = None
+        if learnt is not None:
             producers[prefill_url] = learnt
-        if decode_leg is None or any(learnt.get(k) != (told or {}).get(k) for k in WHERE):
+        if decode_leg is None or told is None or learnt is None or learnt.place != told.place:
             # first request to this prefill, or it has no connector or moved: hand over now
             await _cancel(decode_leg)
-            if not params:
+            if learnt is None:
                 log.warning("prefill %s returned no kv_transfer_params; decode recomputes the prompt", prefill_url)
             decode_leg = _send_decode(
-                http, f"{decode_url}{path}", dict(body, kv_transfer_params=params) if params else body
+                http, f"{decode_url}{path}", dict(body, kv_transfer_params=learnt.to_params()) if learnt else body
             )
         try:
             upstream = await decode_leg
@@ -204,3 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         log_level="info",
     )
+
+
+if __name__ == "__main__":
+    main()

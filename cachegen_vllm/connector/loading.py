@@ -1,0 +1,241 @@
+"""The connector's loading side (decode, the consumer): a request's KV is pulled from the producer
+ranks that hold it and decoded into the blocks vLLM allocated for it, while other requests run.
+
+Each `LoadRequest` pulls the frames from the first token the request lacks, from every producer
+rank that holds heads of this rank (`connector.ranks`), a thread per producer rank; each layer's
+frames are decoded in one batch on the decode stream, their heads of this rank written into the
+allocated blocks. Whatever ends a load (all tokens in, a transport or frame error, a cancel, or a
+bug), the request is reported finished once all its threads are, and its decoding has completed
+on the device; if any failed, its blocks are reported as load errors and vLLM's
+``kv_load_failure_policy`` decides (``recompute`` recomputes the prompt; ``fail`` fails it). With
+tensor parallelism every rank reports, and vLLM waits for all.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from vllm.logger import init_logger
+
+from cachegen_vllm.codec import FrameError, ParsedFrame
+from cachegen_vllm.codec.basis import from_bytes as basis_from_bytes
+from cachegen_vllm.config import ConnectorConfig
+from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest
+from cachegen_vllm.connector.metrics import FAILURE_PREFIX, Counters
+from cachegen_vllm.connector.ranks import Placement, Source, rank_endpoint, sources
+from cachegen_vllm.paged import PagedCaches
+from cachegen_vllm.transport import FrameConsumer, TransferStream, TransportError
+
+log = init_logger("vllm.cachegen_vllm.connector")
+
+
+@dataclass
+class _Load:
+    """A request's load: one stream per producer rank it reads, each read by a thread of its own."""
+
+    request: LoadRequest
+    streams: list[TransferStream]
+    started: float
+    pending: int
+    failed: bool = False
+    wire_bytes: int = 0
+    decode_seconds: float = 0.0
+
+
+class Loading:
+    """The consumer side of one rank: loads into ``caches``, reported through ``counters``."""
+
+    def __init__(self, config: ConnectorConfig, caches: PagedCaches, placement: Placement, counters: Counters):
+        self.config, self.caches, self.placement, self.counters = config, caches, placement, counters
+        self._counts_requests = placement.tp_rank == 0  # a request is counted once, by the first rank
+        self.consumer = FrameConsumer(config.transport)
+        self._lock = threading.Lock()  # the bookkeeping below, shared with the load threads
+        self._loads: dict[str, _Load] = {}  # in flight, by request id
+        self._cancelled: set[str] = set()
+        self._done: set[str] = set()  # ended since the last report
+        self._failed_blocks: set[int] = set()
+        self._basis_lock = threading.Lock()
+        log.info("CacheGenConnector receives (the profile of each transfer is in its frames)")
+
+    def start(self, meta: CacheGenMetadata) -> None:
+        """Start the step's new loads, decline the transfers its scheduler recomputes instead, and
+        cancel the loads of aborted requests."""
+        for load in meta.loads:  # before the cancels: a request may be aborted in the step its load begins
+            self._start(load)
+        for declined in meta.declined:  # recomputed here: the producer frees the frames at once
+            for source in self._plan(declined):
+                endpoint = rank_endpoint(declined.producer, source.producer_rank)
+                self.consumer.decline(endpoint, declined.transfer_id, (source.reader, source.readers))
+        for req_id in meta.cancels:
+            with self._lock:  # a load already over has left _loads: nothing to stop
+                cancelled = self._loads.get(req_id)
+                if cancelled is not None:
+                    self._cancelled.add(req_id)
+            if cancelled is not None:
+                for stream in cancelled.streams:
+                    stream.cancel()
+
+    def finished(self) -> set[str]:
+        """The requests whose loads ended since the last call, however they ended."""
+        with self._lock:
+            done, self._done = self._done, set()
+        return done
+
+    def failed_blocks(self) -> set[int]:
+        """Blocks of ended loads that hold no valid KV, since the last call (reported no later than
+        their request's end)."""
+        with self._lock:
+            failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def _plan(self, request: LoadRequest) -> list[Source]:
+        """The producer ranks this rank reads the transfer from."""
+        geometry, placement = self.caches.geometry, self.placement
+        try:
+            return sources(geometry.total_kv_heads, request.producer_tp, placement.tp_size, placement.tp_rank)
+        except ValueError as e:  # a producer split another way than the model can be: nothing to pull
+            log.warning("transfer %s cannot be loaded: %s; kv_load_failure_policy applies", request.transfer_id, e)
+            return []
+
+    def _start(self, request: LoadRequest) -> None:
+        streams = [
+            self.consumer.fetch(
+                rank_endpoint(request.producer, source.producer_rank),
+                request.transfer_id,
+                self.config.load_timeout_s,
+                from_token=request.start,
+                reader=(source.reader, source.readers),
+            )
+            for source in self._plan(request)
+        ]
+        load = _Load(request, streams, time.perf_counter(), pending=len(streams), failed=not streams)
+        with self._lock:
+            self._loads[request.req_id] = load
+        if not streams:
+            self.counters.count(**{FAILURE_PREFIX + "refused": 1})
+            self._finish(load)
+        for stream in streams:
+            name = f"cachegen-load-{request.transfer_id}"
+            threading.Thread(target=self._load, args=(load, stream), name=name, daemon=True).start()
+
+    # ---- a load's threads ------------------------------------------------------------------------
+
+    def _load(self, load: _Load, fetch: TransferStream) -> None:
+        """Fetch, decode and scatter one producer rank's frames of a transfer; the last of a
+        request's threads reports it finished, with its blocks as load errors if any failed."""
+        request, failed = load.request, False
+        try:
+            self._receive(load, fetch)
+        except Exception as e:  # whatever it is, vLLM must not wait for this request forever
+            failed = request.req_id not in self._cancelled  # an aborted request's blocks are simply freed
+            if not failed:
+                log.info("transfer %s stopped: its request was aborted", request.transfer_id)
+            elif isinstance(e, (TransportError, FrameError)):
+                log.warning(
+                    "transfer %s from %s failed (%s: %s); kv_load_failure_policy applies",
+                    request.transfer_id,
+                    fetch.endpoint,
+                    type(e).__name__,
+                    e,
+                )
+                self.counters.count(**{FAILURE_PREFIX + getattr(e, "kind", "corrupt"): 1})
+            else:
+                log.exception(
+                    "transfer %s failed on an unexpected error; kv_load_failure_policy applies", request.transfer_id
+                )
+                self.counters.count(**{FAILURE_PREFIX + "internal": 1})
+            for sibling in load.streams:  # the request recomputes: the other ranks' frames are of no use
+                if sibling is not fetch:
+                    sibling.cancel()
+        with self._lock:
+            load.failed |= failed
+            load.pending -= 1
+            last = load.pending == 0
+        if last:
+            self._finish(load)
+
+    def _finish(self, load: _Load) -> None:
+        request, geometry = load.request, self.caches.geometry
+        if not load.failed and request.req_id not in self._cancelled:
+            transfer = time.perf_counter() - load.started
+            self.counters.count(
+                raw_bytes=geometry.layer_bytes(request.count) * geometry.num_layers,
+                wire_bytes=load.wire_bytes,
+                decode_seconds=load.decode_seconds,
+                transfer_seconds=transfer,
+                transfers=int(self._counts_requests),
+            )
+            if self._counts_requests:
+                self.counters.sample(transfer_duration=transfer, decode_duration=load.decode_seconds)
+        with self._lock:  # both at once: vLLM wants the errors no later than the finish
+            self._loads.pop(request.req_id, None)
+            self._cancelled.discard(request.req_id)
+            if load.failed:
+                end, block_tokens = request.start + request.count, self.caches.block_tokens
+                self._failed_blocks.update(request.block_ids[request.start // block_tokens : -(-end // block_tokens)])
+            self._done.add(request.req_id)
+
+    def _receive(self, load: _Load, fetch: TransferStream) -> None:
+        """Pull one producer rank's frames and decode them, a layer's frames at a time, on the decode
+        stream; return once the device has written them all."""
+        request, caches = load.request, self.caches
+        runtime = caches.runtime
+        end = request.start + request.count
+        loaded = dict.fromkeys(caches.layers, 0)
+        batch: list[ParsedFrame] = []
+        decoding = 0.0
+        with runtime.decoding():
+            blocks = caches.block_table(request.block_ids)
+
+        def decode_batch() -> None:
+            nonlocal decoding
+            t0 = time.perf_counter()
+            with runtime.decoding():
+                decoded = caches.decode(batch, blocks, request.start, end)
+            for layer, written in decoded:
+                loaded[layer] += written
+            batch.clear()
+            decoding += time.perf_counter() - t0
+
+        with fetch as stream:
+            for frame in stream:
+                if batch and frame.header.layer != batch[0].header.layer:
+                    decode_batch()
+                self._have_basis(frame.header.basis, stream)
+                batch.append(frame)
+            if batch:
+                decode_batch()
+        with runtime.decoding():
+            decoded_all = runtime.mark()
+        runtime.wait(decoded_all)  # reported loaded only once the device has written the KV
+        short = [layer for layer, n in loaded.items() if n != request.count]
+        if short:
+            raise FrameError(f"transfer ended without all tokens: {len(short)} layers short")
+        with self._lock:
+            load.wire_bytes += stream.bytes_received
+            load.decode_seconds += decoding
+
+    def _have_basis(self, digest: int, stream: TransferStream) -> None:
+        """Fetch the basis a frame is coded in from its producer, once, if this decode has none of
+        that digest (a producer's automatic basis): the frames' own producer serves it."""
+        bases = self.caches.bases
+        if not digest or bases.get(digest) is not None:
+            return
+        with self._basis_lock:  # one fetch per digest, however many loads need it at once
+            if bases.get(digest) is not None:
+                return
+            data = self.consumer.fetch_basis(stream.endpoint, digest, max(1.0, stream.deadline - time.monotonic()))
+            try:
+                basis = basis_from_bytes(data)
+            except ValueError as e:
+                raise FrameError(f"the basis {digest:016x} that {stream.endpoint} sent is not one: {e}") from None
+            if basis.digest != digest:
+                raise FrameError(f"{stream.endpoint} sent basis {basis.digest:016x} for {digest:016x}")
+            bases.add(basis)
+            self.counters.count(bases_fetched=1)
+            log.info("CacheGenConnector fetched basis %016x %s from %s", digest, basis.shape, stream.endpoint)

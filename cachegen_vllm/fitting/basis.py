@@ -1,0 +1,62 @@
+"""The statistics a calibrated basis is fitted from, measured on a model's sample, and the fit
+(the construction and why: `cachegen_vllm.codec.basis`)."""
+
+from __future__ import annotations
+
+import torch
+
+from cachegen_vllm.codec.basis import Basis, fit
+from cachegen_vllm.fitting.sample import ModelSample
+
+
+@torch.inference_mode()
+def basis_statistics(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `codec.basis.fit` needs, float64 [layers, 2, kv heads, dim, dim] each, from the
+    sample's windows: the covariance of K and V (centred per chunk of ``chunk_tokens``, as the
+    quantizer centres them; the first ``skip_tokens``, sent exact, left out), and the metric: the
+    second moment of the queries of each KV head's query heads (after RoPE) for keys, the Gram
+    matrix of its columns of the output projection for values. Llama-style attention modules
+    (q_proj, o_proj, rotary embeddings passed in) as transformers writes them."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = sample.geometry
+    shape = (g.num_layers, 2, g.num_kv_heads, g.head_dim, g.head_dim)
+    covariance, metric = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    for kv in sample.exact_kv:
+        for layer, tensors in enumerate(kv):
+            for t, x in enumerate(tensors):
+                for chunk in x[skip_tokens:].double().split(chunk_tokens):
+                    centred = chunk - chunk.mean(0)
+                    covariance[layer, t] += torch.einsum("thd,the->hde", centred, centred)
+
+    attention = [block.self_attn for block in sample.model.model.layers]
+
+    def queries(layer: int):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, g.head_dim).transpose(1, 2)
+            q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+            q = q[0].double().reshape(g.num_kv_heads, -1, g.head_dim)  # a KV head's query heads are consecutive
+            metric[layer, 0] += q.mT @ q
+
+        return hook
+
+    hooks = [a.register_forward_pre_hook(queries(i), with_kwargs=True) for i, a in enumerate(attention)]
+    try:
+        for window in sample.windows:
+            sample.model(window[: sample.context_tokens - 1][None])
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer, a in enumerate(attention):
+        columns = a.o_proj.weight.double().view(
+            -1, g.num_kv_heads, a.o_proj.weight.shape[1] // g.num_kv_heads // g.head_dim, g.head_dim
+        )
+        metric[layer, 1] = torch.einsum("ohgd,ohge->hde", columns, columns)
+    return covariance, metric
+
+
+def fit_basis(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -> Basis:
+    """The calibrated basis of the sample's model on its windows."""
+    return fit(*basis_statistics(sample, chunk_tokens, skip_tokens))
