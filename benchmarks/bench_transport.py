@@ -23,6 +23,7 @@ from pathlib import Path
 
 FRAME_TOKENS = 256  # one frame: 256 tokens of a Llama-3-8B-like layer (8 KV heads x 128), exact bf16: 1 MiB
 TRANSFER_ID = "bench"
+SECRET = bytes(16)  # both ends are this script: any secret they share
 
 
 def _frame() -> bytes:
@@ -49,6 +50,7 @@ def produce(bind: str, frames: int, pace_ms: float = 0.0) -> None:
     print(json.dumps({"endpoint": producer.endpoint}), flush=True)
     sys.stdin.readline()  # the consumer is waiting
     first = time.monotonic()
+    producer.open(TRANSFER_ID, SECRET)
     for _ in range(frames):
         producer.put(TRANSFER_ID, frame)
         time.sleep(pace_ms / 1000)  # a producer that makes frames at a model's pace, not at once
@@ -66,7 +68,7 @@ def consume(endpoint: str) -> None:
     from cachegen_vllm.transport.config import TransportConfig
 
     consumer = FrameConsumer(TransportConfig(peer_timeout_s=30))
-    stream = consumer.fetch(endpoint, TRANSFER_ID, timeout_s=600)
+    stream = consumer.fetch(endpoint, TRANSFER_ID, SECRET, timeout_s=600)
     print(json.dumps({"waiting": True}), flush=True)
     first = None
     nbytes = frames = 0

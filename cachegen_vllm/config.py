@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import ipaddress
 import os
 import re
 import tomllib
@@ -35,6 +36,7 @@ from cachegen_vllm.codec.profile import (
     Profile,
     TokenBits,
 )
+from cachegen_vllm.params import IPC_ENDPOINT, TCP_ENDPOINT
 from cachegen_vllm.transport.config import TransportConfig
 
 __all__ = [
@@ -249,6 +251,50 @@ def transport_config_from_dict(data: dict, prefix: str = "") -> TransportConfig:
     return config
 
 
+@dataclass(frozen=True)
+class AllowedProducers:
+    """The producers a decode may be told to load from: endpoints (``tcp://10.0.0.5:5601``: the
+    first rank of a prefill instance) and networks (``10.0.0.0/8``: any producer whose host is an
+    address in it; a host name matches only an endpoint listed whole)."""
+
+    endpoints: frozenset[str]
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    def allows(self, endpoint: str) -> bool:
+        if endpoint in self.endpoints:
+            return True
+        match = TCP_ENDPOINT.fullmatch(endpoint)
+        if match is None:
+            return False
+        try:
+            host = ipaddress.ip_address(match.group(1).strip("[]"))
+        except ValueError:  # a name: only an endpoint listed whole
+            return False
+        return any(host in network for network in self.networks)
+
+
+def _allowed_producers(field: str, value: Any) -> AllowedProducers | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            field, f"must be a list of endpoints (tcp://HOST:PORT) and networks (10.0.0.0/8); got {value!r}"
+        )
+    endpoints, networks = [], []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str) and (TCP_ENDPOINT.fullmatch(entry) or IPC_ENDPOINT.fullmatch(entry)):
+            endpoints.append(entry)
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{field}[{i}]",
+                f"must be an endpoint like tcp://10.0.0.5:5601 or a network like 10.0.0.0/8; got {entry!r}",
+            ) from None
+    return AllowedProducers(frozenset(endpoints), tuple(networks))
+
+
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
 _ENV = re.compile(r"\$\{(\w+)\}")
 
@@ -265,6 +311,7 @@ class ConnectorConfig:
     load_timeout_s: float  # consumer: a transfer not complete by then fails (policy decides)
     link_mbps: float | None = None  # producer, adaptive: the link's goodput, fixed, instead of measuring it
     recompute_tokens_per_s: float | None = None  # consumer: its own prefill rate; a slower link recomputes
+    allowed_producers: AllowedProducers | None = None  # consumer: None, any producer a request names
 
     @property
     def adaptive(self) -> bool:
@@ -282,7 +329,15 @@ class ConnectorConfig:
         return self.kv_role in ("kv_consumer", "kv_both")
 
 
-CONNECTOR_FIELDS = {"profile", "ladder", "link_mbps", "recompute_tokens_per_s", "advertise", "load_timeout_s"}
+CONNECTOR_FIELDS = {
+    "profile",
+    "ladder",
+    "link_mbps",
+    "recompute_tokens_per_s",
+    "advertise",
+    "load_timeout_s",
+    "allowed_producers",
+}
 ADAPTIVE = "adaptive"  # the profile name that picks a level of `ladder` per request and layer
 DEFAULT_LADDER = ("raw", "high-quality", "default")  # for any model; the embedded one adds its basis
 EXTRA = "kv_connector_extra_config."
@@ -362,11 +417,13 @@ def connector_config_from_dict(kv_role: str | None, extra: Any) -> ConnectorConf
         _seconds(EXTRA + "load_timeout_s", extra.get("load_timeout_s", 120.0)),
         _rate(EXTRA + "link_mbps", extra.get("link_mbps")),
         _rate(EXTRA + "recompute_tokens_per_s", extra.get("recompute_tokens_per_s")),
+        _allowed_producers(EXTRA + "allowed_producers", extra.get("allowed_producers")),
     )
     if config.link_mbps is not None and not config.adaptive:
         raise ConfigError(EXTRA + "link_mbps", f'is read only with profile "{ADAPTIVE}"')
-    if config.recompute_tokens_per_s is not None and not config.receives:
-        raise ConfigError(EXTRA + "recompute_tokens_per_s", f"is read by a decode; {kv_role} loads nothing")
+    for field in ("recompute_tokens_per_s", "allowed_producers"):
+        if getattr(config, field) is not None and not config.receives:
+            raise ConfigError(EXTRA + field, f"is read by a decode; {kv_role} loads nothing")
     if config.sends and transport.bind.startswith("tcp://") and transport.bind.endswith(":0"):
         raise ConfigError(
             EXTRA + "bind", f"{kv_role} needs a fixed port, e.g. tcp://127.0.0.1:5601 (decode instances connect to it)"

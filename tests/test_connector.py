@@ -111,6 +111,17 @@ def test_each_role_gets_its_own_side_and_refuses_the_others_calls():
             "kv_connector_extra_config.recompute_tokens_per_s",
         ),
         ("kv_consumer", {"load_timeout": 5}, "kv_connector_extra_config.load_timeout"),
+        ("kv_consumer", {"allowed_producers": "10.0.0.0/8"}, "kv_connector_extra_config.allowed_producers"),
+        (
+            "kv_consumer",
+            {"allowed_producers": ["10.0.0.0/8", "prefill-0:5601"]},
+            "kv_connector_extra_config.allowed_producers[1]",
+        ),
+        (
+            "kv_producer",
+            {"bind": "tcp://127.0.0.1:5999", "allowed_producers": ["10.0.0.0/8"]},
+            "kv_connector_extra_config.allowed_producers",
+        ),
         (
             "kv_consumer",
             {"curve_secret_key_file": "/nonexistent.key_secret"},

@@ -328,12 +328,42 @@ def test_a_basis_fitted_at_start_up_is_sent_to_the_decode_once(cluster):
 DEFAULT_MIN_MATCH = 0.3
 
 
+def test_client_made_params_sent_straight_to_a_decode_are_recomputed_and_it_stays_up(cluster):
+    """A client that reaches a decode's API sends kv_transfer_params of its own: a producer whose
+    ranks' ports cannot exist (this once raised inside vLLM's engine and killed it: every later
+    request got a 500), one without a port, params with no secret. Each request is answered, by
+    recomputing its prompt, and the decode still loads KV afterwards."""
+    urls, model = cluster
+    secret = "ab" * 16
+    forged = [
+        {"transfer_id": "cg-x4", "transfer_secret": secret, "producer": "tcp://127.0.0.1:65534", "producer_tp": 3},
+        {"transfer_id": "cg-x5", "transfer_secret": secret, "producer": "tcp://127.0.0.1"},
+        {"transfer_id": "cg-x6", "producer": "tcp://127.0.0.1:65534", "producer_tp": 3},
+    ]
+    text = prompt(1, 61)
+    before = cachegen_counters(urls["decode"])
+    for params in forged:
+        body = {"model": model, "prompt": text, "max_tokens": 4, "temperature": 0}
+        answer = post(
+            f"{urls['decode']}/v1/completions", dict(body, kv_transfer_params={"do_remote_prefill": True, **params})
+        )
+        assert answer["choices"][0]["text"]
+    after = cachegen_counters(urls["decode"])
+    assert after.get("params_refused", 0) - before.get("params_refused", 0) == len(forged)
+    assert after.get("transfers", 0) == before.get("transfers", 0)
+    text = prompt(1, 62)
+    got, _ = through_proxy(urls, model, "raw", text)
+    assert cachegen_counters(urls["decode"])["transfers"] == after.get("transfers", 0) + 1
+    assert got == reference(urls, model, text)
+
+
 def test_dead_producer_falls_back_to_recompute(cluster):
     urls, model = cluster
     text = prompt(4, 7)
     params = {
         "do_remote_prefill": True,
         "transfer_id": "cg-nobody",
+        "transfer_secret": "ab" * 16,
         "producer": f"tcp://127.0.0.1:{free_ports()}",
         "num_tokens": 200,
     }

@@ -5,7 +5,7 @@ function, goes one way down
     codec  <-  transport  <-  config  <-  fitting  <-  connector, offline tools  <-  serving tools
     device  <-  kernels, paged, connector
     adaptation  <-  transport, connector   (the level choice's math: nothing below it)
-    params  <-  transport, connector, serving tools   (the kv_transfer_params contract, plain Python)
+    params  <-  transport, config, connector, serving tools   (the kv_transfer_params contract)
     testing: helpers of the tests and benchmarks, above everything
 
 and no module imports itself back through others (no cycle, whatever hides it in a function)."""
@@ -31,7 +31,7 @@ ALLOWED = {
     "kernels": {"codec", "device"},
     "transport": {"codec", "adaptation", "params"},
     "paged": {"codec", "kernels", "device"},
-    "config": {"codec", "transport"},
+    "config": {"codec", "transport", "params"},
     "fitting": {"codec", "config"},
     "connector": {"codec", "paged", "transport", "config", "device", "adaptation", "params", "fitting"},
     "offline": {"codec", "kernels", "paged", "config", "device", "fitting"},

@@ -7,24 +7,39 @@ import time
 import httpx
 import pytest
 from conftest import serve as _serve
+from conftest import wait_until
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from cachegen_vllm.serving.proxy import create_app
 from cachegen_vllm.testing.ports import free_ports
 
 
-def fake_backend(name: str, seen: list):
+def fake_backend(name: str, seen: list, headers: list | None = None):
+    """An OpenAI server's stand-in: records every request it gets in ``seen`` (and the Authorization
+    it came with in ``headers``); the request's model says how it answers."""
     app = FastAPI()
+    headers = [] if headers is None else headers
 
     async def handle(request: Request, path: str):
         body = await request.json()
         seen.append((name, path, body))
+        headers.append((name, request.headers.get("authorization")))
         params = body.get("kv_transfer_params") or {}
+        if body.get("model") == "hang":  # until its client leaves
+            for _ in range(100):
+                if await request.is_disconnected():
+                    seen.append((name, "cancelled", None))
+                    return {}
+                await asyncio.sleep(0.05)
         if body.get("model") == "slow" or (body.get("model") == "broken" and name.startswith("decode")):
             await asyncio.sleep(0.5 if body["model"] == "slow" else 5)
         if body.get("model") == "broken":
             return JSONResponse({"error": {"message": f"{name} says no"}}, status_code=422)
+        if body.get("model") == "garbled" and name.startswith("prefill"):
+            return PlainTextResponse("not JSON")
+        if body.get("model") == "plain" and name.startswith("prefill"):  # a prefill without our connector
+            return {"choices": [{"text": "x"}]}
         if params.get("do_remote_decode"):  # a prefill instance hands back where the KV waits
             seen.append((name, "answered", None))
             return {
@@ -32,7 +47,8 @@ def fake_backend(name: str, seen: list):
                 "kv_transfer_params": {
                     "do_remote_prefill": True,
                     "transfer_id": params["transfer_id"],
-                    "producer": f"tcp://{name}",
+                    "transfer_secret": params["transfer_secret"],
+                    "producer": f"tcp://{name}:5601",
                     "producer_tp": 3,  # a tensor-parallel prefill: the decode needs to know
                     "kv_tokens_per_s": float(len(seen)),  # its estimate changes with every answer
                 },
@@ -94,12 +110,13 @@ def test_first_request_hands_over_then_later_ones_overlap_the_legs():
             and p_body["stream"] is False
             and p_body["kv_transfer_params"]["do_remote_decode"] is True
         )
-        tid = p_body["kv_transfer_params"]["transfer_id"]
+        tid, secret = p_body["kv_transfer_params"]["transfer_id"], p_body["kv_transfer_params"]["transfer_secret"]
         assert d_body["max_tokens"] == 20 and d_body["prompt"] == "hi"
         assert d_body["kv_transfer_params"] == {
             "do_remote_prefill": True,
             "transfer_id": tid,
-            "producer": "tcp://prefill",
+            "transfer_secret": secret,
+            "producer": "tcp://prefill:5601",
             "producer_tp": 3,
             "kv_tokens_per_s": 2.0,
         }
@@ -114,11 +131,12 @@ def test_first_request_hands_over_then_later_ones_overlap_the_legs():
         )
         ((_, p_body),) = requests_to(seen, "prefill")
         ((_, d_body),) = requests_to(seen, "decode")
-        tid = p_body["kv_transfer_params"]["transfer_id"]
+        tid, secret = p_body["kv_transfer_params"]["transfer_id"], p_body["kv_transfer_params"]["transfer_secret"]
         assert d_body["kv_transfer_params"] == {
             "do_remote_prefill": True,
             "transfer_id": tid,
-            "producer": "tcp://prefill",
+            "transfer_secret": secret,
+            "producer": "tcp://prefill:5601",
             "producer_tp": 3,
             "kv_tokens_per_s": 2.0,
         }
@@ -187,3 +205,62 @@ def test_unreachable_backend_is_a_502():
         assert httpx.get(f"{url}/health", timeout=10).status_code == 503
     finally:
         server.should_exit = True
+
+
+# ---- what clients send is data: nothing of it reaches a backend but the request itself ---------
+
+
+@pytest.fixture
+def pair():
+    """A proxy in front of one prefill and one decode, each recording what it got."""
+    seen: list = []
+    headers: list = []
+    backends = [_serve(fake_backend(name, seen, headers)) for name in ("prefill", "decode")]
+    proxy, server = _serve(create_app([backends[0][0]], [backends[1][0]]))
+    yield proxy, seen, headers
+    for _, s in [*backends, (proxy, server)]:
+        s.should_exit = True
+
+
+def test_a_clients_own_kv_transfer_params_never_reach_a_backend(pair):
+    """Whatever params a client sends, a prefill gets the proxy's and a decode the prefill's answer
+    or none: made-up ones would point the decode at any producer, or at another request's KV."""
+    proxy, seen, _ = pair
+    forged = {"do_remote_prefill": True, "transfer_id": "cg-other", "transfer_secret": "ab" * 16}
+    forged["producer"] = "tcp://10.9.9.9:5601"
+    for model in ("m", "plain"):  # a prefill that answers with params, and one that answers without
+        seen.clear()
+        body = {"model": model, "prompt": "hi", "kv_transfer_params": forged}
+        assert httpx.post(f"{proxy}/v1/completions", json=body, timeout=10).status_code == 200
+        ((_, prefill_body),) = requests_to(seen, "prefill")
+        transfer_id = prefill_body["kv_transfer_params"]["transfer_id"]
+        assert transfer_id != "cg-other"
+        decode_bodies = [body for _, body in requests_to(seen, "decode")]  # an overlapped leg, maybe re-sent
+        for decode_body in decode_bodies:
+            params = decode_body.get("kv_transfer_params")
+            assert params is None or (params["producer"], params["transfer_id"]) == ("tcp://prefill:5601", transfer_id)
+        assert ("kv_transfer_params" in decode_bodies[-1]) == (model == "m")
+
+
+def test_a_prefill_answer_that_is_not_json_is_a_502_and_ends_the_decode_leg(pair):
+    proxy, seen, _ = pair
+    assert httpx.post(f"{proxy}/v1/completions", json={"model": "m", "prompt": "hi"}, timeout=10).status_code == 200
+    seen.clear()  # the next request overlaps its legs: the decode's has started when the prefill answers
+    r = httpx.post(f"{proxy}/v1/completions", json={"model": "garbled", "prompt": "hi"}, timeout=10)
+    assert r.status_code == 502 and "not JSON" in r.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_cancels_the_legs(pair):
+    proxy, seen, _ = pair
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{proxy}/v1/completions", json={"model": "hang", "prompt": "hi"}, timeout=0.5)
+    assert wait_until(lambda: ("prefill", "cancelled", None) in seen, timeout=3)
+
+
+def test_the_clients_authorization_reaches_both_legs(pair):
+    """Backends started with vLLM's --api-key answer only requests that carry it."""
+    proxy, _, headers = pair
+    auth = {"Authorization": "Bearer sk-test"}
+    r = httpx.post(f"{proxy}/v1/completions", json={"model": "m", "prompt": "hi"}, headers=auth, timeout=10)
+    assert r.status_code == 200
+    assert headers == [("prefill", "Bearer sk-test"), ("decode", "Bearer sk-test")]

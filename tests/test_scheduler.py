@@ -24,7 +24,7 @@ def producer() -> CacheGenScheduler:
 
 
 def consumer() -> CacheGenScheduler:
-    return CacheGenScheduler(connector_config_from_dict("kv_consumer", {}))
+    return CacheGenScheduler(connector_config_from_dict("kv_consumer", {}), total_kv_heads=3)
 
 
 def request(req_id: str, prompt: int, params: dict | None, status: RequestStatus = RequestStatus.WAITING):
@@ -52,11 +52,12 @@ def step(new=(), cached=(), resumed=(), scheduled=None):
     )
 
 
-SAVE = {"do_remote_decode": True, "transfer_id": "t-1"}
+SECRET = "5e" * 16
+SAVE = {"do_remote_decode": True, "transfer_id": "t-1", "transfer_secret": SECRET}
 
 
 def load_params(**extra) -> dict:
-    return {"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, **extra}
+    return {"do_remote_prefill": True, "transfer_id": "t-1", "transfer_secret": SECRET, "producer": PRODUCER, **extra}
 
 
 # ---- prefill: what is saved --------------------------------------------------------------------
@@ -67,11 +68,18 @@ def test_a_prompt_computed_in_one_step_is_saved_whole_and_its_params_say_where()
     assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # a producer loads nothing
     s.update_state_after_alloc(r, blocks(4, 5, 6), 0)
     meta = s.build_connector_meta(step(new=[("a", [4, 5, 6], 0)], scheduled={"a": 300}))
-    assert meta.saves == [SaveRequest("a", "t-1", [4, 5, 6], 0, 300, 300)] and meta.loads == []
+    assert meta.saves == [SaveRequest("a", "t-1", SECRET, [4, 5, 6], 0, 300, 300)] and meta.loads == []
     r.status = RequestStatus.FINISHED_LENGTH_CAPPED
     assert s.request_finished(r, [4, 5, 6]) == (
         True,  # its blocks wait for the workers' encoding to be sealed
-        {"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, "producer_tp": 1, "num_tokens": 300},
+        {
+            "do_remote_prefill": True,
+            "transfer_id": "t-1",
+            "transfer_secret": SECRET,
+            "producer": PRODUCER,
+            "producer_tp": 1,
+            "num_tokens": 300,
+        },
     )
     assert s.build_connector_meta(step(scheduled={})).saves == []
 
@@ -101,9 +109,9 @@ def test_chunked_prefill_saves_each_new_range_with_the_blocks_so_far():
     third = s.build_connector_meta(step(cached=[("a", [3], 256)], scheduled={"a": 44}))
     decoding = s.build_connector_meta(step(cached=[("a", None, 300)], scheduled={"a": 1}))  # the sampled token
     assert [m.saves for m in (first, second, third, decoding)] == [
-        [SaveRequest("a", "t-1", [1], 0, 128, 300)],
-        [SaveRequest("a", "t-1", [1, 2], 128, 256, 300)],
-        [SaveRequest("a", "t-1", [1, 2, 3], 256, 300, 300)],
+        [SaveRequest("a", "t-1", SECRET, [1], 0, 128, 300)],
+        [SaveRequest("a", "t-1", SECRET, [1, 2], 128, 256, 300)],
+        [SaveRequest("a", "t-1", SECRET, [1, 2, 3], 256, 300, 300)],
         [],
     ]
 
@@ -114,22 +122,22 @@ def test_a_prefix_cache_hit_on_the_prefill_is_sent_too():
     s, r = producer(), request("a", 200, SAVE)
     s.update_state_after_alloc(r, blocks(8, 9), 0)
     meta = s.build_connector_meta(step(new=[("a", [8, 9], 128)], scheduled={"a": 72}))
-    assert meta.saves == [SaveRequest("a", "t-1", [8, 9], 0, 200, 200)]
+    assert meta.saves == [SaveRequest("a", "t-1", SECRET, [8, 9], 0, 200, 200)]
 
 
 def test_a_preempted_and_resumed_prefill_reads_its_new_blocks_and_sends_nothing_twice():
     s, r = producer(), request("a", 300, SAVE)
     s.update_state_after_alloc(r, blocks(1), 0)
     assert s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 128})).saves == [
-        SaveRequest("a", "t-1", [1], 0, 128, 300)
+        SaveRequest("a", "t-1", SECRET, [1], 0, 128, 300)
     ]
     # Preempted: its blocks are freed; rescheduled from the waiting queue with new blocks, which
     # vLLM lists whole (resumed_req_ids) instead of appending.
     s.update_state_after_alloc(r, blocks(7, 8), 0)
     resumed = s.build_connector_meta(step(cached=[("a", [7, 8], 0)], resumed=["a"], scheduled={"a": 256}))
-    assert resumed.saves == [SaveRequest("a", "t-1", [7, 8], 128, 256, 300)]
+    assert resumed.saves == [SaveRequest("a", "t-1", SECRET, [7, 8], 128, 256, 300)]
     later = s.build_connector_meta(step(cached=[("a", [9], 256)], scheduled={"a": 44}))
-    assert later.saves == [SaveRequest("a", "t-1", [7, 8, 9], 256, 300, 300)]
+    assert later.saves == [SaveRequest("a", "t-1", SECRET, [7, 8, 9], 256, 300, 300)]
 
 
 def test_a_prefill_request_is_held_exactly_when_the_workers_were_told_to_save_it():
@@ -190,8 +198,10 @@ def test_a_router_prefill_without_a_transfer_id_gets_one_of_its_own_and_returns_
         r.status = RequestStatus.FINISHED_LENGTH_CAPPED
         _, params = s.request_finished(r, [1])
         assert params is not None and params["transfer_id"] == save.transfer_id and params["producer"] == PRODUCER
-        ids.append(save.transfer_id)
-    assert len(set(ids)) == 2 and all(i.startswith("cg-") and len(i) == 35 for i in ids)
+        assert params["transfer_secret"] == save.secret and len(save.secret) == 32
+        ids.append((save.transfer_id, save.secret))
+    assert len(set(ids)) == 2 and all(i.startswith("cg-") and len(i) == 35 for i, _ in ids)
+    assert ids[0][1] != ids[1][1]  # a secret of its own too
 
 
 def test_a_resumed_router_prefill_keeps_its_transfer_id():
@@ -231,7 +241,7 @@ def test_kv_both_saves_or_loads_as_each_requests_params_ask():
     s.update_state_after_alloc(plain, blocks(3), 0)
     meta = s.build_connector_meta(step(new=[("p", [1], 0), ("x", [3], 0)], scheduled={"p": 100, "x": 100}))
     assert [(m.start, m.end, m.block_ids) for m in meta.saves] == [(0, 100, [1])]
-    assert meta.loads == [LoadRequest("d", "t-1", PRODUCER, [2], 0, 99)]
+    assert meta.loads == [LoadRequest("d", "t-1", SECRET, PRODUCER, [2], 0, 99)]
 
 
 # ---- decode: what is loaded --------------------------------------------------------------------
@@ -242,7 +252,7 @@ def test_a_decode_loads_the_prompt_but_its_last_token_once():
     assert s.get_num_new_matched_tokens(r, 0) == (299, True)  # vLLM recomputes the last token to sample from
     s.update_state_after_alloc(r, blocks(3, 1, 2), 299)
     meta = s.build_connector_meta(step())
-    assert meta.loads == [LoadRequest("d", "t-1", PRODUCER, [3, 1, 2], 0, 299)] and meta.saves == []
+    assert meta.loads == [LoadRequest("d", "t-1", SECRET, PRODUCER, [3, 1, 2], 0, 299)] and meta.saves == []
     assert s.build_connector_meta(step()).loads == []  # handed over once
 
 
@@ -250,7 +260,7 @@ def test_a_decode_that_holds_a_prefix_loads_only_the_rest():
     s, r = consumer(), request("d", 300, load_params(num_tokens=300))
     assert s.get_num_new_matched_tokens(r, 128) == (171, True)
     s.update_state_after_alloc(r, blocks(3, 1, 2), 171)
-    assert s.build_connector_meta(step()).loads == [LoadRequest("d", "t-1", PRODUCER, [3, 1, 2], 128, 171)]
+    assert s.build_connector_meta(step()).loads == [LoadRequest("d", "t-1", SECRET, PRODUCER, [3, 1, 2], 128, 171)]
 
 
 def test_a_decode_holding_the_whole_prompt_loads_nothing():
@@ -302,15 +312,23 @@ def test_a_request_that_finishes_normally_cancels_nothing():
     "params,field",
     [
         ({"do_remote_prefill": True, "transfer_id": "t-1"}, "producer"),  # no producer: the proxy's params, cut short
-        ({"do_remote_prefill": True, "transfer_id": "t-1", "producer": "10.0.0.5:5601"}, "producer"),
-        ({"do_remote_prefill": True, "producer": PRODUCER}, "transfer_id"),
-        ({"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, "producer_tp": 0}, "producer_tp"),
-        ({"do_remote_prefill": True, "transfer_id": "t-1", "producer": PRODUCER, "producer_tp": "3"}, "producer_tp"),
-        ({"do_remote_prefill": True, "transfer_id": "", "producer": PRODUCER}, "transfer_id"),
-        ({"do_remote_prefill": True, "transfer_id": "t" * 129, "producer": PRODUCER}, "transfer_id"),
+        (load_params(producer="10.0.0.5:5601"), "producer"),
+        (load_params(producer="tcp://10.0.0.5"), "producer"),  # no port: it would wait its whole load_timeout_s
+        (load_params(producer="tcp://eth0;10.0.0.5:5601"), "producer"),  # a source address ZeroMQ would honour
+        (load_params(producer="tcp://127.0.0.1:65534", producer_tp=3), "producer"),  # no ports for its ranks
+        ({"do_remote_prefill": True, "producer": PRODUCER, "transfer_secret": SECRET}, "transfer_id"),
+        (load_params(producer_tp=0), "producer_tp"),
+        (load_params(producer_tp="3"), "producer_tp"),
+        (load_params(producer_tp=5), "producer_tp"),  # 3 KV heads cannot be split 5 ways
+        (load_params(transfer_id=""), "transfer_id"),
+        (load_params(transfer_id="t" * 129), "transfer_id"),
+        (load_params(transfer_secret=None), "transfer_secret"),
+        (load_params(transfer_secret="ab" * 8), "transfer_secret"),
+        (load_params(transfer_secret="XY" * 16), "transfer_secret"),
         (load_params(num_tokens="300"), "num_tokens"),
         (load_params(num_tokens=True), "num_tokens"),
         (load_params(num_tokens=0), "num_tokens"),
+        (load_params(kv_tokens_per_s=float("inf")), "kv_tokens_per_s"),
     ],
 )
 def test_partial_or_bad_params_recompute_and_say_which_field(params, field, caplog):
@@ -320,6 +338,25 @@ def test_partial_or_bad_params_recompute_and_say_which_field(params, field, capl
         s.update_state_after_alloc(r, blocks(1, 2, 3), 0)
     assert s.build_connector_meta(step()).loads == []
     assert f"kv_transfer_params.{field}" in caplog.text
+    assert s.get_stats().data["params_refused"] == 1  # counted once, however often vLLM asks
+
+
+@pytest.mark.parametrize(
+    "allowed,producer,loads",
+    [
+        (["10.0.0.0/8"], "tcp://10.1.2.3:5601", True),
+        (["10.0.0.0/8"], "tcp://192.168.1.5:5601", False),
+        (["10.0.0.0/8"], "tcp://prefill-0:5601", False),  # a name matches only an endpoint listed whole
+        (["tcp://prefill-0:5601"], "tcp://prefill-0:5601", True),
+        (["tcp://prefill-0:5601", "::1/128"], "tcp://[::1]:7000", True),
+    ],
+)
+def test_a_decode_loads_only_from_the_producers_it_allows(allowed, producer, loads):
+    extra = {"allowed_producers": allowed}
+    s = CacheGenScheduler(connector_config_from_dict("kv_consumer", extra), total_kv_heads=3)
+    r = request("d", 300, load_params(producer=producer))
+    assert s.get_num_new_matched_tokens(r, 0) == ((299, True) if loads else (0, False))
+    assert (s.get_stats() or SimpleNamespace(data={})).data.get("params_refused", 0) == int(not loads)
 
 
 def test_a_request_without_params_is_computed_locally():
@@ -350,7 +387,7 @@ def test_a_decode_recomputes_where_the_link_is_slower_than_its_own_prefill(link,
     assert s.get_num_new_matched_tokens(r, 0) == ((0, False) if declined else (299, True))
     assert s.get_num_new_matched_tokens(r, 0) == ((0, False) if declined else (299, True))  # asked again: same
     meta = s.build_connector_meta(step())
-    assert meta.declined == ([LoadRequest("b", "t-1", PRODUCER, [], 0, 0)] if declined else [])
+    assert meta.declined == ([LoadRequest("b", "t-1", SECRET, PRODUCER, [], 0, 0)] if declined else [])
     assert (s.get_stats() or SimpleNamespace(data={})).data.get("declined", 0) == int(declined)
 
 

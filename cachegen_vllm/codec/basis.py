@@ -140,9 +140,9 @@ def load(path: str) -> Basis:
         raise ValueError(f"{path}: {e}") from None
 
 
-def from_bytes(data: bytes) -> Basis:
+def from_bytes(data: bytes, shape: tuple[int, ...] | None = None) -> Basis:
     """The basis a basis file's bytes hold (what a producer sends a consumer that lacks it).
-    ValueError if they are not one."""
+    ValueError if they are not one, or not of ``shape`` (checked before any matrix is inverted)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -152,6 +152,8 @@ def from_bytes(data: bytes) -> Basis:
         raise ValueError(f"not a readable safetensors file ({e})") from None
     if set(tensors) != {"forward"}:
         raise ValueError(f"a basis file holds one tensor 'forward', found {sorted(tensors)}")
+    if shape is not None and tuple(tensors["forward"].shape) != shape:
+        raise ValueError(f"a basis of shape {list(tensors['forward'].shape)}, this model's is {list(shape)}")
     return Basis.from_forward(tensors["forward"])
 
 

@@ -42,7 +42,8 @@ class CacheGenConnector(KVConnectorBase_V1):
         check_supported(vllm_config, kv_cache_config)
         model, parallel = vllm_config.model_config, vllm_config.parallel_config
         placement = Placement(parallel.tensor_parallel_size, 0, parallel.data_parallel_index)
-        self._scheduler = CacheGenScheduler(config, placement) if role == KVConnectorRole.SCHEDULER else None
+        scheduler = role == KVConnectorRole.SCHEDULER
+        self._scheduler = CacheGenScheduler(config, placement, model.get_total_num_kv_heads()) if scheduler else None
         self._worker = None
         if role == KVConnectorRole.WORKER:
             if parallel.tensor_parallel_size > 1:

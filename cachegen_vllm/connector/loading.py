@@ -26,7 +26,7 @@ from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest
 from cachegen_vllm.connector.metrics import FAILURE_PREFIX, Counters
 from cachegen_vllm.connector.ranks import Placement, Source, rank_endpoint, sources
 from cachegen_vllm.paged import PagedCaches
-from cachegen_vllm.transport import FrameConsumer, TransferStream, TransportError
+from cachegen_vllm.transport import FrameConsumer, TransferRefused, TransferStream, TransportError
 
 log = init_logger("vllm.cachegen_vllm.connector")
 
@@ -56,18 +56,30 @@ class Loading:
         self._cancelled: set[str] = set()
         self._done: set[str] = set()  # ended since the last report
         self._failed_blocks: set[int] = set()
-        self._basis_lock = threading.Lock()
+        self._basis_lock = threading.Lock()  # guards _fetching only, never held while waiting
+        self._fetching: dict[int, threading.Event] = {}  # bases being fetched, set when that ends
         log.info("CacheGenConnector receives (the profile of each transfer is in its frames)")
 
     def start(self, meta: CacheGenMetadata) -> None:
         """Start the step's new loads, decline the transfers its scheduler recomputes instead, and
-        cancel the loads of aborted requests."""
+        cancel the loads of aborted requests. Nothing a request carried raises here: a load that
+        cannot start is that request's load error."""
         for load in meta.loads:  # before the cancels: a request may be aborted in the step its load begins
-            self._start(load)
+            try:
+                self._start(load)
+            except Exception:
+                log.exception("transfer %s cannot be loaded; kv_load_failure_policy applies", load.transfer_id)
+                self.counters.count(**{FAILURE_PREFIX + "internal": 1})
+                self._finish(_Load(load, [], time.perf_counter(), pending=0, failed=True))
         for declined in meta.declined:  # recomputed here: the producer frees the frames at once
-            for source in self._plan(declined):
-                endpoint = rank_endpoint(declined.producer, source.producer_rank)
-                self.consumer.decline(endpoint, declined.transfer_id, (source.reader, source.readers))
+            try:
+                for source in self._plan(declined):
+                    endpoint = rank_endpoint(declined.producer, source.producer_rank)
+                    self.consumer.decline(
+                        endpoint, declined.transfer_id, bytes.fromhex(declined.secret), (source.reader, source.readers)
+                    )
+            except Exception:  # a decline is a courtesy: the producer evicts the frames after ttl_s anyway
+                log.exception("transfer %s: the producer could not be told it is declined", declined.transfer_id)
         for req_id in meta.cancels:
             with self._lock:  # a load already over has left _loads: nothing to stop
                 cancelled = self._loads.get(req_id)
@@ -103,15 +115,18 @@ class Loading:
             return []
 
     def _start(self, request: LoadRequest) -> None:
+        secret = bytes.fromhex(request.secret)
+        endpoints = [(rank_endpoint(request.producer, source.producer_rank), source) for source in self._plan(request)]
         streams = [
             self.consumer.fetch(
-                rank_endpoint(request.producer, source.producer_rank),
+                endpoint,
                 request.transfer_id,
+                secret,
                 self.config.load_timeout_s,
                 from_token=request.start,
                 reader=(source.reader, source.readers),
             )
-            for source in self._plan(request)
+            for endpoint, source in endpoints
         ]
         load = _Load(request, streams, time.perf_counter(), pending=len(streams), failed=not streams)
         with self._lock:
@@ -222,20 +237,40 @@ class Loading:
 
     def _have_basis(self, digest: int, stream: TransferStream) -> None:
         """Fetch the basis a frame is coded in from its producer, once, if this decode has none of
-        that digest (a producer's automatic basis): the frames' own producer serves it."""
+        that digest (a producer's automatic basis): the frames' own producer serves it. Loads that
+        need the same basis wait for one fetch; others go on (a fetch holds no lock while it waits),
+        and an aborted load stops waiting."""
         bases = self.caches.bases
-        if not digest or bases.get(digest) is not None:
-            return
-        with self._basis_lock:  # one fetch per digest, however many loads need it at once
-            if bases.get(digest) is not None:
-                return
-            data = self.consumer.fetch_basis(stream.endpoint, digest, max(1.0, stream.deadline - time.monotonic()))
+        while digest and bases.get(digest) is None:
+            with self._basis_lock:
+                fetching = self._fetching.get(digest)
+                mine = fetching is None
+                if mine:
+                    fetching = self._fetching[digest] = threading.Event()
+            assert fetching is not None
+            if not mine:  # another load fetches it: wait for that, then look again
+                while not fetching.wait(0.1):
+                    if stream.cancelled.is_set() or time.monotonic() > stream.deadline:
+                        raise TransferRefused(f"transfer {stream.transfer_id} stopped while basis {digest:016x} came")
+                continue
             try:
-                basis = basis_from_bytes(data)
-            except ValueError as e:
-                raise FrameError(f"the basis {digest:016x} that {stream.endpoint} sent is not one: {e}") from None
-            if basis.digest != digest:
-                raise FrameError(f"{stream.endpoint} sent basis {basis.digest:016x} for {digest:016x}")
-            bases.add(basis)
-            self.counters.count(bases_fetched=1)
-            log.info("CacheGenConnector fetched basis %016x %s from %s", digest, basis.shape, stream.endpoint)
+                self._fetch_basis(digest, stream)
+            finally:
+                with self._basis_lock:
+                    del self._fetching[digest]
+                fetching.set()
+
+    def _fetch_basis(self, digest: int, stream: TransferStream) -> None:
+        geometry = self.caches.geometry
+        wait_s = max(0.0, stream.deadline - time.monotonic())
+        data = self.consumer.fetch_basis(stream.endpoint, digest, wait_s, stream.cancelled)
+        shape = (geometry.num_layers, 2, geometry.total_kv_heads, geometry.head_dim, geometry.head_dim)
+        try:
+            basis = basis_from_bytes(data, shape)
+        except ValueError as e:
+            raise FrameError(f"the basis {digest:016x} that {stream.endpoint} sent is not one: {e}") from None
+        if basis.digest != digest:
+            raise FrameError(f"{stream.endpoint} sent basis {basis.digest:016x} for {digest:016x}")
+        self.caches.bases.add(basis)
+        self.counters.count(bases_fetched=1)
+        log.info("CacheGenConnector fetched basis %016x %s from %s", digest, basis.shape, stream.endpoint)

@@ -16,6 +16,7 @@ class SaveRequest:
 
     req_id: str
     transfer_id: str
+    secret: str  # hex: what the transfer's readers prove
     block_ids: list[int]
     start: int
     end: int
@@ -28,6 +29,7 @@ class LoadRequest:
 
     req_id: str
     transfer_id: str
+    secret: str  # hex: what this reader proves to the producer
     producer: str
     block_ids: list[int]
     start: int

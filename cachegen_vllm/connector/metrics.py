@@ -28,6 +28,7 @@ COUNTERS = {
     "released": "Prefill requests whose blocks were held until their frames were sealed, then released",
     "declined": "Requests whose KV the decode recomputed instead: the link was slower than its own prefill",
     "bases_fetched": "Calibrated bases the decode fetched from a producer (frames coded in a basis it lacked)",
+    "params_refused": "Requests whose kv_transfer_params the decode refused (bad, or not an allowed producer)",
 }
 PRODUCER_COUNTERS = {
     "queued_bytes": "bytes_queued",

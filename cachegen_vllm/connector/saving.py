@@ -2,14 +2,15 @@
 pass writes it, and its frames are queued for the decodes that pull them.
 
 `begin_step` runs when vLLM binds a step's metadata, before the forward pass: it notes the requests
-the step saves, puts their block tables on the device and drops the transfers whose prefill
-request was aborted. `save_layer` runs right after a layer's attention has written its cache: it
-marks that point on the compute stream and, for each save of the step, enqueues the layer's
-encoding on the encode stream (the kernels, and their output's copy to pinned host memory) and a
-job for the sealer, which waits for the copy, makes the frames and queues them in the transport's
-send buffer. `wait_for_save` orders the compute stream after the encode stream on the device. A
-finished request's blocks are freed only once every encode job of it is sealed: the scheduler
-holds them (`CacheGenScheduler.request_finished`) and `finished` reports the request's sends done.
+the step saves, opens their transfers to the readers that prove their secrets, puts their block
+tables on the device and drops the transfers whose prefill request was aborted. `save_layer` runs
+right after a layer's attention has written its cache: it marks that point on the compute stream
+and, for each save of the step, enqueues the layer's encoding on the encode stream (the kernels,
+and their output's copy to pinned host memory) and a job for the sealer, which waits for the
+copy, makes the frames and queues them in the transport's send buffer. `wait_for_save` orders the
+compute stream after the encode stream on the device. A finished request's blocks are freed only
+once every encode job of it is sealed: the scheduler holds them
+(`CacheGenScheduler.request_finished`) and `finished` reports the request's sends done.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ class Saving:
         if self.producer is None:
             return
         runtime = self.caches.runtime
+        for save in meta.saves:  # decodes that prove its secret may read it (again: nothing changes)
+            self.producer.open(save.transfer_id, bytes.fromhex(save.secret))
         if meta.saves:
             with runtime.encoding():
                 self._step.tables = {s.transfer_id: self.caches.block_table(s.block_ids) for s in meta.saves}

@@ -29,11 +29,12 @@ from vllm.logger import init_logger
 from vllm.v1.request import RequestStatus
 
 from cachegen_vllm.adaptation import should_recompute
+from cachegen_vllm.codec.geometry import rank_heads
 from cachegen_vllm.config import ConnectorConfig
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
 from cachegen_vllm.connector.metrics import CacheGenStats
 from cachegen_vllm.connector.ranks import Placement, rank_endpoint
-from cachegen_vllm.params import ParamsError, RemoteDecode, RemotePrefill, new_transfer_id
+from cachegen_vllm.params import ParamsError, RemoteDecode, RemotePrefill, new_transfer_id, new_transfer_secret
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -46,14 +47,16 @@ log = init_logger("vllm.cachegen_vllm.connector")
 @dataclass
 class _Saving:
     transfer_id: str
+    secret: str  # hex: what the decode's PULLs prove
     total: int  # the prompt's tokens
     block_ids: list[int]
     saved: int = 0  # tokens already handed to the workers
 
 
 class CacheGenScheduler:
-    def __init__(self, config: ConnectorConfig, placement: Placement | None = None):
+    def __init__(self, config: ConnectorConfig, placement: Placement | None = None, total_kv_heads: int | None = None):
         self.config = config
+        self._total_kv_heads = total_kv_heads  # the model's: a producer split another way is refused
         placement = placement or Placement()
         # what a decode needs to find this engine's producers (connector.ranks)
         self._producer = rank_endpoint(config.advertise, placement.engine_offset)
@@ -68,13 +71,27 @@ class CacheGenScheduler:
         self._kv_tokens_per_s: float | None = None  # prefill: its workers' latest estimate
         self._stats = CacheGenStats()
 
-    def _remote_prefill(self, request: Request) -> RemotePrefill | None:
+    def _remote_prefill(self, request: Request, report: bool = False) -> RemotePrefill | None:
+        """Where the request's KV waits, if its params say so and may be believed: every field
+        valid, a producer split the model allows, a producer this decode may load from. A refusal
+        is counted and logged once (``report``), and the request recomputes."""
         if not self.config.receives:
             return None
         try:
-            return RemotePrefill.from_params(request.kv_transfer_params)
+            remote = RemotePrefill.from_params(request.kv_transfer_params)
+            if remote is not None and self._total_kv_heads is not None:
+                try:
+                    rank_heads(self._total_kv_heads, remote.producer_tp, 0)
+                except ValueError as e:
+                    raise ParamsError(f"kv_transfer_params.producer_tp: {e}") from None
+            allowed = self.config.allowed_producers
+            if remote is not None and allowed is not None and not allowed.allows(remote.producer):
+                raise ParamsError(f"kv_transfer_params.producer {remote.producer} is not among allowed_producers")
+            return remote
         except ParamsError as e:
-            log.warning("request %s: %s; recomputing its prompt", request.request_id, e)
+            if report:
+                self._stats.add(params_refused=1)
+                log.warning("request %s: %s; recomputing its prompt", request.request_id, e)
             return None
 
     def _remote_decode(self, request: Request) -> RemoteDecode | None:
@@ -87,8 +104,10 @@ class CacheGenScheduler:
             return None
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        remote = self._remote_prefill(request)
-        if remote is None or request.request_id in self._loaded:
+        if request.request_id in self._loaded:
+            return 0, False
+        remote = self._remote_prefill(request, report=True)
+        if remote is None:
             return 0, False
         prompt = len(request.prompt_token_ids or [])
         loadable = min(remote.num_tokens or prompt, prompt) - 1
@@ -98,7 +117,9 @@ class CacheGenScheduler:
         if self._declines(remote):
             self._loaded.add(request.request_id)
             self._new_declines.append(
-                LoadRequest(request.request_id, remote.transfer_id, remote.producer, [], 0, 0, remote.producer_tp)
+                LoadRequest(
+                    request.request_id, remote.transfer_id, remote.secret, remote.producer, [], 0, 0, remote.producer_tp
+                )
             )
             self._stats.add(declined=1)
             log.info(
@@ -133,7 +154,9 @@ class CacheGenScheduler:
         if remote is not None:
             if request.request_id not in self._saving:  # a resumed request keeps its progress and its id
                 transfer_id = remote.transfer_id or new_transfer_id()
-                self._saving[request.request_id] = _Saving(transfer_id, len(request.prompt_token_ids or []), [])
+                secret = remote.secret or new_transfer_secret()
+                total = len(request.prompt_token_ids or [])
+                self._saving[request.request_id] = _Saving(transfer_id, secret, total, [])
             return
         if num_external_tokens <= 0:  # nothing to load (bad params were reported when matching)
             return
@@ -145,6 +168,7 @@ class CacheGenScheduler:
             LoadRequest(
                 req_id=request.request_id,
                 transfer_id=prefill.transfer_id,
+                secret=prefill.secret,
                 producer=prefill.producer,
                 block_ids=list(blocks.get_block_ids()[0]),
                 start=self._local_hits.pop(request.request_id, 0),
@@ -177,7 +201,9 @@ class CacheGenScheduler:
             end = min(computed + scheduler_output.num_scheduled_tokens.get(req_id, 0), state.total)
             if end > state.saved:  # a prefix-cache hit is sent too: its blocks hold valid KV
                 meta.saves.append(
-                    SaveRequest(req_id, state.transfer_id, list(state.block_ids), state.saved, end, state.total)
+                    SaveRequest(
+                        req_id, state.transfer_id, state.secret, list(state.block_ids), state.saved, end, state.total
+                    )
                 )
                 state.saved = end
         return meta
@@ -204,5 +230,5 @@ class CacheGenScheduler:
             self._new_aborts.append(saving.transfer_id)
             return held, None
         return held, RemotePrefill(
-            saving.transfer_id, self._producer, saving.total, self._producer_tp, self._kv_tokens_per_s
+            saving.transfer_id, saving.secret, self._producer, saving.total, self._producer_tp, self._kv_tokens_per_s
         ).to_params()

@@ -19,8 +19,10 @@ steps its engine continuously (vLLM polls the connector), which costs a core: on
 with the prefill, pin each instance to its own cores or the prefill slows down.
 
 Prefill and decode instances are chosen round robin. A backend's error comes back with its own
-status and body. The transfer id is made here, not taken from vLLM's request ids, which differ per
-instance.
+status and body. The transfer id and its secret are made here, not taken from vLLM's request ids,
+which differ per instance; a client's own ``kv_transfer_params`` are dropped (the legs carry only
+params made here or by the prefill), its ``Authorization`` goes to both legs, and a client that
+disconnects cancels both. The proxy authenticates nobody itself: put it behind what does.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cachegen_vllm.params import ParamsError, RemoteDecode, RemotePrefill, new_transfer_id
+from cachegen_vllm.params import ParamsError, RemoteDecode, RemotePrefill, new_transfer_id, new_transfer_secret
 
 log = logging.getLogger("cachegen_vllm.serving.proxy")
 
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+FORWARDED = ("authorization", "x-request-id")  # the client's headers both legs carry (vLLM's --api-key)
+CLIENT_CHECK_S = 0.1  # how often a waiting request looks whether its client is still there
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -53,9 +57,29 @@ def _passthrough(response: httpx.Response) -> Response:
     return Response(response.content, status_code=response.status_code, headers=headers)
 
 
-def _send_decode(http: httpx.AsyncClient, url: str, body: dict) -> asyncio.Task:
+def _send_decode(http: httpx.AsyncClient, url: str, body: dict, headers: dict) -> asyncio.Task:
     """The decode leg: a task for its response, streamed (headers in, body not yet read)."""
-    return asyncio.create_task(http.send(http.build_request("POST", url, json=body), stream=True))
+    return asyncio.create_task(http.send(http.build_request("POST", url, json=body, headers=headers), stream=True))
+
+
+async def _client_left(request: Request) -> None:
+    """Returns once the client has disconnected."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(CLIENT_CHECK_S)
+
+
+async def _unless_client_left(leg: asyncio.Task, request: Request):
+    """The leg's result, or None if the client disconnected first (the leg is then cancelled:
+    closing its connection makes vLLM abort the request)."""
+    watcher = asyncio.create_task(_client_left(request))
+    try:
+        await asyncio.wait({leg, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not leg.done():
+        await _cancel(leg)
+        return None
+    return await leg
 
 
 async def _cancel(leg: asyncio.Task | None) -> None:
@@ -96,29 +120,40 @@ def create_app(
             return _error(400, "the request body is not valid JSON")
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object")
+        body.pop("kv_transfer_params", None)  # the legs carry only params made here or by the prefill
+        headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
         http = clients["http"]
-        transfer_id = new_transfer_id()
+        transfer_id, secret = new_transfer_id(), new_transfer_secret()
         prefill_url, decode_url = next(prefills), next(decodes)
-        prefill_body = dict(body, stream=False, max_tokens=1, kv_transfer_params=RemoteDecode(transfer_id).to_params())
+        prefill_body = dict(
+            body, stream=False, max_tokens=1, kv_transfer_params=RemoteDecode(transfer_id, secret).to_params()
+        )
         prefill_body.pop("stream_options", None)
         if "max_completion_tokens" in prefill_body:
             prefill_body["max_completion_tokens"] = 1
-        prefill_leg = asyncio.create_task(http.post(f"{prefill_url}{path}", json=prefill_body))
+        prefill_leg = asyncio.create_task(http.post(f"{prefill_url}{path}", json=prefill_body, headers=headers))
         told = producers.get(prefill_url) if overlap else None
         decode_leg = None
         if told:  # overlap: the decode pulls the KV while the prefill computes it
-            params = dataclasses.replace(told, transfer_id=transfer_id, num_tokens=None).to_params()
-            decode_leg = _send_decode(http, f"{decode_url}{path}", dict(body, kv_transfer_params=params))
+            params = dataclasses.replace(told, transfer_id=transfer_id, secret=secret, num_tokens=None).to_params()
+            decode_leg = _send_decode(http, f"{decode_url}{path}", dict(body, kv_transfer_params=params), headers)
         try:
-            prefill = await prefill_leg
+            prefill = await _unless_client_left(prefill_leg, request)
         except httpx.HTTPError as e:
             await _cancel(decode_leg)
             return _error(502, f"prefill instance {prefill_url} unreachable: {e}")
+        if prefill is None:  # the client left: nobody wants the answer
+            await _cancel(decode_leg)
+            return _error(499, "the client disconnected")
         if prefill.status_code != 200:
             await _cancel(decode_leg)
             return _passthrough(prefill)
         try:
-            learnt = RemotePrefill.from_params(prefill.json().get("kv_transfer_params"))
+            answer = prefill.json()
+            learnt = RemotePrefill.from_params(answer.get("kv_transfer_params") if isinstance(answer, dict) else None)
+        except json.JSONDecodeError:
+            await _cancel(decode_leg)
+            return _error(502, f"prefill instance {prefill_url} answered 200 with a body that is not JSON")
         except ParamsError as e:
             log.warning("prefill %s answered with unusable params (%s); decode recomputes the prompt", prefill_url, e)
             learnt = None
@@ -129,13 +164,14 @@ def create_app(
             await _cancel(decode_leg)
             if learnt is None:
                 log.warning("prefill %s returned no kv_transfer_params; decode recomputes the prompt", prefill_url)
-            decode_leg = _send_decode(
-                http, f"{decode_url}{path}", dict(body, kv_transfer_params=learnt.to_params()) if learnt else body
-            )
+            decode_body = dict(body, kv_transfer_params=learnt.to_params()) if learnt else body
+            decode_leg = _send_decode(http, f"{decode_url}{path}", decode_body, headers)
         try:
-            upstream = await decode_leg
+            upstream = await _unless_client_left(decode_leg, request)
         except httpx.HTTPError as e:
             return _error(502, f"decode instance {decode_url} unreachable: {e}")
+        if upstream is None:
+            return _error(499, "the client disconnected")
         if upstream.status_code != 200 or not body.get("stream"):
             await upstream.aread()
             await upstream.aclose()
@@ -161,10 +197,11 @@ def create_app(
         return await disaggregated(request, "/v1/chat/completions")
 
     @app.get("/v1/models")
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
         url = next(decodes)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
         try:
-            return _passthrough(await clients["http"].get(f"{url}/v1/models"))
+            return _passthrough(await clients["http"].get(f"{url}/v1/models", headers=headers))
         except httpx.HTTPError as e:
             return _error(502, f"decode instance {url} unreachable: {e}")
 

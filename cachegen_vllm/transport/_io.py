@@ -118,6 +118,30 @@ def secure_client(sock: zmq.Socket, config: TransportConfig) -> None:
     sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_public
 
 
+def recv_bounded(sock: zmq.Socket, max_parts: int) -> tuple[list[bytes], zmq.Frame | None, bool] | None:
+    """The next message, read part by part: the bytes of its first ``max_parts`` parts, its second
+    part as a frame too (what carries the connection's properties, e.g. its CURVE key; None for a
+    message of one part), and whether that was all of it. Parts past those are read and dropped
+    one by one, so a message of many parts costs this process what ZeroMQ held of it, not a copy
+    of it all. None when no message waits."""
+    try:
+        parts = [sock.recv(zmq.NOBLOCK)]
+    except zmq.Again:
+        return None
+    second: zmq.Frame | None = None
+    whole = True
+    while sock.getsockopt(zmq.RCVMORE):  # a message's parts arrive together: the rest is there
+        if second is None:
+            second = sock.recv(copy=False)
+            parts.append(second.bytes)
+        elif len(parts) < max_parts:
+            parts.append(sock.recv())
+        else:
+            sock.recv()
+            whole = False
+    return parts, second, whole
+
+
 def handshake_failed(monitor: zmq.Socket) -> bool:
     """Drain one monitor event; True if it was a failed (e.g. unauthenticated) handshake."""
     event = recv_monitor_message(monitor, zmq.NOBLOCK)

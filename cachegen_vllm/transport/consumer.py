@@ -3,10 +3,17 @@ request and hands them over in order, each as soon as it arrives, so that layer 
 while layer L+1 is still on the wire. One DEALER socket per producer carries every transfer from
 that producer; heartbeats tell a dead or restarted producer from a slow one. A producer counts as
 gone when it has answered none of our pings for `peer_timeout_s`: silence while this thread could
-not run (a starved process, a long-held GIL) sent no pings, and does not count against it."""
+not run (a starved process, a long-held GIL) sent no pings, and does not count against it.
+
+The consumer trusts no producer further than it must: a producer that sends beyond the credits it
+was granted is disconnected (it could fill this process's memory), messages of more parts than
+the protocol's are dropped. A connection that was reset reconnects by itself; the consumer then
+pulls each of its transfers again from the first frame it lacks. A producer endpoint nothing has
+used for `IDLE_CLOSE_S` is closed (producers come and go with prefill instances)."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -19,12 +26,12 @@ from cachegen_vllm.codec.format import FrameError, ParsedFrame, read_frame
 from cachegen_vllm.codec.profile import ConfigError
 from cachegen_vllm.params import MAX_TRANSFER_ID
 from cachegen_vllm.transport import protocol as P
-from cachegen_vllm.transport._io import HANDSHAKE_FAILURES, IOThread, log, secure_client
+from cachegen_vllm.transport._io import HANDSHAKE_FAILURES, IOThread, log, recv_bounded, secure_client
 from cachegen_vllm.transport.config import TransportConfig
 from cachegen_vllm.transport.errors import CorruptFrame, PeerGone, TransferRefused, TransportError, TransportTimeout
 
 _END = object()
-
+IDLE_CLOSE_S = 60.0  # a producer endpoint with no transfer and no basis asked for this long is closed
 
 CONNECTION_EVENTS = HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
@@ -37,6 +44,8 @@ class _Peer:
     unanswered_since: float | None = None  # our first ping since the producer last said anything
     pings: int = 0  # sent since then
     connected: bool = False  # a handshake succeeded and no disconnection since
+    lost: bool = False  # disconnected after a handshake: a reconnection pulls again
+    idle_since: float = field(default_factory=time.monotonic)  # with no streams and no basis asked
     epoch: bytes | None = None
     streams: dict[bytes, TransferStream] = field(default_factory=dict)
     bases: dict[int, list[queue.SimpleQueue]] = field(default_factory=dict)  # BGETs waiting, by digest
@@ -53,6 +62,7 @@ class TransferStream:
         consumer: FrameConsumer,
         endpoint: str,
         transfer_id: str,
+        secret: bytes,
         deadline: float,
         from_token: int,
         reader: tuple[int, int],
@@ -61,10 +71,13 @@ class TransferStream:
         self.reader = reader
         self.frames_received = 0
         self.bytes_received = 0
+        self.cancelled = threading.Event()  # set once the stream is abandoned, from any thread
         self._consumer = consumer
         self._tid = transfer_id.encode()
+        self._secret = secret
         self._items: queue.SimpleQueue = queue.SimpleQueue()
         self._next_seq = 0  # IO thread: the next DATA expected
+        self._granted = consumer.config.credit_frames  # IO thread: DATA the producer may have sent
         self._read = 0  # reader: frames handed out since the last credit
         self._closed = False
         self._epoch: bytes | None = None
@@ -90,7 +103,7 @@ class TransferStream:
         self._read += 1
         if self._read >= max(1, self._consumer.config.credit_frames // 2):
             credits, self._read = self._read, 0
-            self._consumer.call(lambda: self._consumer._send(self.endpoint, [P.CRED, self._tid, P.U32.pack(credits)]))
+            self._consumer.call(lambda: self._consumer._credit(self, credits))
         return item
 
     def cancel(self) -> None:
@@ -101,6 +114,7 @@ class TransferStream:
 
     def _fail_and_cancel(self) -> None:
         self._closed = True
+        self.cancelled.set()
 
         def drop():
             self._consumer._drop(self, cancel=True)
@@ -128,38 +142,48 @@ class FrameConsumer(IOThread):
         self.start()
 
     def fetch(
-        self, endpoint: str, transfer_id: str, timeout_s: float, from_token: int = 0, reader: tuple[int, int] = (0, 1)
+        self,
+        endpoint: str,
+        transfer_id: str,
+        secret: bytes,
+        timeout_s: float,
+        from_token: int = 0,
+        reader: tuple[int, int] = (0, 1),
     ) -> TransferStream:
-        """Start pulling a transfer; frames stream as the producer makes them. With ``from_token``,
-        only the frames that hold tokens at or after it come (the earlier ones are held here).
-        ``reader`` = (i, n): this is reader i of the n that read the transfer (the producer keeps
-        it until all n are done)."""
+        """Start pulling a transfer, with its secret; frames stream as the producer makes them.
+        With ``from_token``, only the frames that hold tokens at or after it come (the earlier ones
+        are held here). ``reader`` = (i, n): this is reader i of the n that read the transfer (the
+        producer keeps it until all n are done)."""
         tid = transfer_id.encode()
         if not 0 < len(tid) <= MAX_TRANSFER_ID:
             raise ValueError(f"transfer id must be 1..{MAX_TRANSFER_ID} bytes")
         if not 0 <= reader[0] < reader[1] <= 0xFFFF:
             raise ValueError(f"reader must be (i, n) with 0 <= i < n <= 65535; got {reader}")
-        stream = TransferStream(self, endpoint, transfer_id, time.monotonic() + timeout_s, from_token, reader)
+        if len(secret) != P.SECRET_BYTES:
+            raise ValueError(f"a transfer's secret is {P.SECRET_BYTES} bytes, got {len(secret)}")
+        stream = TransferStream(self, endpoint, transfer_id, secret, time.monotonic() + timeout_s, from_token, reader)
         self.call(lambda: self._open(stream))
         return stream
 
-    def decline(self, endpoint: str, transfer_id: str, reader: tuple[int, int] = (0, 1)) -> None:
+    def decline(self, endpoint: str, transfer_id: str, secret: bytes, reader: tuple[int, int] = (0, 1)) -> None:
         """Tell the producer that this reader will not read the transfer (the decode recomputes the
         prompt instead): it frees the frames once all its readers are done, not after ``ttl_s``."""
         tid = transfer_id.encode()
-        args = P.PULL_ARGS.pack(0, 0, self.config.max_frame_bytes, *reader)  # no credit: nothing is sent
+        args = P.PULL_ARGS.pack(0, 0, self.config.max_frame_bytes, *reader, 0)  # no credit: nothing is sent
 
         def send() -> None:
             self._peer(endpoint)
-            self._send(endpoint, [P.PULL, tid, args])
+            self._send(endpoint, [P.PULL, tid, args, secret])
             self._send(endpoint, [P.CANC, tid])
 
         self.call(send)
 
-    def fetch_basis(self, endpoint: str, digest: int, timeout_s: float) -> bytes:
+    def fetch_basis(
+        self, endpoint: str, digest: int, timeout_s: float, cancelled: threading.Event | None = None
+    ) -> bytes:
         """The basis file a producer published under ``digest`` (`FrameProducer.publish_basis`):
         for frames coded in a basis this decode was never given. TransferRefused if the producer
-        has none, TransportTimeout if no answer comes in time."""
+        has none or ``cancelled`` is set first, TransportTimeout if no answer comes in time."""
         answer: queue.SimpleQueue = queue.SimpleQueue()
 
         def ask() -> None:
@@ -168,10 +192,18 @@ class FrameConsumer(IOThread):
             self._send(endpoint, [P.BGET, P.U64.pack(digest)])
 
         self.call(ask)
-        try:
-            got = answer.get(timeout=timeout_s)
-        except queue.Empty:
-            raise TransportTimeout(f"producer {endpoint} sent no basis {digest:016x} in {timeout_s:.1f} s") from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                got = answer.get(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+                break
+            except queue.Empty:
+                if cancelled is not None and cancelled.is_set():
+                    raise TransferRefused(f"basis {digest:016x} no longer needed: its transfer stopped") from None
+                if time.monotonic() >= deadline:
+                    raise TransportTimeout(
+                        f"producer {endpoint} sent no basis {digest:016x} in {timeout_s:.1f} s"
+                    ) from None
         if isinstance(got, TransportError):
             raise got
         return got
@@ -185,14 +217,17 @@ class FrameConsumer(IOThread):
     def open_streams(self) -> int:
         return sum(len(p.streams) for p in list(self._peers.values()))
 
+    @property
+    def endpoints(self) -> int:
+        """Producer endpoints with a socket open."""
+        return len(self._peers)
+
     def close(self) -> None:
         self.stop()
         for peer in self._peers.values():
             for stream in list(peer.streams.values()):
                 stream._items.put(PeerGone("the consumer was closed"))
-            peer.sock.disable_monitor()  # first: else later sockets of the context never connected
-            peer.monitor.close(linger=0)
-            peer.sock.close(linger=0)
+            self._close_sockets(peer)
         self._peers.clear()
         self._buffered = 0
 
@@ -216,6 +251,14 @@ class FrameConsumer(IOThread):
             peer = self._peers[endpoint] = _Peer(sock, monitor)
         return peer
 
+    def _close_sockets(self, peer: _Peer) -> None:
+        for sock in (peer.sock, peer.monitor):
+            with contextlib.suppress(KeyError):
+                self.poller.unregister(sock)
+        peer.sock.disable_monitor()  # first: else later sockets of the context never connected
+        peer.monitor.close(linger=0)
+        peer.sock.close(linger=0)
+
     def _send(self, endpoint: str, parts: list) -> None:
         peer = self._peers.get(endpoint)
         if peer is None:
@@ -224,6 +267,23 @@ class FrameConsumer(IOThread):
             peer.sock.send_multipart(parts, zmq.NOBLOCK, copy=False)
         except zmq.Again:  # not connected yet and the queue is full; heartbeats catch a dead peer
             self.stats["send_dropped"] += 1
+
+    def _pull(self, stream: TransferStream) -> None:
+        """PULL the stream's transfer from the first frame it lacks, with the credits it has left."""
+        args = P.PULL_ARGS.pack(
+            stream.from_token,
+            max(0, stream._granted - stream._next_seq),
+            self.config.max_frame_bytes,
+            *stream.reader,
+            stream._next_seq,
+        )
+        self._send(stream.endpoint, [P.PULL, stream._tid, args, stream._secret])
+
+    def _credit(self, stream: TransferStream, credits: int) -> None:
+        if stream._closed:
+            return
+        stream._granted += credits
+        self._send(stream.endpoint, [P.CRED, stream._tid, P.U32.pack(credits)])
 
     def _open(self, stream: TransferStream) -> None:
         if stream._closed:
@@ -236,10 +296,7 @@ class FrameConsumer(IOThread):
             self._fail(old, TransferRefused(f"transfer {stream.transfer_id} was fetched again"), cancel=False)
         peer.streams[stream._tid] = stream
         stream._epoch = peer.epoch
-        args = P.PULL_ARGS.pack(
-            stream.from_token, self.config.credit_frames, self.config.max_frame_bytes, *stream.reader
-        )
-        self._send(stream.endpoint, [P.PULL, stream._tid, args])
+        self._pull(stream)
 
     def _drop(self, stream: TransferStream, cancel: bool) -> None:
         """Forget a stream, free what it buffered, and tell the producer if asked."""
@@ -247,6 +304,8 @@ class FrameConsumer(IOThread):
         if peer is None or peer.streams.get(stream._tid) is not stream:
             return
         del peer.streams[stream._tid]
+        if not peer.streams:
+            peer.idle_since = time.monotonic()
         while True:
             try:
                 item = stream._items.get_nowait()
@@ -262,19 +321,30 @@ class FrameConsumer(IOThread):
         self._drop(stream, cancel)
         stream._items.put(error)
 
+    def _disconnect(self, endpoint: str, peer: _Peer, error: TransportError) -> None:
+        """Fail every transfer of a producer that broke the protocol, and close its connection."""
+        for stream in list(peer.streams.values()):
+            self._fail(stream, error, cancel=False)
+        for waiters in peer.bases.values():
+            for waiter in waiters:
+                waiter.put(error)
+        self._close_sockets(peer)
+        del self._peers[endpoint]
+
     def on_ready(self, ready: dict) -> None:
         for endpoint, peer in list(self._peers.items()):
             if peer.sock in ready:
                 self._receive(endpoint, peer)
-            if peer.monitor in ready:
+            if peer.monitor in ready and endpoint in self._peers:
                 self._watch(endpoint, peer)
 
     def _receive(self, endpoint: str, peer: _Peer) -> None:
-        while True:
-            try:
-                parts = peer.sock.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return
+        while endpoint in self._peers and (message := recv_bounded(peer.sock, 4)) is not None:
+            parts, _, whole = message
+            if not whole:
+                self.stats["oversized"] += 1
+                log.warning("dropped a message of too many parts from %s", endpoint)
+                continue
             self._handle(endpoint, peer, parts)
 
     def _watch(self, endpoint: str, peer: _Peer) -> None:
@@ -282,7 +352,13 @@ class FrameConsumer(IOThread):
             event = recv_monitor_message(peer.monitor, zmq.NOBLOCK)["event"]
             if event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 peer.connected = True
+                if peer.lost:  # a reset connection came back: what was in flight is lost
+                    peer.lost = False
+                    self.stats["resumed"] += len(peer.streams)
+                    for stream in peer.streams.values():
+                        self._pull(stream)
             elif event & zmq.EVENT_DISCONNECTED:
+                peer.lost = peer.lost or peer.connected
                 peer.connected = False
             elif event & HANDSHAKE_FAILURES:
                 self.stats["unauthenticated"] += 1
@@ -311,6 +387,8 @@ class FrameConsumer(IOThread):
             answer = parts[2] if kind == P.BSET else TransferRefused(parts[2].decode(errors="replace"))
             for waiter in peer.bases.pop(digest, []):
                 waiter.put(answer)
+            if not peer.streams and not peer.bases:
+                peer.idle_since = time.monotonic()
             return
         stream = peer.streams.get(parts[1]) if len(parts) >= 2 else None
         if stream is None:
@@ -321,6 +399,12 @@ class FrameConsumer(IOThread):
             if seq != stream._next_seq:
                 self.stats["out_of_order"] += 1
                 return
+            if stream._next_seq >= stream._granted:
+                self.stats["credit_violations"] += 1
+                log.warning("producer %s sent beyond the credits it was granted; disconnected", endpoint)
+                return self._disconnect(
+                    endpoint, peer, TransferRefused(f"producer {endpoint} sent beyond the credits it was granted")
+                )
             try:
                 parsed = read_frame(frame)
             except FrameError as e:
@@ -340,6 +424,8 @@ class FrameConsumer(IOThread):
                     ),
                 )
             del peer.streams[stream._tid]
+            if not peer.streams:
+                peer.idle_since = time.monotonic()
             self._send(endpoint, [P.DONE, stream._tid])
             stream._items.put(_END)
         elif kind == P.ERR and len(parts) == 4:
@@ -352,9 +438,15 @@ class FrameConsumer(IOThread):
         now = time.monotonic()
         for endpoint, peer in list(self._peers.items()):
             if not peer.streams:
+                if not peer.bases and now - peer.idle_since > IDLE_CLOSE_S:
+                    self._close_sockets(peer)
+                    del self._peers[endpoint]
+                    self.stats["endpoints_closed"] += 1
                 continue
             if peer.unanswered_since is not None and now - peer.unanswered_since > self.config.peer_timeout_s:
                 self._receive(endpoint, peer)  # answers that came while this thread was not running count
+                if endpoint not in self._peers:
+                    continue
                 self._watch(endpoint, peer)
                 if peer.unanswered_since is not None:
                     self._give_up(endpoint, peer, now - peer.unanswered_since)
