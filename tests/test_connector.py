@@ -65,7 +65,8 @@ def test_each_role_gets_its_own_side_and_refuses_the_others_calls():
     scheduler = CacheGenConnector(vllm_config("kv_consumer"), KVConnectorRole.SCHEDULER)
     request = SimpleNamespace(request_id="r", prompt_token_ids=[1, 2, 3], kv_transfer_params=None)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
-    assert isinstance(scheduler.build_connector_meta(SimpleNamespace(scheduled_new_reqs=[])), CacheGenMetadata)
+    step = SimpleNamespace(scheduled_new_reqs=[], total_num_scheduled_tokens=0)
+    assert isinstance(scheduler.build_connector_meta(step), CacheGenMetadata)
     with pytest.raises(AssertionError, match="worker-side call"):
         scheduler.register_kv_caches({})
     worker = CacheGenConnector(vllm_config("kv_consumer"), KVConnectorRole.WORKER)

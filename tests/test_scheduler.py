@@ -49,6 +49,7 @@ def step(new=(), cached=(), resumed=(), scheduled=None):
             num_computed_tokens=[c for _, _, c in cached],
         ),
         num_scheduled_tokens=dict(scheduled or {}),
+        total_num_scheduled_tokens=sum((scheduled or {}).values()),
     )
 
 

@@ -176,6 +176,35 @@ def test_each_received_frame_is_read_once(prefill, monkeypatch):
     assert counts == {"header": sent, "checksum": sent}
 
 
+def test_a_step_that_computes_nothing_waits_for_its_loads_instead_of_spinning(monkeypatch):
+    """vLLM steps a decode whose requests all wait for KV without pause: such a step's get_finished
+    waits a little for a load to end (freeing the core it would spin on), and a load that ends
+    wakes it at once."""
+    from cachegen_vllm.connector import loading
+
+    decode = worker("kv_consumer", caches(seed=None), **{**FAST, "peer_timeout_s": 30, "load_timeout_s": 60})
+    try:
+        start_load(decode, f"tcp://127.0.0.1:{free_ports()}")  # nobody answers: the load waits
+
+        def steps_in(seconds: float, idle: bool) -> int:
+            count, end = 0, time.monotonic() + seconds
+            while time.monotonic() < end:
+                decode.begin_step(CacheGenMetadata(idle=idle))
+                assert decode.get_finished() == (set(), set())
+                count += 1
+            return count
+
+        assert steps_in(0.3, idle=True) <= 0.3 / loading.IDLE_WAIT_S + 5
+        assert steps_in(0.3, idle=False) > 10 * (0.3 / loading.IDLE_WAIT_S)  # a step with work never waits
+        monkeypatch.setattr(loading, "IDLE_WAIT_S", 30.0)
+        threading.Timer(0.2, lambda: decode.start_load_kv(CacheGenMetadata(cancels=["d"]))).start()
+        started = time.monotonic()
+        decode.begin_step(CacheGenMetadata(idle=True))
+        assert decode.get_finished() == (set(), {"d"}) and time.monotonic() - started < 5
+    finally:
+        decode.shutdown()
+
+
 def test_a_dead_producer_reports_the_missing_blocks_as_load_errors():
     target = caches(seed=None)
     decode = worker("kv_consumer", target, **FAST)

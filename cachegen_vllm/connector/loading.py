@@ -29,6 +29,12 @@ from cachegen_vllm.paged import PagedCaches
 from cachegen_vllm.transport import FrameConsumer, TransferRefused, TransferStream, TransportError
 
 log = init_logger("vllm.cachegen_vllm.connector")
+# How long a step that computes nothing waits for a load to end before it returns. vLLM steps a
+# decode whose requests all wait for KV without pause, taking a whole core from whatever shares it
+# (seen: a prefill's tensor-parallel rank on that core got no CPU for 10 s under the kernel's
+# per-session group scheduling, and its transfer stalled); a load that ends wakes the wait at
+# once, so only a new request's arrival can wait this long.
+IDLE_WAIT_S = 0.01
 
 
 @dataclass
@@ -52,6 +58,7 @@ class Loading:
         self._counts_requests = placement.tp_rank == 0  # a request is counted once, by the first rank
         self.consumer = FrameConsumer(config.transport)
         self._lock = threading.Lock()  # the bookkeeping below, shared with the load threads
+        self._ended = threading.Condition(self._lock)  # a load ended
         self._loads: dict[str, _Load] = {}  # in flight, by request id
         self._cancelled: set[str] = set()
         self._done: set[str] = set()  # ended since the last report
@@ -89,9 +96,12 @@ class Loading:
                 for stream in cancelled.streams:
                     stream.cancel()
 
-    def finished(self) -> set[str]:
-        """The requests whose loads ended since the last call, however they ended."""
+    def finished(self, wait: bool = False) -> set[str]:
+        """The requests whose loads ended since the last call, however they ended. ``wait``: the
+        step computed nothing, so wait up to `IDLE_WAIT_S` for a load in flight to end first."""
         with self._lock:
+            if wait and self._loads and not self._done:
+                self._ended.wait(IDLE_WAIT_S)
             done, self._done = self._done, set()
         return done
 
@@ -194,6 +204,7 @@ class Loading:
                 end, block_tokens = request.start + request.count, self.caches.block_tokens
                 self._failed_blocks.update(request.block_ids[request.start // block_tokens : -(-end // block_tokens)])
             self._done.add(request.req_id)
+            self._ended.notify_all()
 
     def _receive(self, load: _Load, fetch: TransferStream) -> None:
         """Pull one producer rank's frames and decode them, a layer's frames at a time, on the decode

@@ -179,7 +179,11 @@ class CacheGenScheduler:
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> CacheGenMetadata:
         meta = CacheGenMetadata(
-            loads=self._new_loads, cancels=self._new_cancels, aborted=self._new_aborts, declined=self._new_declines
+            loads=self._new_loads,
+            cancels=self._new_cancels,
+            aborted=self._new_aborts,
+            declined=self._new_declines,
+            idle=scheduler_output.total_num_scheduled_tokens == 0,
         )
         self._new_loads, self._new_cancels, self._new_aborts, self._new_declines = [], [], [], []
         if not self._saving:

@@ -58,6 +58,7 @@ class CacheGenWorker:
         self._names: dict[str, int] = {}  # layer name: layer index
         self.saving: Saving | None = None
         self.loading: Loading | None = None
+        self._idle = False  # the bound step computes nothing
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], vllm_config: Any) -> None:
         """vLLM's caches, one per attention layer: on a GPU, views whose strides are the layout; on
@@ -162,6 +163,7 @@ class CacheGenWorker:
 
     def begin_step(self, meta: CacheGenMetadata) -> None:
         """vLLM bound the step's metadata: its forward pass comes next."""
+        self._idle = meta.idle
         if self.saving is not None:
             self.saving.begin_step(meta)
 
@@ -181,7 +183,7 @@ class CacheGenWorker:
     def get_finished(self, finished_req_ids: set[str] | None = None) -> tuple[set[str], set[str]]:
         """(requests whose sends are done, requests whose loads ended) since the last call."""
         sent = self.saving.finished(finished_req_ids or set()) if self.saving is not None else set()
-        loaded = self.loading.finished() if self.loading is not None else set()
+        loaded = self.loading.finished(wait=self._idle and not sent) if self.loading is not None else set()
         return sent, loaded
 
     def get_block_ids_with_load_errors(self) -> set[int]:
