@@ -176,8 +176,7 @@ for line in sys.stdin:
 def test_a_message_of_many_parts_costs_a_producer_only_what_zeromq_held_of_it(tmp_path):
     """ZeroMQ hands a message over only once all its parts came, so it holds the message whole;
     the producer then reads its parts one at a time and drops them past the protocol's five, instead
-    of copying them all into a list (measured: 157 MiB of peak growth for these 80 MB in parts of
-    200 bytes, 253 with the copy). A real transfer after it is served."""
+    of copying them all into a list (docs/RESULTS.md). A real transfer after it is served."""
     child = subprocess.Popen([sys.executable, "-c", PRODUCER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(line: str) -> dict:

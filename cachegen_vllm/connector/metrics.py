@@ -25,6 +25,8 @@ COUNTERS = {
     "queued_bytes": "Bytes of frames put in the prefill's send buffer",
     "freed_bytes": "Bytes of frames released from the prefill's send buffer (collected, cancelled or evicted)",
     "evicted": "Transfers the prefill dropped because no decode pulled them within ttl_s or renewed its lease",
+    "strangers": "Messages the prefill ignored or refused: a PULL without the transfer's secret, or a credit, done or "
+    "cancel from a connection that reads no part of the transfer",
     "released": "Prefill requests whose blocks were held until their frames were sealed, then released",
     "declined": "Requests whose KV the decode recomputed instead: the link was slower than its own prefill",
     "bases_fetched": "Calibrated bases the decode fetched from a producer (frames coded in a basis it lacked)",
@@ -34,6 +36,7 @@ PRODUCER_COUNTERS = {
     "queued_bytes": "bytes_queued",
     "freed_bytes": "bytes_freed",
     "evicted": "evicted",
+    "strangers": "strangers",
 }  # metric: transport stat
 FAILURE_PREFIX = "failed_"  # + an error kind: timeout, peer_gone, corrupt, refused, buffer_full, internal, ...
 LEVEL_PREFIX = "level_"  # + a profile's name: layers of requests a producer coded at that level
