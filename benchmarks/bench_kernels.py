@@ -6,7 +6,7 @@ On a CUDA GPU (carry xxhash as a wheel to a machine with no package registry):
 
 For a Llama-3-8B-like cache (32 layers, 8 KV heads, head_dim 128, block size 16, bf16, pages in
 FlashAttention's order, shuffled block ids) at 4K, 16K and 32K tokens it times, per layer:
-encode and decode kernels alone (CUDA events, median of --reps), the whole `PagedCaches.start_encode`
+encode and decode kernels alone (CUDA events, median of --reps), the whole `paged.encode`
 call (planning, kernels, copy to the host, headers, checksums), and the torch reference codec on the
 same device; GB/s counts bytes read plus bytes written, and "of copy" divides by a device-to-device
 copy measured in the same run.
@@ -17,7 +17,7 @@ the one figure about the GPU path that can be measured on a CPU machine:
 
     python benchmarks/bench_kernels.py --ptxas --json benchmarks/results/kernels_ptxas.json
 
-``--host`` times the encode call's work on the host per layer (layout, sealing frames);
+``--host`` times the encode's work on the host (the plan, once per step; sealing, per layer);
 ``--cpu-codec`` the reference codec (packed and rans) on this CPU, one layer of the embedded model.
 
 The entropy-coded profile (``entropy``: rANS) is timed too: the rANS lane kernel
@@ -46,6 +46,7 @@ from cachegen_vllm.config import load_profile
 
 LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 TOKENS = (4096, 16384, 32768)  # x 32 layers: up to 4 GiB of bf16 KV
+HOST_REPS = 7
 PROFILES = ("default", "aggressive")
 GEOMETRY = KVGeometry(LAYERS, HEADS, HEAD_DIM, DTYPE, model="llama-3-8b-like")
 
@@ -200,39 +201,39 @@ def _ptxas_lossless() -> list[dict]:
 
 
 def _host_rows(profile_name: str) -> list[dict]:
-    """The encode call's host work per layer: the layout (first layer of a save step, then each
-    later one) and sealing the frames (header, checksum) in one host buffer."""
-    import numpy as np
-
-    from cachegen_vllm.codec.format import frame_nbytes, seal_frame
+    """The encode's host work for a step of ``tokens`` tokens split among ``saves`` requests: the
+    plan (once per step and widths, on the forward pass's thread: headers and tiles of every save),
+    and sealing a layer's frames (headers, checksums) in one host buffer (on the sealer); medians
+    of HOST_REPS."""
+    from cachegen_vllm.device import Runtime
     from cachegen_vllm.kernels import plans
 
     profile, cpu, rows = load_profile(profile_name), torch.device("cpu"), []
-    for tokens in TOKENS:
-        plans._LAYOUTS.clear()
-        t0 = time.perf_counter()
-        headers, bases, size, launches = plans._encode_layout(GEOMETRY, profile, 0, 0, tokens, tokens, cpu)
-        t1 = time.perf_counter()
-        for layer in range(1, LAYERS):
-            plans._encode_layout(GEOMETRY, profile, layer, 0, tokens, tokens, cpu)
-        t2 = time.perf_counter()
-        host = np.ones(size, dtype=np.uint8)  # touched, as the copy from the device leaves it
-        t3 = time.perf_counter()
-        payload = memoryview(host)
-        for header, base in zip(headers, bases):
-            seal_frame(header, GEOMETRY, payload[base : base + frame_nbytes(header, GEOMETRY)])
-        t4 = time.perf_counter()
-        rows.append(
-            dict(
-                profile=profile_name,
-                tokens=tokens,
-                wire_mib=round(size / 2**20, 1),
-                tiles=sum(len(members) for _, members, _ in launches),
-                layout_first_ms=round((t1 - t0) * 1e3, 2),
-                layout_later_ms=round((t2 - t1) * 1e3 / (LAYERS - 1), 3),
-                seal_ms=round((t4 - t3) * 1e3, 2),
+    for saves in (1, 16):
+        for tokens in TOKENS:
+            per_save = tokens // saves
+            spans = [plans.SaveSpan(i * -(-per_save // BLOCK_SIZE), 0, per_save, per_save) for i in range(saves)]
+            planning, sealing = [], []
+            for _ in range(HOST_REPS):
+                t0 = time.perf_counter()
+                plan = plans.plan_encode(GEOMETRY, profile, 0, spans, cpu, Runtime(cpu))
+                planning.append(time.perf_counter() - t0)
+                host = torch.empty(plan.nbytes, dtype=torch.uint8).fill_(0)  # touched, as the copy leaves it
+                t0 = time.perf_counter()
+                plans.finish_encode(plan, GEOMETRY, 1, host)
+                sealing.append(time.perf_counter() - t0)
+            rows.append(
+                dict(
+                    profile=profile_name,
+                    saves=saves,
+                    tokens=tokens,
+                    wire_mib=round(plan.nbytes / 2**20, 1),
+                    tiles=sum(len(members) for _, members, _ in plan.launches),
+                    launches_per_layer=len(plan.launches),
+                    plan_per_step_ms=round(statistics.median(planning) * 1e3, 2),
+                    seal_per_layer_ms=round(statistics.median(sealing) * 1e3, 2),
+                )
             )
-        )
     return rows
 
 
@@ -284,7 +285,7 @@ def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, devi
     from cachegen_vllm.codec.bitpack import pack
     from cachegen_vllm.codec.quant import quantize
     from cachegen_vllm.kernels import plans as kernels
-    from cachegen_vllm.paged import PagedCaches, gather
+    from cachegen_vllm.paged import PagedCaches, SaveRange, encode, gather
 
     profile = load_profile(profile_name)
     blocks = -(-tokens // BLOCK_SIZE)
@@ -295,14 +296,14 @@ def _timed_rows(profile_name: str, tokens: int, reps: int, copy_bps: float, devi
     table = torch.randperm(blocks + 64, generator=generator)[:blocks].to(device)
     raw = 2 * tokens * HEADS * HEAD_DIM * DTYPE.itemsize  # K and V of one layer
 
-    plan = kernels.plan_encode(
-        GEOMETRY, profile, layer=0, token_start=0, count=tokens, total_tokens=tokens, device=cache.device
-    )
-    wire = plan.buffer.numel()
-    encode_s = median_seconds(lambda: kernels.launch_encode(plan, cache, table), reps)
-    frames = kernels.finish_encode(plan, GEOMETRY)
+    plan = kernels.plan_encode(GEOMETRY, profile, 0, [kernels.SaveSpan(0, 0, tokens, tokens)], cache.device)
+    wire = plan.nbytes
+    buffer = torch.zeros(plan.nbytes, dtype=torch.uint8, device=device)
+    encode_s = median_seconds(lambda: kernels.launch_encode(plan, cache, table, buffer), reps)
+    (frames,) = kernels.finish_encode(plan, GEOMETRY, 0, buffer.cpu())
     caches = PagedCaches({0: cache}, None, GEOMETRY, kernels=True)
-    api_s = _wall(lambda: caches.start_encode(0, table, profile, 0, tokens, tokens).finish(), max(3, reps // 4))
+    save = SaveRange(table.tolist(), 0, tokens, tokens)
+    api_s = _wall(lambda: encode(caches, 0, profile, save), max(3, reps // 4))
     dplan = kernels.plan_decode([read_frame(f) for f in frames], GEOMETRY, cache.device)
     target = torch.empty_like(store).permute(0, 2, 1, 3)
     decode_s = median_seconds(lambda: kernels.launch_decode(dplan, {0: target}, table), reps)
@@ -432,7 +433,7 @@ def main() -> None:
         "--ptxas", action="store_true", help="compile for sm_90a and report ptxas's allocation (no GPU needed)"
     )
     parser.add_argument(
-        "--host", action="store_true", help="time the encode call's host work per layer (no GPU needed)"
+        "--host", action="store_true", help="time the encode's host work per step and layer (no GPU needed)"
     )
     parser.add_argument(
         "--cpu-codec", action="store_true", help="time the reference codec on this CPU, packed and rans"
@@ -456,14 +457,14 @@ def main() -> None:
     elif args.host:
         rows = [row for name in PROFILES for row in _host_rows(name)]
         print(
-            "| profile | tokens | wire MiB/layer | tiles/layer | layout, first layer (ms) "
-            "| layout, each later layer (ms) | seal a layer's frames (ms) |"
+            "| profile | saves | tokens in the step | wire MiB/layer | tiles/layer | launches/layer "
+            "| plan, once per step (ms) | seal a layer's frames (ms) |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(
-                f"| {r['profile']} | {r['tokens']} | {r['wire_mib']} | {r['tiles']} | {r['layout_first_ms']} | "
-                f"{r['layout_later_ms']} | {r['seal_ms']} |"
+                f"| {r['profile']} | {r['saves']} | {r['tokens']} | {r['wire_mib']} | {r['tiles']} | "
+                f"{r['launches_per_layer']} | {r['plan_per_step_ms']} | {r['seal_per_layer_ms']} |"
             )
         result = dict(machine="host CPU", geometry=str(GEOMETRY), rows=rows)
     elif args.ptxas:

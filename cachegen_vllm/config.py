@@ -312,6 +312,9 @@ class ConnectorConfig:
     link_mbps: float | None = None  # producer, adaptive: the link's goodput, fixed, instead of measuring it
     recompute_tokens_per_s: float | None = None  # consumer: its own prefill rate; a slower link recomputes
     allowed_producers: AllowedProducers | None = None  # consumer: None, any producer a request names
+    # producer: encoded layers (and the reference codec's inputs) waiting for the sealer, at most;
+    # pinned host memory of this size is allocated at start-up on a GPU
+    max_encode_inflight_bytes: int = 512 << 20
 
     @property
     def adaptive(self) -> bool:
@@ -337,6 +340,7 @@ CONNECTOR_FIELDS = {
     "advertise",
     "load_timeout_s",
     "allowed_producers",
+    "max_encode_inflight_bytes",
 }
 ADAPTIVE = "adaptive"  # the profile name that picks a level of `ladder` per request and layer
 DEFAULT_LADDER = ("raw", "high-quality", "default")  # for any model; the embedded one adds its basis
@@ -418,9 +422,16 @@ def connector_config_from_dict(kv_role: str | None, extra: Any) -> ConnectorConf
         _rate(EXTRA + "link_mbps", extra.get("link_mbps")),
         _rate(EXTRA + "recompute_tokens_per_s", extra.get("recompute_tokens_per_s")),
         _allowed_producers(EXTRA + "allowed_producers", extra.get("allowed_producers")),
+        _positive(
+            EXTRA + "max_encode_inflight_bytes",
+            extra.get("max_encode_inflight_bytes", ConnectorConfig.max_encode_inflight_bytes),
+            1 << 40,
+        ),
     )
     if config.link_mbps is not None and not config.adaptive:
         raise ConfigError(EXTRA + "link_mbps", f'is read only with profile "{ADAPTIVE}"')
+    if "max_encode_inflight_bytes" in extra and not config.sends:
+        raise ConfigError(EXTRA + "max_encode_inflight_bytes", f"is read by a prefill; {kv_role} encodes nothing")
     for field in ("recompute_tokens_per_s", "allowed_producers"):
         if getattr(config, field) is not None and not config.receives:
             raise ConfigError(EXTRA + field, f"is read by a decode; {kv_role} loads nothing")

@@ -1,15 +1,16 @@
 """The kernels' host side: which tile of which frame goes where, launches, and sealing.
 
 Each direction is three steps, so that a caller can put the device work on a stream of its own and
-collect the result later: `plan_encode` (host: the frames' headers and tiles) -> `launch_encode`
-(device, asynchronous) -> `finish_encode` (host: copy back, header and checksum);
-`decode_frames_paged` does the same for decoding in one call.
+collect the result later: `plan_encode` (host: the frames' headers and tiles, once per step for
+all its saves) -> `launch_encode` (device, asynchronous: one launch per pair of widths per layer,
+whatever the number of saves) -> `finish_encode` (host, from a copy of the buffer: header and
+checksum); `decode_frames_paged` does the same for decoding in one call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,93 +41,79 @@ def _by_widths(tiles: list[tuple[int, list[int]]], runtime: Runtime) -> list[Lau
     ]
 
 
+@dataclass(frozen=True)
+class SaveSpan:
+    """Tokens ``[start, end)`` of a prompt of ``total`` tokens, read through the step's block table
+    from entry ``table`` on (the request's first block)."""
+
+    table: int
+    start: int
+    end: int
+    total: int
+
+
 @dataclass
 class EncodePlan:
-    """One layer's frames: their headers, where each lies in ``buffer``, and the kernels' work."""
+    """One layer's frames of a step's saves, back to back in one buffer: their headers (of the
+    layer planned; `finish_encode` names the layer sealed), where each lies, which save each
+    belongs to, and the kernels' work. Each launch's non-finite counts ([tiles, heads] int32) follow
+    the frames in the same buffer, so that one copy brings everything to the host."""
 
     headers: list[FrameHeader]
     bases: list[int]
-    buffer: torch.Tensor  # uint8 on the device: the frames' bytes, back to back
+    saves: list[range]  # per save: the indices of its frames
     launches: list[Launch]
-    bad: list[torch.Tensor]  # per launch, [tiles, heads]: non-finite counts, filled by the kernel
+    counts_at: list[int]  # per launch: the byte offset of its non-finite counts
+    nbytes: int
     constants: dict
 
 
 def plan_encode(
     geometry: KVGeometry,
     profile: Profile,
-    *,
     layer: int,
-    token_start: int,
-    count: int,
-    total_tokens: int,
+    saves: Sequence[SaveSpan],
     device: torch.device,
     runtime: Runtime | None = None,
 ) -> EncodePlan:
-    """The frames `codec.encode_layer` makes of tokens ``[token_start, token_start + count)``; device
-    work on the current stream (``runtime``: how host arrays get there; default plain copies)."""
+    """The frames `codec.encode_layer` makes of each save's tokens, for ``layer`` and every layer of
+    the same widths; the tiles go to the device on the current stream (``runtime``: how host arrays
+    get there; default plain copies). Made once per step and widths, not per layer."""
     if profile.coding != "packed":
         raise ValueError(
             f"coding {profile.coding!r}: the kernels code 'packed' frames (PagedCaches.start_encode routes the rest)"
         )
-    headers, bases, size, launches = _encode_layout(
-        geometry, profile, layer, token_start, count, total_tokens, device, runtime or Runtime(device)
-    )
+    hadamard = profile.rotation == "hadamard"
+    headers: list[FrameHeader] = []
+    tables: list[int] = []  # each frame's request's entry in the step's block table
+    spans: list[range] = []
+    for save in saves:
+        first = len(headers)
+        for start, n in chunk_bounds(profile, save.start, save.end - save.start):
+            segments = tuple(plan_segments(profile, layer, start, n, save.total))
+            headers.append(FrameHeader(layer, start, profile.group_tokens, profile.value_axis, hadamard, segments))
+            tables.append(save.table)
+        spans.append(range(first, len(headers)))
+    bases, size = frame_slots(headers, geometry)
+    tiles = [
+        (i, t)
+        for i, (header, base, table) in enumerate(zip(headers, bases, tables))
+        for t in frame_tiles(header, geometry, base, table)
+    ]
+    launches = _by_widths(tiles, runtime or Runtime(device))
+    counts_at, nbytes = [], size
+    for _, frames, _ in launches:
+        counts_at.append(nbytes)
+        nbytes += len(frames) * geometry.num_kv_heads * 4
     return EncodePlan(
-        [dataclasses.replace(h, layer=layer) for h in headers],
+        headers,
         bases,
-        _frame_buffer(size, device),
+        spans,
         launches,
-        [
-            torch.empty(len(frames), geometry.num_kv_heads, dtype=torch.int32, device=device)
-            for _, frames, _ in launches
-        ],
-        kernel_constants(geometry, profile.group_tokens, profile.value_axis, profile.rotation == "hadamard"),
+        counts_at,
+        nbytes,
+        kernel_constants(geometry, profile.group_tokens, profile.value_axis, hadamard),
     )
-
-
-def _frame_buffer(size: int, device: torch.device) -> torch.Tensor:
-    return torch.zeros(size, dtype=torch.uint8, device=device)  # the format's padding is zeros
-
-
-_LAYOUTS: dict[tuple, tuple[list[FrameHeader], list[int], int, list[Launch]]] = {}
-
-
-def _encode_layout(
-    geometry: KVGeometry,
-    profile: Profile,
-    layer: int,
-    token_start: int,
-    count: int,
-    total_tokens: int,
-    device: torch.device,
-    runtime: Runtime,
-) -> tuple[list[FrameHeader], list[int], int, list[Launch]]:
-    """Headers (for any layer), frame offsets, buffer size and tiles on the device. Every layer with
-    the same widths has the same layout: made once per save step instead of once per layer, off
-    the forward pass's path."""
-    key = (geometry, profile, profile.layer_bits(layer), token_start, count, total_tokens, str(device))
-    if key not in _LAYOUTS:
-        hadamard = profile.rotation == "hadamard"
-        headers = [
-            FrameHeader(
-                layer,
-                start,
-                profile.group_tokens,
-                profile.value_axis,
-                hadamard,
-                tuple(plan_segments(profile, layer, start, n, total_tokens)),
-            )
-            for start, n in chunk_bounds(profile, token_start, count)
-        ]
-        bases, size = frame_slots(headers, geometry)
-        tiles = [
-            (i, t) for i, (header, base) in enumerate(zip(headers, bases)) for t in frame_tiles(header, geometry, base)
-        ]
-        if len(_LAYOUTS) >= 64:
-            _LAYOUTS.pop(next(iter(_LAYOUTS)))
-        _LAYOUTS[key] = (headers, bases, size, _by_widths(tiles, runtime))
-    return _LAYOUTS[key]
 
 
 def profile_variants(geometry: KVGeometry, profile: Profile) -> list[tuple[int, int]]:
@@ -141,37 +128,47 @@ def profile_variants(geometry: KVGeometry, profile: Profile) -> list[tuple[int, 
     return sorted(widths)
 
 
-def launch_encode(plan: EncodePlan, cache: torch.Tensor, block_table: torch.Tensor) -> None:
-    """Enqueue the encode kernels on the current stream: reads the request's blocks of ``cache``
-    (``block_table``: its block ids in order, on the cache's device), writes ``plan.buffer``."""
-    for ((key_bits, value_bits), _, tiles), bad in zip(plan.launches, plan.bad):
-        encode_tiles(cache, block_table, tiles, plan.buffer, bad, key_bits, value_bits, plan.constants)
+def _counts(plan: EncodePlan, buffer: torch.Tensor, launch: int) -> torch.Tensor:
+    """Launch ``launch``'s non-finite counts [tiles, heads] in ``buffer`` (the device's or a host copy)."""
+    at, tiles = plan.counts_at[launch], len(plan.launches[launch][1])
+    return buffer[at : at + tiles * plan.constants["H"] * 4].view(torch.int32).view(tiles, -1)
+
+
+def launch_encode(plan: EncodePlan, cache: torch.Tensor, block_table: torch.Tensor, buffer: torch.Tensor) -> None:
+    """Enqueue the encode kernels on the current stream: read the saves' blocks of ``cache``
+    (``block_table``: the step's, each save's block ids in order from its entry), write the frames
+    and counts into ``buffer`` (uint8 zeros of at least ``plan.nbytes``: the format's padding is
+    zeros)."""
+    for i, ((key_bits, value_bits), _, tiles) in enumerate(plan.launches):
+        encode_tiles(cache, block_table, tiles, buffer, _counts(plan, buffer, i), key_bits, value_bits, plan.constants)
 
 
 def finish_encode(
-    plan: EncodePlan,
-    geometry: KVGeometry,
-    payload: torch.Tensor | None = None,
-    bad: list[torch.Tensor] | None = None,
-) -> list[memoryview | None]:
-    """Seal the frames in place in a host copy of the buffer: the frames are views of it (no copy
-    per frame). ``payload`` and ``bad``: host copies of ``plan.buffer`` and ``plan.bad`` whose copies
-    are complete (default: copied here, which waits for the kernels). None stands for a frame with
-    values its float16 statistics cannot hold (inf, nan, beyond +-65504): the caller makes it the
-    reference's way, which sends such tensors exact."""
-    data = (plan.buffer if payload is None else payload).cpu().numpy().data
-    counts = [b.cpu() for b in (plan.bad if bad is None else bad)]
+    plan: EncodePlan, geometry: KVGeometry, layer: int, host: torch.Tensor
+) -> list[list[memoryview | None]]:
+    """Seal, in place in ``host`` (a complete host copy of the buffer's first ``plan.nbytes``), the
+    frames of ``layer``: each save's, views of ``host`` (no copy per frame). None stands for a
+    frame with values its float16 statistics cannot hold (inf, nan, beyond +-65504): the caller
+    makes it the reference's way, which sends such tensors exact."""
+    data = host.numpy().data
     refused = {
-        f for (_, frames, _), n in zip(plan.launches, counts) for f, c in zip(frames, n.sum(dim=1).tolist()) if c
+        f
+        for i, (_, frames, _) in enumerate(plan.launches)
+        for f, c in zip(frames, _counts(plan, host, i).sum(dim=1).tolist())
+        if c
     }
-    out: list[memoryview | None] = []
-    for i, (header, base) in enumerate(zip(plan.headers, plan.bases)):
-        if i in refused:
-            out.append(None)
-            continue
-        frame = data[base : base + frame_nbytes(header, geometry)]
-        seal_frame(header, geometry, frame)
-        out.append(frame)
+    out: list[list[memoryview | None]] = []
+    for span in plan.saves:
+        frames: list[memoryview | None] = []
+        for i in span:
+            if i in refused:
+                frames.append(None)
+                continue
+            header = dataclasses.replace(plan.headers[i], layer=layer)
+            frame = data[plan.bases[i] : plan.bases[i] + frame_nbytes(header, geometry)]
+            seal_frame(header, geometry, frame)
+            frames.append(frame)
+        out.append(frames)
     return out
 
 

@@ -42,6 +42,7 @@ TOKEN = tl.constexpr(Tile.TOKEN)
 TOKENS = tl.constexpr(Tile.TOKENS)
 KEY = tl.constexpr(Tile.KEY)
 VALUE = tl.constexpr(Tile.VALUE)
+TABLE = tl.constexpr(Tile.TABLE)
 CODES = tl.constexpr(TensorField.CODES)
 MINS = tl.constexpr(TensorField.MINS)
 SCALES = tl.constexpr(TensorField.SCALES)
@@ -212,9 +213,11 @@ def _encode_tensor(
 
 
 @triton.jit
-def _page_rows(block_table, token, tmask, h, block_size, stride_block, stride_head, stride_token):
-    """Element offset, in the cache, of head h's row of each token: through the request's block table."""
-    block = tl.load(block_table + token // block_size, mask=tmask, other=0).to(tl.int64)
+def _page_rows(block_table, desc, token, tmask, h, block_size, stride_block, stride_head, stride_token):
+    """Element offset, in the cache, of head h's row of each token: through the request's blocks,
+    from the tile's entry of the block table on."""
+    blocks = block_table + tl.load(desc + TABLE)
+    block = tl.load(blocks + token // block_size, mask=tmask, other=0).to(tl.int64)
     return block * stride_block + h * stride_head + (token % block_size) * stride_token
 
 
@@ -252,7 +255,7 @@ def encode_kernel(
     d = tl.arange(0, D)
     tmask = t < tl.load(desc + TOKENS)
     token = tl.load(desc + TOKEN) + t
-    page = _page_rows(block_table, token, tmask, h, block_size, stride_block, stride_head, stride_token)
+    page = _page_rows(block_table, desc, token, tmask, h, block_size, stride_block, stride_head, stride_token)
     key = tl.load(cache + page[:, None] + d[None, :] * stride_channel, mask=tmask[:, None], other=0.0)
     bad = _encode_tensor(
         key,
@@ -379,7 +382,7 @@ def decode_kernel(
     # only tokens [write_start, write_end) are written: the rest of the request's blocks may hold
     # a prefix the decode computed itself, or belong to no one yet
     tmask = (t < tl.load(desc + TOKENS)) & (token >= write_start) & (token < write_end)
-    page = _page_rows(block_table, token, tmask, h, block_size, stride_block, stride_head, stride_token)
+    page = _page_rows(block_table, desc, token, tmask, h, block_size, stride_block, stride_head, stride_token)
     _decode_tensor(
         cache + page[:, None] + d[None, :] * stride_channel,
         t,

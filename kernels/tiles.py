@@ -8,7 +8,8 @@ frames back to back, each starting at a multiple of `ALIGN`; the header, segment
 around each payload are the host's (`format.seal_frame`).
 
 A tile is a row of `TILE_FIELDS` int64, its columns named by `Tile`: the first token and the token
-count, then a `TensorField` block for K and one for V. ``CODES`` is the offset of the tile's first
+count, then a `TensorField` block for K and one for V, then where the request's blocks start in
+the block table (one launch serves every request of a step). ``CODES`` is the offset of the tile's first
 packed code (or, for exact tensors, its first value in the cache's dtype); ``MINS`` / ``SCALES``
 that of its first statistic (0 for exact tensors). Within the tile the kernel adds ``(t * heads +
 head) * head_dim * bits / 8`` to the codes, ``head * head_dim + channel`` (per-channel) or ``t *
@@ -41,9 +42,10 @@ class Tile(enum.IntEnum):
     TOKENS = 1  # how many tokens it holds
     KEY = 2  # K's TensorField block
     VALUE = KEY + len(TensorField)  # V's
+    TABLE = VALUE + len(TensorField)  # the entry of the block table where the request's blocks start
 
 
-TILE_FIELDS = Tile.VALUE + len(TensorField)
+TILE_FIELDS = Tile.TABLE + 1
 
 
 def tensor_column(tensor: KV, field: TensorField) -> int:
@@ -59,8 +61,9 @@ def frame_slots(headers: list[FrameHeader], geometry: KVGeometry) -> tuple[list[
     return bases, offset
 
 
-def frame_tiles(header: FrameHeader, geometry: KVGeometry, base: int) -> list[list[int]]:
-    """The tiles of one frame whose first byte is at ``base`` of the buffer."""
+def frame_tiles(header: FrameHeader, geometry: KVGeometry, base: int, table: int = 0) -> list[list[int]]:
+    """The tiles of one frame whose first byte is at ``base`` of the buffer, of a request whose
+    blocks start at entry ``table`` of the block table."""
     channels, heads = geometry.channels, geometry.num_kv_heads
     group = header.group_tokens
     tiles, token = [], header.token_start
@@ -82,6 +85,6 @@ def frame_tiles(header: FrameHeader, geometry: KVGeometry, base: int) -> list[li
                     base + mins + stat * STAT_DTYPE.itemsize,
                     base + scales + stat * STAT_DTYPE.itemsize,
                 ]
-            tiles.append(row)
+            tiles.append([*row, table])
         token += seg.tokens
     return tiles

@@ -16,8 +16,16 @@ from cachegen_vllm.connector.connector import CacheGenConnector
 from cachegen_vllm.connector.metadata import CacheGenMetadata
 
 
-def vllm_config(role: str, pipeline_parallel_size: int = 1, cache_dtype: str = "auto", use_mla: bool = False, **extra):
+def vllm_config(
+    role: str,
+    pipeline_parallel_size: int = 1,
+    cache_dtype: str = "auto",
+    use_mla: bool = False,
+    speculative_config=None,
+    **extra,
+):
     return SimpleNamespace(
+        speculative_config=speculative_config,
         kv_transfer_config=SimpleNamespace(kv_role=role, kv_connector_extra_config=extra),
         model_config=SimpleNamespace(
             served_model_name="served", model="/models/m", get_total_num_kv_heads=lambda: 3, use_mla=use_mla
@@ -26,13 +34,17 @@ def vllm_config(role: str, pipeline_parallel_size: int = 1, cache_dtype: str = "
             tensor_parallel_size=1, pipeline_parallel_size=pipeline_parallel_size, data_parallel_index=0
         ),
         cache_config=SimpleNamespace(cache_dtype=cache_dtype, block_size=16),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=2048),
     )
 
 
-def kv_cache_config(*specs: tuple[int, int]):
+def kv_cache_config(*specs: tuple[int, int], block_size: int = 16):
     """vLLM's KVCacheConfig as the connector reads it: a group per (head_size, head_size_v)."""
     return SimpleNamespace(
-        kv_cache_groups=[SimpleNamespace(kv_cache_spec=SimpleNamespace(head_size=k, head_size_v=v)) for k, v in specs]
+        kv_cache_groups=[
+            SimpleNamespace(kv_cache_spec=SimpleNamespace(head_size=k, head_size_v=v, block_size=block_size))
+            for k, v in specs
+        ]
     )
 
 
@@ -46,12 +58,25 @@ def kv_cache_config(*specs: tuple[int, int]):
         ({"use_mla": True}, [(576, 0)], "use_mla", "MLA"),
         ({}, [(192, 128)], "head_size_v", "128 and 192"),
         ({}, [(64, 64), (64, 64)], "kv_cache_groups", "has 2"),
+        ({"speculative_config": SimpleNamespace(method="eagle3")}, [(64, 64)], "speculative_config", "drafter"),
     ],
 )
 def test_what_is_not_supported_yet_is_refused_at_start_up_by_name(role, settings, groups, field, words):
     with pytest.raises(ConfigError) as e:
         CacheGenConnector(vllm_config("kv_consumer", **settings), role, kv_cache_config(*groups))
     assert e.value.field == field and words in str(e.value)
+
+
+def test_the_block_size_is_the_kv_cache_groups_not_the_cache_configs():
+    """vLLM 0.33 sets cache_config.block_size from the groups after the connector is made."""
+    worker = CacheGenConnector(
+        vllm_config("kv_consumer"), KVConnectorRole.WORKER, kv_cache_config((64, 64), block_size=32)
+    )
+    assert worker.worker.block_size == 32
+    worker.shutdown()
+    worker = CacheGenConnector(vllm_config("kv_consumer"), KVConnectorRole.WORKER)
+    assert worker.worker.block_size == 16
+    worker.shutdown()
 
 
 def test_a_sending_instance_asks_for_piecewise_cuda_graphs_and_a_decode_keeps_full_ones():
@@ -65,7 +90,7 @@ def test_each_role_gets_its_own_side_and_refuses_the_others_calls():
     scheduler = CacheGenConnector(vllm_config("kv_consumer"), KVConnectorRole.SCHEDULER)
     request = SimpleNamespace(request_id="r", prompt_token_ids=[1, 2, 3], kv_transfer_params=None)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
-    step = SimpleNamespace(scheduled_new_reqs=[], total_num_scheduled_tokens=0)
+    step = SimpleNamespace(scheduled_new_reqs=[], total_num_scheduled_tokens=0, preempted_req_ids=None)
     assert isinstance(scheduler.build_connector_meta(step), CacheGenMetadata)
     with pytest.raises(AssertionError, match="worker-side call"):
         scheduler.register_kv_caches({})

@@ -289,13 +289,13 @@ def test_profile_coding_fields_are_validated():
 def test_paged_caches_carry_rans_frames():
     """The bound caches' encode and decode (what the connector calls) with a rans profile on a CPU
     cache: the frames are encode_layer's, and decoding writes exactly the asked tokens."""
-    from cachegen_vllm.paged import PagedCaches, gather, scatter
+    from cachegen_vllm.paged import PagedCaches, SaveRange, encode, gather, scatter
 
     key, value = _kv(150, seed=9)
     blocks = torch.tensor([3, 0, 5])  # 64-token blocks, shuffled
     cache = torch.zeros(6, GEOMETRY.num_kv_heads, 64, 2 * GEOMETRY.head_dim, dtype=GEOMETRY.dtype)
     scatter(cache, None, blocks, 0, key, value)
-    frames = PagedCaches({2: cache}, None, GEOMETRY).start_encode(2, blocks, RANS, 64, 150, 150).finish()
+    frames = encode(PagedCaches({2: cache}, None, GEOMETRY), 2, RANS, SaveRange(blocks.tolist(), 64, 150, 150))
     assert [bytes(f) for f in frames] == encode_layer(
         key[64:], value[64:], geometry=GEOMETRY, profile=RANS, layer=2, token_start=64, total_tokens=150
     )

@@ -24,8 +24,9 @@ from cachegen_vllm.codec import KVGeometry, decode_chunk, encode_layer, parse_fr
 from cachegen_vllm.codec.format import payload_arrays  # noqa: E402
 from cachegen_vllm.codec.profile import EXACT_BITS  # noqa: E402
 from cachegen_vllm.config import load_profile, profile_from_dict  # noqa: E402
+from cachegen_vllm.device import Runtime  # noqa: E402
 from cachegen_vllm.kernels import plans, tile_kernels  # noqa: E402
-from cachegen_vllm.paged import PagedCaches, gather  # noqa: E402
+from cachegen_vllm.paged import EncodeStep, PagedCaches, SaveRange, encode, gather  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 NUM_BLOCKS, BLOCK_SIZE = 12, 16
@@ -68,7 +69,7 @@ def _encode(cache, table, geometry, profile, layer, start, count, total, kernels
     """A layer's frames from the request in ``table``'s blocks of ``cache``, by the kernels (in
     Triton's interpreter on a CPU) or the reference codec."""
     caches = PagedCaches({layer: cache}, None, geometry, kernels=kernels)
-    return caches.start_encode(layer, table, profile, start, start + count, total).finish()
+    return encode(caches, layer, profile, SaveRange(table.tolist(), start, start + count, total))
 
 
 def _geometry(heads, head_dim, dtype):
@@ -135,9 +136,7 @@ def test_encode_writes_every_payload_byte(monkeypatch):
     geometry, profile = _geometry(heads, head_dim, dtype), _profile((3, 1), **kw)
     cache = _cache(layout, heads, head_dim, dtype, seed=9)
     monkeypatch.setattr(
-        plans,
-        "_frame_buffer",
-        lambda size, device: torch.full((size,), 0xA5, dtype=torch.uint8, device=device),
+        Runtime, "frame_buffer", lambda self, size: torch.full((size,), 0xA5, dtype=torch.uint8, device=self.device)
     )
     frames = _encode(cache, BLOCKS.to(DEVICE), geometry, profile, 0, start, count, total, kernels=True)
     key, value = gather(cache.cpu(), None, BLOCKS, start + count)
@@ -216,6 +215,42 @@ def test_values_the_statistics_cannot_hold_travel_exact(poison):
     key, value = gather(cache.cpu(), None, BLOCKS, 40)
     assert frames == encode_layer(key, value, geometry=geometry, profile=profile, layer=0)
     assert parse_frame(frames[1], geometry).segments[0].value_bits == EXACT_BITS
+
+
+def test_a_steps_saves_are_coded_in_one_launch_per_pair_of_widths_whatever_their_number():
+    """All the saves of a step, each in its own blocks, from its own first token to its own
+    prompt's end, are coded by one launch per pair of widths per layer (each tile indexes its
+    request's part of the step's block table): each save's frames are the reference's, and the
+    host calls a layer makes on the forward pass's thread (launches, copies, events, buffers,
+    counted by the device runtime) are the same for one save as for eight."""
+    geometry, profile = _geometry(2, 32, torch.bfloat16), _profile((4, 2), recent=[(9, 8, 8)], chunk=32)
+    store = _cache("NHD", 2, 32, torch.bfloat16, seed=12)  # 12 blocks of 16 tokens
+    order = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(1)).tolist()
+    # two blocks each (32 tokens), some saves starting mid-prompt, some prompts longer than their save
+    saves = [SaveRange(order[i : i + 2], i % 2 * 7, 8 + 3 * i, 8 + 3 * i + i % 3 * 5) for i in range(8)]
+    calls = []
+    for count in (1, 8):
+        caches = PagedCaches({0: store, 1: store}, None, geometry, kernels=True)
+        runtime = caches.runtime
+        step = EncodeStep(caches, saves[-count:])  # the last alone has both pairs of widths
+        step.start(0, profile).close()  # the step's plan for these widths is made at its first layer
+        before = dict(runtime.work)
+        encoding = step.start(1, profile)
+        calls.append({k: v - before.get(k, 0) for k, v in runtime.work.items() if v != before.get(k, 0)})
+        for i, save in enumerate(saves[-count:]):
+            key, value = gather(store.cpu(), None, torch.tensor(save.block_ids), save.end, save.start)
+            expected = encode_layer(
+                key,
+                value,
+                geometry=geometry,
+                profile=profile,
+                layer=1,
+                token_start=save.start,
+                total_tokens=save.total,
+            )
+            assert encoding.frames(i) == expected, i
+        encoding.close()
+    assert calls[0] == calls[1] == {"launches": 2, "copies": 1, "events": 1, "buffers": 1}, calls
 
 
 def test_unsupported_geometry_is_refused_by_name():

@@ -37,9 +37,9 @@ def blocks(*ids: int):
     return SimpleNamespace(get_block_ids=lambda: (list(ids),))
 
 
-def step(new=(), cached=(), resumed=(), scheduled=None):
+def step(new=(), cached=(), resumed=(), scheduled=None, preempted=None):
     """A SchedulerOutput: ``new`` (req_id, block_ids, computed), ``cached`` (req_id, new block ids or
-    None, computed), ``scheduled`` {req_id: tokens this step}."""
+    None, computed), ``scheduled`` {req_id: tokens this step}, ``preempted`` (req_ids)."""
     return SimpleNamespace(
         scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(list(b),), num_computed_tokens=c) for r, b, c in new],
         scheduled_cached_reqs=SimpleNamespace(
@@ -50,6 +50,7 @@ def step(new=(), cached=(), resumed=(), scheduled=None):
         ),
         num_scheduled_tokens=dict(scheduled or {}),
         total_num_scheduled_tokens=sum((scheduled or {}).values()),
+        preempted_req_ids=set(preempted) if preempted is not None else None,
     )
 
 
@@ -132,8 +133,11 @@ def test_a_preempted_and_resumed_prefill_reads_its_new_blocks_and_sends_nothing_
     assert s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 128})).saves == [
         SaveRequest("a", "t-1", SECRET, [1], 0, 128, 300)
     ]
-    # Preempted: its blocks are freed; rescheduled from the waiting queue with new blocks, which
-    # vLLM lists whole (resumed_req_ids) instead of appending.
+    # Preempted: its blocks are freed, and the workers told before the step that may reuse them;
+    # rescheduled from the waiting queue with new blocks, which vLLM lists whole (resumed_req_ids)
+    # instead of appending.
+    preempted = s.build_connector_meta(step(preempted=["a"]))
+    assert preempted.preempted == ["a"] and preempted.saves == []
     s.update_state_after_alloc(r, blocks(7, 8), 0)
     resumed = s.build_connector_meta(step(cached=[("a", [7, 8], 0)], resumed=["a"], scheduled={"a": 256}))
     assert resumed.saves == [SaveRequest("a", "t-1", SECRET, [7, 8], 128, 256, 300)]

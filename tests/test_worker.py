@@ -16,11 +16,12 @@ from cachegen_vllm.codec import KVGeometry, encode_layer
 from cachegen_vllm.codec.basis import Basis, fit, save
 from cachegen_vllm.codec.geometry import rank_heads
 from cachegen_vllm.config import connector_config_from_dict, load_profile
+from cachegen_vllm.connector import saving
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
 from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.worker import CacheGenWorker
-from cachegen_vllm.device import Runtime, counting_host_syncs
-from cachegen_vllm.paged import kernel_block_ids
+from cachegen_vllm.device import Runtime, ThreadedRuntime, counting_host_syncs
+from cachegen_vllm.paged import EncodeStep, kernel_block_ids
 from cachegen_vllm.testing.ports import free_ports
 from cachegen_vllm.transport import FrameConsumer
 
@@ -96,10 +97,12 @@ def save_prompt(w: CacheGenWorker, layers, block_ids: list[int], total: int, chu
 
 
 def step(w: CacheGenWorker, layers, meta: CacheGenMetadata) -> None:
-    """One step as vLLM runs it: the metadata bound, then each layer's save after its attention."""
+    """One step as vLLM runs it: the metadata bound, each layer's save after its attention, the
+    step's end."""
     w.begin_step(meta)
     for name in layers:
         w.save_kv_layer(name)
+    w.wait_for_save()
 
 
 def test_saved_layers_load_into_the_decodes_blocks_exactly(prefill):
@@ -235,6 +238,16 @@ def test_an_unexpected_error_in_a_load_still_finishes_the_request(prefill, monke
         assert decode.get_stats().data["failed_internal"] == 1
     finally:
         decode.shutdown()
+
+
+def test_a_layer_that_was_never_registered_saves_nothing_and_raises_nothing(prefill, caplog):
+    """A drafter's layer, say: the forward pass goes on."""
+    producer, _ = prefill
+    producer.begin_step(CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, [7, 2, 9], 0, 40, 40)]))
+    with caplog.at_level("WARNING", logger="vllm.cachegen_vllm.connector"):
+        producer.save_kv_layer("model.layers.99.self_attn.attn")
+        producer.save_kv_layer("model.layers.99.self_attn.attn")
+    assert caplog.text.count("no cache of layer model.layers.99") == 1
 
 
 def test_a_cancelled_load_finishes_without_load_errors():
@@ -460,7 +473,8 @@ def test_a_finished_prefill_request_is_reported_sent_only_once_its_frames_are_se
     w = worker("kv_producer", layers, runtime, profile="raw", bind=f"tcp://127.0.0.1:{free_ports()}")
     try:
         save_prompt(w, layers, [7, 2, 9], total=40, chunk=24)
-        assert len(runtime.jobs) == 2 * LAYERS and w.saving.producer.buffered_bytes == 0  # enqueued, not sealed
+        # a job per layer and one at the end of each of the two steps: enqueued, none sealed
+        assert len(runtime.jobs) == 2 * (LAYERS + 1) and w.saving.producer.buffered_bytes == 0
         # the request finished (the scheduler holds its blocks); "x" was never saved here
         assert w.get_finished({"p", "x"}) == (set(), set())
         runtime.run_jobs()
@@ -549,10 +563,11 @@ def test_an_unexpected_error_while_encoding_drops_the_transfer_not_the_forward_p
     is dropped, and a decode pulling it is refused at once (it recomputes)."""
     producer, source = prefill
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("a bug")
+    class Broken(EncodeStep):
+        def start(self, layer, profile):
+            raise RuntimeError("a bug")
 
-    monkeypatch.setattr(producer.caches, "start_encode", broken)
+    monkeypatch.setattr(saving, "EncodeStep", Broken)
     save_prompt(producer, source, [7, 2, 9], total=40, chunk=40)  # does not raise
     assert producer.get_stats().data["failed_internal"] == 1  # one transfer, dropped at its first layer
     assert producer.get_finished({"p"}) == ({"p"}, set())  # its blocks are released all the same
@@ -643,6 +658,102 @@ def test_a_producer_with_a_spare_core_encodes_beside_the_forward_pass_the_same_f
         finally:
             w.shutdown()
     assert sent[0] == sent[1] and len(sent[0]) == 2 * LAYERS
+
+
+# ---- what a step leaves to the sealer: bounded, and never its blocks ------------------------------
+
+
+def sealed_frames(w: CacheGenWorker) -> list[bytes]:
+    """The frames the producer queued for transfer t-1, in order."""
+    consumer = FrameConsumer(w.config.transport)
+    try:
+        return [bytes(f.data) for f in consumer.fetch(w.config.advertise, "t-1", bytes.fromhex(SECRET), timeout_s=10)]
+    finally:
+        consumer.close()
+
+
+def test_a_step_reads_its_blocks_within_the_step_so_vllm_may_reuse_them_after_it():
+    """vLLM frees a preempted request's blocks without telling the connector's sealer, and may
+    write them in the next step. The step's encodings read the blocks while the step runs (the
+    reference codec's input is gathered there), so a sealer that runs later seals the KV the step
+    computed, not what the blocks hold by then."""
+    source = caches(seed=6)
+    expected = []
+    for lagging in (False, True):
+        layers = {name: (i, cache.clone()) for name, (i, cache) in source.items()}
+        runtime = LaggingSealer()
+        w = worker("kv_producer", layers, runtime, profile="default", bind=f"tcp://127.0.0.1:{free_ports()}")
+        try:
+            save_prompt(w, layers, [7, 2, 9], total=40, chunk=40)
+            if lagging:  # the blocks reused before the sealer ran
+                for _, cache in layers.values():
+                    cache[[7, 2, 9]] = torch.randn(cache[[7, 2, 9]].shape).bfloat16()
+            runtime.run_jobs()
+            expected.append(sealed_frames(w))
+        finally:
+            w.shutdown()
+    assert len(expected[0]) == LAYERS and expected[1] == expected[0]
+
+
+class SealerThread(ThreadedRuntime):
+    """A CPU runtime with a GPU's timing: the sealer is a thread of its own, and the step's end does
+    not wait for it (on a GPU it orders the streams on the device)."""
+
+    def join_encodes(self):
+        pass
+
+
+def test_a_preemption_waits_until_nothing_reads_the_requests_blocks():
+    """vLLM calls handle_preemptions before a step whose forward pass may overwrite a preempted
+    request's blocks: it returns once the sealer's jobs for that request are done, and at once
+    for a request with none."""
+    layers, runtime = caches(seed=2), SealerThread(torch.device("cpu"))
+    w = worker("kv_producer", layers, runtime, profile="default", bind=f"tcp://127.0.0.1:{free_ports()}")
+    gate = threading.Event()
+    try:
+        runtime.submit(gate.wait)  # the sealer lags behind the forward pass
+        step(w, layers, CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, [7, 2, 9], 0, 24, 40)]))
+        w.preempted(["other"])  # nothing of it in flight: returns at once
+        returned = threading.Event()
+        waiter = threading.Thread(target=lambda: (w.preempted(["p"]), returned.set()))
+        waiter.start()
+        assert not returned.wait(0.3)  # its encodings are not sealed yet
+        gate.set()
+        assert returned.wait(10)
+        waiter.join()
+    finally:
+        gate.set()
+        w.shutdown()
+
+
+def test_what_waits_for_the_sealer_is_bounded_and_the_forward_pass_waits_instead():
+    """A sealer lagging behind the forward pass makes the forward pass wait once the layers it
+    holds reach the runtime's staging bound (``max_encode_inflight_bytes``), instead of memory
+    growing with the lag; the frames are the same."""
+    layer_bytes = 40 * 2 * HEADS * HEAD_DIM * 2  # one layer of the save, the reference codec's input
+    source = caches(seed=7)
+    sent, peaks = [], []
+    for limit in (1 << 30, 2 * layer_bytes):
+        runtime = SealerThread(torch.device("cpu"), staging_bytes=limit)
+        w = worker("kv_producer", source, runtime, profile="default", bind=f"tcp://127.0.0.1:{free_ports()}")
+        gate = threading.Event()
+        try:
+            runtime.submit(gate.wait)
+            meta = CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, [7, 2, 9], 0, 40, 40)])
+            forward = threading.Thread(target=step, args=(w, source, meta))
+            forward.start()
+            forward.join(0.5)
+            blocked = forward.is_alive()  # waiting for the sealer to let go of a layer
+            gate.set()
+            forward.join(10)
+            assert not forward.is_alive()
+            peaks.append((blocked, runtime.staging.peak, runtime.staging.waits))
+            sent.append(sealed_frames(w))
+        finally:
+            gate.set()
+            w.shutdown()
+    assert peaks == [(False, LAYERS * layer_bytes, 0), (True, 2 * layer_bytes, 1)], peaks
+    assert sent[0] == sent[1] and len(sent[0]) == LAYERS
 
 
 # ---- producers that do not answer, or answer with what they should not -----------------------

@@ -33,6 +33,15 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 
+def manager_block_size(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> int:
+    """The tokens of a block of vLLM's block manager: the KV cache group's (vLLM 0.33 sets the
+    cache config's afterwards, from the groups), else the cache config's."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None)
+    if groups:
+        return int(groups[0].kv_cache_spec.block_size)
+    return int(vllm_config.cache_config.block_size)
+
+
 class CacheGenConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)  # type: ignore[arg-type]
@@ -57,9 +66,10 @@ class CacheGenConnector(KVConnectorBase_V1):
                 name,
                 placement,
                 model.get_total_num_kv_heads(),
-                cache.block_size,
+                manager_block_size(vllm_config, kv_cache_config),
                 str(cache.cache_dtype),
                 str(model.model),
+                vllm_config.scheduler_config.max_num_batched_tokens,
             )
 
     @property
@@ -116,6 +126,12 @@ class CacheGenConnector(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         if isinstance(connector_metadata, CacheGenMetadata):
             self.worker.begin_step(connector_metadata)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Before a step whose forward pass may overwrite the blocks of requests just preempted
+        (vLLM 0.32 and 0.33 call it before binding the step's metadata)."""
+        if isinstance(kv_connector_metadata, CacheGenMetadata):
+            self.worker.preempted(kv_connector_metadata.preempted)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         self.worker.save_kv_layer(layer_name)  # the bound cache: vLLM passes the registered tensor

@@ -44,4 +44,5 @@ class CacheGenMetadata(KVConnectorMetadata):
     cancels: list[str] = field(default_factory=list)  # requests aborted while their KV was loading
     aborted: list[str] = field(default_factory=list)  # transfers whose prefill request was aborted: drop them
     declined: list[LoadRequest] = field(default_factory=list)  # transfers the decode recomputes instead: cancel
+    preempted: list[str] = field(default_factory=list)  # requests whose blocks vLLM frees before this step
     idle: bool = False  # the step computes no token: the engine only waits, for loads among other things

@@ -21,10 +21,9 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from vllm.logger import init_logger
 
 from cachegen_vllm.adaptation import Adapter, kv_tokens_per_s
@@ -34,7 +33,7 @@ from cachegen_vllm.connector.metadata import CacheGenMetadata, SaveRequest
 from cachegen_vllm.connector.metrics import FAILURE_PREFIX, LEVEL_PREFIX, PRODUCER_COUNTERS, Counters
 from cachegen_vllm.connector.ranks import Placement, first_holder, rank_endpoint
 from cachegen_vllm.device import Event
-from cachegen_vllm.paged import PagedCaches, PendingEncode
+from cachegen_vllm.paged import EncodeStep, LayerEncode, PagedCaches, SaveRange, time_encode
 from cachegen_vllm.transport import FrameProducer, TransportError
 
 log = init_logger("vllm.cachegen_vllm.connector")
@@ -43,11 +42,11 @@ DROPPED_REMEMBERED = 1024  # dropped transfers whose later layers are skipped (a
 
 @dataclass
 class _Step:
-    """The saves of the step being computed, their block tables on the device, and when the last
-    layer's save returned (the forward pass's pace, for adaptation)."""
+    """The saves of the step being computed, their encoding (None: no saves, or a replica rank),
+    and when the last layer's save returned (the forward pass's pace, for adaptation)."""
 
     saves: list[SaveRequest]
-    tables: dict[str, torch.Tensor] = field(default_factory=dict)  # by transfer id
+    encoding: EncodeStep | None = None
     layer_end: float | None = None
 
 
@@ -68,8 +67,8 @@ class Saving:
         # requests (transfers, durations) are counted once per engine, by its first rank; bytes
         # and seconds by every rank, as each moves its own
         self._counts_requests = placement.tp_rank == 0
-        self._lock = threading.Lock()  # the bookkeeping below, shared with the sealer
-        self._unsealed: dict[str, int] = {}  # encode jobs not sealed yet, by request
+        self._lock = threading.Condition()  # the bookkeeping below, shared with the sealer
+        self._unsealed: dict[str, int] = {}  # steps whose encode jobs are not all sealed, by request
         self._finished: set[str] = set()  # of those, the requests vLLM finished
         self._step = _Step([])
         self._encoding: dict[str, float] = {}  # seconds spent encoding each transfer so far
@@ -88,7 +87,7 @@ class Saving:
             return Adapter([self.levels[0].name], [(math.inf, 1.0)], holds_compute)
         priors = []
         for profile in self.levels:
-            seconds, wire = self.caches.time_encode(profile, profile.chunk_tokens)
+            seconds, wire = time_encode(self.caches, profile, profile.chunk_tokens)
             raw = self.caches.geometry.layer_bytes(profile.chunk_tokens)
             priors.append((raw / max(seconds, 1e-9), wire / raw))
         link_mbps = self.config.link_mbps
@@ -139,9 +138,11 @@ class Saving:
     def begin_step(self, meta: CacheGenMetadata) -> None:
         """The step's start: track the requests it saves until their sends are reported done, put
         their block tables on the device (on the encode stream), and drop aborted transfers."""
+        if self._step.saves:  # the last step was never ended (vLLM ends each in wait_for_save)
+            self.wait_for_save()
         with self._lock:
             for save in meta.saves:
-                self._unsealed.setdefault(save.req_id, 0)
+                self._unsealed[save.req_id] = self._unsealed.get(save.req_id, 0) + (self.producer is not None)
         self._step = _Step(meta.saves)
         if self.producer is None:
             return
@@ -149,50 +150,47 @@ class Saving:
         for save in meta.saves:  # decodes that prove its secret may read it (again: nothing changes)
             self.producer.open(save.transfer_id, bytes.fromhex(save.secret))
         if meta.saves:
+            ranges = [SaveRange(s.block_ids, s.start, s.end, s.total) for s in meta.saves]
             with runtime.encoding():
-                self._step.tables = {s.transfer_id: self.caches.block_table(s.block_ids) for s in meta.saves}
+                self._step.encoding = EncodeStep(self.caches, ranges)
         for transfer_id in meta.aborted:  # after the encode jobs already queued; its decode is refused at once
             runtime.submit(functools.partial(self._drop, transfer_id, "its prefill request was aborted"))
 
     def save_layer(self, layer: int) -> None:
-        """Enqueue the layer's encoding for each save of the step; nothing here waits for it."""
+        """Enqueue the layer's encoding of the step's saves, and a job for the sealer; nothing here
+        waits for it (unless the sealer holds more than the runtime's staging allows)."""
         step = self._step
-        if self.producer is None or not step.saves:
+        if step.encoding is None:
             return
         runtime, geometry = self.caches.runtime, self.caches.geometry
         arrived = time.perf_counter()
+        saved = sum(geometry.layer_bytes(save.end - save.start) for save in step.saves)
         if step.layer_end is not None:  # the forward pass since the last layer
-            saved = sum(geometry.layer_bytes(save.end - save.start) for save in step.saves)
             self.adapter.produced(saved, arrived - step.layer_end)
+        level = self._level(saved, layer)
         written = runtime.mark()  # the layer's cache as the attention left it
         with runtime.encoding(after=written):
-            for save in step.saves:
-                level = self._level(save, layer)
-                started = time.perf_counter()
-                try:
-                    pending = self.caches.start_encode(
-                        layer, step.tables[save.transfer_id], self.levels[level], save.start, save.end, save.total
-                    )
-                except Exception:  # a bug must not stop the forward pass: the transfer is dropped
-                    log.exception(
-                        "transfer %s: encoding layer %d failed; the decode recomputes", save.transfer_id, layer
-                    )
+            try:
+                encoding = step.encoding.start(layer, self.levels[level])
+            except Exception:  # a bug must not stop the forward pass: the step's transfers are dropped
+                log.exception("encoding layer %d failed; the decodes of %d requests recompute", layer, len(step.saves))
+                for save in step.saves:
                     runtime.submit(functools.partial(self._drop_failed, save.transfer_id))
-                    continue
-                enqueued = time.perf_counter() - started
-                with self._lock:
-                    self._unsealed[save.req_id] += 1
-                runtime.submit(functools.partial(self._seal, save, layer, level, pending, written, enqueued))
+                step.encoding = None
+                return
+        enqueued = time.perf_counter() - arrived
+        runtime.submit(functools.partial(self._seal, step.saves, layer, level, encoding, written, enqueued))
         step.layer_end = time.perf_counter()
 
-    def _level(self, save: SaveRequest, layer: int) -> int:
-        """The ladder's level for this layer of this save: the only one, or the adapter's choice."""
+    def _level(self, layer_bytes: int, layer: int) -> int:
+        """The ladder's level for this layer of the step's saves: the only one, or the adapter's
+        choice (one for all: they share the link)."""
         if not self.config.adaptive:
             return 0
         assert self.producer is not None
         geometry = self.caches.geometry
         now = self.adapter.conditions(self.producer.goodput_bytes_per_s, self.producer.backlog_bytes)
-        level = self.adapter.choose(geometry.layer_bytes(save.end - save.start), geometry.num_layers - layer, now)
+        level = self.adapter.choose(layer_bytes, geometry.num_layers - layer, now)
         rates = {
             "link_bytes_per_second": now.link_bytes_per_s,
             "production_bytes_per_second": now.production_bytes_per_s,
@@ -202,10 +200,21 @@ class Saving:
 
     def wait_for_save(self) -> None:
         """The step's end: the compute stream waits for the encode stream on the device (a
-        request's blocks stay allocated until its frames are sealed anyway)."""
-        self._step = _Step([])  # a forward pass without a step of ours saves nothing
-        if self.producer is not None:
-            self.caches.runtime.join_encodes()
+        request's blocks stay allocated until its frames are sealed anyway), and the sealer,
+        after the step's jobs, counts the step's saves sealed."""
+        step, self._step = self._step, _Step([])  # a forward pass without a step of ours saves nothing
+        if self.producer is None:
+            return
+        runtime = self.caches.runtime
+        if step.saves:
+            runtime.submit(functools.partial(self._sealed, [save.req_id for save in step.saves]))
+        runtime.join_encodes()
+
+    def preempted(self, req_ids: set[str]) -> None:
+        """vLLM preempted these requests and frees their blocks before the next forward pass: return
+        once nothing of ours reads them any more (the sealer's jobs for them are done)."""
+        with self._lock:
+            self._lock.wait_for(lambda: all(self._unsealed.get(r, 0) == 0 for r in req_ids))
 
     def finished(self, finished_req_ids: set[str]) -> set[str]:
         """The requests whose sends are done since the last call: finished (``finished_req_ids``,
@@ -250,28 +259,38 @@ class Saving:
     # ---- the sealer -----------------------------------------------------------------------------
 
     def _seal(
-        self, save: SaveRequest, layer: int, level: int, pending: PendingEncode, written: Event, enqueued: float
+        self, saves: list[SaveRequest], layer: int, level: int, encoding: LayerEncode, written: Event, enqueued: float
     ) -> None:
-        """The sealer's job for one save of one layer: make the frames, queue them for the decode."""
+        """The sealer's job for one layer of a step: make each save's frames, queue them for its
+        decode. A save that fails is dropped (its decode recomputes); the others go on."""
+        runtime = self.caches.runtime
         try:
-            self._send(save, layer, level, pending, written, enqueued)
-        except Exception:  # a bug: the transfer is dropped (its decode recomputes), the prefill goes on
-            log.exception("transfer %s: encoding layer %d failed; the decode recomputes", save.transfer_id, layer)
-            self._drop_failed(save.transfer_id)
+            with runtime.encoding(after=written):  # waits for the kernels' copy, or runs the torch codec
+                for i, save in enumerate(saves):
+                    try:
+                        self._send(save, layer, level, encoding, i, enqueued / len(saves))
+                    except Exception:  # a bug: the transfer is dropped, the prefill goes on
+                        log.exception(
+                            "transfer %s: encoding layer %d failed; the decode recomputes", save.transfer_id, layer
+                        )
+                        self._drop_failed(save.transfer_id)
         finally:
-            with self._lock:
-                self._unsealed[save.req_id] -= 1
+            encoding.close()
 
-    def _send(
-        self, save: SaveRequest, layer: int, level: int, pending: PendingEncode, written: Event, enqueued: float
-    ) -> None:
-        producer, runtime, geometry = self.producer, self.caches.runtime, self.caches.geometry
+    def _sealed(self, req_ids: list[str]) -> None:
+        """After a step's jobs: its saves' requests have one step less unsealed."""
+        with self._lock:
+            for req_id in req_ids:
+                self._unsealed[req_id] -= 1
+            self._lock.notify_all()
+
+    def _send(self, save: SaveRequest, layer: int, level: int, encoding: LayerEncode, i: int, enqueued: float) -> None:
+        producer, geometry = self.producer, self.caches.geometry
         assert producer is not None
         if save.transfer_id in self._dropped:  # nobody will read the rest: spare the work
             return
         started = time.perf_counter()
-        with runtime.encoding(after=written):  # waits for the kernels' copy, or runs the torch codec
-            frames = pending.finish()
+        frames = encoding.frames(i)
         last = save.end == save.total and layer == geometry.num_layers - 1
         try:
             for frame in frames:
@@ -297,9 +316,9 @@ class Saving:
         with self._lock:
             self._sent = (self._sent[0] + raw, self._sent[1] + wire)
         if last:
-            encoding = self._encoding.pop(save.transfer_id)
+            encoding_s = self._encoding.pop(save.transfer_id)
             if self._counts_requests:
-                self.counters.sample(encode_duration=encoding)
+                self.counters.sample(encode_duration=encoding_s)
 
     def _drop_failed(self, transfer_id: str) -> None:
         """Encoding failed on an unexpected error: the transfer is dropped, and a decode pulling it

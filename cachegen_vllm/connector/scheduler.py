@@ -4,7 +4,8 @@ Prefill (``kv_producer``): a request whose params ask for a remote decode (`Remo
 every newly computed range of its prompt handed to the workers as a `SaveRequest`, step by step as
 chunked prefill computes it, under the params' transfer id or one made up here. The state lives
 until the request finishes, so a preempted and resumed request neither sends its tokens twice nor
-reads its old blocks (a resumed request's block list replaces the old one). An aborted request's
+reads its old blocks (a resumed request's block list replaces the old one); the workers are told
+of each preemption before the step that may reuse its blocks (`CacheGenMetadata.preempted`). An aborted request's
 transfer is dropped and its response carries no params.
 
 Decode (``kv_consumer``): a request whose params say where its KV waits (`RemotePrefill`) reports
@@ -183,6 +184,7 @@ class CacheGenScheduler:
             cancels=self._new_cancels,
             aborted=self._new_aborts,
             declined=self._new_declines,
+            preempted=sorted(scheduler_output.preempted_req_ids or ()),
             idle=scheduler_output.total_num_scheduled_tokens == 0,
         )
         self._new_loads, self._new_cancels, self._new_aborts, self._new_declines = [], [], [], []

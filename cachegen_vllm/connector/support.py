@@ -13,11 +13,17 @@ CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
-    """Refuse, naming the field: pipeline parallelism, KV cache dtypes other than the model's and
-    fp8 with one scale per layer, MLA (a latent is not K and V), values narrower or wider than keys,
-    and several KV cache groups (hybrid models)."""
+    """Refuse, naming the field: pipeline parallelism, speculative decoding (a drafter's layers
+    get caches beside the target's), KV cache dtypes other than the model's and fp8 with one scale
+    per layer, MLA (a latent is not K and V), values narrower or wider than keys, and several KV
+    cache groups (hybrid models)."""
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ConfigError("pipeline_parallel_size", "CacheGenConnector does not support pipeline parallelism yet")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise ConfigError(
+            "speculative_config",
+            "CacheGenConnector does not transfer a drafter's KV yet (its layers would count as the model's)",
+        )
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if cache_dtype not in CACHE_DTYPES:
         raise ConfigError(

@@ -26,7 +26,7 @@ from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.saving import Saving
 from cachegen_vllm.device import Runtime, runtime_for
 from cachegen_vllm.fitting import auto as autobasis
-from cachegen_vllm.paged import FP8_CACHE_DTYPES, PagedCaches, PageOrder, probe_page_order
+from cachegen_vllm.paged import FP8_CACHE_DTYPES, PagedCaches, PageOrder, probe_page_order, warm_up
 
 log = init_logger("vllm.cachegen_vllm.connector")
 
@@ -34,7 +34,9 @@ log = init_logger("vllm.cachegen_vllm.connector")
 class CacheGenWorker:
     """``total_kv_heads``: the model's (None: the caches hold them all); ``block_size``: vLLM's block
     manager's (None: the caches'); ``kv_cache_dtype``: vLLM's setting (an fp8 one stores uint8
-    pages of that format); ``model_path``: the checkpoint an "auto" basis is fitted on."""
+    pages of that format); ``model_path``: the checkpoint an "auto" basis is fitted on;
+    ``step_tokens``: the most tokens a step computes (vLLM's ``max_num_batched_tokens``), for which
+    a layer's frame buffer is allocated at start-up."""
 
     def __init__(
         self,
@@ -45,6 +47,7 @@ class CacheGenWorker:
         block_size: int | None = None,
         kv_cache_dtype: str = "auto",
         model_path: str | None = None,
+        step_tokens: int = 8192,
     ):
         self.config = config
         self.model_name = model_name
@@ -53,9 +56,11 @@ class CacheGenWorker:
         self.total_kv_heads = total_kv_heads
         self.block_size = block_size
         self.kv_cache_dtype = kv_cache_dtype
+        self.step_tokens = step_tokens
         self.counters = Counters()
         self._caches: PagedCaches | None = None
         self._names: dict[str, int] = {}  # layer name: layer index
+        self._unknown: set[str] = set()  # layers saved that were never registered
         self.saving: Saving | None = None
         self.loading: Loading | None = None
         self._idle = False  # the bound step computes nothing
@@ -131,18 +136,20 @@ class CacheGenWorker:
             {index: cache for index, cache in layers.values()},
             order,
             geometry,
-            runtime=runtime or runtime_for(first.device),
+            runtime=runtime or runtime_for(first.device, self.config.max_encode_inflight_bytes),
             scales=scales,
             per_block=(self.block_size or kernel_block) // kernel_block,
         )
         if self.config.sends:  # an "auto" basis is fitted to the model now (or read from its cache)
+            # a layer's frames of a whole step: at most raw KV's size, give or take their headers
+            caches.runtime.reserve_frames(geometry.layer_bytes(self.step_tokens) * 9 // 8 + (1 << 20))
             profiles = tuple(autobasis.resolve(p, self.model_path, log.info) for p in self.config.ladder)
         else:  # a decode codes nothing: its profiles' "auto" bases are never fitted
             profiles = tuple(p for p in self.config.ladder if p.basis != AUTO_BASIS)
         started = time.perf_counter()
         for profile in profiles:  # a decode reads frames in its own profiles' bases too
             caches.check_profile(profile)
-            caches.warm_up(profile)
+            warm_up(caches, profile)
         log.info(
             "CacheGenConnector warmed up on %s in %.1f s (%s); encodes %s",
             first.device,
@@ -167,10 +174,24 @@ class CacheGenWorker:
         if self.saving is not None:
             self.saving.begin_step(meta)
 
+    def preempted(self, req_ids: list[str]) -> None:
+        """vLLM frees these requests' blocks before the next forward pass: return once nothing of
+        ours reads them."""
+        if self.saving is not None and req_ids:
+            self.saving.preempted(set(req_ids))
+
     def save_kv_layer(self, layer_name: str) -> None:
-        """A layer's attention has written its cache."""
-        if self.saving is not None:
-            self.saving.save_layer(self._names[layer_name])
+        """A layer's attention has written its cache (one it was not given saves nothing: logged
+        once, never an error in the forward pass)."""
+        if self.saving is None:
+            return
+        layer = self._names.get(layer_name)
+        if layer is None:
+            if layer_name not in self._unknown:
+                self._unknown.add(layer_name)
+                log.warning("CacheGenConnector: no cache of layer %s was registered; it is not sent", layer_name)
+            return
+        self.saving.save_layer(layer)
 
     def wait_for_save(self) -> None:
         if self.saving is not None:

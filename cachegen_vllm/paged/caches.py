@@ -1,34 +1,24 @@
-"""One worker's vLLM KV caches, bound once (`PagedCaches`), and the codec on them: a layer's tokens
-in a request's blocks to frames (`PagedCaches.start_encode`, then `PendingEncode.finish`) and frames
-back into the blocks (`PagedCaches.decode`, a layer's frames in one batch); `warm_up` and
-`time_encode` at start-up.
+"""One worker's vLLM KV caches, bound once (`PagedCaches`), and the codec's way back into them:
+frames into a request's blocks (`PagedCaches.decode`, a layer's frames in one batch). The way out,
+a step's saves to frames, is `paged.encoding`.
 
 The Triton kernels (`cachegen_vllm.kernels`) code bit-packed frames on a CUDA cache; the reference
 codec does the rest: every frame on a CPU cache, entropy-coded frames on either, and a frame whose
 values the kernels' float16 statistics cannot hold (sent exact, as the reference does).
-
-Encoding is split so that the forward pass never waits for it: `start_encode` enqueues the kernels
-and the copy of their output to the host on the current stream and returns at once; `finish`,
-once that copy is complete, seals the frames (on the host) or, for the reference codec, does the
-whole encoding (device work and the host's reads) wherever the caller runs it.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cachegen_vllm.codec import KVGeometry, ParsedFrame, Profile, decode_frames, encode_chunk, encode_layer, read_frame
-from cachegen_vllm.codec.allocation import covering_token_counts
+from cachegen_vllm.codec import KVGeometry, ParsedFrame, Profile, decode_frames
 from cachegen_vllm.codec.basis import Basis, BasisRegistry
-from cachegen_vllm.codec.format import FrameHeader
 from cachegen_vllm.codec.profile import LOSSLESS_BITS
 from cachegen_vllm.device import Runtime
-from cachegen_vllm.paged.layout import PageOrder, gather, kernel_block_ids, scatter
+from cachegen_vllm.paged.layout import PageOrder, kernel_block_ids, scatter
 
 
 def _on_gpu(device: torch.device) -> bool:
@@ -41,8 +31,8 @@ def _on_gpu(device: torch.device) -> bool:
     return True
 
 
-def _kernels_take(geometry: KVGeometry, group_tokens: int, widths: set[int]) -> bool:
-    """Whether the Triton frame kernels code frames of these widths on this CUDA cache: bit-packed
+def kernels_take(geometry: KVGeometry, group_tokens: int, widths: set[int]) -> bool:
+    """Whether the Triton frame kernels code frames of these widths on this cache: bit-packed
     codes or exact, on what `check_supported` accepts (a power-of-two head, 16- or 32-bit floats);
     the reference codec, torch on the same device, takes the rest (lossless, fp8, other heads)."""
     from cachegen_vllm.kernels.tile_kernels import check_supported
@@ -52,14 +42,6 @@ def _kernels_take(geometry: KVGeometry, group_tokens: int, widths: set[int]) -> 
     except ValueError:
         return False
     return LOSSLESS_BITS not in widths
-
-
-@dataclass
-class PendingEncode:
-    """A layer's frames on their way: `finish` makes them, waiting first for the copies
-    `start_encode` enqueued (on a CPU cache there are none). The frames own their bytes."""
-
-    finish: Callable[[], list[bytes]]
 
 
 def _written(token_start: int, count: int, write_start: int, write_end: int) -> tuple[int, int]:
@@ -101,7 +83,7 @@ class PagedCaches:
         self.block_tokens = first.shape[2] * per_block  # tokens per block of vLLM's block manager
         self._scales = scales
         on_gpu = _on_gpu(self.device)  # registers the Triton coders for CUDA tensors
-        self._kernels = on_gpu if kernels is None else kernels
+        self.kernels = on_gpu if kernels is None else kernels
 
     def scales(self, layer: int) -> tuple[float, float]:
         """A layer's (key, value) scales: what its stored numbers are multiplied by."""
@@ -118,80 +100,6 @@ class PagedCaches:
         profile.check_geometry(self.geometry.num_layers)
         return self.bases.for_profile(profile, self.geometry)
 
-    def start_encode(
-        self, layer: int, blocks: torch.Tensor, profile: Profile, start: int, end: int, total: int
-    ) -> PendingEncode:
-        """Begin the frames of tokens ``[start, end)`` of a prompt of ``total`` tokens, of one layer,
-        read from the request's blocks (``blocks``: `block_table`). The kernels and their output's
-        copy to the host go on the current stream, and `PendingEncode.finish` waits for that copy;
-        the reference codec's work waits for `finish`, which must then run on a stream ordered
-        after the cache's writes."""
-        runtime, geometry, cache = self.runtime, self.geometry, self.layers[layer]
-        widths = {w for _, w in profile.widths()}
-        if self._kernels and profile.coding == "packed" and _kernels_take(geometry, profile.group_tokens, widths):
-            from cachegen_vllm.kernels import plans  # Triton: imported only where the kernels run
-
-            plan = plans.plan_encode(
-                geometry,
-                profile,
-                layer=layer,
-                token_start=start,
-                count=end - start,
-                total_tokens=total,
-                device=cache.device,
-                runtime=runtime,
-            )
-            plans.launch_encode(plan, cache, blocks)
-            payload, bad = runtime.to_host(plan.buffer), [runtime.to_host(b) for b in plan.bad]
-            copied = runtime.mark()
-
-            def sealed() -> list[bytes]:
-                runtime.wait(copied)
-                try:
-                    return [
-                        bytes(frame) if frame is not None else self._reference_frame(layer, blocks, header, profile)
-                        for frame, header in zip(plans.finish_encode(plan, geometry, payload, bad), plan.headers)
-                    ]
-                finally:
-                    for host in (payload, *bad):
-                        runtime.release(host)
-
-            return PendingEncode(sealed)
-        basis = self.bases.for_profile(profile)
-
-        def reference() -> list[bytes]:
-            key, value = gather(cache, self.order, blocks, end)
-            key, value = (t[start:].view(geometry.dtype) for t in (key, value))  # fp8: vLLM's uint8 pages
-            return encode_layer(
-                key,
-                value,
-                geometry=geometry,
-                profile=profile,
-                layer=layer,
-                token_start=start,
-                total_tokens=total,
-                scales=self.scales(layer),
-                basis=basis,
-            )
-
-        return PendingEncode(reference)
-
-    def _reference_frame(self, layer: int, blocks: torch.Tensor, header: FrameHeader, profile: Profile) -> bytes:
-        """The reference codec's frame for the tokens and segments of ``header``, on the CPU (a
-        frame the kernels' statistics cannot hold)."""
-        key, value = gather(self.layers[layer], None, blocks, header.token_start + header.token_count)
-        rows = slice(header.token_start, None)
-        return encode_chunk(
-            key[rows].cpu(),
-            value[rows].cpu(),
-            geometry=self.geometry,
-            profile=profile,
-            layer=layer,
-            token_start=header.token_start,
-            segments=list(header.segments),
-            scales=self.scales(layer),
-        )
-
     def decode(
         self, frames: Sequence[ParsedFrame], blocks: torch.Tensor, write_start: int, write_end: int
     ) -> list[tuple[int, int]]:
@@ -205,10 +113,10 @@ class PagedCaches:
         geometry = self.geometry
         own = (geometry.head_start, geometry.num_kv_heads)
         on_kernels = [
-            self._kernels
+            self.kernels
             and f.header.coding == "packed"
             and (f.header.head_start, f.header.head_count) == own
-            and _kernels_take(geometry, 1, f.header.widths)  # any group size decodes: 1 passes its check
+            and kernels_take(geometry, 1, f.header.widths)  # any group size decodes: 1 passes its check
             for f in frames
         ]
         out: dict[int, tuple[int, int]] = {}
@@ -251,29 +159,3 @@ class PagedCaches:
             scatter(cache, self.order, blocks, lo, key, value, first_head=first - geometry.head_start)
             out[i] = (chunk.layer, hi - lo)
         return [out[i] for i in range(len(frames))]
-
-    def warm_up(self, profile: Profile) -> None:
-        """Take every path requests of ``profile`` take once, at start-up, so that the first ones
-        compile nothing: each Triton kernel variant it launches (one per pair of widths), the rANS
-        coders (numba's on a CPU). Encodes from the caches' first block and decodes into no token."""
-        layers = {profile.layer_bits(layer): layer for layer in sorted(self.layers, reverse=True)}.values()
-        totals = covering_token_counts(profile)
-        table = self._first_block_repeated(max(totals))
-        for layer in layers:
-            for total in totals:
-                frames = self.start_encode(layer, table, profile, 0, total, total).finish()
-                self.decode([read_frame(f) for f in frames], table, 0, 0)
-
-    def time_encode(self, profile: Profile, tokens: int) -> tuple[float, int]:
-        """(seconds, wire bytes) of encoding ``tokens`` tokens of the first layer read from the
-        caches' first block, repeated: a start-up estimate of the profile's encode rate and size,
-        before any request has measured them (run after `warm_up`, so that nothing compiles here)."""
-        table = self._first_block_repeated(tokens)
-        started = time.perf_counter()
-        frames = self.start_encode(min(self.layers), table, profile, 0, tokens, tokens).finish()
-        return time.perf_counter() - started, sum(map(len, frames))
-
-    def _first_block_repeated(self, tokens: int) -> torch.Tensor:
-        """A block table for ``tokens`` tokens that reads the caches' first block for all of them."""
-        block_size = next(iter(self.layers.values())).shape[2]
-        return self.runtime.to_device(np.zeros(-(-tokens // block_size), dtype=np.int64))

@@ -96,18 +96,21 @@ def _pages(layer: torch.Tensor) -> torch.Tensor:
     return layer.view(num_blocks, heads, block_size * width)
 
 
-def gather(layer: torch.Tensor, order: PageOrder | None, block_ids: torch.Tensor, num_tokens: int):
-    """K and V ``[num_tokens, heads, head_size]`` of the request whose first tokens are in
-    ``block_ids`` (in order). ``order`` None: the tensor's logical view is the layout (its strides
-    say where things are, as on the GPU backends)."""
-    heads, width = layer.shape[1], layer.shape[3]
+def gather(layer: torch.Tensor, order: PageOrder | None, block_ids: torch.Tensor, end: int, start: int = 0):
+    """K and V ``[end - start, heads, head_size]``: tokens ``[start, end)`` of the request whose
+    blocks are ``block_ids`` (in order), read from those blocks only. ``order`` None: the tensor's
+    logical view is the layout (its strides say where things are, as on the GPU backends)."""
+    heads, block_size, width = layer.shape[1], layer.shape[2], layer.shape[3]
+    first = start // block_size
+    blocks = block_ids[first : -(-end // block_size)]
+    rows = slice(start - first * block_size, end - first * block_size)
     if order is None:
-        rows = layer[block_ids].permute(0, 2, 1, 3).reshape(-1, heads, width)[:num_tokens]
-        return rows[..., : width // 2], rows[..., width // 2 :]
-    pages = _pages(layer)[block_ids]  # [blocks, heads, page]
+        tokens = layer[blocks].permute(0, 2, 1, 3).reshape(-1, heads, width)[rows]
+        return tokens[..., : width // 2], tokens[..., width // 2 :]
+    pages = _pages(layer)[blocks]  # [blocks, heads, page]
     # pages[:, :, order] is [blocks, heads, block_size, head_size]; tokens are (block, row)
     key, value = (
-        pages[:, :, o].permute(0, 2, 1, 3).reshape(-1, heads, width // 2)[:num_tokens] for o in (order.key, order.value)
+        pages[:, :, o].permute(0, 2, 1, 3).reshape(-1, heads, width // 2)[rows] for o in (order.key, order.value)
     )
     return key, value
 
