@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
 import xxhash
+from safetensors.torch import save_file
 
 from cachegen_vllm.codec import FrameError, KVGeometry, decode_frames, encode_layer, parse_frame
 from cachegen_vllm.codec.basis import FRACTION_BITS, Basis, BasisRegistry, fit, load, save
@@ -218,3 +221,34 @@ def test_a_rank_holding_some_heads_codes_them_in_their_own_matrices(tmp_path):
     k = torch.cat([c.key for c in chunks]).float()
     assert chunks[0].head_start == 1 and k.shape[1] == 1
     assert (k - key[:, 1:].float()).pow(2).mean() < 0.02 * key[:, 1:].float().var()
+
+
+# A process of its own with two torch threads, as a vLLM worker on two cores has: it loads the
+# basis file it is given and prints how far inverse @ matrix is from the identity.
+LOAD_ON_TWO_THREADS = """
+import sys, torch
+torch.set_num_threads(2)
+from cachegen_vllm.codec.basis import FRACTION_BITS, load
+basis = load(sys.argv[1])
+matrices = basis.weights * 2.0**-FRACTION_BITS
+print(float((basis.inverse @ matrices - torch.eye(matrices.shape[-1], dtype=torch.float64)).abs().max()))
+"""
+
+
+def test_a_basis_of_256_wide_heads_loads_on_two_threads(tmp_path):
+    """Gemma-like geometry (18 layers, one KV head of 256): its 36 matrices are inverted at load,
+    in seconds, and the inverses are right."""
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(18, 2, 1, 256, 256, generator=generator, dtype=torch.float64)
+    matrices = torch.eye(256, dtype=torch.float64) + 0.05 * noise
+    forward = torch.round(matrices * 2.0**FRACTION_BITS).to(torch.int32)
+    # written as `save` writes a basis: a Basis made here would invert it in the test's process
+    save_file({"forward": forward.contiguous()}, str(tmp_path / "gemma-like.safetensors"))
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_ON_TWO_THREADS, str(tmp_path / "gemma-like.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout) < 1e-9

@@ -78,7 +78,10 @@ class Basis:
         if not bool((torch.isfinite(condition) & (condition < 1e8)).all()):
             raise ValueError("a basis matrix is singular or nearly so")
         digest = xxhash.xxh3_64_intdigest(str(list(forward.shape)).encode() + forward.contiguous().numpy().tobytes())
-        return cls(forward.contiguous(), forward.double(), torch.linalg.inv(matrices), digest)
+        # matrix by matrix: MKL's batched inverse never returns for some batches of 256-wide ones
+        # on two threads ([18, 2, 1, 256, 256]: "Parameter 6 was incorrect on entry to DLASWP")
+        inverse = torch.stack([torch.linalg.inv(m) for m in matrices.reshape(-1, *matrices.shape[-2:])])
+        return cls(forward.contiguous(), forward.double(), inverse.reshape(matrices.shape), digest)
 
     def _on(self, device: torch.device, name: str) -> torch.Tensor:
         """``weights`` or ``inverse`` on ``device``, copied there once."""
