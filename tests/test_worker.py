@@ -756,6 +756,29 @@ def test_what_waits_for_the_sealer_is_bounded_and_the_forward_pass_waits_instead
     assert sent[0] == sent[1] and len(sent[0]) == LAYERS
 
 
+def test_a_step_whose_layer_alone_passes_the_staging_bound_goes_through():
+    """Two saves of a step, each under the bound, together over it: the layer is held whole and
+    alone, instead of its second save waiting for a sealer that waits for the layer."""
+    layer_bytes = 40 * 2 * HEADS * HEAD_DIM * 2
+    source = caches(seed=7)
+    runtime = Runtime(torch.device("cpu"), staging_bytes=3 * layer_bytes // 2)
+    w = worker("kv_producer", source, runtime, profile="default", bind=f"tcp://127.0.0.1:{free_ports()}")
+    try:
+        meta = CacheGenMetadata(
+            saves=[
+                SaveRequest("p", "t-1", SECRET, [7, 2, 9], 0, 40, 40),
+                SaveRequest("q", "t-2", SECRET, [4, 5, 6], 0, 40, 40),
+            ]
+        )
+        forward = threading.Thread(target=step, args=(w, source, meta), daemon=True)
+        forward.start()
+        forward.join(10)
+        assert not forward.is_alive()
+        assert runtime.staging.peak == 2 * layer_bytes and runtime.staging.held == 0
+    finally:
+        w.shutdown()
+
+
 # ---- producers that do not answer, or answer with what they should not -----------------------
 
 

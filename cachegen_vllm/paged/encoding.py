@@ -50,17 +50,18 @@ class LayerEncode:
     """One layer of a step's saves on their way: `frames` makes save ``i``'s (waiting first for
     the copies `EncodeStep.start` enqueued); `close` lets go of the memory they held."""
 
-    def __init__(self, frames: Callable[[int], list[bytes]], holds: list[Hold], caches: PagedCaches):
-        self._frames, self._holds, self._caches = frames, holds, caches
+    def __init__(self, frames: Callable[[int], list[bytes]], hold: Hold, caches: PagedCaches):
+        self._frames, self._caches = frames, caches
+        self._hold: Hold | None = hold
 
     def frames(self, i: int) -> list[bytes]:
         return self._frames(i)
 
     def close(self) -> None:
         self._frames = _closed  # and with it what it read from (a reference encode's inputs)
-        for hold in self._holds:
-            self._caches.runtime.staging.let_go(hold)
-        self._holds = []
+        if self._hold is not None:
+            self._caches.runtime.staging.let_go(self._hold)
+            self._hold = None
 
 
 class EncodeStep:
@@ -124,7 +125,7 @@ class EncodeStep:
                 for frame, f in zip(sealed[i], plan.saves[i])
             ]
 
-        return LayerEncode(frames, [hold], caches)
+        return LayerEncode(frames, hold, caches)
 
     def _reference_frame(self, layer: int, i: int, header: FrameHeader, profile: Profile) -> bytes:
         """The reference codec's frame for the tokens and segments of ``header`` in save ``i``, on
@@ -147,9 +148,10 @@ class EncodeStep:
         caches = self.caches
         geometry, staging = caches.geometry, caches.runtime.staging
         cache, basis = caches.layers[layer], caches.bases.for_profile(profile)
-        holds, inputs = [], []
+        # one hold for the layer: held save by save, saves past the bound would wait for themselves
+        hold = staging.hold(sum(geometry.layer_bytes(r.end - r.start) for r in self.ranges))
+        inputs = []
         for i, r in enumerate(self.ranges):  # gathered now, in the step: the blocks may be reused after it
-            holds.append(staging.hold(geometry.layer_bytes(r.end - r.start)))
             key, value = gather(cache, caches.order, self._blocks(i), r.end, r.start)
             inputs.append(tuple(t.view(geometry.dtype) for t in (key, value)))  # fp8: vLLM's uint8 pages
 
@@ -168,7 +170,7 @@ class EncodeStep:
                 basis=basis,
             )
 
-        return LayerEncode(frames, holds, caches)
+        return LayerEncode(frames, hold, caches)
 
 
 def encode(caches: PagedCaches, layer: int, profile: Profile, save: SaveRange) -> list[bytes]:
