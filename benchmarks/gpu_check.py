@@ -147,7 +147,7 @@ class Section:
             self.row(case=case, error=traceback.format_exc()[-3000:])
 
 
-# ---- caches as vLLM 0.32 allocates them ----------------------------------------------------------
+# ---- caches as vLLM allocates them ---------------------------------------------------------------
 
 LAYOUT_ORDER = {"LBNHC": (0, 1, 3, 2, 4), "LBHNC": (0, 1, 2, 3, 4)}  # physical order of [L, B, H, N, C]
 
@@ -230,7 +230,7 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((ordered[0] - ordered[1]).abs().max()) if a.numel() else 0
 
 
-# ---- section 0 -----------------------------------------------------------------------------------
+# ---- sections 0 and 2: versions, PTX, compilation ------------------------------------------------
 
 
 def versions(device: torch.device) -> dict:
@@ -259,7 +259,7 @@ def compile_all(section: Section, device: torch.device, smoke: bool) -> None:
 
     specs = [dict(SMOLLM2, layers=2)] if smoke else [LLAMA, SMOLLM2]
     for spec in specs:
-        geometry = geometry_of({**spec, "layers": spec["layers"]})
+        geometry = geometry_of(spec)
         caches = vllm_caches(geometry.num_layers, 64, geometry.num_kv_heads, geometry.head_dim, "LBNHC", device)
         for name in shipped_profiles():
             if name.startswith("smollm2") and spec["model"] != SMOLLM2["model"]:
@@ -299,7 +299,7 @@ def fma_report(section: Section) -> None:
         section.run(f"sm_90a PTX of {name} on {geometry.model}", case)
 
 
-# ---- section 1 -----------------------------------------------------------------------------------
+# ---- sections 1 and 3: byte identity -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -459,7 +459,7 @@ def byte_identity(section: Section, device: torch.device, smoke: bool, long: boo
         section.run(case.name(), lambda case=case: identity_case(case, section, device))
 
 
-# ---- section 2 -----------------------------------------------------------------------------------
+# ---- section 4: throughput -----------------------------------------------------------------------
 
 
 def throughput(section: Section, device: torch.device, smoke: bool) -> None:
@@ -551,17 +551,17 @@ def host_work(saves: int, device: torch.device, smoke: bool) -> dict:
     with runtime.encoding(after=runtime.mark()):
         step = EncodeStep(bound, ranges)
         step.start(0, profile).close()  # the step's plan for these widths is made here
-        before, t0 = dict(runtime.work), time.perf_counter()
+        before, t0 = runtime.work.copy(), time.perf_counter()
         encoding = step.start(1, profile)
         host_s = time.perf_counter() - t0
-    work = {k: v - before.get(k, 0) for k, v in runtime.work.items() if v != before.get(k, 0)}
+    work = dict(runtime.work - before)
     frames = sum(len(encoding.frames(i)) for i in range(saves))
     encoding.close()
     runtime.close()
     return dict(calls=work, start_ms=round(host_s * 1e3, 3), frames=frames)
 
 
-# ---- section 3 -----------------------------------------------------------------------------------
+# ---- section 5: the pipeline ---------------------------------------------------------------------
 
 
 def pipeline(section: Section, device: torch.device, smoke: bool) -> None:

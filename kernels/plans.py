@@ -81,7 +81,7 @@ def plan_encode(
     get there; default plain copies). Made once per step and widths, not per layer."""
     if profile.coding != "packed":
         raise ValueError(
-            f"coding {profile.coding!r}: the kernels code 'packed' frames (PagedCaches.start_encode routes the rest)"
+            f"coding {profile.coding!r}: the kernels code 'packed' frames (paged.EncodeStep routes the rest)"
         )
     hadamard = profile.rotation == "hadamard"
     headers: list[FrameHeader] = []

@@ -234,9 +234,9 @@ def test_a_steps_saves_are_coded_in_one_launch_per_pair_of_widths_whatever_their
         runtime = caches.runtime
         step = EncodeStep(caches, saves[-count:])  # the last alone has both pairs of widths
         step.start(0, profile).close()  # the step's plan for these widths is made at its first layer
-        before = dict(runtime.work)
+        before = runtime.work.copy()
         encoding = step.start(1, profile)
-        calls.append({k: v - before.get(k, 0) for k, v in runtime.work.items() if v != before.get(k, 0)})
+        calls.append(dict(runtime.work - before))
         for i, save in enumerate(saves[-count:]):
             key, value = gather(store.cpu(), None, torch.tensor(save.block_ids), save.end, save.start)
             expected = encode_layer(

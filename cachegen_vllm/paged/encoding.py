@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from cachegen_vllm.codec.format import FrameHeader
 from cachegen_vllm.device import Hold
 from cachegen_vllm.paged.caches import PagedCaches, kernels_take
 from cachegen_vllm.paged.layout import gather, kernel_block_ids
+
+if TYPE_CHECKING:
+    from cachegen_vllm.kernels.plans import EncodePlan
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class EncodeStep:
             self.entries.append(len(ids))
             ids += kernel_block_ids(r.block_ids, caches.per_block)
         self.table = caches.runtime.to_device(np.array(ids, dtype=np.int64))
-        self._plans: dict[tuple[Profile, object], object] = {}  # (profile, layer's widths): EncodePlan
+        self._plans: dict[tuple[Profile, object], EncodePlan] = {}  # by (profile, the layer's widths)
 
     def start(self, layer: int, profile: Profile) -> LayerEncode:
         """Enqueue the layer's encoding of every save on the current stream (which must be ordered
@@ -107,7 +111,6 @@ class EncodeStep:
         if plan is None:  # once per step and widths: every layer of those widths has this layout
             spans = [plans.SaveSpan(e, r.start, r.end, r.total) for e, r in zip(self.entries, self.ranges)]
             plan = self._plans[key] = plans.plan_encode(geometry, profile, layer, spans, caches.device, runtime)
-        assert isinstance(plan, plans.EncodePlan)
         hold = runtime.staging.hold(plan.nbytes, host=True)
         buffer = runtime.frame_buffer(plan.nbytes)
         plans.launch_encode(plan, caches.layers[layer], self.table, buffer)
