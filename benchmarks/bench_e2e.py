@@ -63,7 +63,11 @@ CACHEGEN = {  # mode -> the prefill's kv_connector_extra_config (its "bind" adde
     "default": {"profile": "default"},
     "smollm2-basis": {"profile": "smollm2-basis"},
     "adaptive": {"profile": "adaptive", "ladder": ["raw", "high-quality", "default", "smollm2-basis"]},
+    "default-nohma": {"profile": "default"},
 }
+# modes whose instances run with vLLM's hybrid KV cache manager off (as vLLM ran a connector that
+# is not SupportsHMA): a sliding-window model's layers then keep, and send, every token
+NO_HMA = {"default-nohma": ("--disable-hybrid-kv-cache-manager",)}
 PD_MODES = ("nixl", *CACHEGEN)
 MODES = ("prefill", "recompute", *PD_MODES)
 NIXL_CONFIG = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
@@ -75,6 +79,7 @@ KV_PORTS = {mode: 5611 + i for i, mode in enumerate(CACHEGEN)}
 PROXY_PORTS = {mode: 8301 + i for i, mode in enumerate(CACHEGEN)}
 NIXL_SIDE_PORTS = {"near": 5700, "far": 5701}
 DECODE_PORT, NIXL_DECODE_PORT, ADAPTIVE_DECODE_PORT, ROUTER_PORT, ROUTER_METRICS_PORT = 8200, 8201, 8202, 8400, 8401
+NO_HMA_DECODE_PORT = 8203
 # the decode's own prefill rate on its one core, for the adaptive mode's recompute fallback: the
 # recompute rows run 360-575 tokens/s (benchmarks/results/e2e.json), fewer for longer prompts
 RECOMPUTE_TOKENS_PER_S = 500
@@ -197,14 +202,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def start_servers(
-    near_ns: str, near_ip: str, far_ip: str, modes: list[str], logs: Path, procs: dict, recompute_tokens_per_s: float
+    model: Path,
+    near_ns: str,
+    near_ip: str,
+    far_ip: str,
+    modes: list[str],
+    logs: Path,
+    procs: dict,
+    recompute_tokens_per_s: float,
 ) -> dict:
     """Every instance the modes need, the proxies and the router, into ``procs``; their URLs by name."""
-    from cachegen_vllm.offline.model import default_model_dir
     from cachegen_vllm.serving.launch import kv_transfer_config, start_instance, start_router
 
-    model = default_model_dir()
-    common = {"extra_args": ("--no-enable-prefix-caching",), "kv_cache_bytes": KV_CACHE_BYTES}
+    no_prefix = ("--no-enable-prefix-caching",)
+    common = {"extra_args": no_prefix, "kv_cache_bytes": KV_CACHE_BYTES}
     near = ["ip", "netns", "exec", near_ns, "taskset", "-c", "0"]
     far = ["taskset", "-c", "1"]
 
@@ -220,7 +231,14 @@ def start_servers(
             extra = dict(CACHEGEN[mode], bind=f"tcp://{near_ip}:{KV_PORTS[mode]}")
             config, launcher = kv_transfer_config("kv_producer", extra), near
         procs[f"prefill-{mode}"] = start_instance(
-            model, PREFILL_PORTS[mode], logs / f"prefill-{mode}.log", config, launcher, "0", host="0.0.0.0", **common
+            model,
+            PREFILL_PORTS[mode],
+            logs / f"prefill-{mode}.log",
+            config,
+            launcher,
+            "0",
+            host="0.0.0.0",
+            **dict(common, extra_args=no_prefix + NO_HMA.get(mode, ())),
         )
         urls[f"prefill-{mode}"] = f"http://{near_ip}:{PREFILL_PORTS[mode]}"
     if "prefill" in modes and not procs:  # a plain instance where no P/D mode has one
@@ -238,6 +256,17 @@ def start_servers(
             model, ADAPTIVE_DECODE_PORT, logs / "decode-adaptive.log", config, far, "1", **common
         )
         urls["decode-adaptive"] = f"http://127.0.0.1:{ADAPTIVE_DECODE_PORT}"
+    for mode in (m for m in NO_HMA if m in modes):  # its decode keeps every token of every layer too
+        procs[f"decode-{mode}"] = start_instance(
+            model,
+            NO_HMA_DECODE_PORT,
+            logs / f"decode-{mode}.log",
+            kv_transfer_config("kv_consumer", {}),
+            far,
+            "1",
+            **dict(common, extra_args=no_prefix + NO_HMA[mode]),
+        )
+        urls[f"decode-{mode}"] = f"http://127.0.0.1:{NO_HMA_DECODE_PORT}"
     if "nixl" in modes:
         launcher = nixl_env(far_ip, "far") + far
         procs["decode-nixl"] = start_instance(
@@ -252,7 +281,7 @@ def start_servers(
         argv = [sys.executable, "-m", "cachegen_vllm.serving.cli", "proxy", "--prefill", urls[f"prefill-{mode}"]]
         argv += [
             "--decode",
-            urls["decode-adaptive" if mode == "adaptive" else "decode"],
+            urls[decode_name(mode)],
             "--port",
             str(PROXY_PORTS[mode]),
         ]
@@ -260,6 +289,11 @@ def start_servers(
         procs[f"front-{mode}"] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         urls[f"front-{mode}"] = f"http://127.0.0.1:{PROXY_PORTS[mode]}"
     return urls
+
+
+def decode_name(mode: str) -> str:
+    """The decode instance a P/D mode's transfers go to."""
+    return "decode-nixl" if mode == "nixl" else f"decode-{mode}" if mode == "adaptive" or mode in NO_HMA else "decode"
 
 
 def session_threads(sid: int) -> list[str]:
@@ -314,15 +348,16 @@ def demote_pollers(procs: dict) -> list[int]:
 def measure(spec: dict, link, modes: list[str], rows: list[dict], log: dict) -> None:
     """Starts the instances ``modes`` need, measures at every rate (reshaping the link in between),
     stops them; appends to ``rows``."""
-    from cachegen_vllm.offline.model import default_model_dir
     from cachegen_vllm.serving.launch import post, stop_all, wait_healthy, warm_up
 
     logs, reps, concurrency, lengths = Path(spec["logs"]), spec["reps"], spec["concurrency"], spec["lengths"]
-    model = str(default_model_dir())
+    model = spec["model"]
     procs: dict = {}
     started = time.perf_counter()
     try:
-        urls = start_servers(link.near, link.near_ip, link.far_ip, modes, logs, procs, spec["recompute_tokens_per_s"])
+        urls = start_servers(
+            Path(model), link.near, link.near_ip, link.far_ip, modes, logs, procs, spec["recompute_tokens_per_s"]
+        )
         for name, proc in procs.items():
             wait_healthy(urls[name], proc, timeout_s=900)
         for name in urls:  # the instances first: a decode's first pass must not be a 1-token one
@@ -339,11 +374,7 @@ def measure(spec: dict, link, modes: list[str], rows: list[dict], log: dict) -> 
         log["startup_s"].append(time.perf_counter() - started)
         print(f"{', '.join(modes)}: servers up in {log['startup_s'][-1]:.0f} s", flush=True)
         prefill_url = urls.get("prefill-default") or next(u for n, u in urls.items() if n.startswith("prefill-"))
-        decode_of = {
-            m: urls["decode-nixl" if m == "nixl" else f"decode-{m}" if m == "adaptive" else "decode"]
-            for m in PD_MODES
-            if m in modes
-        }
+        decode_of = {m: urls[decode_name(m)] for m in PD_MODES if m in modes}
         ids = token_text(model)
         texts = {n: ids[n : 2 * n] for n in lengths}  # distinct texts per length
         load_base = 2 * max(lengths)
@@ -451,6 +482,7 @@ LABELS = {
     "default": ("CacheGen default", "C0s-"),
     "smollm2-basis": ("CacheGen smollm2-basis", "C4D-"),
     "adaptive": ("CacheGen adaptive", "C5v-"),
+    "default-nohma": ("CacheGen default, hybrid manager off", "C6P-"),
 }
 
 
@@ -527,7 +559,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--rates", nargs="+", default=list(RATES), help="link rates, tc syntax (default: %(default)s)")
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS), help="prompt tokens")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, metavar="MODE", help=", ".join(MODES))
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=[m for m in MODES if m not in NO_HMA],
+        choices=MODES,
+        metavar="MODE",
+        help=", ".join(MODES) + " (default: all but default-nohma)",
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4, help="requests at once in the load rows; 0: none")
     parser.add_argument(
@@ -542,6 +581,12 @@ def main() -> None:
         type=float,
         default=RECOMPUTE_TOKENS_PER_S,
         help="the adaptive mode's decode: its own prefill rate, below which it recomputes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--model",
+        type=lambda v: v if v in ("smollm2", "gemma3-270m") else Path(v),
+        default="smollm2",
+        help="smollm2 (the embedded model), gemma3-270m (a sliding-window hybrid), or a checkpoint directory",
     )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/e2e.json"))
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/results/e2e.png"))
@@ -560,12 +605,12 @@ def main() -> None:
         return
     if max(args.lengths) * 2 + len(modes) * args.concurrency * LOAD_TOKENS > 110_000:
         sys.exit("the prompts would run past the text's 113K tokens: fewer --lengths or less --concurrency")
-    from cachegen_vllm.offline.model import ensure_default_model
+    from cachegen_vllm.offline.model import SHIPPED, ensure_model
     from cachegen_vllm.testing.netns import shaped_link, unavailable
 
     if why := unavailable():
         sys.exit(f"bench_e2e needs network namespaces: {why}")
-    ensure_default_model()
+    model = ensure_model(SHIPPED[args.model]) if args.model in SHIPPED else args.model.resolve()
     args.logs.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with shaped_link(args.rates[0], delay_ms=1.0) as link, tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -580,6 +625,7 @@ def main() -> None:
             "recompute_tokens_per_s": args.recompute_tokens_per_s,
             "logs": str(args.logs),
             "out": out.name,
+            "model": str(model),
         }
         inner = subprocess.Popen(link.command("far", [sys.executable, __file__, "inside", json.dumps(spec)]))
         try:
@@ -595,6 +641,7 @@ def main() -> None:
         "reps": args.reps,
         "concurrency": args.concurrency,
         "nixl_pollers": args.nixl_pollers,
+        "model": Path(str(model)).name,
         "startup_s": result.get("startup_s"),  # per phase: every mode but nixl, then nixl
         "measure_s": result.get("measure_s"),  # per phase and rate
         "total_s": time.perf_counter() - started,

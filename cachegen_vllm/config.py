@@ -111,12 +111,28 @@ def _basis_file(rotation: str, coding: str, value: Any, root: Path | None) -> st
     return str(path.resolve())
 
 
+def _flag(field: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(field, f"must be true or false; got {value!r}")
+    return value
+
+
 def profile_from_dict(data: dict, name: str, root: Path | None = None) -> Profile:
     """Validate a parsed profile (``root``: where its relative paths start). Every error names its field."""
     top = _table(
         "",
         data,
-        {"chunk_tokens", "group_tokens", "rotation", "value_axis", "coding", "lane_symbols", "basis", "bits"},
+        {
+            "chunk_tokens",
+            "group_tokens",
+            "rotation",
+            "value_axis",
+            "coding",
+            "lane_symbols",
+            "basis",
+            "bits",
+            "lossy_latents",
+        },
         {"chunk_tokens", "group_tokens", "bits"},
     )
     chunk_tokens = _positive("chunk_tokens", top["chunk_tokens"], MAX_CHUNK_TOKENS)
@@ -168,6 +184,7 @@ def profile_from_dict(data: dict, name: str, root: Path | None = None) -> Profil
         layers=tuple(layers),
         recent=tiers("recent"),
         sink=tiers("sink"),
+        lossy_latents=_flag("lossy_latents", top.get("lossy_latents", False)),
     )
     if rotation == "basis":  # a basis's alphabet spans 2**(bits+4) steps, up to the widest table (codec/entropy.py)
         for field, width in profile.widths():

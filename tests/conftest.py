@@ -24,15 +24,27 @@ def model_dir():
     return ensure_default_model()
 
 
+def tiny_checkpoint(model_dir, path, config):
+    """A transformers checkpoint of ``config`` with random weights (seed 0) in ``path``, with the
+    embedded model's tokenizer (``config`` keeps its 49,152-token vocabulary)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, path / name)
+    return path
+
+
 @pytest.fixture(scope="session")
 def llama_dir(model_dir, tmp_path_factory):
     """A model of another geometry than the embedded one: a small Llama with head_dim 128 and 8 KV
-    heads, random weights, built by transformers, with the embedded model's tokenizer."""
-    import shutil
+    heads."""
+    from transformers import LlamaConfig
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("llama")
     config = LlamaConfig(
         vocab_size=49152,
         hidden_size=256,
@@ -43,12 +55,77 @@ def llama_dir(model_dir, tmp_path_factory):
         head_dim=128,
         max_position_embeddings=2048,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # the embedded model's
-        if (model_dir / name).exists():
-            shutil.copy(model_dir / name, path / name)
-    return path
+    return tiny_checkpoint(model_dir, tmp_path_factory.mktemp("llama"), config)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(model_dir, tmp_path_factory):
+    """A QK-norm model whose head width is not a power of two: a small Qwen3, head_dim 80, 2 KV
+    heads of 4 query heads each."""
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(
+        vocab_size=49152,
+        hidden_size=320,
+        intermediate_size=640,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=80,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    return tiny_checkpoint(model_dir, tmp_path_factory.mktemp("qwen3"), config)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(model_dir, tmp_path_factory):
+    """A sliding-window hybrid with QK-norm, Gemma 3's text model in small: 4 layers, the 4th
+    global and the others sliding over 32 tokens, one KV head of 256."""
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=256,
+        sliding_window=32,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        max_position_embeddings=4096,
+        query_pre_attn_scalar=256,
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    return tiny_checkpoint(model_dir, tmp_path_factory.mktemp("gemma3"), config)
+
+
+@pytest.fixture(scope="session")
+def deepseek_dir(model_dir, tmp_path_factory):
+    """An MLA model, DeepSeek-V2's in small: 2 dense layers, a 512-wide compressed KV and a 64-wide
+    RoPE part (the 576-wide latent vLLM's CPU MLA backends take), no query compression."""
+    from transformers import DeepseekV2Config
+
+    config = DeepseekV2Config(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        first_k_dense_replace=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        max_position_embeddings=4096,
+    )
+    return tiny_checkpoint(model_dir, tmp_path_factory.mktemp("deepseek"), config)
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:

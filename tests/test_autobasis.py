@@ -75,7 +75,7 @@ def test_a_decode_fetches_the_producers_basis_once_and_decodes_with_it(fitted, l
         save_prompt(producer, source, [3, 1, 4], total=40, chunk=40, transfer="t-2")  # the same KV again
         for transfer in ("t-1", "t-2"):
             meta = CacheGenMetadata(
-                loads=[LoadRequest("d", transfer, SECRET, producer.config.advertise, [2, 0, 5], 0, 39)]
+                loads=[LoadRequest("d", transfer, SECRET, producer.config.advertise, ([2, 0, 5],), 0, 39)]
             )
             decode.start_load_kv(meta)
             assert wait_finished(decode) == {"d"}
@@ -89,3 +89,54 @@ def test_a_decode_fetches_the_producers_basis_once_and_decodes_with_it(fitted, l
     finally:
         producer.shutdown()
         decode.shutdown()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_the_key_metric_is_made_of_the_queries_attention_multiplies_keys_by(family, request, monkeypatch):
+    """QK-norm models (Qwen3, Gemma 3: a norm on each query head before RoPE, Gemma's sliding layers
+    with a RoPE of their own): the fit's key metric is the second moment of the very queries that
+    the model's attention receives (recorded at SDPA), per KV head. Without the query norm it is not."""
+    from cachegen_vllm.fitting.basis import basis_statistics
+    from cachegen_vllm.fitting.sample import ModelSample
+
+    sample = ModelSample(request.getfixturevalue(f"{family}_dir"), windows=2, context_tokens=65, continuation_tokens=1)
+    _, metric = basis_statistics(sample, chunk_tokens=64, skip_tokens=0)
+
+    recorded = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, *args, **kwargs):
+        recorded.append(query[0].double())  # [query heads, tokens, dim]
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    g = sample.geometry
+    expected = torch.zeros(g.num_layers, g.num_kv_heads, g.head_dim, g.head_dim, dtype=torch.float64)
+    with torch.inference_mode():
+        for window in sample.windows:
+            sample.model(window[: sample.context_tokens - 1][None])
+    assert len(recorded) == g.num_layers * len(sample.windows)
+    for i, q in enumerate(recorded):
+        q = q.reshape(g.num_kv_heads, -1, g.head_dim)
+        expected[i % g.num_layers] += q.mT @ q
+    torch.testing.assert_close(metric[:, 0], expected, rtol=1e-9, atol=1e-6)
+
+
+def test_auto_fits_a_qk_norm_model_whose_heads_are_80_wide(qwen3_dir):
+    profile = autobasis.resolve(load_profile("basis"), str(qwen3_dir), log=lambda message: None)
+    basis = bases.load(profile.basis)
+    assert basis.shape == (2, 2, 80)
+    x = torch.randn(40, 2, 80)
+    torch.testing.assert_close(basis.invert(basis.apply(x, 1, 0), 1, 0), x, rtol=0, atol=1e-4)
+
+
+def test_auto_refuses_a_model_it_cannot_read_by_its_class(tmp_path):
+    """A fused qkv projection (Phi-3) or a latent (DeepSeek's MLA): refused at start-up by name,
+    before a weight is read (the checkpoint here has none)."""
+    from transformers import Phi3Config
+
+    Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ConfigError, match=r'^basis: "auto" fits .*; Phi3ForCausalLM has Phi3Attention: '):
+        autobasis.resolve(load_profile("basis"), str(tmp_path), log=lambda message: None)

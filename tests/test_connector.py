@@ -38,14 +38,46 @@ def vllm_config(
     )
 
 
-def kv_cache_config(*specs: tuple[int, int], block_size: int = 16):
-    """vLLM's KVCacheConfig as the connector reads it: a group per (head_size, head_size_v)."""
+def kv_cache_config(*specs, block_size: int = 16):
+    """vLLM's KVCacheConfig as the connector reads it: a group of two layers per spec, full
+    attention of (head_size, head_size_v), or a vLLM spec as it is."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    def spec(s):
+        if isinstance(s, tuple):
+            return FullAttentionSpec(
+                block_size=block_size, num_kv_heads=3, head_size=s[0], head_size_v=s[1], dtype=torch.bfloat16
+            )
+        return s
+
     return SimpleNamespace(
         kv_cache_groups=[
-            SimpleNamespace(kv_cache_spec=SimpleNamespace(head_size=k, head_size_v=v, block_size=block_size))
-            for k, v in specs
+            SimpleNamespace(kv_cache_spec=spec(s), layer_names=[f"model.layers.{2 * i + j}.attn" for j in (0, 1)])
+            for i, s in enumerate(specs)
         ]
     )
+
+
+def _sliding(window: int):
+    import torch
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    return SlidingWindowSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.bfloat16, sliding_window=window)
+
+
+def _mla():
+    import torch
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    return MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=576, dtype=torch.bfloat16)
+
+
+def _mamba():
+    import torch
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    return MambaSpec(block_size=16, shapes=((4, 8),), dtypes=(torch.bfloat16,))
 
 
 @pytest.mark.parametrize("role", [KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER])
@@ -55,9 +87,10 @@ def kv_cache_config(*specs: tuple[int, int], block_size: int = 16):
         ({"pipeline_parallel_size": 2}, [(64, 64)], "pipeline_parallel_size", "pipeline parallelism"),
         ({"cache_dtype": "fp8_inc"}, [(64, 64)], "kv_cache_dtype", "'fp8_inc'"),
         ({"cache_dtype": "fp8_per_token_head"}, [(64, 64)], "kv_cache_dtype", "auto, fp8, fp8_e4m3, fp8_e5m2"),
-        ({"use_mla": True}, [(576, 0)], "use_mla", "MLA"),
+        ({"use_mla": True, "cache_dtype": "fp8"}, [_mla()], "kv_cache_dtype", "MLA latents in the model's dtype"),
         ({}, [(192, 128)], "head_size_v", "128 and 192"),
-        ({}, [(64, 64), (64, 64)], "kv_cache_groups", "has 2"),
+        ({}, [(64, 64), _mamba()], "kv_cache_groups", "a MambaSpec group, and it does not send SSM layers' state"),
+        ({}, [(64, 64), _sliding(70000)], "sliding_window", "windows of 1 to 65535 tokens, not 70000"),
         ({"speculative_config": SimpleNamespace(method="eagle3")}, [(64, 64)], "speculative_config", "drafter"),
     ],
 )
@@ -65,6 +98,40 @@ def test_what_is_not_supported_yet_is_refused_at_start_up_by_name(role, settings
     with pytest.raises(ConfigError) as e:
         CacheGenConnector(vllm_config("kv_consumer", **settings), role, kv_cache_config(*groups))
     assert e.value.field == field and words in str(e.value)
+
+
+def test_a_sliding_window_hybrid_is_served_with_each_layers_group_and_window():
+    """Gemma 3 under vLLM's hybrid KV cache manager: full-attention layers, and sliding ones in
+    groups of their own (vLLM turns the manager off for connectors that are not SupportsHMA)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
+
+    from cachegen_vllm.connector.plugin import NAME, register
+    from cachegen_vllm.connector.support import layer_groups
+
+    register()
+    config = kv_cache_config(_sliding(512), (64, 64), _sliding(512))
+    assert issubclass(CacheGenConnector, SupportsHMA)
+    assert KVConnectorFactory.supports_hma_config(SimpleNamespace(kv_connector=NAME, kv_connector_module_path=None))
+    worker = CacheGenConnector(vllm_config("kv_consumer"), KVConnectorRole.WORKER, config)
+    assert worker.worker.layer_groups == layer_groups(config)
+    assert layer_groups(config) == {
+        "model.layers.0.attn": (0, 512),
+        "model.layers.1.attn": (0, 512),
+        "model.layers.2.attn": (1, 0),
+        "model.layers.3.attn": (1, 0),
+        "model.layers.4.attn": (2, 512),
+        "model.layers.5.attn": (2, 512),
+    }
+    worker.shutdown()
+
+
+def test_an_mla_model_is_served_as_one_latent_head_on_every_rank():
+    """vLLM counts an MLA model's query heads as its KV heads; its cache holds one latent per token."""
+    worker = CacheGenConnector(
+        vllm_config("kv_consumer", use_mla=True), KVConnectorRole.WORKER, kv_cache_config(_mla())
+    )
+    assert worker.worker.latent and worker.worker.total_kv_heads == 1
+    worker.shutdown()
 
 
 def test_the_block_size_is_the_kv_cache_groups_not_the_cache_configs():

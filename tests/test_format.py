@@ -1,5 +1,6 @@
 """The wire format: round trips, and rejection of every kind of bad bytes with FrameError."""
 
+import dataclasses
 import struct
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachegen_vllm.codec import FrameError, KVGeometry, decode_chunk, encode_layer, parse_frame
+from cachegen_vllm.codec import FrameError, KVGeometry, decode_chunk, encode_layer, parse_frame, read_frame
 from cachegen_vllm.codec.format import HEADER, SEGMENT, frame_nbytes
 from cachegen_vllm.config import profile_from_dict
 
@@ -34,9 +35,9 @@ def _kv(tokens, seed=0, dtype=torch.bfloat16):
     return (torch.randn(tokens, 2, 16, generator=g).to(dtype), torch.randn(tokens, 2, 16, generator=g).to(dtype))
 
 
-def _frames(tokens=45, layer=2, seed=0):
+def _frames(tokens=45, layer=2, seed=0, geometry=GEOMETRY):
     k, v = _kv(tokens, seed)
-    return encode_layer(k, v, geometry=GEOMETRY, profile=PROFILE, layer=layer), k, v
+    return encode_layer(k, v, geometry=geometry, profile=PROFILE, layer=layer), k, v
 
 
 @pytest.mark.parametrize("layer", [0, 3])
@@ -129,7 +130,7 @@ def _resign(frame: bytearray) -> bytes:
         (50, "H", 1, r"heads \[1, 3\) are not among the model's 2"),
         (52, "H", 0, r"heads \[0, 0\) are not among"),
         (52, "H", 1, "segments need a"),  # one head of the model's two: the arrays are half the size
-        (54, "H", 1, "reserved 1"),
+        (54, "H", 512, "layer 2 was sent for a sliding window of 512 tokens, this cache keeps full attention"),
         (16, "Q", 5, "basis 0000000000000005 on a packed frame"),
         (HEADER.size + 8, "I", 3, "key stream has 3 words, at most 0"),
         (HEADER.size, "I", 31, "segments hold 38 tokens"),
@@ -140,6 +141,29 @@ def test_each_bad_field_is_named(offset, fmt, value, message):
     struct.pack_into("<" + fmt, frame, offset, value)
     with pytest.raises(FrameError, match=message):
         decode_chunk(_resign(frame), GEOMETRY)
+
+
+def test_a_frame_names_its_layers_window_and_a_cache_keeping_another_refuses_it():
+    """A sliding-window layer's frames say so (from its geometry); a decode whose layer is full
+    attention (vLLM's hybrid manager off there), or slides over another window, refuses them."""
+    sliding = dataclasses.replace(GEOMETRY, windows=(0, 0, 512, 0))
+    frame = _frames(geometry=sliding)[0][0]
+    assert read_frame(frame).header.window == 512
+    decode_chunk(frame, sliding)
+    for other in (GEOMETRY, dataclasses.replace(GEOMETRY, windows=(0, 0, 1024, 0))):
+        with pytest.raises(FrameError, match=r"^layer 2 was sent for a sliding window of 512 tokens, this cache"):
+            decode_chunk(frame, other)
+
+
+def test_a_frame_says_it_carries_an_mla_latent_and_a_kv_cache_refuses_it():
+    latent = dataclasses.replace(GEOMETRY, latent=True)
+    frame = _frames(geometry=latent)[0][0]
+    assert read_frame(frame).header.latent and not read_frame(_frames()[0][0]).header.latent
+    decode_chunk(frame, latent)
+    with pytest.raises(FrameError, match=r"^the frame carries an MLA latent, this cache holds K and V$"):
+        decode_chunk(frame, GEOMETRY)
+    with pytest.raises(FrameError, match=r"^the frame carries K and V, this cache holds an MLA latent$"):
+        decode_chunk(_frames()[0][0], latent)
 
 
 def _must_reject(data: bytes, original: bytes):

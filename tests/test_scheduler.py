@@ -70,9 +70,9 @@ def test_a_prompt_computed_in_one_step_is_saved_whole_and_its_params_say_where()
     assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # a producer loads nothing
     s.update_state_after_alloc(r, blocks(4, 5, 6), 0)
     meta = s.build_connector_meta(step(new=[("a", [4, 5, 6], 0)], scheduled={"a": 300}))
-    assert meta.saves == [SaveRequest("a", "t-1", SECRET, [4, 5, 6], 0, 300, 300)] and meta.loads == []
+    assert meta.saves == [SaveRequest("a", "t-1", SECRET, ([4, 5, 6],), 0, 300, 300)] and meta.loads == []
     r.status = RequestStatus.FINISHED_LENGTH_CAPPED
-    assert s.request_finished(r, [4, 5, 6]) == (
+    assert s.request_finished(r) == (
         True,  # its blocks wait for the workers' encoding to be sealed
         {
             "do_remote_prefill": True,
@@ -93,7 +93,7 @@ def test_a_tensor_and_data_parallel_engine_names_its_first_rank_and_its_tp_size(
     s.update_state_after_alloc(r, blocks(1, 2, 3), 0)
     s.build_connector_meta(step(new=[("a", [1, 2, 3], 0)], scheduled={"a": 40}))
     r.status = RequestStatus.FINISHED_LENGTH_CAPPED
-    params = s.request_finished(r, [1, 2, 3])[1]
+    params = s.request_finished(r)[1]
     assert params is not None and (params["producer"], params["producer_tp"]) == ("tcp://10.0.0.5:5604", 3)
     d = consumer()
     decode = request("b", 40, params)
@@ -111,11 +111,31 @@ def test_chunked_prefill_saves_each_new_range_with_the_blocks_so_far():
     third = s.build_connector_meta(step(cached=[("a", [3], 256)], scheduled={"a": 44}))
     decoding = s.build_connector_meta(step(cached=[("a", None, 300)], scheduled={"a": 1}))  # the sampled token
     assert [m.saves for m in (first, second, third, decoding)] == [
-        [SaveRequest("a", "t-1", SECRET, [1], 0, 128, 300)],
-        [SaveRequest("a", "t-1", SECRET, [1, 2], 128, 256, 300)],
-        [SaveRequest("a", "t-1", SECRET, [1, 2, 3], 256, 300, 300)],
+        [SaveRequest("a", "t-1", SECRET, ([1],), 0, 128, 300)],
+        [SaveRequest("a", "t-1", SECRET, ([1, 2],), 128, 256, 300)],
+        [SaveRequest("a", "t-1", SECRET, ([1, 2, 3],), 256, 300, 300)],
         [],
     ]
+
+
+def test_each_kv_cache_groups_blocks_are_tracked_apart():
+    """A sliding-window hybrid under vLLM's hybrid manager: each step's new blocks per group are
+    appended to that group's (a resumed request's lists replace them), loads get every group's."""
+    s, r = producer(), request("a", 300, SAVE)
+    s.update_state_after_alloc(r, SimpleNamespace(get_block_ids=lambda: ([1], [2])), 0)
+    new = SimpleNamespace(req_id="a", block_ids=([1], [2]), num_computed_tokens=0)
+    first = step(scheduled={"a": 128})
+    first.scheduled_new_reqs = [new]
+    second = step(cached=[("a", None, 128)], scheduled={"a": 128})
+    second.scheduled_cached_reqs.new_block_ids = [([3], [4])]
+    third = step(cached=[("a", None, 256)], resumed=["a"], scheduled={"a": 44})
+    third.scheduled_cached_reqs.new_block_ids = [([5, 6, 7], [0, 0, 8])]  # the window's blocks only
+    saves = [s.build_connector_meta(x).saves[0].block_ids for x in (first, second, third)]
+    assert saves == [([1], [2]), ([1, 3], [2, 4]), ([5, 6, 7], [0, 0, 8])]
+    d, loading = consumer(), request("d", 300, load_params(num_tokens=300))
+    assert d.get_num_new_matched_tokens(loading, 0) == (299, True)
+    d.update_state_after_alloc(loading, SimpleNamespace(get_block_ids=lambda: ([3, 1, 2], [0, 5, 6])), 299)
+    assert d.build_connector_meta(step()).loads[0].block_ids == ([3, 1, 2], [0, 5, 6])
 
 
 def test_a_prefix_cache_hit_on_the_prefill_is_sent_too():
@@ -124,14 +144,14 @@ def test_a_prefix_cache_hit_on_the_prefill_is_sent_too():
     s, r = producer(), request("a", 200, SAVE)
     s.update_state_after_alloc(r, blocks(8, 9), 0)
     meta = s.build_connector_meta(step(new=[("a", [8, 9], 128)], scheduled={"a": 72}))
-    assert meta.saves == [SaveRequest("a", "t-1", SECRET, [8, 9], 0, 200, 200)]
+    assert meta.saves == [SaveRequest("a", "t-1", SECRET, ([8, 9],), 0, 200, 200)]
 
 
 def test_a_preempted_and_resumed_prefill_reads_its_new_blocks_and_sends_nothing_twice():
     s, r = producer(), request("a", 300, SAVE)
     s.update_state_after_alloc(r, blocks(1), 0)
     assert s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 128})).saves == [
-        SaveRequest("a", "t-1", SECRET, [1], 0, 128, 300)
+        SaveRequest("a", "t-1", SECRET, ([1],), 0, 128, 300)
     ]
     # Preempted: its blocks are freed, and the workers told before the step that may reuse them;
     # rescheduled from the waiting queue with new blocks, which vLLM lists whole (resumed_req_ids)
@@ -140,9 +160,9 @@ def test_a_preempted_and_resumed_prefill_reads_its_new_blocks_and_sends_nothing_
     assert preempted.preempted == ["a"] and preempted.saves == []
     s.update_state_after_alloc(r, blocks(7, 8), 0)
     resumed = s.build_connector_meta(step(cached=[("a", [7, 8], 0)], resumed=["a"], scheduled={"a": 256}))
-    assert resumed.saves == [SaveRequest("a", "t-1", SECRET, [7, 8], 128, 256, 300)]
+    assert resumed.saves == [SaveRequest("a", "t-1", SECRET, ([7, 8],), 128, 256, 300)]
     later = s.build_connector_meta(step(cached=[("a", [9], 256)], scheduled={"a": 44}))
-    assert later.saves == [SaveRequest("a", "t-1", SECRET, [7, 8, 9], 256, 300, 300)]
+    assert later.saves == [SaveRequest("a", "t-1", SECRET, ([7, 8, 9],), 256, 300, 300)]
 
 
 def test_a_prefill_request_is_held_exactly_when_the_workers_were_told_to_save_it():
@@ -152,20 +172,20 @@ def test_a_prefill_request_is_held_exactly_when_the_workers_were_told_to_save_it
     s, before_any_step = producer(), request("a", 300, SAVE)
     s.update_state_after_alloc(before_any_step, blocks(1), 0)
     before_any_step.status = RequestStatus.FINISHED_ABORTED  # aborted before it was scheduled
-    assert s.request_finished(before_any_step, [1]) == (False, None)
+    assert s.request_finished(before_any_step) == (False, None)
     r = request("b", 300, SAVE)
     s.update_state_after_alloc(r, blocks(2), 0)
     (save,) = s.build_connector_meta(step(new=[("b", [2], 0)], scheduled={"b": 128})).saves
     assert save.req_id == "b"
     r.status = RequestStatus.FINISHED_ABORTED  # aborted mid-prefill: encodings of its first range may run
-    assert s.request_finished(r, [2]) == (True, None)
+    assert s.request_finished(r) == (True, None)
 
 
 def test_requests_the_connector_does_not_track_are_left_alone():
     s = producer()
     for r in (request("plain", 100, None), request("other", 100, {"do_remote_prefill": True})):
         s.update_state_after_alloc(r, blocks(1), 0)
-        assert s.request_finished(r, [1]) == (False, None)
+        assert s.request_finished(r) == (False, None)
     meta = s.build_connector_meta(
         step(new=[("plain", [1], 0), ("other", [2], 0)], scheduled={"plain": 100, "other": 100})
     )
@@ -179,7 +199,7 @@ def test_a_prefill_with_a_bad_transfer_id_saves_nothing(params):
     s, r = producer(), request("a", 100, params)
     s.update_state_after_alloc(r, blocks(1), 0)
     assert s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 100})).saves == []
-    assert s.request_finished(r, [1]) == (False, None)
+    assert s.request_finished(r) == (False, None)
 
 
 # vllm-router's prefill leg, as it sends it (the NixlConnector's convention)
@@ -201,7 +221,7 @@ def test_a_router_prefill_without_a_transfer_id_gets_one_of_its_own_and_returns_
         s.update_state_after_alloc(r, blocks(1), 0)
         (save,) = s.build_connector_meta(step(new=[(name, [1], 0)], scheduled={name: 100})).saves
         r.status = RequestStatus.FINISHED_LENGTH_CAPPED
-        _, params = s.request_finished(r, [1])
+        _, params = s.request_finished(r)
         assert params is not None and params["transfer_id"] == save.transfer_id and params["producer"] == PRODUCER
         assert params["transfer_secret"] == save.secret and len(save.secret) == 32
         ids.append((save.transfer_id, save.secret))
@@ -224,7 +244,7 @@ def test_an_aborted_prefill_returns_no_params_and_drops_its_transfer():
     s.update_state_after_alloc(r, blocks(1), 0)
     s.build_connector_meta(step(new=[("a", [1], 0)], scheduled={"a": 128}))
     r.status = RequestStatus.FINISHED_ABORTED
-    assert s.request_finished(r, [1]) == (True, None)  # held: an encoding may still read its blocks
+    assert s.request_finished(r) == (True, None)  # held: an encoding may still read its blocks
     assert s.build_connector_meta(step()).aborted == ["t-1"]
     assert s.build_connector_meta(step()).aborted == []
 
@@ -245,8 +265,8 @@ def test_kv_both_saves_or_loads_as_each_requests_params_ask():
     s.update_state_after_alloc(decode, blocks(2), 99)
     s.update_state_after_alloc(plain, blocks(3), 0)
     meta = s.build_connector_meta(step(new=[("p", [1], 0), ("x", [3], 0)], scheduled={"p": 100, "x": 100}))
-    assert [(m.start, m.end, m.block_ids) for m in meta.saves] == [(0, 100, [1])]
-    assert meta.loads == [LoadRequest("d", "t-1", SECRET, PRODUCER, [2], 0, 99)]
+    assert [(m.start, m.end, m.block_ids) for m in meta.saves] == [(0, 100, ([1],))]
+    assert meta.loads == [LoadRequest("d", "t-1", SECRET, PRODUCER, ([2],), 0, 99)]
 
 
 # ---- decode: what is loaded --------------------------------------------------------------------
@@ -257,7 +277,7 @@ def test_a_decode_loads_the_prompt_but_its_last_token_once():
     assert s.get_num_new_matched_tokens(r, 0) == (299, True)  # vLLM recomputes the last token to sample from
     s.update_state_after_alloc(r, blocks(3, 1, 2), 299)
     meta = s.build_connector_meta(step())
-    assert meta.loads == [LoadRequest("d", "t-1", SECRET, PRODUCER, [3, 1, 2], 0, 299)] and meta.saves == []
+    assert meta.loads == [LoadRequest("d", "t-1", SECRET, PRODUCER, ([3, 1, 2],), 0, 299)] and meta.saves == []
     assert s.build_connector_meta(step()).loads == []  # handed over once
 
 
@@ -265,7 +285,7 @@ def test_a_decode_that_holds_a_prefix_loads_only_the_rest():
     s, r = consumer(), request("d", 300, load_params(num_tokens=300))
     assert s.get_num_new_matched_tokens(r, 128) == (171, True)
     s.update_state_after_alloc(r, blocks(3, 1, 2), 171)
-    assert s.build_connector_meta(step()).loads == [LoadRequest("d", "t-1", SECRET, PRODUCER, [3, 1, 2], 128, 171)]
+    assert s.build_connector_meta(step()).loads == [LoadRequest("d", "t-1", SECRET, PRODUCER, ([3, 1, 2],), 128, 171)]
 
 
 def test_a_decode_holding_the_whole_prompt_loads_nothing():
@@ -299,7 +319,7 @@ def test_a_request_aborted_while_loading_has_its_load_cancelled_once():
     s.update_state_after_alloc(r, blocks(1, 2, 3), 299)
     s.build_connector_meta(step())
     r.status = RequestStatus.FINISHED_ABORTED
-    assert s.request_finished(r, [1, 2, 3]) == (False, None)  # nothing delays freeing its blocks
+    assert s.request_finished(r) == (False, None)  # nothing delays freeing its blocks
     assert s.build_connector_meta(step()).cancels == ["d"]
     assert s.build_connector_meta(step()).cancels == []
 
@@ -309,7 +329,7 @@ def test_a_request_that_finishes_normally_cancels_nothing():
     s.get_num_new_matched_tokens(r, 0)
     s.update_state_after_alloc(r, blocks(1, 2, 3), 299)
     r.status = RequestStatus.FINISHED_STOPPED
-    s.request_finished(r, [1, 2, 3])
+    s.request_finished(r)
     assert s.build_connector_meta(step()).cancels == []
 
 
@@ -382,7 +402,7 @@ def test_the_prefill_passes_its_workers_link_estimate_on_in_the_params():
     s.update_connector_output(CacheGenStats(data={"kv_tokens_per_second": 812.5, "raw_bytes": 10}))
     s.update_connector_output(CacheGenStats(data={"raw_bytes": 10}))  # no estimate this interval: the last holds
     r.status = RequestStatus.FINISHED_LENGTH_CAPPED
-    assert s.request_finished(r, [4, 5, 6])[1]["kv_tokens_per_s"] == 812.5
+    assert s.request_finished(r)[1]["kv_tokens_per_s"] == 812.5
 
 
 @pytest.mark.parametrize("link,declined", [(400.0, True), (4000.0, False), (None, False)])
@@ -392,7 +412,7 @@ def test_a_decode_recomputes_where_the_link_is_slower_than_its_own_prefill(link,
     assert s.get_num_new_matched_tokens(r, 0) == ((0, False) if declined else (299, True))
     assert s.get_num_new_matched_tokens(r, 0) == ((0, False) if declined else (299, True))  # asked again: same
     meta = s.build_connector_meta(step())
-    assert meta.declined == ([LoadRequest("b", "t-1", SECRET, PRODUCER, [], 0, 0)] if declined else [])
+    assert meta.declined == ([LoadRequest("b", "t-1", SECRET, PRODUCER, (), 0, 0)] if declined else [])
     assert (s.get_stats() or SimpleNamespace(data={})).data.get("declined", 0) == int(declined)
 
 

@@ -67,7 +67,7 @@ def wait_finished(w: CacheGenWorker, timeout_s: float = 20) -> set[str]:
 def start_load(w: CacheGenWorker, producer: str, start: int = 0, count: int = 39) -> None:
     """What the scheduler asks of a decode worker: tokens [start, start + count) of transfer t-1
     from ``producer`` into blocks 4, 0, 5."""
-    w.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", SECRET, producer, [4, 0, 5], start, count)]))
+    w.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", SECRET, producer, ([4, 0, 5],), start, count)]))
 
 
 def tokens(layers, block_ids: list[int], start: int, end: int) -> torch.Tensor:
@@ -91,7 +91,7 @@ def save_prompt(w: CacheGenWorker, layers, block_ids: list[int], total: int, chu
     """What the forward passes of a chunked prefill do: each step, every layer's save."""
     for start in range(0, total, chunk):
         meta = CacheGenMetadata(
-            saves=[SaveRequest("p", transfer, SECRET, block_ids, start, min(total, start + chunk), total)]
+            saves=[SaveRequest("p", transfer, SECRET, (block_ids,), start, min(total, start + chunk), total)]
         )
         step(w, layers, meta)
 
@@ -243,7 +243,7 @@ def test_an_unexpected_error_in_a_load_still_finishes_the_request(prefill, monke
 def test_a_layer_that_was_never_registered_saves_nothing_and_raises_nothing(prefill, caplog):
     """A drafter's layer, say: the forward pass goes on."""
     producer, _ = prefill
-    producer.begin_step(CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, [7, 2, 9], 0, 40, 40)]))
+    producer.begin_step(CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, ([7, 2, 9],), 0, 40, 40)]))
     with caplog.at_level("WARNING", logger="vllm.cachegen_vllm.connector"):
         producer.save_kv_layer("model.layers.99.self_attn.attn")
         producer.save_kv_layer("model.layers.99.self_attn.attn")
@@ -279,7 +279,7 @@ def test_an_aborted_prefill_refuses_the_decode_that_pulls_it_at_once(prefill):
     refused as soon as the prefill's next step drops it, and recomputes, well before its load
     timeout."""
     producer, source = prefill
-    step(producer, source, CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, [7, 2, 9], 0, 24, 40)]))
+    step(producer, source, CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, ([7, 2, 9],), 0, 24, 40)]))
     decode = worker("kv_consumer", caches(seed=None), **{**FAST, "load_timeout_s": 60})
     try:
         start_load(decode, producer.config.advertise)
@@ -363,7 +363,7 @@ def transfer_across(producer_tp: int, decode_tp: int, profile: str) -> tuple[tor
             targets.append(target)
         for rank, w in enumerate(producers):
             save_prompt(w, shard(source, producer_tp, rank), [7, 2, 9], total=40, chunk=24)
-        load = LoadRequest("d", "t-1", SECRET, base, [4, 0, 5], 0, 39, producer_tp=producer_tp)
+        load = LoadRequest("d", "t-1", SECRET, base, ([4, 0, 5],), 0, 39, producer_tp=producer_tp)
         for w in decodes:
             w.start_load_kv(CacheGenMetadata(loads=[load]))
         wire = []
@@ -514,7 +514,7 @@ def test_blocks_larger_than_the_caches_are_mapped_to_the_caches_blocks():
     decode.bind_caches(target, order=None)
     try:
         save_prompt(producer, source, [3, 1], total=40, chunk=40)  # the caches' blocks 6, 7, 2, 3
-        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", SECRET, extra["bind"], [2, 0], 0, 39)]))
+        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("d", "t-1", SECRET, extra["bind"], ([2, 0],), 0, 39)]))
         assert wait_finished(decode) == {"d"} and decode.get_block_ids_with_load_errors() == set()
         assert torch.equal(tokens(target, [4, 5, 0, 1], 0, 39), tokens(source, [6, 7, 2, 3], 0, 39))
     finally:
@@ -545,7 +545,7 @@ def test_encoding_a_layer_waits_for_the_device_a_fixed_number_of_times(profile, 
     try:
         for total in (100, 600):
             meta = CacheGenMetadata(
-                saves=[SaveRequest(f"p{total}", f"t{total}", SECRET, list(range(40)), 0, total, total)]
+                saves=[SaveRequest(f"p{total}", f"t{total}", SECRET, (list(range(40)),), 0, total, total)]
             )
             w.begin_step(meta)
             runtime = w.caches.runtime
@@ -621,7 +621,7 @@ def test_a_declined_transfer_is_cancelled_and_the_producer_frees_it(prefill):
     assert producer.saving.producer is not None and producer.saving.producer.transfers == 1
     decode = worker("kv_consumer", caches(seed=None), **FAST)
     try:
-        declined = LoadRequest("d", "t-1", SECRET, producer.config.advertise, [], 0, 0)
+        declined = LoadRequest("d", "t-1", SECRET, producer.config.advertise, (), 0, 0)
         decode.start_load_kv(CacheGenMetadata(declined=[declined]))
         assert wait_until(lambda: producer.saving.producer.transfers == 0)
         assert producer.saving.producer.stats["bytes_freed"] == producer.saving.producer.stats["bytes_queued"]
@@ -712,7 +712,7 @@ def test_a_preemption_waits_until_nothing_reads_the_requests_blocks():
     gate = threading.Event()
     try:
         runtime.submit(gate.wait)  # the sealer lags behind the forward pass
-        step(w, layers, CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, [7, 2, 9], 0, 24, 40)]))
+        step(w, layers, CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, ([7, 2, 9],), 0, 24, 40)]))
         w.preempted(["other"])  # nothing of it in flight: returns at once
         returned = threading.Event()
         waiter = threading.Thread(target=lambda: (w.preempted(["p"]), returned.set()))
@@ -739,7 +739,7 @@ def test_what_waits_for_the_sealer_is_bounded_and_the_forward_pass_waits_instead
         gate = threading.Event()
         try:
             runtime.submit(gate.wait)
-            meta = CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, [7, 2, 9], 0, 40, 40)])
+            meta = CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, ([7, 2, 9],), 0, 40, 40)])
             forward = threading.Thread(target=step, args=(w, source, meta))
             forward.start()
             forward.join(0.5)
@@ -766,8 +766,8 @@ def test_a_step_whose_layer_alone_passes_the_staging_bound_goes_through():
     try:
         meta = CacheGenMetadata(
             saves=[
-                SaveRequest("p", "t-1", SECRET, [7, 2, 9], 0, 40, 40),
-                SaveRequest("q", "t-2", SECRET, [4, 5, 6], 0, 40, 40),
+                SaveRequest("p", "t-1", SECRET, ([7, 2, 9],), 0, 40, 40),
+                SaveRequest("q", "t-2", SECRET, ([4, 5, 6],), 0, 40, 40),
             ]
         )
         forward = threading.Thread(target=step, args=(w, source, meta), daemon=True)
@@ -855,7 +855,7 @@ def test_a_basis_fetch_from_a_silent_producer_blocks_no_other_load_and_an_abort_
     good = worker("kv_producer", source, profile=good_profile, bind=f"tcp://127.0.0.1:{free_ports()}")
     decode = worker("kv_consumer", caches(seed=None), **{**FAST, "load_timeout_s": 30})
     try:
-        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("a", "t-a", SECRET, silent.endpoint, [1], 0, 15)]))
+        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("a", "t-a", SECRET, silent.endpoint, ([1],), 0, 15)]))
         assert silent.asked.wait(5)  # a is fetching its basis now
         save_prompt(good, source, [7, 2, 9], total=40, chunk=40)
         started = time.monotonic()
@@ -881,7 +881,9 @@ def test_a_basis_of_another_shape_is_refused_before_it_is_inverted(tmp_path, mon
     monkeypatch.setattr(Basis, "from_forward", classmethod(lambda cls, f: inverted.append(f.shape)))
     decode = worker("kv_consumer", caches(seed=None), **FAST)
     try:
-        decode.start_load_kv(CacheGenMetadata(loads=[LoadRequest("a", "t-a", SECRET, producer.endpoint, [1], 0, 15)]))
+        decode.start_load_kv(
+            CacheGenMetadata(loads=[LoadRequest("a", "t-a", SECRET, producer.endpoint, ([1],), 0, 15)])
+        )
         assert wait_finished(decode) == {"a"} and decode.get_block_ids_with_load_errors() == {1}
         assert decode.get_stats().data["failed_corrupt"] == 1 and inverted == []
     finally:

@@ -25,13 +25,14 @@ from cachegen_vllm.codec.profile import EXACT_BITS, LOSSLESS_BITS, MAX_CHUNK_TOK
 from cachegen_vllm.codec.quant import STAT_DTYPE, stats_count
 
 MAGIC = b"CGKV"
-VERSION = 5
+VERSION = 6
 ALIGN = 16  # every array in the payload starts at a multiple of 16 bytes of the frame
 
 FLAG_VALUE_PER_TOKEN = 1 << 0
 FLAG_HADAMARD = 1 << 1
 FLAG_RANS = 1 << 2
-KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD | FLAG_RANS
+FLAG_LATENT = 1 << 3
+KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD | FLAG_RANS | FLAG_LATENT
 
 HEADER = struct.Struct("<4sHHQQHHHBBHHIIIHHHHff")
 SEGMENT = struct.Struct("<IBBHII")
@@ -65,7 +66,7 @@ class HeaderFields(NamedTuple):
     lane_symbols: int
     head_start: int  # the frame's heads, in the model's numbering
     head_count: int
-    reserved: int
+    window: int  # the layer's sliding window as the producer's vLLM keeps it; 0: full attention
     key_scale: float  # fp8 caches: the producer's scales (a value is its stored number times these); 1 otherwise
     value_scale: float
 
@@ -90,6 +91,8 @@ class FrameHeader:
     head_start: int = 0
     head_count: int = 0
     scales: tuple[float, float] = (1.0, 1.0)  # (key, value): what a stored fp8 number is multiplied by
+    window: int = 0  # the layer's sliding window, as parsed; sealing writes the geometry's
+    latent: bool = False  # an MLA latent's halves as K and V, as parsed; sealing writes the geometry's
 
     def words(self, index: int, tensor: KV) -> int:
         """The stream length of ``tensor`` in segment ``index``: 16-bit rANS words, or a lossless
@@ -183,6 +186,7 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
         (FLAG_VALUE_PER_TOKEN if header.value_axis == "token" else 0)
         | (FLAG_HADAMARD if header.hadamard else 0)
         | (FLAG_RANS if header.coding == "rans" else 0)
+        | (FLAG_LATENT if geometry.latent else 0)
     )
     fields = HeaderFields(
         magic=MAGIC,
@@ -203,7 +207,7 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
         lane_symbols=header.lane_symbols,
         head_start=geometry.head_start,
         head_count=geometry.num_kv_heads,
-        reserved=0,
+        window=geometry.window(header.layer),
         key_scale=header.scales[0],
         value_scale=header.scales[1],
     )
@@ -264,6 +268,17 @@ class ParsedFrame:
             raise FrameError(
                 f"model fingerprint {self.fingerprint:016x} is not this model's ({geometry.fingerprint:016x})"
             )
+        if self.header.latent != geometry.latent:
+            kinds = ("K and V", "an MLA latent")
+            raise FrameError(
+                f"the frame carries {kinds[self.header.latent]}, this cache holds {kinds[geometry.latent]}"
+            )
+        window = geometry.window(self.header.layer)
+        if self.header.window != window:
+            raise FrameError(
+                f"layer {self.header.layer} was sent for {_attention(self.header.window)}, this cache keeps "
+                f"{_attention(window)}: both instances must run vLLM's hybrid KV cache manager alike"
+            )
         if expect_layer is not None and self.header.layer != expect_layer:
             raise FrameError(f"frame is for layer {self.header.layer}, expected layer {expect_layer}")
         if expect_token_start is not None and self.header.token_start != expect_token_start:
@@ -272,6 +287,10 @@ class ParsedFrame:
     def shard(self, geometry: KVGeometry) -> KVGeometry:
         """The share of ``geometry``'s model whose heads the frame holds: what sizes its arrays."""
         return geometry.shard(self.header.head_start, self.header.head_count)
+
+
+def _attention(window: int) -> str:
+    return f"a sliding window of {window} tokens" if window else "full attention"
 
 
 def _checksum(view: memoryview) -> int:
@@ -332,8 +351,8 @@ def read_frame(frame: Frame) -> ParsedFrame:
         raise FrameError("group_tokens is 0")
     coding = "rans" if h.flags & FLAG_RANS else "packed"
     hadamard = bool(h.flags & FLAG_HADAMARD)
-    if h.reserved != 0 or (h.lane_symbols == 0) != (coding == "packed"):
-        raise FrameError(f"lane_symbols {h.lane_symbols} / reserved {h.reserved} do not fit coding {coding!r}")
+    if (h.lane_symbols == 0) != (coding == "packed"):
+        raise FrameError(f"lane_symbols {h.lane_symbols} does not fit coding {coding!r}")
     if h.basis and (coding != "rans" or hadamard):
         raise FrameError(f"basis {h.basis:016x} on a {coding} frame{' with a hadamard rotation' if hadamard else ''}")
     if h.num_segments == 0:
@@ -372,6 +391,8 @@ def read_frame(frame: Frame) -> ParsedFrame:
         head_start=h.head_start,
         head_count=h.head_count,
         scales=(h.key_scale, h.value_scale),
+        window=h.window,
+        latent=bool(h.flags & FLAG_LATENT),
     )
     if header.token_count != h.token_count:
         raise FrameError(f"segments hold {header.token_count} tokens, header says {h.token_count}")

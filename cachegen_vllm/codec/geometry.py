@@ -36,7 +36,13 @@ class KV(enum.IntEnum):
 class KVGeometry:
     """The shape of a KV cache: the model's, or one tensor-parallel rank's share of its heads
     (``num_kv_heads`` heads from ``head_start`` of the model's ``total_kv_heads``). Producer and
-    consumer must agree on the model; each may hold any share of it."""
+    consumer must agree on the model; each may hold any share of it. ``windows``: each layer's
+    sliding window in tokens as vLLM's hybrid KV cache manager keeps it (0, or no entry: full
+    attention), which decides what a layer sends (`window_start`). ``latent``: an MLA model's
+    cache (DeepSeek V2/V3), whose row per token is one latent of ``2 * head_dim`` channels (the
+    compressed KV, then its RoPE part) and no K and V: it is coded as one head whose "key" is the
+    row's first ``head_dim`` channels and "value" the rest, which only the exact and lossless
+    widths keep meaningful."""
 
     num_layers: int
     num_kv_heads: int  # heads this cache holds
@@ -45,12 +51,16 @@ class KVGeometry:
     model: str = ""  # a name both sides use for the model; part of the fingerprint
     head_start: int = 0  # the first of them, in the model's numbering
     total_kv_heads: int = 0  # the model's KV heads; 0: num_kv_heads (the whole model)
+    windows: tuple[int, ...] = ()  # per layer; empty: every layer full attention
+    latent: bool = False  # MLA: a row is one latent, its halves coded as one head's K and V
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"unsupported KV dtype {self.dtype}; supported: {list(DTYPE_CODES)}")
         if self.total_kv_heads == 0:
             object.__setattr__(self, "total_kv_heads", self.num_kv_heads)
+        if self.windows and (len(self.windows) != self.num_layers or min(self.windows) < 0):
+            raise ValueError(f"{len(self.windows)} sliding windows for {self.num_layers} layers: {self.windows}")
         if not (self.num_kv_heads >= 1 and 0 <= self.head_start <= self.total_kv_heads - self.num_kv_heads):
             raise ValueError(
                 f"heads [{self.head_start}, {self.head_start + self.num_kv_heads}) "
@@ -63,6 +73,18 @@ class KVGeometry:
         of another model are refused by it."""
         text = f"{self.model}|{self.num_layers}|{self.total_kv_heads}|{self.head_dim}|{self.dtype}"
         return xxhash.xxh3_64_intdigest(text.encode())
+
+    def window(self, layer: int) -> int:
+        """The layer's sliding window in tokens, 0 for full attention."""
+        return self.windows[layer] if self.windows else 0
+
+    def window_start(self, layer: int, held: int) -> int:
+        """The first token of a prompt whose first ``held`` tokens a decode holds that the layer's
+        attention reads again: 0 for full attention; for a window of W, ``held - W + 1`` (the next
+        token's query reads W keys, its own among them), as vLLM's sliding-window manager keeps
+        them."""
+        window = self.window(layer)
+        return max(0, held - window + 1) if window else 0
 
     @property
     def heads(self) -> slice:

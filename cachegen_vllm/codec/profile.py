@@ -76,6 +76,14 @@ class Profile:
     coding: str = "packed"  # "rans": uniform steps, entropy-coded (docs/FORMAT.md)
     lane_symbols: int = 1024  # rans: codes per lane (each lane costs 6 bytes; fewer lanes, less parallelism)
     basis: str | None = None  # rotation "basis": the basis file (codec.basis), an absolute path
+    # an MLA latent is coded at lossy widths only where the profile says so: no MLA model was at
+    # hand to measure what quantizing its halves as K and V costs
+    lossy_latents: bool = False
+
+    @property
+    def lossy(self) -> bool:
+        """Whether any width loses information (neither exact nor lossless)."""
+        return any(width not in (EXACT_BITS, LOSSLESS_BITS) for _, width in self.widths())
 
     def check_geometry(self, num_layers: int) -> None:
         """Raise ConfigError if this profile names layers a model of ``num_layers`` lacks (its basis,

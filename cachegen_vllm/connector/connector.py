@@ -12,14 +12,19 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    SupportsHMA,
+)
 
 from cachegen_vllm.config import connector_config_from_dict
 from cachegen_vllm.connector.metadata import CacheGenMetadata
 from cachegen_vllm.connector.metrics import CacheGenPromMetrics, CacheGenStats
 from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.scheduler import CacheGenScheduler
-from cachegen_vllm.connector.support import check_supported
+from cachegen_vllm.connector.support import check_supported, layer_groups
 from cachegen_vllm.connector.worker import CacheGenWorker
 
 if TYPE_CHECKING:
@@ -42,7 +47,10 @@ def manager_block_size(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig |
     return int(vllm_config.cache_config.block_size)
 
 
-class CacheGenConnector(KVConnectorBase_V1):
+class CacheGenConnector(KVConnectorBase_V1, SupportsHMA):
+    """``SupportsHMA``: vLLM keeps its hybrid KV cache manager on, so a sliding-window layer holds
+    (and sends) its window only; the scheduler side tracks each KV cache group's blocks."""
+
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)  # type: ignore[arg-type]
         transfer = vllm_config.kv_transfer_config
@@ -52,7 +60,9 @@ class CacheGenConnector(KVConnectorBase_V1):
         model, parallel = vllm_config.model_config, vllm_config.parallel_config
         placement = Placement(parallel.tensor_parallel_size, 0, parallel.data_parallel_index)
         scheduler = role == KVConnectorRole.SCHEDULER
-        self._scheduler = CacheGenScheduler(config, placement, model.get_total_num_kv_heads()) if scheduler else None
+        # an MLA latent is one head on every rank (vLLM's model config counts the query heads)
+        total_kv_heads = 1 if getattr(model, "use_mla", False) else model.get_total_num_kv_heads()
+        self._scheduler = CacheGenScheduler(config, placement, total_kv_heads) if scheduler else None
         self._worker = None
         if role == KVConnectorRole.WORKER:
             if parallel.tensor_parallel_size > 1:
@@ -65,11 +75,13 @@ class CacheGenConnector(KVConnectorBase_V1):
                 config,
                 name,
                 placement,
-                model.get_total_num_kv_heads(),
+                total_kv_heads,
                 manager_block_size(vllm_config, kv_cache_config),
                 str(cache.cache_dtype),
                 str(model.model),
                 vllm_config.scheduler_config.max_num_batched_tokens,
+                layer_groups(kv_cache_config),
+                latent=bool(getattr(model, "use_mla", False)),
             )
 
     @property
@@ -94,7 +106,12 @@ class CacheGenConnector(KVConnectorBase_V1):
         return self.scheduler.build_connector_meta(scheduler_output)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        return self.scheduler.request_finished(request, block_ids)
+        return self.scheduler.request_finished(request)
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         stats = connector_output.kv_connector_stats

@@ -184,12 +184,18 @@ class Loading:
         if last:
             self._finish(load)
 
+    def _needed(self, request: LoadRequest) -> dict[int, int]:
+        """Each layer's first token of the load: its start, or a sliding window's later one."""
+        end, geometry = request.start + request.count, self.caches.geometry
+        return {layer: max(request.start, geometry.window_start(layer, end)) for layer in self.caches.layers}
+
     def _finish(self, load: _Load) -> None:
         request, geometry = load.request, self.caches.geometry
+        end = request.start + request.count
         if not load.failed and request.req_id not in self._cancelled:
             transfer = time.perf_counter() - load.started
             self.counters.count(
-                raw_bytes=geometry.layer_bytes(request.count) * geometry.num_layers,
+                raw_bytes=sum(geometry.layer_bytes(end - first) for first in self._needed(request).values()),
                 wire_bytes=load.wire_bytes,
                 decode_seconds=load.decode_seconds,
                 transfer_seconds=transfer,
@@ -200,9 +206,11 @@ class Loading:
         with self._lock:  # both at once: vLLM wants the errors no later than the finish
             self._loads.pop(request.req_id, None)
             self._cancelled.discard(request.req_id)
-            if load.failed:
-                end, block_tokens = request.start + request.count, self.caches.block_tokens
-                self._failed_blocks.update(request.block_ids[request.start // block_tokens : -(-end // block_tokens)])
+            if load.failed:  # each group's blocks of the tokens its layers load
+                block_tokens, groups = self.caches.block_tokens, self.caches.groups
+                for layer, first in self._needed(request).items():
+                    blocks = request.block_ids[groups[layer]] if groups[layer] < len(request.block_ids) else []
+                    self._failed_blocks.update(blocks[first // block_tokens : -(-end // block_tokens)])
             self._done.add(request.req_id)
             self._ended.notify_all()
 
@@ -212,17 +220,23 @@ class Loading:
         request, caches = load.request, self.caches
         runtime = caches.runtime
         end = request.start + request.count
+        needed = self._needed(request)
         loaded = dict.fromkeys(caches.layers, 0)
         batch: list[ParsedFrame] = []
         decoding = 0.0
+        if len(request.block_ids) != 1 + max(caches.groups.values()):
+            raise FrameError(
+                f"{len(request.block_ids)} KV cache groups' blocks for a model of {1 + max(caches.groups.values())}"
+            )
         with runtime.decoding():
-            blocks = caches.block_table(request.block_ids)
+            tables = caches.block_tables(request.block_ids)
 
         def decode_batch() -> None:
             nonlocal decoding
             t0 = time.perf_counter()
+            layer = batch[0].header.layer
             with runtime.decoding():
-                decoded = caches.decode(batch, blocks, request.start, end)
+                decoded = caches.decode(batch, tables[caches.groups[layer]], needed[layer], end)
             for layer, written in decoded:
                 loaded[layer] += written
             batch.clear()
@@ -239,7 +253,7 @@ class Loading:
         with runtime.decoding():
             decoded_all = runtime.mark()
         runtime.wait(decoded_all)  # reported loaded only once the device has written the KV
-        short = [layer for layer, n in loaded.items() if n != request.count]
+        short = [layer for layer, n in loaded.items() if n != end - needed[layer]]
         if short:
             raise FrameError(f"transfer ended without all tokens: {len(short)} layers short")
         with self._lock:

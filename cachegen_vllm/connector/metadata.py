@@ -12,12 +12,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 @dataclass(frozen=True)
 class SaveRequest:
-    """Tokens ``[start, end)`` of a prompt of ``total`` tokens were computed this step: send them."""
+    """Tokens ``[start, end)`` of a prompt of ``total`` tokens were computed this step: send them.
+    ``block_ids``: the request's blocks in each KV cache group (vLLM's ``get_block_ids()``)."""
 
     req_id: str
     transfer_id: str
     secret: str  # hex: what the transfer's readers prove
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]
     start: int
     end: int
     total: int
@@ -25,13 +26,14 @@ class SaveRequest:
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """Fetch tokens ``[start, start + count)`` of a transfer into these blocks."""
+    """Fetch tokens ``[start, start + count)`` of a transfer into these blocks (per KV cache group;
+    a sliding window's blocks before its window are vLLM's null block, never written)."""
 
     req_id: str
     transfer_id: str
     secret: str  # hex: what this reader proves to the producer
     producer: str
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]
     start: int
     count: int
     producer_tp: int = 1

@@ -41,12 +41,23 @@ DROPPED_REMEMBERED = 1024  # dropped transfers whose later layers are skipped (a
 
 
 @dataclass
-class _Step:
-    """The saves of the step being computed, their encoding (None: no saves, or a replica rank),
-    and when the last layer's save returned (the forward pass's pace, for adaptation)."""
+class _GroupSaves:
+    """What one KV cache group's layers send of the step's saves (a sliding window's layers the
+    tokens of its last window only: ``start`` moved on, saves before the window left out), and
+    their encoding from the group's blocks."""
 
     saves: list[SaveRequest]
-    encoding: EncodeStep | None = None
+    encoding: EncodeStep
+
+
+@dataclass
+class _Step:
+    """The saves of the step being computed, their encoding by KV cache group (none: no saves, or
+    a replica rank), and when the last layer's save returned (the forward pass's pace, for
+    adaptation)."""
+
+    saves: list[SaveRequest]
+    groups: dict[int, _GroupSaves] = dataclasses.field(default_factory=dict)
     layer_end: float | None = None
 
 
@@ -149,37 +160,51 @@ class Saving:
         runtime = self.caches.runtime
         for save in meta.saves:  # decodes that prove its secret may read it (again: nothing changes)
             self.producer.open(save.transfer_id, bytes.fromhex(save.secret))
-        if meta.saves:
-            ranges = [SaveRange(s.block_ids, s.start, s.end, s.total) for s in meta.saves]
-            with runtime.encoding():
-                self._step.encoding = EncodeStep(self.caches, ranges)
+        with runtime.encoding():
+            self._step.groups = self._group_saves(meta.saves)
         for transfer_id in meta.aborted:  # after the encode jobs already queued; its decode is refused at once
             runtime.submit(functools.partial(self._drop, transfer_id, "its prefill request was aborted"))
+
+    def _group_saves(self, saves: list[SaveRequest]) -> dict[int, _GroupSaves]:
+        """The step's saves by KV cache group, each group's block table on the device."""
+        caches, geometry = self.caches, self.caches.geometry
+        first_layer = {group: layer for layer, group in sorted(caches.groups.items(), reverse=True)}
+        groups = {}
+        for group, layer in sorted(first_layer.items()):
+            sent = [  # a decode holding the prompt less its last token reads the layer from window_start
+                dataclasses.replace(s, start=max(s.start, geometry.window_start(layer, s.total - 1))) for s in saves
+            ]
+            sent = [s for s in sent if s.start < s.end]
+            if sent:
+                ranges = [SaveRange(s.block_ids[group], s.start, s.end, s.total) for s in sent]
+                groups[group] = _GroupSaves(sent, EncodeStep(caches, ranges))
+        return groups
 
     def save_layer(self, layer: int) -> None:
         """Enqueue the layer's encoding of the step's saves, and a job for the sealer; nothing here
         waits for it (unless the sealer holds more than the runtime's staging allows)."""
         step = self._step
-        if step.encoding is None:
+        group = step.groups.get(self.caches.groups[layer])
+        if group is None:
             return
         runtime, geometry = self.caches.runtime, self.caches.geometry
         arrived = time.perf_counter()
-        saved = sum(geometry.layer_bytes(save.end - save.start) for save in step.saves)
+        saved = sum(geometry.layer_bytes(save.end - save.start) for save in group.saves)
         if step.layer_end is not None:  # the forward pass since the last layer
             self.adapter.produced(saved, arrived - step.layer_end)
         level = self._level(saved, layer)
         written = runtime.mark()  # the layer's cache as the attention left it
         with runtime.encoding(after=written):
             try:
-                encoding = step.encoding.start(layer, self.levels[level])
+                encoding = group.encoding.start(layer, self.levels[level])
             except Exception:  # a bug must not stop the forward pass: the step's transfers are dropped
                 log.exception("encoding layer %d failed; the decodes of %d requests recompute", layer, len(step.saves))
                 for save in step.saves:
                     runtime.submit(functools.partial(self._drop_failed, save.transfer_id))
-                step.encoding = None
+                step.groups.clear()
                 return
         enqueued = time.perf_counter() - arrived
-        runtime.submit(functools.partial(self._seal, step.saves, layer, level, encoding, written, enqueued))
+        runtime.submit(functools.partial(self._seal, group.saves, layer, level, encoding, written, enqueued))
         step.layer_end = time.perf_counter()
 
     def _level(self, layer_bytes: int, layer: int) -> int:

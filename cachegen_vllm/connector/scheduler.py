@@ -50,7 +50,7 @@ class _Saving:
     transfer_id: str
     secret: str  # hex: what the decode's PULLs prove
     total: int  # the prompt's tokens
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]  # per KV cache group
     saved: int = 0  # tokens already handed to the workers
 
 
@@ -119,7 +119,7 @@ class CacheGenScheduler:
             self._loaded.add(request.request_id)
             self._new_declines.append(
                 LoadRequest(
-                    request.request_id, remote.transfer_id, remote.secret, remote.producer, [], 0, 0, remote.producer_tp
+                    request.request_id, remote.transfer_id, remote.secret, remote.producer, (), 0, 0, remote.producer_tp
                 )
             )
             self._stats.add(declined=1)
@@ -157,7 +157,7 @@ class CacheGenScheduler:
                 transfer_id = remote.transfer_id or new_transfer_id()
                 secret = remote.secret or new_transfer_secret()
                 total = len(request.prompt_token_ids or [])
-                self._saving[request.request_id] = _Saving(transfer_id, secret, total, [])
+                self._saving[request.request_id] = _Saving(transfer_id, secret, total, ())
             return
         if num_external_tokens <= 0:  # nothing to load (bad params were reported when matching)
             return
@@ -171,7 +171,7 @@ class CacheGenScheduler:
                 transfer_id=prefill.transfer_id,
                 secret=prefill.secret,
                 producer=prefill.producer,
-                block_ids=list(blocks.get_block_ids()[0]),
+                block_ids=tuple(list(group) for group in blocks.get_block_ids()),
                 start=self._local_hits.pop(request.request_id, 0),
                 count=num_external_tokens,
                 producer_tp=prefill.producer_tp,
@@ -190,31 +190,40 @@ class CacheGenScheduler:
         self._new_loads, self._new_cancels, self._new_aborts, self._new_declines = [], [], [], []
         if not self._saving:
             return meta
-        # (request, its new blocks, whether they replace the old ones, tokens computed before this step)
-        steps: list[tuple[str, list[int], bool, int]] = [
-            (r.req_id, r.block_ids[0], True, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs
+        # (request, its new blocks per KV cache group, whether they replace the old ones, tokens
+        # computed before this step)
+        steps: list[tuple[str, tuple[list[int], ...] | None, bool, int]] = [
+            (r.req_id, r.block_ids, True, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs
         ]
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            added = cached.new_block_ids[i]
             resumed = req_id in cached.resumed_req_ids
-            steps.append((req_id, added[0] if added else [], resumed, cached.num_computed_tokens[i]))
+            steps.append((req_id, cached.new_block_ids[i], resumed, cached.num_computed_tokens[i]))
         for req_id, new_blocks, replace, computed in steps:
             state = self._saving.get(req_id)
             if state is None:
                 continue
-            state.block_ids = list(new_blocks) if replace else state.block_ids + list(new_blocks)
+            if replace or not state.block_ids:
+                state.block_ids = tuple(list(group) for group in new_blocks or ())
+            elif new_blocks:  # a sliding window's blocks that left it stay listed: nothing reads them again
+                state.block_ids = tuple(old + list(new) for old, new in zip(state.block_ids, new_blocks, strict=True))
             end = min(computed + scheduler_output.num_scheduled_tokens.get(req_id, 0), state.total)
             if end > state.saved:  # a prefix-cache hit is sent too: its blocks hold valid KV
                 meta.saves.append(
                     SaveRequest(
-                        req_id, state.transfer_id, state.secret, list(state.block_ids), state.saved, end, state.total
+                        req_id,
+                        state.transfer_id,
+                        state.secret,
+                        tuple(list(group) for group in state.block_ids),
+                        state.saved,
+                        end,
+                        state.total,
                     )
                 )
                 state.saved = end
         return meta
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         """Whether to keep the request's blocks until the workers report its sends done (so that
         an encoding still reading them on the device finishes first), and what a decode instance
         needs to load its KV: nothing for an aborted prefill, whose transfer is dropped (a decode

@@ -6,17 +6,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from cachegen_vllm.codec.profile import ConfigError
+from cachegen_vllm.codec.profile import ConfigError, Profile
 
 # vLLM --kv-cache-dtype settings the connector codes: the model's dtype, or fp8 scaled per layer
 CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+# the KV cache groups' kinds the connector sends: full attention (the whole prompt; also a sliding
+# layer's when vLLM's hybrid manager is off), sliding windows (their last window) and MLA latents
+SENT_SPECS = ("FullAttentionSpec", "SlidingWindowSpec", "MLAAttentionSpec")
+MAX_WINDOW = (1 << 16) - 1  # a frame's `window` field
+
+
+def layer_groups(kv_cache_config: Any | None) -> dict[str, tuple[int, int]]:
+    """Each layer's (KV cache group, sliding window in tokens, 0 for full attention), by layer name,
+    as vLLM's KV cache manager keeps them: with the hybrid manager a sliding-window layer keeps its
+    last window only, in a group of its own; without it, every token (one group)."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    windows = [
+        int(g.kv_cache_spec.sliding_window) if type(g.kv_cache_spec).__name__ == "SlidingWindowSpec" else 0
+        for g in groups
+    ]
+    return {name: (index, windows[index]) for index, group in enumerate(groups) for name in group.layer_names}
 
 
 def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
     """Refuse, naming the field: pipeline parallelism, speculative decoding (a drafter's layers
     get caches beside the target's), KV cache dtypes other than the model's and fp8 with one scale
-    per layer, MLA (a latent is not K and V), values narrower or wider than keys, and several KV
-    cache groups (hybrid models)."""
+    per layer (an MLA latent only in the model's dtype), values narrower or wider than keys, and
+    KV cache groups other than full attention, sliding windows and MLA latents (SSM layers among
+    them)."""
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ConfigError("pipeline_parallel_size", "CacheGenConnector does not support pipeline parallelism yet")
     if getattr(vllm_config, "speculative_config", None) is not None:
@@ -31,21 +48,45 @@ def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
             f"CacheGenConnector codes KV caches in {', '.join(CACHE_DTYPES)} (--kv-cache-dtype), "
             f"not {cache_dtype!r} yet",
         )
-    if getattr(vllm_config.model_config, "use_mla", False):
+    if getattr(vllm_config.model_config, "use_mla", False) and cache_dtype != "auto":
         raise ConfigError(
-            "use_mla", "CacheGenConnector does not code MLA latent caches yet (it would split one as K, V)"
+            "kv_cache_dtype", f"CacheGenConnector codes MLA latents in the model's dtype (auto), not {cache_dtype!r}"
         )
     groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
-    if len(groups) > 1:
-        raise ConfigError(
-            "kv_cache_groups",
-            f"CacheGenConnector supports one KV cache group, this model has {len(groups)} (a hybrid attention model)",
-        )
     for group in groups:
         spec = group.kv_cache_spec
+        kind = type(spec).__name__
+        if kind not in SENT_SPECS:
+            what = "SSM layers' state" if kind == "MambaSpec" else "them"
+            raise ConfigError(
+                "kv_cache_groups",
+                f"CacheGenConnector sends {' and '.join(SENT_SPECS)} groups; layers {group.layer_names[:2]}... "
+                f"are a {kind} group, and it does not send {what} yet",
+            )
+        if kind == "SlidingWindowSpec" and not 0 < spec.sliding_window <= MAX_WINDOW:
+            raise ConfigError(
+                "sliding_window",
+                f"CacheGenConnector sends windows of 1 to {MAX_WINDOW} tokens, not {spec.sliding_window}",
+            )
         head_size, head_size_v = spec.head_size, getattr(spec, "head_size_v", spec.head_size)
-        if head_size_v != head_size:
+        if kind == "MLAAttentionSpec":
+            if head_size % 2:
+                raise ConfigError("head_size", f"CacheGenConnector codes MLA latents of even widths, not {head_size}")
+        elif head_size_v != head_size:
             raise ConfigError(
                 "head_size_v",
                 f"CacheGenConnector needs values as wide as keys; this model's are {head_size_v} and {head_size}",
+            )
+
+
+def check_latent_levels(profiles: tuple[Profile, ...]) -> None:
+    """A producer of an MLA model codes its latents at exact and lossless widths, and at lossy ones
+    only where a profile says ``lossy_latents = true`` (ConfigError naming the profile otherwise)."""
+    for profile in profiles:
+        if profile.lossy and not profile.lossy_latents:
+            raise ConfigError(
+                "profile",
+                f"{profile.name!r} codes at lossy widths, which an MLA latent takes only where the profile "
+                "says lossy_latents = true (their cost was never measured on a real MLA model): use raw or "
+                "lossless",
             )

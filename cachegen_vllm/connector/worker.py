@@ -24,6 +24,7 @@ from cachegen_vllm.connector.metadata import CacheGenMetadata
 from cachegen_vllm.connector.metrics import CacheGenStats, Counters
 from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.saving import Saving
+from cachegen_vllm.connector.support import check_latent_levels
 from cachegen_vllm.device import Runtime, runtime_for
 from cachegen_vllm.fitting import auto as autobasis
 from cachegen_vllm.paged import FP8_CACHE_DTYPES, PagedCaches, PageOrder, probe_page_order, warm_up
@@ -36,7 +37,9 @@ class CacheGenWorker:
     manager's (None: the caches'); ``kv_cache_dtype``: vLLM's setting (an fp8 one stores uint8
     pages of that format); ``model_path``: the checkpoint an "auto" basis is fitted on;
     ``step_tokens``: the most tokens a step computes (vLLM's ``max_num_batched_tokens``), for which
-    a layer's frame buffer is allocated at start-up."""
+    a layer's frame buffer is allocated at start-up; ``layer_groups``: each layer's (KV cache
+    group, sliding window) by name (`support.layer_groups`; None: one group of full attention);
+    ``latent``: the caches hold MLA latents (`KVGeometry.latent`)."""
 
     def __init__(
         self,
@@ -48,6 +51,8 @@ class CacheGenWorker:
         kv_cache_dtype: str = "auto",
         model_path: str | None = None,
         step_tokens: int = 8192,
+        layer_groups: dict[str, tuple[int, int]] | None = None,
+        latent: bool = False,
     ):
         self.config = config
         self.model_name = model_name
@@ -57,6 +62,8 @@ class CacheGenWorker:
         self.block_size = block_size
         self.kv_cache_dtype = kv_cache_dtype
         self.step_tokens = step_tokens
+        self.layer_groups = layer_groups or {}
+        self.latent = latent
         self.counters = Counters()
         self._caches: PagedCaches | None = None
         self._names: dict[str, int] = {}  # layer name: layer index
@@ -73,16 +80,18 @@ class CacheGenWorker:
         from vllm.model_executor.models.utils import extract_layer_index
         from vllm.platforms import current_platform
 
+        if self.latent:  # an MLA cache without a head axis ([blocks, block, width]) is one head's
+            kv_caches = {name: t if t.dim() == 4 else t.unsqueeze(1) for name, t in kv_caches.items()}
         first = next(iter(kv_caches.values()))
         attention = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, list(kv_caches))  # type: ignore[type-abstract]
-        if current_platform.is_cpu():
+        if current_platform.is_cpu() and not self.latent:
             from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
             _, _, block_size, width = first.shape
             dtype = vllm_config.model_config.dtype  # what vLLM's cache writer is given
             isa = _get_attn_isa(dtype, block_size, width // 2, self.kv_cache_dtype)
             order = probe_page_order(isa, dtype, block_size, width // 2, self.kv_cache_dtype)
-        elif current_platform.is_cuda_alike():
+        elif current_platform.is_cuda_alike() or current_platform.is_cpu():  # an MLA page is rows of latents
             order = None
         else:
             raise RuntimeError(
@@ -122,6 +131,9 @@ class CacheGenWorker:
                 f"the caches hold {heads} KV heads; tensor-parallel rank {self.placement.tp_rank} "
                 f"of {self.placement.tp_size} should hold {count} of the model's {total}"
             )
+        indices = {name: index for name, (index, _) in layers.items()}
+        groups = {indices[name]: group for name, (group, _) in self.layer_groups.items() if name in indices}
+        windows = {indices[name]: window for name, (_, window) in self.layer_groups.items() if name in indices}
         geometry = KVGeometry(
             len(layers),
             heads,
@@ -130,8 +142,10 @@ class CacheGenWorker:
             model=self.model_name,
             head_start=head_start,
             total_kv_heads=total,
+            windows=tuple(windows.get(i, 0) for i in range(len(layers))) if any(windows.values()) else (),
+            latent=self.latent,
         )
-        self._names = {name: index for name, (index, _) in layers.items()}
+        self._names = indices
         self._caches = caches = PagedCaches(
             {index: cache for index, cache in layers.values()},
             order,
@@ -139,11 +153,14 @@ class CacheGenWorker:
             runtime=runtime or runtime_for(first.device, self.config.max_encode_inflight_bytes),
             scales=scales,
             per_block=(self.block_size or kernel_block) // kernel_block,
+            groups=groups,
         )
         if self.config.sends:  # an "auto" basis is fitted to the model now (or read from its cache)
             # a layer's frames of a whole step: at most raw KV's size, give or take their headers
             caches.runtime.reserve_frames(geometry.layer_bytes(self.step_tokens) * 9 // 8 + (1 << 20))
             profiles = tuple(autobasis.resolve(p, self.model_path, log.info) for p in self.config.ladder)
+            if self.latent:
+                check_latent_levels(profiles)
         else:  # a decode codes nothing: its profiles' "auto" bases are never fitted
             profiles = tuple(p for p in self.config.ladder if p.basis != AUTO_BASIS)
         started = time.perf_counter()

@@ -8,7 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cachegen_vllm.codec.basis import save
-from cachegen_vllm.fitting.basis import fit_basis
+from cachegen_vllm.codec.profile import ConfigError
+from cachegen_vllm.fitting.auto import REFUSED
+from cachegen_vllm.fitting.basis import check_readable, fit_basis
 from cachegen_vllm.fitting.sample import ModelSample
 
 
@@ -49,6 +51,10 @@ def main(
     if args.model is None and default_model is None:
         command.error("the model directory is required")
     model_dir = args.model if args.model is not None else default_model()  # type: ignore[misc]
+    try:
+        check_readable(model_dir)
+    except ConfigError as refused:
+        command.exit(REFUSED, f"{refused}\n")
     corpus = args.text.read_text() if args.text else None
     sample = ModelSample(model_dir, args.windows, args.context_tokens, 1, corpus=corpus, offset=args.offset)
     basis = fit_basis(sample, args.chunk_tokens, args.skip_tokens)

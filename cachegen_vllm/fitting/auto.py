@@ -5,8 +5,9 @@ transformers, on the CPU, over a built-in text; its memory is gone when it exits
 disk under the checkpoint's identity, so that a restart, or another rank, reuses it. The producer
 then serves the file to any decode whose frames name a basis it lacks.
 
-What the fit measures and why: `codec.basis`. It needs Llama-style attention modules (q_proj,
-o_proj, rotary embeddings), as transformers writes Llama, Qwen2 and Mistral.
+What the fit measures and why: `codec.basis`. It reads attention as transformers writes Llama,
+Mistral, Qwen2, Qwen3 and Gemma 3 (separate projections, RoPE, a query norm where the model has
+one: `fitting.basis.attention_modules`), and refuses other models by their class at start-up.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cachegen_vllm.config import cache_dir
 # fit of 8 x 1,024 tokens.
 WINDOWS = 8
 CONTEXT_TOKENS = 1024
+REFUSED = 3  # the fit's exit status for a model it cannot read: its last line is the ConfigError
 FIT = f"fit-v1 windows={WINDOWS} context={CONTEXT_TOKENS}"  # a change of the procedure refits
 
 
@@ -71,6 +73,9 @@ def fit(model: str, chunk_tokens: int, skip_tokens: int, log=print) -> Path:
         done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
+            if done.returncode == REFUSED:
+                field, _, message = done.stderr.strip().splitlines()[-1].partition(": ")
+                raise ConfigError(field, message)
             raise RuntimeError(f"fitting a basis for {model} failed:\n{done.stderr[-4000:]}")
         partial.replace(path)
     log(f"fitted a basis for {Path(model).name} in {time.perf_counter() - started:.1f} s: {path}")

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import torch
 
 from cachegen_vllm.codec.basis import Basis, fit
+from cachegen_vllm.codec.profile import ConfigError
 from cachegen_vllm.fitting.sample import ModelSample
 
 
@@ -15,11 +19,13 @@ def basis_statistics(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -
     sample's windows: the covariance of K and V (centred per chunk of ``chunk_tokens``, as the
     quantizer centres them; the first ``skip_tokens``, sent exact, left out), and the metric: the
     second moment of the queries of each KV head's query heads (after RoPE) for keys, the Gram
-    matrix of its columns of the output projection for values. Llama-style attention modules
-    (q_proj, o_proj, rotary embeddings passed in) as transformers writes them."""
+    matrix of its columns of the output projection for values. The queries are the ones attention
+    multiplies the cached keys by: after the model's query norm where it has one (Qwen3, Gemma 3)
+    and RoPE; the model's query scale is left out, as `codec.basis.fit` normalizes each metric."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     g = sample.geometry
+    attention = attention_modules(sample.model)
     shape = (g.num_layers, 2, g.num_kv_heads, g.head_dim, g.head_dim)
     covariance, metric = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
     for kv in sample.exact_kv:
@@ -29,13 +35,13 @@ def basis_statistics(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -
                     centred = chunk - chunk.mean(0)
                     covariance[layer, t] += torch.einsum("thd,the->hde", centred, centred)
 
-    attention = [block.self_attn for block in sample.model.model.layers]
-
     def queries(layer: int):
         def hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"]
-            q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, g.head_dim).transpose(1, 2)
+            q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, g.head_dim)
+            norm = getattr(module, "q_norm", None)
+            q = (q if norm is None else norm(q)).transpose(1, 2)
             q, _ = apply_rotary_pos_emb(q, q, cos, sin)
             q = q[0].double().reshape(g.num_kv_heads, -1, g.head_dim)  # a KV head's query heads are consecutive
             metric[layer, 0] += q.mT @ q
@@ -55,6 +61,37 @@ def basis_statistics(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -
         )
         metric[layer, 1] = torch.einsum("ohgd,ohge->hde", columns, columns)
     return covariance, metric
+
+
+def attention_modules(model) -> list:
+    """Each layer's attention module, if the fit can read it: separate q, k, v and o projections
+    and rotary embeddings passed in, as transformers writes Llama, Mistral, Qwen2, Qwen3 and Gemma 3
+    (`ConfigError` naming the model's class otherwise)."""
+    blocks = getattr(getattr(model, "model", None), "layers", None) or []
+    modules = [getattr(block, "self_attn", None) for block in blocks]
+    readable = bool(modules) and all(
+        m is not None
+        and all(hasattr(m, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        and "position_embeddings" in inspect.signature(m.forward).parameters
+        for m in modules
+    )
+    if not readable:
+        found = sorted({type(m).__name__ for m in modules}) or ["no model.layers[i].self_attn"]
+        raise ConfigError(
+            "basis",
+            f'"auto" fits attention with q_proj, k_proj, v_proj, o_proj and RoPE (Llama, Mistral, Qwen2, '
+            f"Qwen3, Gemma 3); {type(model).__name__} has {', '.join(found)}: fit a basis with a script "
+            "of its own, or use a profile without one",
+        )
+    return modules
+
+
+def check_readable(model_dir: Path) -> None:
+    """`attention_modules`' refusal before any weight is read: the model built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        attention_modules(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
 
 
 def fit_basis(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -> Basis:

@@ -56,9 +56,10 @@ class PagedCaches:
     layout), holding ``geometry``'s heads, with everything coding them needs: the device
     ``runtime`` (streams, pinned memory), the ``bases`` frames may be coded in, an fp8 cache's
     per-layer ``scales`` (vLLM's ``k_scale``, ``v_scale``, read at each use: vLLM may calibrate them
-    at first), and how many of the caches' blocks make one of vLLM's block manager's
-    (``per_block``). ``kernels``: whether the Triton kernels code what they can (default: on a CUDA
-    cache; True on a CPU runs them in Triton's interpreter, the same bytes)."""
+    at first), how many of the caches' blocks make one of vLLM's block manager's (``per_block``),
+    and each layer's KV cache group (``groups``: layer index -> group, whose blocks a request's
+    table lists; default 0: one group). ``kernels``: whether the Triton kernels code what they can
+    (default: on a CUDA cache; True on a CPU runs them in Triton's interpreter, the same bytes)."""
 
     def __init__(
         self,
@@ -71,6 +72,7 @@ class PagedCaches:
         scales: Callable[[int], tuple[float, float]] | None = None,
         per_block: int = 1,
         kernels: bool | None = None,
+        groups: Mapping[int, int] | None = None,
     ):
         first = next(iter(layers.values()))
         self.layers = dict(layers)
@@ -80,6 +82,7 @@ class PagedCaches:
         self.runtime = runtime or Runtime(first.device)
         self.bases = bases or BasisRegistry()
         self.per_block = per_block
+        self.groups = {layer: (groups or {}).get(layer, 0) for layer in self.layers}
         self.block_tokens = first.shape[2] * per_block  # tokens per block of vLLM's block manager
         self._scales = scales
         on_gpu = _on_gpu(self.device)  # registers the Triton coders for CUDA tensors
@@ -88,6 +91,10 @@ class PagedCaches:
     def scales(self, layer: int) -> tuple[float, float]:
         """A layer's (key, value) scales: what its stored numbers are multiplied by."""
         return self._scales(layer) if self._scales is not None else (1.0, 1.0)
+
+    def block_tables(self, block_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """`block_table` of each KV cache group's blocks."""
+        return [self.block_table(group) for group in block_ids]
 
     def block_table(self, block_ids: Sequence[int]) -> torch.Tensor:
         """A request's blocks (vLLM's block manager's) as the caches index them, on the device

@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 def _model(args) -> None:
-    from cachegen_vllm.offline.model import ensure_default_model
+    from cachegen_vllm.offline.model import SHIPPED, ensure_model
 
-    print(ensure_default_model(args.target))
+    print(ensure_model(SHIPPED[args.name], args.target))
 
 
 def _quality(args) -> None:
@@ -102,7 +102,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cachegen-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("model", help="convert the embedded SmolLM2-135M-Instruct once; print its directory")
+    p = sub.add_parser("model", help="convert a model shipped on PyPI as GGUF once; print its directory")
+    p.add_argument(
+        "name",
+        nargs="?",
+        default="smollm2",
+        choices=["smollm2", "gemma3-270m"],
+        help="smollm2: the embedded SmolLM2-135M-Instruct (default); gemma3-270m: Gemma 3 270M (base), "
+        "a sliding-window hybrid",
+    )
     p.add_argument("--target", type=Path, help="where to write the checkpoint (default: the user cache)")
     p.set_defaults(run=_model)
 

