@@ -191,3 +191,33 @@ def test_a_lossy_profile_codes_an_mla_latent_only_where_it_says_so(tmp_path):
         bind=f"tcp://127.0.0.1:{free_ports()}",
     )
     allowed.shutdown()
+
+
+def test_an_adaptive_producer_weighs_the_layers_left_by_what_their_groups_send(monkeypatch):
+    """The level of a layer is chosen for the bytes the layers left will send: a sliding layer's
+    window, not the prompt (on the old code every layer counted as the current one's bytes)."""
+    source = caches(seed=1)
+    producer = worker(
+        "kv_producer",
+        source,
+        HYBRID,
+        profile="adaptive",
+        ladder=["raw", "default"],
+        link_mbps=1e6,
+        bind=f"tcp://127.0.0.1:{free_ports()}",
+    )
+    asked = []
+    choose = producer.saving.adapter.choose
+    monkeypatch.setattr(
+        producer.saving.adapter, "choose", lambda b, left, now: asked.append((b, left)) or choose(b, left, now)
+    )
+    try:
+        meta = CacheGenMetadata(saves=[SaveRequest("p", "t-1", SECRET, ([7, 2, 9], [3, 8, 10]), 0, TOTAL, TOTAL)])
+        producer.begin_step(meta)
+        for name in source:
+            producer.save_kv_layer(name)
+        producer.wait_for_save()
+        full, window = (producer.caches.geometry.layer_bytes(n) for n in (TOTAL, WINDOW))
+        assert asked == [((2 * full + window) / 3, 3), ((full + window) / 2, 2), (full, 1)]
+    finally:
+        producer.shutdown()

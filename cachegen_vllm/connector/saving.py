@@ -48,6 +48,7 @@ class _GroupSaves:
 
     saves: list[SaveRequest]
     encoding: EncodeStep
+    layer_bytes: int  # raw bytes each of the group's layers sends this step
 
 
 @dataclass
@@ -177,7 +178,8 @@ class Saving:
             sent = [s for s in sent if s.start < s.end]
             if sent:
                 ranges = [SaveRange(s.block_ids[group], s.start, s.end, s.total) for s in sent]
-                groups[group] = _GroupSaves(sent, EncodeStep(caches, ranges))
+                sent_bytes = sum(geometry.layer_bytes(s.end - s.start) for s in sent)
+                groups[group] = _GroupSaves(sent, EncodeStep(caches, ranges), sent_bytes)
         return groups
 
     def save_layer(self, layer: int) -> None:
@@ -189,10 +191,11 @@ class Saving:
             return
         runtime, geometry = self.caches.runtime, self.caches.geometry
         arrived = time.perf_counter()
-        saved = sum(geometry.layer_bytes(save.end - save.start) for save in group.saves)
         if step.layer_end is not None:  # the forward pass since the last layer
-            self.adapter.produced(saved, arrived - step.layer_end)
-        level = self._level(saved, layer)
+            self.adapter.produced(group.layer_bytes, arrived - step.layer_end)
+        # the layers left send what their groups do (a sliding window's less): their mean, each
+        left = [step.groups.get(self.caches.groups[i]) for i in range(layer, geometry.num_layers)]
+        level = self._level(sum(g.layer_bytes for g in left if g is not None) / len(left), layer)
         written = runtime.mark()  # the layer's cache as the attention left it
         with runtime.encoding(after=written):
             try:
@@ -207,9 +210,9 @@ class Saving:
         runtime.submit(functools.partial(self._seal, group.saves, layer, level, encoding, written, enqueued))
         step.layer_end = time.perf_counter()
 
-    def _level(self, layer_bytes: int, layer: int) -> int:
+    def _level(self, layer_bytes: float, layer: int) -> int:
         """The ladder's level for this layer of the step's saves: the only one, or the adapter's
-        choice (one for all: they share the link)."""
+        choice (one for all: they share the link), for ``layer_bytes`` raw bytes in each layer left."""
         if not self.config.adaptive:
             return 0
         assert self.producer is not None
