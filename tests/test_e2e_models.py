@@ -85,6 +85,7 @@ def test_a_sliding_window_hybrid_sends_its_windows_and_answers_as_the_prefill(ge
     assert after.get("transfers", 0) == before.get("transfers", 0) + 1  # the KV came over, not recomputed
     raw = after["raw_bytes"] - before.get("raw_bytes", 0)
     assert raw == ((tokens - 1) + 3 * (WINDOW - 1)) * GEMMA_TOKEN_BYTES
+    assert after["window_raw_bytes"] - before.get("window_raw_bytes", 0) == 3 * (WINDOW - 1) * GEMMA_TOKEN_BYTES
     assert after["wire_bytes"] - before.get("wire_bytes", 0) < raw
     assert got["text"] == _reference(urls["gemma-prefill"], model, text)["text"]
 

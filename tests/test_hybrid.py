@@ -66,6 +66,8 @@ def test_a_sliding_layer_sends_its_window_only_and_the_decode_writes_it_into_its
     assert g.windows == (0, WINDOW, 0)
     # what is sent: every token of the full layers, tokens 20..39 of the sliding one
     assert sent.data["raw_bytes"] == 2 * g.layer_bytes(TOTAL) + g.layer_bytes(TOTAL - WINDOW)
+    assert sent.data["window_raw_bytes"] == g.layer_bytes(WINDOW)
+    assert 0 < sent.data["window_wire_bytes"] < sent.data["wire_bytes"] / 2
     target = caches(seed=None)
     decode = worker("kv_consumer", target, HYBRID, **FAST)
     try:
@@ -80,6 +82,8 @@ def test_a_sliding_layer_sends_its_window_only_and_the_decode_writes_it_into_its
         assert torch.isnan(target["model.layers.1.self_attn.attn"][1][NULL].float()).all()  # the null block
         received = decode.get_stats().data
         assert received["raw_bytes"] == 2 * g.layer_bytes(TOTAL - 1) + g.layer_bytes(WINDOW - 1)
+        assert received["window_raw_bytes"] == g.layer_bytes(WINDOW - 1)
+        assert received["window_wire_bytes"] == sent.data["window_wire_bytes"]  # every frame of the window
     finally:
         decode.shutdown()
 

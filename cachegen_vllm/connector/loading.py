@@ -47,6 +47,7 @@ class _Load:
     pending: int
     failed: bool = False
     wire_bytes: int = 0
+    window_wire_bytes: int = 0  # of them, the frames of sliding-window layers
     decode_seconds: float = 0.0
 
 
@@ -194,9 +195,12 @@ class Loading:
         end = request.start + request.count
         if not load.failed and request.req_id not in self._cancelled:
             transfer = time.perf_counter() - load.started
+            raw = {layer: geometry.layer_bytes(end - first) for layer, first in self._needed(request).items()}
             self.counters.count(
-                raw_bytes=sum(geometry.layer_bytes(end - first) for first in self._needed(request).values()),
+                raw_bytes=sum(raw.values()),
                 wire_bytes=load.wire_bytes,
+                window_raw_bytes=sum(n for layer, n in raw.items() if geometry.window(layer)),
+                window_wire_bytes=load.window_wire_bytes,
                 decode_seconds=load.decode_seconds,
                 transfer_seconds=transfer,
                 transfers=int(self._counts_requests),
@@ -223,7 +227,7 @@ class Loading:
         needed = self._needed(request)
         loaded = dict.fromkeys(caches.layers, 0)
         batch: list[ParsedFrame] = []
-        decoding = 0.0
+        decoding, window_wire = 0.0, 0
         if len(request.block_ids) != 1 + max(caches.groups.values()):
             raise FrameError(
                 f"{len(request.block_ids)} KV cache groups' blocks for a model of {1 + max(caches.groups.values())}"
@@ -247,6 +251,7 @@ class Loading:
                 if batch and frame.header.layer != batch[0].header.layer:
                     decode_batch()
                 self._have_basis(frame.header.basis, stream)
+                window_wire += len(frame.data) if frame.header.window else 0
                 batch.append(frame)
             if batch:
                 decode_batch()
@@ -258,6 +263,7 @@ class Loading:
             raise FrameError(f"transfer ended without all tokens: {len(short)} layers short")
         with self._lock:
             load.wire_bytes += stream.bytes_received
+            load.window_wire_bytes += window_wire
             load.decode_seconds += decoding
 
     def _have_basis(self, digest: int, stream: TransferStream) -> None:

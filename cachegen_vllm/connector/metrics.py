@@ -17,6 +17,8 @@ from vllm.v1.metrics.utils import create_metric_per_engine
 COUNTERS = {
     "raw_bytes": "KV bytes, in the cache's dtype, of the tokens sent (prefill) or loaded (decode)",
     "wire_bytes": "Bytes of the compressed frames sent (prefill) or received (decode)",
+    "window_raw_bytes": "Of raw_bytes, the sliding-window layers' (each sends its last window only)",
+    "window_wire_bytes": "Of wire_bytes, the sliding-window layers' frames",
     "encode_seconds": "Seconds spent gathering and encoding KV",
     "decode_seconds": "Seconds spent decoding and scattering KV",
     "transfer_seconds": "Seconds from asking for a transfer to having all of it (decode)",

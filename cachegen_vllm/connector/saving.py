@@ -333,9 +333,12 @@ class Saving:
         seconds = enqueued + time.perf_counter() - started
         self._encoding[save.transfer_id] = self._encoding.get(save.transfer_id, 0.0) + seconds
         raw, wire = geometry.layer_bytes(save.end - save.start), sum(map(len, frames))
+        window = bool(geometry.window(layer))
         self.counters.count(
             raw_bytes=raw,
             wire_bytes=wire,
+            window_raw_bytes=raw * window,
+            window_wire_bytes=wire * window,
             encode_seconds=seconds,
             transfers=int(last and self._counts_requests),
             **{LEVEL_PREFIX + self.levels[level].name: 1},
