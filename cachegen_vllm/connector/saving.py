@@ -269,7 +269,9 @@ class Saving:
         geometry = self.caches.geometry
         with self._lock:
             raw, wire = self._sent
-        raw_per_token = geometry.layer_bytes(1) * geometry.num_layers
+        # what one more prompt token costs: a sliding layer's bytes stop at its window
+        growing = sum(1 for layer in range(geometry.num_layers) if not geometry.window(layer))
+        raw_per_token = geometry.layer_bytes(1) * (growing or geometry.num_layers)
         arrives = kv_tokens_per_s(
             self.adapter.fixed_link_bytes_per_s or self.producer.goodput_bytes_per_s,
             raw_per_token * (wire / raw if raw else 1.0),
