@@ -228,8 +228,8 @@ class Loading:
         loaded = dict.fromkeys(caches.layers, 0)
         batch: list[ParsedFrame] = []
         decoding, window_wire = 0.0, 0
-        if len(request.block_ids) != 1 + max(caches.groups.values()):
-            raise FrameError(
+        if len(request.block_ids) != 1 + max(caches.groups.values()):  # the scheduler's: a bug, not the peer's
+            raise RuntimeError(
                 f"{len(request.block_ids)} KV cache groups' blocks for a model of {1 + max(caches.groups.values())}"
             )
         with runtime.decoding():
