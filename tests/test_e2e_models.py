@@ -1,8 +1,9 @@
 """Model families beside the embedded Llama, end to end on vLLM's CPU backend, each a tiny
 random-weight checkpoint the tests write (tests/conftest.py): a sliding-window hybrid (Gemma 3's
 text model: three layers sliding over 32 tokens, one global, one KV head of 256, QK-norm) with
-vLLM's hybrid KV cache manager on, through our proxy and through vllm-router; and a QK-norm model
-whose heads are 80 wide (Qwen3) with the automatic basis fitted at its prefill's start-up."""
+vLLM's hybrid KV cache manager on, through our proxy and through vllm-router, and from a prefill
+split in two tensor-parallel ranks; a QK-norm model whose heads are 80 wide (Qwen3) with the
+automatic basis fitted at its prefill's start-up; and an MLA model (DeepSeek-V2) at lossless."""
 
 import pytest
 
@@ -47,7 +48,18 @@ def _pair(model, logs, name: str, producer: dict, decode: dict | None = None) ->
 def gemma(gemma3_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("vllm-gemma-logs")
     procs, ports = _pair(gemma3_dir, logs, "gemma", {"profile": "lossless"})
-    with vllm_cluster(gemma3_dir, procs, ports, {"proxy": ("gemma-prefill", "gemma-decode")}) as urls:
+    # a prefill split in two tensor-parallel ranks (its one KV head on both: the first sends)
+    ports["gemma-tp2"] = free_ports()
+    procs["gemma-tp2"] = start_instance(
+        gemma3_dir,
+        ports["gemma-tp2"],
+        logs / "gemma-tp2.log",
+        kv_transfer_config("kv_producer", {"profile": "lossless", "bind": f"tcp://127.0.0.1:{free_ports(2)}"}),
+        extra_args=("--tensor-parallel-size", "2"),
+        kv_cache_bytes=KV_CACHE_BYTES,
+    )
+    proxied = {"proxy": ("gemma-prefill", "gemma-decode"), "proxy-tp2": ("gemma-tp2", "gemma-decode")}
+    with vllm_cluster(gemma3_dir, procs, ports, proxied) as urls:
         port = free_ports()
         procs["router"] = start_router(
             [urls["gemma-prefill"]], [urls["gemma-decode"]], port, free_ports(), logs / "router.log"
@@ -88,6 +100,20 @@ def test_a_sliding_window_hybrid_sends_its_windows_and_answers_as_the_prefill(ge
     assert after["window_raw_bytes"] - before.get("window_raw_bytes", 0) == 3 * (WINDOW - 1) * GEMMA_TOKEN_BYTES
     assert after["wire_bytes"] - before.get("wire_bytes", 0) < raw
     assert got["text"] == _reference(urls["gemma-prefill"], model, text)["text"]
+
+
+def test_a_tensor_parallel_prefill_sends_its_windows_from_the_rank_holding_the_head(gemma):
+    """TP on the prefill's side: the KV head is on both ranks, the first sends every group's frames
+    (windows included), the second nothing, and the decode loads them whole."""
+    urls, model, _ = gemma
+    text = prompt(3, 65)
+    before = cachegen_counters(urls["gemma-decode"])
+    _, tokens = _answer(urls["proxy-tp2"], model, text)
+    after = cachegen_counters(urls["gemma-decode"])
+    assert after["transfers"] == before["transfers"] + 1
+    assert after.get("failures", 0) == before.get("failures", 0)
+    assert after["raw_bytes"] - before["raw_bytes"] == ((tokens - 1) + 3 * (WINDOW - 1)) * GEMMA_TOKEN_BYTES
+    assert after["window_raw_bytes"] - before["window_raw_bytes"] == 3 * (WINDOW - 1) * GEMMA_TOKEN_BYTES
 
 
 def test_a_decode_holding_a_prefix_loads_the_rest_and_answers_as_the_prefill(gemma):
