@@ -584,7 +584,6 @@ def main() -> None:
     )
     parser.add_argument(
         "--model",
-        type=lambda v: v if v in ("smollm2", "gemma3-270m") else Path(v),
         default="smollm2",
         help="smollm2 (the embedded model), gemma3-270m (a sliding-window hybrid), or a checkpoint directory",
     )
@@ -605,12 +604,12 @@ def main() -> None:
         return
     if max(args.lengths) * 2 + len(modes) * args.concurrency * LOAD_TOKENS > 110_000:
         sys.exit("the prompts would run past the text's 113K tokens: fewer --lengths or less --concurrency")
-    from cachegen_vllm.offline.model import SHIPPED, ensure_model
+    from cachegen_vllm.offline.model import model_path
     from cachegen_vllm.testing.netns import shaped_link, unavailable
 
     if why := unavailable():
         sys.exit(f"bench_e2e needs network namespaces: {why}")
-    model = ensure_model(SHIPPED[args.model]) if args.model in SHIPPED else args.model.resolve()
+    model = model_path(args.model)
     args.logs.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with shaped_link(args.rates[0], delay_ms=1.0) as link, tempfile.NamedTemporaryFile(suffix=".json") as out:

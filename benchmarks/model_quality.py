@@ -59,7 +59,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from cachegen_vllm.offline.model import SHIPPED, ensure_model
+    from cachegen_vllm.offline.model import model_path
     from cachegen_vllm.serving.launch import (
         cachegen_counters,
         kv_transfer_config,
@@ -71,7 +71,7 @@ def main() -> None:
     from cachegen_vllm.serving.proxy import create_app
     from cachegen_vllm.testing.ports import free_ports
 
-    model_dir = ensure_model(SHIPPED[args.model]) if args.model in SHIPPED else Path(args.model)
+    model_dir = model_path(args.model)
     model = str(model_dir)
     args.logs.mkdir(parents=True, exist_ok=True)
     ids = AutoTokenizer.from_pretrained(model)("\n\n".join(topics[k] for k in sorted(topics))).input_ids

@@ -94,6 +94,14 @@ def gguf_path(install: bool = True, model: ShippedModel = SMOLLM2) -> Path:
     return path
 
 
+def model_path(name_or_path: str | Path) -> Path:
+    """A shipped model's checkpoint (`SHIPPED`, converted now if need be), or a checkpoint
+    directory as it is."""
+    if str(name_or_path) in SHIPPED:
+        return ensure_model(SHIPPED[str(name_or_path)])
+    return Path(name_or_path).resolve()
+
+
 def ensure_default_model(target: Path | None = None) -> Path:
     """The embedded model's checkpoint (`ensure_model`)."""
     return ensure_model(SMOLLM2, target)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cachegen_vllm.config import cache_dir
-from cachegen_vllm.offline.model import SHIPPED, ensure_model
+from cachegen_vllm.offline.model import SHIPPED, model_path
 from cachegen_vllm.serving.launch import (
     cachegen_counters,
     kv_transfer_config,
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from openai import OpenAI
 
-    model = ensure_model(SHIPPED[args.model]) if args.model in SHIPPED else Path(args.model)
+    model = model_path(args.model)
     if not (model / "config.json").is_file():
         parser.error(
             f"--model {args.model}: neither a checkpoint directory (no config.json) nor one of {list(SHIPPED)}"
