@@ -174,8 +174,8 @@ class Runtime:
         """Make the encode stream current, its work ordered after ``after``."""
         return contextlib.nullcontext()
 
-    def decoding(self) -> contextlib.AbstractContextManager[None]:
-        """Make the decode stream current."""
+    def decoding(self, after: Event | None = None) -> contextlib.AbstractContextManager[None]:
+        """Make the decode stream current (after ``after`` was reached on its stream)."""
         return contextlib.nullcontext()
 
     def join_encodes(self) -> None:
@@ -365,8 +365,12 @@ class CudaRuntime(_Sealer, Runtime):
                 self._encode.wait_event(after.event)
             yield
 
-    def decoding(self) -> contextlib.AbstractContextManager[None]:
-        return torch.cuda.stream(self._decode)
+    @contextlib.contextmanager
+    def decoding(self, after: Event | None = None) -> Iterator[None]:
+        with torch.cuda.stream(self._decode):
+            if isinstance(after, _CudaEvent):
+                self._decode.wait_event(after.event)
+            yield
 
     def join_encodes(self) -> None:
         torch.cuda.current_stream(self.device).wait_stream(self._encode)

@@ -128,6 +128,36 @@ def deepseek_dir(model_dir, tmp_path_factory):
     return tiny_checkpoint(model_dir, tmp_path_factory.mktemp("deepseek"), config)
 
 
+@pytest.fixture(scope="session")
+def granite_dir(model_dir, tmp_path_factory):
+    """An SSM hybrid, Granite 4's dense kind in small: Mamba2 and attention layers in turn (2 of
+    each), no position embedding, 2 KV heads of 64; each Mamba layer's state is a conv state of 3
+    x 544 and an SSM state of 8 heads x 64 x 16."""
+    from transformers import GraniteMoeHybridConfig
+
+    config = GraniteMoeHybridConfig(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        shared_intermediate_size=512,
+        num_local_experts=0,
+        num_hidden_layers=4,
+        layer_types=["mamba", "attention", "mamba", "attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mamba_n_heads=8,
+        mamba_d_head=64,
+        mamba_n_groups=1,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        attention_multiplier=0.125,
+        max_position_embeddings=4096,
+        position_embedding_type=None,
+    )
+    return tiny_checkpoint(model_dir, tmp_path_factory.mktemp("granite"), config)
+
+
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
     """Whether ``predicate`` holds within ``timeout`` seconds, asked every ``interval``."""
     end = time.monotonic() + timeout

@@ -19,6 +19,7 @@ from cachegen_vllm.connector.metadata import CacheGenMetadata
 def vllm_config(
     role: str,
     pipeline_parallel_size: int = 1,
+    tensor_parallel_size: int = 1,
     cache_dtype: str = "auto",
     use_mla: bool = False,
     speculative_config=None,
@@ -31,7 +32,9 @@ def vllm_config(
             served_model_name="served", model="/models/m", get_total_num_kv_heads=lambda: 3, use_mla=use_mla
         ),
         parallel_config=SimpleNamespace(
-            tensor_parallel_size=1, pipeline_parallel_size=pipeline_parallel_size, data_parallel_index=0
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            data_parallel_index=0,
         ),
         cache_config=SimpleNamespace(cache_dtype=cache_dtype, block_size=16),
         scheduler_config=SimpleNamespace(max_num_batched_tokens=2048),
@@ -89,7 +92,7 @@ def _mamba():
         ({"cache_dtype": "fp8_per_token_head"}, [(64, 64)], "kv_cache_dtype", "auto, fp8, fp8_e4m3, fp8_e5m2"),
         ({"use_mla": True, "cache_dtype": "fp8"}, [_mla()], "kv_cache_dtype", "MLA latents in the model's dtype"),
         ({}, [(192, 128)], "head_size_v", "128 and 192"),
-        ({}, [(64, 64), _mamba()], "kv_cache_groups", "a MambaSpec group, and it does not send SSM layers' state"),
+        ({"tensor_parallel_size": 2}, [(64, 64), _mamba()], "tensor_parallel_size", "between single-rank instances"),
         ({}, [(64, 64), _sliding(70000)], "sliding_window", "windows of 1 to 65535 tokens, not 70000"),
         ({"speculative_config": SimpleNamespace(method="eagle3")}, [(64, 64)], "speculative_config", "drafter"),
     ],
@@ -123,6 +126,23 @@ def test_a_sliding_window_hybrid_is_served_with_each_layers_group_and_window():
         "model.layers.5.attn": (2, 512),
     }
     worker.shutdown()
+
+
+def test_an_ssm_hybrid_is_served_with_its_state_layers_apart_and_its_prefill_stopping_short():
+    """Granite 4's kind: attention layers in one group, Mamba layers in another, whose state (its
+    bytes without vLLM's page padding) and block size the worker takes; the scheduler of such a
+    model stops a prefill it sends one token short."""
+    from cachegen_vllm.connector.support import layer_groups, state_layers
+
+    config = kv_cache_config((64, 64), _mamba())
+    assert layer_groups(config) == {"model.layers.0.attn": (0, 0), "model.layers.1.attn": (0, 0)}
+    assert state_layers(config) == {"model.layers.2.attn": (1, 4 * 8 * 2, 16), "model.layers.3.attn": (1, 64, 16)}
+    worker = CacheGenConnector(vllm_config("kv_consumer"), KVConnectorRole.WORKER, config)
+    assert worker.worker.state_layers == state_layers(config)
+    worker.shutdown()
+    assert CacheGenConnector(vllm_config("kv_consumer"), KVConnectorRole.SCHEDULER, config).scheduler._stops_short
+    plain = CacheGenConnector(vllm_config("kv_consumer"), KVConnectorRole.SCHEDULER, kv_cache_config((64, 64)))
+    assert not plain.scheduler._stops_short
 
 
 def test_an_mla_model_is_served_as_one_latent_head_on_every_rank():

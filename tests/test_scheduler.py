@@ -294,10 +294,13 @@ def test_a_decode_holding_the_whole_prompt_loads_nothing():
 
 
 def test_num_tokens_bounds_the_load_and_may_be_absent():
-    """The producer has only what it computed (num_tokens); before the prefill answers (overlapped
-    proxy legs) the params carry no num_tokens and the prompt length stands in."""
+    """The producer has only what it computed (num_tokens), all of which it sends; an SSM
+    hybrid's prefill stops one token short, exactly what the decode loads; before the prefill
+    answers (overlapped proxy legs) the params carry no num_tokens and the prompt length stands in."""
     shorter = request("d", 300, load_params(num_tokens=200))
-    assert consumer().get_num_new_matched_tokens(shorter, 0) == (199, True)
+    assert consumer().get_num_new_matched_tokens(shorter, 0) == (200, True)
+    stopped_short = request("s", 300, load_params(num_tokens=299))
+    assert consumer().get_num_new_matched_tokens(stopped_short, 0) == (299, True)
     unknown = request("e", 300, load_params())
     assert consumer().get_num_new_matched_tokens(unknown, 0) == (299, True)
 

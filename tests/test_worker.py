@@ -473,8 +473,9 @@ def test_a_finished_prefill_request_is_reported_sent_only_once_its_frames_are_se
     w = worker("kv_producer", layers, runtime, profile="raw", bind=f"tcp://127.0.0.1:{free_ports()}")
     try:
         save_prompt(w, layers, [7, 2, 9], total=40, chunk=24)
-        # a job per layer and one at the end of each of the two steps: enqueued, none sealed
-        assert len(runtime.jobs) == 2 * (LAYERS + 1) and w.saving.producer.buffered_bytes == 0
+        # a job per layer and one at the end of each of the two steps, and one ending the transfer
+        # after the last: enqueued, none sealed
+        assert len(runtime.jobs) == 2 * (LAYERS + 1) + 1 and w.saving.producer.buffered_bytes == 0
         # the request finished (the scheduler holds its blocks); "x" was never saved here
         assert w.get_finished({"p", "x"}) == (set(), set())
         runtime.run_jobs()

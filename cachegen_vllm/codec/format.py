@@ -25,14 +25,15 @@ from cachegen_vllm.codec.profile import EXACT_BITS, LOSSLESS_BITS, MAX_CHUNK_TOK
 from cachegen_vllm.codec.quant import STAT_DTYPE, stats_count
 
 MAGIC = b"CGKV"
-VERSION = 6
+VERSION = 7
 ALIGN = 16  # every array in the payload starts at a multiple of 16 bytes of the frame
 
 FLAG_VALUE_PER_TOKEN = 1 << 0
 FLAG_HADAMARD = 1 << 1
 FLAG_RANS = 1 << 2
 FLAG_LATENT = 1 << 3
-KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD | FLAG_RANS | FLAG_LATENT
+FLAG_STATE = 1 << 4  # the frame carries an SSM layer's state, not K and V (alone: no other flag)
+KNOWN_FLAGS = FLAG_VALUE_PER_TOKEN | FLAG_HADAMARD | FLAG_RANS | FLAG_LATENT | FLAG_STATE
 
 HEADER = struct.Struct("<4sHHQQHHHBBHHIIIHHHHff")
 SEGMENT = struct.Struct("<IBBHII")
@@ -93,6 +94,7 @@ class FrameHeader:
     scales: tuple[float, float] = (1.0, 1.0)  # (key, value): what a stored fp8 number is multiplied by
     window: int = 0  # the layer's sliding window, as parsed; sealing writes the geometry's
     latent: bool = False  # an MLA latent's halves as K and V, as parsed; sealing writes the geometry's
+    state_bytes: int = 0  # a STATE frame's: the bytes of the SSM state it carries (``layer``: its SSM layer)
 
     def words(self, index: int, tensor: KV) -> int:
         """The stream length of ``tensor`` in segment ``index``: 16-bit rANS words, or a lossless
@@ -240,6 +242,44 @@ def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: Sequence[Fram
     return bytes(out)
 
 
+def write_state_frame(geometry: KVGeometry, index: int, tokens: int, state: Frame) -> bytes:
+    """A STATE frame: the model's SSM layer ``index`` (in model order, apart from the attention
+    layers) as the first ``tokens`` tokens of the prompt leave it, its bytes as the cache holds
+    them (docs/FORMAT.md, "State frames")."""
+    nbytes = len(state)
+    offset = payload_offset(1)
+    total = offset + _aligned(nbytes) + CHECKSUM.size
+    frame = bytearray(total)
+    fields = HeaderFields(
+        magic=MAGIC,
+        version=VERSION,
+        flags=FLAG_STATE,
+        fingerprint=geometry.fingerprint,
+        basis=0,
+        num_layers=geometry.num_layers,
+        num_kv_heads=geometry.total_kv_heads,
+        head_dim=geometry.head_dim,
+        dtype=DTYPE_CODES[geometry.dtype],
+        num_segments=1,
+        layer=index,
+        group_tokens=1,
+        token_start=tokens - 1,
+        token_count=1,
+        frame_bytes=total,
+        lane_symbols=0,
+        head_start=0,
+        head_count=geometry.total_kv_heads,
+        window=0,
+        key_scale=1.0,
+        value_scale=1.0,
+    )
+    HEADER.pack_into(frame, 0, *fields)
+    SEGMENT.pack_into(frame, HEADER.size, 1, EXACT_BITS, EXACT_BITS, 0, nbytes, 0)
+    frame[offset : offset + nbytes] = state
+    CHECKSUM.pack_into(frame, total - CHECKSUM.size, _checksum(memoryview(frame)[: total - CHECKSUM.size]))
+    return bytes(frame)
+
+
 def _check_bits(field: str, bits: int) -> None:
     if not (bits in QUANT_BITS or bits in (LOSSLESS_BITS, EXACT_BITS)):
         raise FrameError(f"{field} is {bits}, not 1..8, {LOSSLESS_BITS} (lossless) or {EXACT_BITS} (exact)")
@@ -268,6 +308,11 @@ class ParsedFrame:
             raise FrameError(
                 f"model fingerprint {self.fingerprint:016x} is not this model's ({geometry.fingerprint:016x})"
             )
+        if expect_token_start is not None and self.header.token_start != expect_token_start:
+            raise FrameError(f"frame starts at token {self.header.token_start}, expected token {expect_token_start}")
+        if self.header.state_bytes:
+            self._check_state(geometry)
+            return
         if self.header.latent != geometry.latent:
             kinds = ("K and V", "an MLA latent")
             raise FrameError(
@@ -281,8 +326,21 @@ class ParsedFrame:
             )
         if expect_layer is not None and self.header.layer != expect_layer:
             raise FrameError(f"frame is for layer {self.header.layer}, expected layer {expect_layer}")
-        if expect_token_start is not None and self.header.token_start != expect_token_start:
-            raise FrameError(f"frame starts at token {self.header.token_start}, expected token {expect_token_start}")
+
+    def _check_state(self, geometry: KVGeometry) -> None:
+        index, nbytes = self.header.layer, self.header.state_bytes
+        if index >= len(geometry.states):
+            raise FrameError(f"a state frame of SSM layer {index}; this model has {len(geometry.states)} SSM layers")
+        if nbytes != geometry.states[index]:
+            raise FrameError(
+                f"SSM layer {index}'s state is {nbytes} bytes in the frame, {geometry.states[index]} in this cache"
+            )
+
+    @property
+    def state(self) -> memoryview:
+        """A STATE frame's state bytes."""
+        offset = payload_offset(1)
+        return self.data[offset : offset + self.header.state_bytes]
 
     def shard(self, geometry: KVGeometry) -> KVGeometry:
         """The share of ``geometry``'s model whose heads the frame holds: what sizes its arrays."""
@@ -338,6 +396,8 @@ def read_frame(frame: Frame) -> ParsedFrame:
         raise FrameError(f"the frame's KV geometry has dtype code {h.dtype}, none of {sorted(DTYPES)}")
     if h.num_layers == 0 or h.head_dim == 0:
         raise FrameError(f"a model of {h.num_layers} layers and heads {h.head_dim} wide")
+    if h.flags & FLAG_STATE:
+        return _read_state(view, h)
     if h.head_count == 0 or h.head_start + h.head_count > h.num_kv_heads:
         raise FrameError(
             f"heads [{h.head_start}, {h.head_start + h.head_count}) are not among the model's {h.num_kv_heads}"
@@ -406,6 +466,48 @@ def read_frame(frame: Frame) -> ParsedFrame:
         raise FrameError(f"segments need a {expected}-byte frame, got {size}")
     model_shape = (h.num_layers, h.num_kv_heads, h.head_dim, DTYPES[h.dtype])
     return ParsedFrame(view, header, h.fingerprint, model_shape)
+
+
+def _read_state(view: memoryview, h: HeaderFields) -> ParsedFrame:
+    """The rest of `read_frame` for a STATE frame: every field that has one value in such a frame
+    has it, and its one segment's byte count is the payload's."""
+    fixed = {
+        "flags": (h.flags, FLAG_STATE),
+        "basis": (h.basis, 0),
+        "num_segments": (h.num_segments, 1),
+        "group_tokens": (h.group_tokens, 1),
+        "token_count": (h.token_count, 1),
+        "lane_symbols": (h.lane_symbols, 0),
+        "head_start": (h.head_start, 0),
+        "head_count": (h.head_count, h.num_kv_heads),
+        "window": (h.window, 0),
+        "key_scale": (h.key_scale, 1.0),
+        "value_scale": (h.value_scale, 1.0),
+    }
+    for name, (got, want) in fixed.items():
+        if got != want:
+            raise FrameError(f"a state frame's {name} is {got}, not {want}")
+    tokens, key_bits, value_bits, reserved, nbytes, value_words = SEGMENT.unpack_from(view, HEADER.size)
+    if (tokens, key_bits, value_bits, reserved, value_words) != (1, EXACT_BITS, EXACT_BITS, 0, 0) or nbytes == 0:
+        raise FrameError(
+            f"a state frame's segment is (tokens {tokens}, bits {key_bits}/{value_bits}, reserved {reserved}, "
+            f"words {nbytes}/{value_words}), not (1, {EXACT_BITS}/{EXACT_BITS}, 0, n/0) with n >= 1"
+        )
+    expected = payload_offset(1) + _aligned(nbytes) + CHECKSUM.size
+    if expected != len(view):
+        raise FrameError(f"a state of {nbytes} bytes needs a {expected}-byte frame, got {len(view)}")
+    header = FrameHeader(
+        layer=h.layer,
+        token_start=h.token_start,
+        group_tokens=1,
+        value_axis="channel",
+        hadamard=False,
+        segments=(Segment(1, EXACT_BITS, EXACT_BITS),),
+        head_start=0,
+        head_count=h.num_kv_heads,
+        state_bytes=nbytes,
+    )
+    return ParsedFrame(view, header, h.fingerprint, (h.num_layers, h.num_kv_heads, h.head_dim, DTYPES[h.dtype]))
 
 
 def parse_frame(

@@ -42,7 +42,9 @@ class KVGeometry:
     cache (DeepSeek V2/V3), whose row per token is one latent of ``2 * head_dim`` channels (the
     compressed KV, then its RoPE part) and no K and V: it is coded as one head whose "key" is the
     row's first ``head_dim`` channels and "value" the rest, which only the exact and lossless
-    widths keep meaningful."""
+    widths keep meaningful. ``states``: an SSM hybrid's (Granite 4, Nemotron-H) state layers,
+    numbered apart from the attention layers ``num_layers`` counts, each one's state in bytes as
+    its cache holds it (it travels whole, in STATE frames)."""
 
     num_layers: int
     num_kv_heads: int  # heads this cache holds
@@ -53,6 +55,7 @@ class KVGeometry:
     total_kv_heads: int = 0  # the model's KV heads; 0: num_kv_heads (the whole model)
     windows: tuple[int, ...] = ()  # per layer; empty: every layer full attention
     latent: bool = False  # MLA: a row is one latent, its halves coded as one head's K and V
+    states: tuple[int, ...] = ()  # the model's SSM layers (apart from ``num_layers``): each one's state bytes
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CODES:

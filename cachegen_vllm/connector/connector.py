@@ -24,7 +24,7 @@ from cachegen_vllm.connector.metadata import CacheGenMetadata
 from cachegen_vllm.connector.metrics import CacheGenPromMetrics, CacheGenStats
 from cachegen_vllm.connector.ranks import Placement
 from cachegen_vllm.connector.scheduler import CacheGenScheduler
-from cachegen_vllm.connector.support import check_supported, layer_groups
+from cachegen_vllm.connector.support import check_supported, layer_groups, state_layers
 from cachegen_vllm.connector.worker import CacheGenWorker
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ class CacheGenConnector(KVConnectorBase_V1, SupportsHMA):
         scheduler = role == KVConnectorRole.SCHEDULER
         # an MLA latent is one head on every rank (vLLM's model config counts the query heads)
         total_kv_heads = 1 if getattr(model, "use_mla", False) else model.get_total_num_kv_heads()
-        self._scheduler = CacheGenScheduler(config, placement, total_kv_heads) if scheduler else None
+        states = state_layers(kv_cache_config)
+        self._scheduler = CacheGenScheduler(config, placement, total_kv_heads, bool(states)) if scheduler else None
         self._worker = None
         if role == KVConnectorRole.WORKER:
             if parallel.tensor_parallel_size > 1:
@@ -82,6 +83,7 @@ class CacheGenConnector(KVConnectorBase_V1, SupportsHMA):
                 vllm_config.scheduler_config.max_num_batched_tokens,
                 layer_groups(kv_cache_config),
                 latent=bool(getattr(model, "use_mla", False)),
+                state_layers=states,
             )
 
     @property
@@ -96,8 +98,18 @@ class CacheGenConnector(KVConnectorBase_V1, SupportsHMA):
 
     # ---- scheduler side -----------------------------------------------------------------------
 
+    def on_new_request(self, request: Request) -> None:
+        self.scheduler.on_new_request(request)
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        """None: vLLM zeroes every block it allocates for a load (before the step's loads start,
+        `Loading.start`), since a load writes its tokens only, and attention reads a partly filled
+        block whole (stale NaN bytes in its tail would spoil it; an SSM layer's old state bytes
+        in a block an attention layer takes over did)."""
+        return ()
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)

@@ -25,6 +25,7 @@ from cachegen_vllm.config import ConnectorConfig
 from cachegen_vllm.connector.metadata import CacheGenMetadata, LoadRequest
 from cachegen_vllm.connector.metrics import FAILURE_PREFIX, Counters
 from cachegen_vllm.connector.ranks import Placement, Source, rank_endpoint, sources
+from cachegen_vllm.device import Event
 from cachegen_vllm.paged import PagedCaches
 from cachegen_vllm.transport import FrameConsumer, TransferRefused, TransferStream, TransportError
 
@@ -44,10 +45,12 @@ class _Load:
     request: LoadRequest
     streams: list[TransferStream]
     started: float
+    zeroed: Event  # its blocks were zeroed once it is reached
     pending: int
     failed: bool = False
     wire_bytes: int = 0
     window_wire_bytes: int = 0  # of them, the frames of sliding-window layers
+    state_bytes: int = 0  # an SSM hybrid's states
     decode_seconds: float = 0.0
 
 
@@ -72,13 +75,14 @@ class Loading:
         """Start the step's new loads, decline the transfers its scheduler recomputes instead, and
         cancel the loads of aborted requests. Nothing a request carried raises here: a load that
         cannot start is that request's load error."""
+        zeroed = self.caches.runtime.mark()  # vLLM zeroed the loads' blocks on this stream first
         for load in meta.loads:  # before the cancels: a request may be aborted in the step its load begins
             try:
-                self._start(load)
+                self._start(load, zeroed)
             except Exception:
                 log.exception("transfer %s cannot be loaded; kv_load_failure_policy applies", load.transfer_id)
                 self.counters.count(**{FAILURE_PREFIX + "internal": 1})
-                self._finish(_Load(load, [], time.perf_counter(), pending=0, failed=True))
+                self._finish(_Load(load, [], time.perf_counter(), zeroed, pending=0, failed=True))
         for declined in meta.declined:  # recomputed here: the producer frees the frames at once
             try:
                 for source in self._plan(declined):
@@ -125,7 +129,7 @@ class Loading:
             log.warning("transfer %s cannot be loaded: %s; kv_load_failure_policy applies", request.transfer_id, e)
             return []
 
-    def _start(self, request: LoadRequest) -> None:
+    def _start(self, request: LoadRequest, zeroed: Event) -> None:
         secret = bytes.fromhex(request.secret)
         endpoints = [(rank_endpoint(request.producer, source.producer_rank), source) for source in self._plan(request)]
         streams = [
@@ -139,7 +143,7 @@ class Loading:
             )
             for endpoint, source in endpoints
         ]
-        load = _Load(request, streams, time.perf_counter(), pending=len(streams), failed=not streams)
+        load = _Load(request, streams, time.perf_counter(), zeroed, pending=len(streams), failed=not streams)
         with self._lock:
             self._loads[request.req_id] = load
         if not streams:
@@ -190,6 +194,22 @@ class Loading:
         end, geometry = request.start + request.count, self.caches.geometry
         return {layer: max(request.start, geometry.window_start(layer, end)) for layer in self.caches.layers}
 
+    def _blocks_written(self, request: LoadRequest) -> set[int]:
+        """The blocks a load writes: each group's of the tokens its layers load, and the blocks of
+        an SSM hybrid's states."""
+        end, caches = request.start + request.count, self.caches
+        blocks = request.block_ids
+        block_tokens, written = caches.block_tokens, set()
+        for layer, first in self._needed(request).items():
+            group = caches.groups[layer]
+            if group < len(blocks):
+                written.update(blocks[group][first // block_tokens : -(-end // block_tokens)])
+        if caches.states is not None:
+            at = caches.states.position(end)
+            for group in set(caches.states.groups):
+                written.update(blocks[group][at : at + 1] if group < len(blocks) and at >= 0 else ())
+        return written
+
     def _finish(self, load: _Load) -> None:
         request, geometry = load.request, self.caches.geometry
         end = request.start + request.count
@@ -201,6 +221,7 @@ class Loading:
                 wire_bytes=load.wire_bytes,
                 window_raw_bytes=sum(n for layer, n in raw.items() if geometry.window(layer)),
                 window_wire_bytes=load.window_wire_bytes,
+                state_bytes=load.state_bytes,
                 decode_seconds=load.decode_seconds,
                 transfer_seconds=transfer,
                 transfers=int(self._counts_requests),
@@ -210,29 +231,26 @@ class Loading:
         with self._lock:  # both at once: vLLM wants the errors no later than the finish
             self._loads.pop(request.req_id, None)
             self._cancelled.discard(request.req_id)
-            if load.failed:  # each group's blocks of the tokens its layers load
-                block_tokens, groups = self.caches.block_tokens, self.caches.groups
-                for layer, first in self._needed(request).items():
-                    blocks = request.block_ids[groups[layer]] if groups[layer] < len(request.block_ids) else []
-                    self._failed_blocks.update(blocks[first // block_tokens : -(-end // block_tokens)])
+            if load.failed:
+                self._failed_blocks.update(self._blocks_written(request))
             self._done.add(request.req_id)
             self._ended.notify_all()
 
     def _receive(self, load: _Load, fetch: TransferStream) -> None:
         """Pull one producer rank's frames and decode them, a layer's frames at a time, on the decode
-        stream; return once the device has written them all."""
+        stream; return once the device has written them all. An SSM hybrid's states come from the
+        first producer rank the request reads, each written whole into its block."""
         request, caches = load.request, self.caches
         runtime = caches.runtime
         end = request.start + request.count
         needed = self._needed(request)
         loaded = dict.fromkeys(caches.layers, 0)
+        states = set(range(len(caches.geometry.states))) if fetch is load.streams[0] else set()
         batch: list[ParsedFrame] = []
-        decoding, window_wire = 0.0, 0
-        if len(request.block_ids) != 1 + max(caches.groups.values()):  # the scheduler's: a bug, not the peer's
-            raise RuntimeError(
-                f"{len(request.block_ids)} KV cache groups' blocks for a model of {1 + max(caches.groups.values())}"
-            )
-        with runtime.decoding():
+        decoding, window_wire, state_bytes = 0.0, 0, 0
+        if len(request.block_ids) != caches.num_groups:  # the scheduler's: a bug, not the peer's
+            raise RuntimeError(f"{len(request.block_ids)} KV cache groups' blocks for a model of {caches.num_groups}")
+        with runtime.decoding(after=load.zeroed):  # what follows on the decode stream comes after
             tables = caches.block_tables(request.block_ids)
 
         def decode_batch() -> None:
@@ -248,8 +266,13 @@ class Loading:
 
         with fetch as stream:
             for frame in stream:
-                if batch and frame.header.layer != batch[0].header.layer:
+                if batch and (frame.header.state_bytes or frame.header.layer != batch[0].header.layer):
                     decode_batch()
+                if frame.header.state_bytes:
+                    with runtime.decoding():
+                        states.discard(caches.write_state(frame, request.block_ids, end))
+                    state_bytes += frame.header.state_bytes
+                    continue
                 self._have_basis(frame.header.basis, stream)
                 window_wire += len(frame.data) if frame.header.window else 0
                 batch.append(frame)
@@ -259,11 +282,12 @@ class Loading:
             decoded_all = runtime.mark()
         runtime.wait(decoded_all)  # reported loaded only once the device has written the KV
         short = [layer for layer, n in loaded.items() if n != end - needed[layer]]
-        if short:
-            raise FrameError(f"transfer ended without all tokens: {len(short)} layers short")
+        if short or states:
+            raise FrameError(f"transfer ended without all tokens: {len(short)} layers short, {len(states)} states")
         with self._lock:
             load.wire_bytes += stream.bytes_received
             load.window_wire_bytes += window_wire
+            load.state_bytes += state_bytes
             load.decode_seconds += decoding
 
     def _have_basis(self, digest: int, stream: TransferStream) -> None:

@@ -19,6 +19,8 @@ COUNTERS = {
     "wire_bytes": "Bytes of the compressed frames sent (prefill) or received (decode)",
     "window_raw_bytes": "Of raw_bytes, the sliding-window layers' (each sends its last window only)",
     "window_wire_bytes": "Of wire_bytes, the sliding-window layers' frames",
+    "state_bytes": "Bytes of SSM layers' states sent (prefill) or loaded (decode), each one whole at the prompt's end; "
+    "not in raw_bytes, in wire_bytes",
     "encode_seconds": "Seconds spent gathering and encoding KV",
     "decode_seconds": "Seconds spent decoding and scattering KV",
     "transfer_seconds": "Seconds from asking for a transfer to having all of it (decode)",

@@ -27,6 +27,7 @@ from pathlib import Path
 from vllm.logger import init_logger
 
 from cachegen_vllm.adaptation import Adapter, kv_tokens_per_s
+from cachegen_vllm.codec.format import write_state_frame
 from cachegen_vllm.codec.profile import ConfigError, Profile
 from cachegen_vllm.config import EXTRA, ConnectorConfig
 from cachegen_vllm.connector.metadata import CacheGenMetadata, SaveRequest
@@ -228,15 +229,34 @@ class Saving:
 
     def wait_for_save(self) -> None:
         """The step's end: the compute stream waits for the encode stream on the device (a
-        request's blocks stay allocated until its frames are sealed anyway), and the sealer,
-        after the step's jobs, counts the step's saves sealed."""
+        request's blocks stay allocated until its frames are sealed anyway); the sealer, after the
+        step's jobs, ends the transfers of the saves that end their prompts (an SSM hybrid's
+        states, which the whole forward pass leaves, go first) and counts the step's saves sealed."""
         step, self._step = self._step, _Step([])  # a forward pass without a step of ours saves nothing
         if self.producer is None:
             return
         runtime = self.caches.runtime
         if step.saves:
+            ending = [save for save in step.saves if save.end == save.total]
+            if ending:
+                runtime.submit(functools.partial(self._complete, ending, self._read_states(ending)))
             runtime.submit(functools.partial(self._sealed, [save.req_id for save in step.saves]))
         runtime.join_encodes()
+
+    def _read_states(self, saves: list[SaveRequest]) -> dict[str, list[bytes]]:
+        """Each save's SSM states after its prompt, as the forward pass left them (none for a model
+        without SSM layers); a save whose states cannot be read is dropped (its decode recomputes)."""
+        states = self.caches.states
+        if states is None:
+            return {}
+        read = {}
+        for save in saves:
+            try:
+                read[save.req_id] = states.read(save.block_ids, save.total)
+            except Exception:  # a bug must not stop the forward pass
+                log.exception("transfer %s: reading its SSM states failed; the decode recomputes", save.transfer_id)
+                self.caches.runtime.submit(functools.partial(self._drop_failed, save.transfer_id))
+        return read
 
     def preempted(self, req_ids: set[str]) -> None:
         """vLLM preempted these requests and frees their blocks before the next forward pass: return
@@ -315,22 +335,12 @@ class Saving:
             self._lock.notify_all()
 
     def _send(self, save: SaveRequest, layer: int, level: int, encoding: LayerEncode, i: int, enqueued: float) -> None:
-        producer, geometry = self.producer, self.caches.geometry
-        assert producer is not None
+        geometry = self.caches.geometry
         if save.transfer_id in self._dropped:  # nobody will read the rest: spare the work
             return
         started = time.perf_counter()
         frames = encoding.frames(i)
-        last = save.end == save.total and layer == geometry.num_layers - 1
-        try:
-            for frame in frames:
-                producer.put(save.transfer_id, frame)
-            if last:
-                producer.finish(save.transfer_id)
-        except TransportError as e:  # the decode side recomputes; the prefill goes on
-            log.warning("transfer %s not sent: %s", save.transfer_id, e)
-            self._drop(save.transfer_id, str(e))
-            self.counters.count(**{FAILURE_PREFIX + e.kind: 1})
+        if not self._put(save.transfer_id, frames):
             return
         seconds = enqueued + time.perf_counter() - started
         self._encoding[save.transfer_id] = self._encoding.get(save.transfer_id, 0.0) + seconds
@@ -342,14 +352,47 @@ class Saving:
             window_raw_bytes=raw * window,
             window_wire_bytes=wire * window,
             encode_seconds=seconds,
-            transfers=int(last and self._counts_requests),
             **{LEVEL_PREFIX + self.levels[level].name: 1},
         )
         self.adapter.encoded(level, raw, wire, seconds)
         with self._lock:
             self._sent = (self._sent[0] + raw, self._sent[1] + wire)
-        if last:
-            encoding_s = self._encoding.pop(save.transfer_id)
+
+    def _put(self, transfer_id: str, frames: list[bytes], finish: bool = False) -> bool:
+        """Queue frames of a transfer (and end it), or drop it on a transport error (its decode
+        recomputes; the prefill goes on): whether it went."""
+        assert self.producer is not None
+        try:
+            for frame in frames:
+                self.producer.put(transfer_id, frame)
+            if finish:
+                self.producer.finish(transfer_id)
+        except TransportError as e:
+            log.warning("transfer %s not sent: %s", transfer_id, e)
+            self._drop(transfer_id, str(e))
+            self.counters.count(**{FAILURE_PREFIX + e.kind: 1})
+            return False
+        return True
+
+    def _complete(self, saves: list[SaveRequest], states: dict[str, list[bytes]]) -> None:
+        """The sealer's job after a step's layers: each save that ends its prompt sends its SSM
+        states, if the model has any (STATE frames: the decode's state after the same tokens), and
+        ends its transfer."""
+        geometry = self.caches.geometry
+        for save in saves:
+            if save.transfer_id in self._dropped:
+                continue
+            started = time.perf_counter()
+            read = states.get(save.req_id, [])
+            frames = [write_state_frame(geometry, i, save.total, state) for i, state in enumerate(read)]
+            if not self._put(save.transfer_id, frames, finish=True):
+                continue
+            encoding_s = self._encoding.pop(save.transfer_id, 0.0) + time.perf_counter() - started
+            self.counters.count(
+                state_bytes=sum(map(len, read)),
+                wire_bytes=sum(map(len, frames)),
+                transfers=int(self._counts_requests),
+            )
             if self._counts_requests:
                 self.counters.sample(encode_duration=encoding_s)
 

@@ -8,6 +8,9 @@ reads its old blocks (a resumed request's block list replaces the old one); the 
 of each preemption before the step that may reuse its blocks (`CacheGenMetadata.preempted`). An aborted request's
 transfer is dropped and its response carries no params.
 
+An SSM hybrid's prefill stops one token short of such a prompt (`on_new_request`), so that its
+state is the one the decode needs.
+
 Decode (``kv_consumer``): a request whose params say where its KV waits (`RemotePrefill`) reports
 the prompt, less the last token (which vLLM recomputes to sample from) and less any prefix it
 already holds in its prefix cache, as loadable asynchronously, and gets a `LoadRequest`; unless
@@ -55,8 +58,16 @@ class _Saving:
 
 
 class CacheGenScheduler:
-    def __init__(self, config: ConnectorConfig, placement: Placement | None = None, total_kv_heads: int | None = None):
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        placement: Placement | None = None,
+        total_kv_heads: int | None = None,
+        stops_short: bool = False,
+    ):
         self.config = config
+        # an SSM hybrid's prefill computes its prompt less the last token: the state the decode needs
+        self._stops_short = stops_short
         self._total_kv_heads = total_kv_heads  # the model's: a producer split another way is refused
         placement = placement or Placement()
         # what a decode needs to find this engine's producers (connector.ranks)
@@ -104,6 +115,22 @@ class CacheGenScheduler:
             log.warning("request %s: %s; its KV is not sent (the decode recomputes it)", request.request_id, e)
             return None
 
+    def on_new_request(self, request: Request) -> None:
+        """An SSM hybrid's prefill stops one token short of a prompt it sends, as vLLM's
+        NixlConnector makes it: the decode holds the prompt less its last token, and a state
+        (unlike a token's K and V) exists only after all the tokens computed, so it must be the
+        state after exactly those. The one token this prefill then samples is a throw-away (our
+        proxy and vllm-router answer from the decode)."""
+        if not self._stops_short or self._remote_decode(request) is None:
+            return
+        prompt = request.prompt_token_ids
+        if prompt is None or len(prompt) < 2 or request.get_skip_reading_prefix_cache():
+            return  # nothing a decode loads (it recomputes a prompt it reads no prefix of)
+        del prompt[-1]
+        del request._all_token_ids[-1]
+        request.num_prompt_tokens -= 1
+        request.max_tokens = 1
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         if request.request_id in self._loaded:
             return 0, False
@@ -111,7 +138,9 @@ class CacheGenScheduler:
         if remote is None:
             return 0, False
         prompt = len(request.prompt_token_ids or [])
-        loadable = min(remote.num_tokens or prompt, prompt) - 1
+        # the prompt less the token vLLM computes to sample from; a prefill that stopped one short
+        # (an SSM hybrid's) holds exactly that
+        loadable = min(remote.num_tokens or prompt, prompt - 1)
         count = loadable - num_computed_tokens
         if count <= 0:
             return 0, False

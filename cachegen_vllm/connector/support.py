@@ -11,8 +11,9 @@ from cachegen_vllm.codec.profile import ConfigError, Profile
 # vLLM --kv-cache-dtype settings the connector codes: the model's dtype, or fp8 scaled per layer
 CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 # the KV cache groups' kinds the connector sends: full attention (the whole prompt; also a sliding
-# layer's when vLLM's hybrid manager is off), sliding windows (their last window) and MLA latents
-SENT_SPECS = ("FullAttentionSpec", "SlidingWindowSpec", "MLAAttentionSpec")
+# layer's when vLLM's hybrid manager is off), sliding windows (their last window), MLA latents and
+# SSM layers (their state at the prompt's end)
+SENT_SPECS = ("FullAttentionSpec", "SlidingWindowSpec", "MLAAttentionSpec", "MambaSpec")
 MAX_WINDOW = (1 << 16) - 1  # a frame's `window` field
 
 
@@ -25,15 +26,32 @@ def layer_groups(kv_cache_config: Any | None) -> dict[str, tuple[int, int]]:
         int(g.kv_cache_spec.sliding_window) if type(g.kv_cache_spec).__name__ == "SlidingWindowSpec" else 0
         for g in groups
     ]
-    return {name: (index, windows[index]) for index, group in enumerate(groups) for name in group.layer_names}
+    return {
+        name: (index, windows[index])
+        for index, group in enumerate(groups)
+        if type(group.kv_cache_spec).__name__ != "MambaSpec"
+        for name in group.layer_names
+    }
+
+
+def state_layers(kv_cache_config: Any | None) -> dict[str, tuple[int, int, int]]:
+    """Each SSM layer's (KV cache group, state bytes, tokens per block of its group), by layer
+    name: vLLM's Mamba layers, whose state the decode needs instead of their tokens."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    return {
+        name: (index, int(group.kv_cache_spec.real_page_size_bytes), int(group.kv_cache_spec.block_size))
+        for index, group in enumerate(groups)
+        if type(group.kv_cache_spec).__name__ == "MambaSpec"
+        for name in group.layer_names
+    }
 
 
 def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
     """Refuse, naming the field: pipeline parallelism, speculative decoding (a drafter's layers
     get caches beside the target's), KV cache dtypes other than the model's and fp8 with one scale
     per layer (an MLA latent only in the model's dtype), values narrower or wider than keys, and
-    KV cache groups other than full attention, sliding windows and MLA latents (SSM layers among
-    them)."""
+    KV cache groups other than full attention, sliding windows, MLA latents and SSM layers (whose
+    states move between single-rank instances only, so far)."""
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ConfigError("pipeline_parallel_size", "CacheGenConnector does not support pipeline parallelism yet")
     if getattr(vllm_config, "speculative_config", None) is not None:
@@ -57,12 +75,18 @@ def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
         spec = group.kv_cache_spec
         kind = type(spec).__name__
         if kind not in SENT_SPECS:
-            what = "SSM layers' state" if kind == "MambaSpec" else "them"
             raise ConfigError(
                 "kv_cache_groups",
-                f"CacheGenConnector sends {' and '.join(SENT_SPECS)} groups; layers {group.layer_names[:2]}... "
-                f"are a {kind} group, and it does not send {what} yet",
+                f"CacheGenConnector sends {', '.join(SENT_SPECS)} groups; layers {group.layer_names[:2]}... "
+                f"are a {kind} group, and it does not send them yet",
             )
+        if kind == "MambaSpec":
+            if vllm_config.parallel_config.tensor_parallel_size > 1:
+                raise ConfigError(
+                    "tensor_parallel_size",
+                    "CacheGenConnector sends an SSM hybrid's states between single-rank instances only, so far",
+                )
+            continue
         if kind == "SlidingWindowSpec" and not 0 < spec.sliding_window <= MAX_WINDOW:
             raise ConfigError(
                 "sliding_window",

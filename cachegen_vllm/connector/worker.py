@@ -27,7 +27,7 @@ from cachegen_vllm.connector.saving import Saving
 from cachegen_vllm.connector.support import check_latent_levels
 from cachegen_vllm.device import Runtime, runtime_for
 from cachegen_vllm.fitting import auto as autobasis
-from cachegen_vllm.paged import FP8_CACHE_DTYPES, PagedCaches, PageOrder, probe_page_order, warm_up
+from cachegen_vllm.paged import FP8_CACHE_DTYPES, PagedCaches, PageOrder, StateLayers, probe_page_order, warm_up
 
 log = init_logger("vllm.cachegen_vllm.connector")
 
@@ -39,7 +39,9 @@ class CacheGenWorker:
     ``step_tokens``: the most tokens a step computes (vLLM's ``max_num_batched_tokens``), for which
     a layer's frame buffer is allocated at start-up; ``layer_groups``: each layer's (KV cache
     group, sliding window) by name (`support.layer_groups`; None: one group of full attention);
-    ``latent``: the caches hold MLA latents (`KVGeometry.latent`)."""
+    ``latent``: the caches hold MLA latents (`KVGeometry.latent`); ``state_layers``: an SSM
+    hybrid's state layers' (KV cache group, state bytes, tokens per block) by name
+    (`support.state_layers`)."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class CacheGenWorker:
         step_tokens: int = 8192,
         layer_groups: dict[str, tuple[int, int]] | None = None,
         latent: bool = False,
+        state_layers: dict[str, tuple[int, int, int]] | None = None,
     ):
         self.config = config
         self.model_name = model_name
@@ -64,6 +67,7 @@ class CacheGenWorker:
         self.step_tokens = step_tokens
         self.layer_groups = layer_groups or {}
         self.latent = latent
+        self.state_layers = state_layers or {}
         self.counters = Counters()
         self._caches: PagedCaches | None = None
         self._names: dict[str, int] = {}  # layer name: layer index
@@ -73,17 +77,22 @@ class CacheGenWorker:
         self._idle = False  # the bound step computes nothing
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], vllm_config: Any) -> None:
-        """vLLM's caches, one per attention layer: on a GPU, views whose strides are the layout; on
-        vLLM's CPU backend, pages whose order is probed."""
+        """vLLM's caches, one per layer: on a GPU, views whose strides are the layout; on vLLM's
+        CPU backend, pages whose order is probed. Attention layers are numbered in model order,
+        an SSM hybrid's state layers apart from them."""
         from vllm.config import get_layers_from_vllm_config
         from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
         from vllm.model_executor.models.utils import extract_layer_index
         from vllm.platforms import current_platform
 
+        given = kv_caches
+        states = sorted((name for name in given if name in self.state_layers), key=extract_layer_index)
+        names = sorted((name for name in given if name not in self.state_layers), key=extract_layer_index)
+        kv_caches = {name: given[name] for name in names}
         if self.latent:  # an MLA cache without a head axis ([blocks, block, width]) is one head's
             kv_caches = {name: t if t.dim() == 4 else t.unsqueeze(1) for name, t in kv_caches.items()}
-        first = next(iter(kv_caches.values()))
-        attention = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, list(kv_caches))  # type: ignore[type-abstract]
+        first = kv_caches[names[0]]
+        attention = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, names)  # type: ignore[type-abstract]
         if current_platform.is_cpu() and not self.latent:
             from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
@@ -97,16 +106,17 @@ class CacheGenWorker:
             raise RuntimeError(
                 f"CacheGenConnector runs on vLLM's CUDA and CPU backends, not {current_platform.device_name}"
             )
-        by_index = {extract_layer_index(name): layer for name, layer in attention.items()}
+        modules = [attention[name] for name in names]
 
         def scales(layer: int) -> tuple[float, float]:  # read at each use: vLLM may calibrate them at first
-            module = by_index[layer]
+            module = modules[layer]
             return float(module._k_scale_float), float(module._v_scale_float)  # type: ignore[attr-defined]
 
         self.bind_caches(
-            {name: (extract_layer_index(name), t) for name, t in kv_caches.items()},
+            {name: (i, kv_caches[name]) for i, name in enumerate(names)},
             order,
             scales=scales if self.kv_cache_dtype.startswith("fp8") else None,
+            states=[(name, given[name]) for name in states],
         )
 
     def bind_caches(
@@ -115,11 +125,13 @@ class CacheGenWorker:
         order: PageOrder | None,
         runtime: Runtime | None = None,
         scales: Callable[[int], tuple[float, float]] | None = None,
+        states: list[tuple[str, torch.Tensor]] | None = None,
     ) -> None:
         """Start on these caches (layer name: (layer index, cache)) in this page order (None: the
         tensors' strides are the layout): bind them, fit an "auto" basis if a profile asks, check
         and warm up every profile, start saving and loading as the role asks. ``scales``: an fp8
-        cache's (key, value) scales of a layer (vLLM's ``k_scale``, ``v_scale``)."""
+        cache's (key, value) scales of a layer (vLLM's ``k_scale``, ``v_scale``); ``states``: an SSM
+        hybrid's state layers' caches by name, in model order."""
         first = next(iter(layers.values()))[1]
         _, heads, kernel_block, width = first.shape
         if self.block_size is not None and self.block_size % kernel_block:
@@ -131,6 +143,11 @@ class CacheGenWorker:
                 f"the caches hold {heads} KV heads; tensor-parallel rank {self.placement.tp_rank} "
                 f"of {self.placement.tp_size} should hold {count} of the model's {total}"
             )
+        state_layers = None
+        if states:
+            info = [self.state_layers[name] for name, _ in states]
+            nbytes, groups, block_tokens = [n for _, n, _ in info], [g for g, _, _ in info], info[0][2]
+            state_layers = StateLayers.bind([cache for _, cache in states], nbytes, groups, block_tokens)
         indices = {name: index for name, (index, _) in layers.items()}
         groups = {indices[name]: group for name, (group, _) in self.layer_groups.items() if name in indices}
         windows = {indices[name]: window for name, (_, window) in self.layer_groups.items() if name in indices}
@@ -144,6 +161,7 @@ class CacheGenWorker:
             total_kv_heads=total,
             windows=tuple(windows.get(i, 0) for i in range(len(layers))) if any(windows.values()) else (),
             latent=self.latent,
+            states=state_layers.nbytes if state_layers is not None else (),
         )
         self._names = indices
         self._caches = caches = PagedCaches(
@@ -154,6 +172,7 @@ class CacheGenWorker:
             scales=scales,
             per_block=(self.block_size or kernel_block) // kernel_block,
             groups=groups,
+            states=state_layers,
         )
         if self.config.sends:  # an "auto" basis is fitted to the model now (or read from its cache)
             # a layer's frames of a whole step: at most raw KV's size, give or take their headers

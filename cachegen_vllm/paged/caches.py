@@ -14,11 +14,12 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from cachegen_vllm.codec import KVGeometry, ParsedFrame, Profile, decode_frames
+from cachegen_vllm.codec import FrameError, KVGeometry, ParsedFrame, Profile, decode_frames
 from cachegen_vllm.codec.basis import Basis, BasisRegistry
 from cachegen_vllm.codec.profile import LOSSLESS_BITS
 from cachegen_vllm.device import Runtime
 from cachegen_vllm.paged.layout import PageOrder, kernel_block_ids, scatter
+from cachegen_vllm.paged.states import StateLayers
 
 
 def _on_gpu(device: torch.device) -> bool:
@@ -58,7 +59,8 @@ class PagedCaches:
     per-layer ``scales`` (vLLM's ``k_scale``, ``v_scale``, read at each use: vLLM may calibrate them
     at first), how many of the caches' blocks make one of vLLM's block manager's (``per_block``),
     and each layer's KV cache group (``groups``: layer index -> group, whose blocks a request's
-    table lists; default 0: one group). ``kernels``: whether the Triton kernels code what they can
+    table lists; default 0: one group), an SSM hybrid's state layers (``states``: the geometry's
+    ``states``, in groups of their own). ``kernels``: whether the Triton kernels code what they can
     (default: on a CUDA cache; True on a CPU runs them in Triton's interpreter, the same bytes)."""
 
     def __init__(
@@ -73,6 +75,7 @@ class PagedCaches:
         per_block: int = 1,
         kernels: bool | None = None,
         groups: Mapping[int, int] | None = None,
+        states: StateLayers | None = None,
     ):
         first = next(iter(layers.values()))
         self.layers = dict(layers)
@@ -83,6 +86,7 @@ class PagedCaches:
         self.bases = bases or BasisRegistry()
         self.per_block = per_block
         self.groups = {layer: (groups or {}).get(layer, 0) for layer in self.layers}
+        self.states = states
         self.block_tokens = first.shape[2] * per_block  # tokens per block of vLLM's block manager
         self._scales = scales
         on_gpu = _on_gpu(self.device)  # registers the Triton coders for CUDA tensors
@@ -166,3 +170,18 @@ class PagedCaches:
             scatter(cache, self.order, blocks, lo, key, value, first_head=first - geometry.head_start)
             out[i] = (chunk.layer, hi - lo)
         return [out[i] for i in range(len(frames))]
+
+    @property
+    def num_groups(self) -> int:
+        """The KV cache groups a request's block lists hold."""
+        return 1 + max([*self.groups.values(), *(self.states.groups if self.states is not None else ())])
+
+    def write_state(self, frame: ParsedFrame, block_ids: Sequence[Sequence[int]], tokens: int) -> int:
+        """A STATE frame (read where it entered) into the request's block that holds the state
+        after its first ``tokens`` tokens, on the current stream; FrameError on a state of another
+        model or after other tokens. Returns its SSM layer."""
+        frame.check(self.geometry, expect_token_start=tokens - 1)
+        if self.states is None:  # the geometry has no states: check refused the frame already
+            raise FrameError("a state frame for a model without SSM layers")
+        self.states.write(frame.header.layer, block_ids, tokens, frame.state, self.runtime)
+        return frame.header.layer

@@ -10,6 +10,7 @@ Everything started here is stopped on exit, Ctrl-C included.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -55,12 +56,17 @@ def questions() -> list[tuple[str, str]]:
 
 def _has_chat_template(model: Path) -> bool:
     """Whether the checkpoint's tokenizer has a chat template (a base model has none)."""
-    import json
-
     config = model / "tokenizer_config.json"
     return (model / "chat_template.jinja").is_file() or (
         config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
     )
+
+
+def _has_ssm_layers(model: Path) -> bool:
+    """Whether the checkpoint's config describes SSM layers (Mamba's or linear attention's
+    settings: Granite 4, Nemotron-H, Jamba, Qwen3-Next)."""
+    config = json.loads((model / "config.json").read_text())
+    return any(key.startswith(("mamba", "linear_", "ssm")) for key in config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             f"--model {args.model}: neither a checkpoint directory (no config.json) nor one of {list(SHIPPED)}"
         )
     chat = _has_chat_template(model)
+    # vLLM 0.32's CPU Mamba fails on prompts over a block with prefix caching on, connector or not
+    vllm_args = ("--no-enable-prefix-caching",) if _has_ssm_layers(model) else ()
     args.logs.mkdir(parents=True, exist_ok=True)
     prefill_url, decode_url, proxy_url = "http://127.0.0.1:8100", "http://127.0.0.1:8200", "http://127.0.0.1:8000"
     procs: list[subprocess.Popen] = []
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                     transfer,
                     launcher=["taskset", "-c", cores],
                     cores=cores,
+                    extra_args=vllm_args,
                 )
             )
         procs.append(
@@ -165,10 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         after = cachegen_counters(decode_url)
         raw = after.get("raw_bytes", 0) - before.get("raw_bytes", 0)
         wire = after.get("wire_bytes", 0) - before.get("wire_bytes", 0)
+        states = after.get("state_bytes", 0) - before.get("state_bytes", 0)  # an SSM hybrid's, sent whole
         failures = after.get("failures", 0) - before.get("failures", 0)
+        also = f" and {states / 2**20:.2f} MiB of SSM states (as they are)" if states else ""
         print(
-            f"\nKV received by the decode instance: {raw / 2**20:.2f} MiB raw (bf16), "
-            f"{wire / 2**20:.2f} MiB on the wire, ratio {raw / wire if wire else float('nan'):.2f}x "
+            f"\nKV received by the decode instance: {raw / 2**20:.2f} MiB raw (bf16){also}, "
+            f"{wire / 2**20:.2f} MiB on the wire, ratio {(raw + states) / wire if wire else float('nan'):.2f}x "
             f"(profile {args.profile}); failed transfers: {failures:.0f}"
         )
     finally:
