@@ -18,25 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import threading
-import time
 from pathlib import Path
 
 TOP = 20
 KV_CACHE_BYTES = 256 << 20  # each instance's: five with vLLM's 1 GiB default ran this 24 GB machine out of memory
-
-
-def _serve(app) -> tuple[str, object]:
-    import uvicorn
-
-    from cachegen_vllm.testing.ports import free_ports
-
-    port = free_ports()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server
 
 
 def _top(url: str, model: str, ids: list[int]) -> dict[str, float]:
@@ -69,6 +54,7 @@ def main() -> None:
         warm_up,
     )
     from cachegen_vllm.serving.proxy import create_app
+    from cachegen_vllm.testing.asgi import serve
     from cachegen_vllm.testing.ports import free_ports
 
     model_dir = model_path(args.model)
@@ -91,7 +77,7 @@ def main() -> None:
             warm_up(urls[name], model)
         fronts = {}
         for name in names:
-            fronts[name], server = _serve(create_app([urls[name]], [urls["decode"]]))
+            fronts[name], server = serve(create_app([urls[name]], [urls["decode"]]))
             servers.append(server)
             warm_up(fronts[name], model)
         rows = []

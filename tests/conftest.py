@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from cachegen_vllm.testing.ports import free_ports
+from cachegen_vllm.testing.asgi import serve
 
 # Triton decides when it is imported whether its kernels run in its interpreter, and collecting
 # the tests imports vLLM, which imports Triton: without a GPU, ask for the interpreter before that,
@@ -166,20 +166,6 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return predicate()
-
-
-def serve(app):
-    """Run an ASGI app with uvicorn in a thread on a free loopback port; returns (url, server)."""
-    import uvicorn
-
-    port = free_ports()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    return f"http://127.0.0.1:{port}", server
 
 
 @contextlib.contextmanager

@@ -245,3 +245,28 @@ def test_an_ssm_hybrid_sends_its_states_and_answers_as_the_prefill(granite, fron
         shared = want_top.keys() & got_top.keys()
         assert len(shared) >= 4
         assert max(abs(got_top[t] - want_top[t]) for t in shared) < 0.1
+
+
+def test_a_failed_load_on_a_hybrid_recomputes_and_the_decode_stays_up(granite):
+    """A load that fails on a model of several KV cache groups (here its producer is not there) is
+    reported by request, as vLLM asks of hybrids (reported by block, it raised inside vLLM's
+    scheduler and killed the engine): the request is answered from its prompt recomputed, as the
+    prefill itself answers it, and the decode still loads KV afterwards."""
+    urls, model, _ = granite
+    text = prompt(2, 70)[:100]
+    params = {
+        "do_remote_prefill": True,
+        "transfer_id": "cg-nobody",
+        "transfer_secret": "ab" * 16,
+        "producer": f"tcp://127.0.0.1:{free_ports()}",
+        "num_tokens": len(text) - 1,
+    }
+    before = cachegen_counters(urls["granite-decode"])
+    body = {"model": model, "prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0}
+    answer = post(f"{urls['granite-decode']}/v1/completions", dict(body, kv_transfer_params=params))
+    after = cachegen_counters(urls["granite-decode"])
+    assert after["failures"] == before.get("failures", 0) + 1
+    assert after.get("transfers", 0) == before.get("transfers", 0)
+    assert answer["choices"][0]["text"] == _answer(urls["granite-prefill"], model, text)[0]["text"]
+    _answer(urls["proxy"], model, prompt(2, 71)[:100], max_tokens=1)
+    assert cachegen_counters(urls["granite-decode"])["transfers"] == after.get("transfers", 0) + 1

@@ -6,12 +6,12 @@ import time
 
 import httpx
 import pytest
-from conftest import serve as _serve
 from conftest import wait_until
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from cachegen_vllm.serving.proxy import create_app
+from cachegen_vllm.testing.asgi import serve
 from cachegen_vllm.testing.ports import free_ports
 
 
@@ -82,9 +82,9 @@ def cluster():
     servers = []
     urls = {}
     for name in ("prefill-a", "prefill-b", "decode-a", "decode-b"):
-        urls[name], server = _serve(fake_backend(name, seen))
+        urls[name], server = serve(fake_backend(name, seen))
         servers.append(server)
-    proxy_url, server = _serve(create_app([urls["prefill-a"], urls["prefill-b"]], [urls["decode-a"], urls["decode-b"]]))
+    proxy_url, server = serve(create_app([urls["prefill-a"], urls["prefill-b"]], [urls["decode-a"], urls["decode-b"]]))
     servers.append(server)
     yield proxy_url, seen, urls
     for server in servers:
@@ -97,8 +97,8 @@ def requests_to(seen, prefix):
 
 def test_first_request_hands_over_then_later_ones_overlap_the_legs():
     seen = []
-    backends = [_serve(fake_backend(name, seen)) for name in ("prefill", "decode")]
-    proxy, server = _serve(create_app([backends[0][0]], [backends[1][0]]))
+    backends = [serve(fake_backend(name, seen)) for name in ("prefill", "decode")]
+    proxy, server = serve(create_app([backends[0][0]], [backends[1][0]]))
     try:
         r = httpx.post(f"{proxy}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 20}, timeout=10)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello world"
@@ -198,7 +198,7 @@ def test_models_and_health(cluster):
 
 
 def test_unreachable_backend_is_a_502():
-    url, server = _serve(create_app([f"http://127.0.0.1:{free_ports()}"], [f"http://127.0.0.1:{free_ports()}"]))
+    url, server = serve(create_app([f"http://127.0.0.1:{free_ports()}"], [f"http://127.0.0.1:{free_ports()}"]))
     try:
         r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "hi"}, timeout=10)
         assert r.status_code == 502 and "prefill instance" in r.json()["error"]["message"]
@@ -215,8 +215,8 @@ def pair():
     """A proxy in front of one prefill and one decode, each recording what it got."""
     seen: list = []
     headers: list = []
-    backends = [_serve(fake_backend(name, seen, headers)) for name in ("prefill", "decode")]
-    proxy, server = _serve(create_app([backends[0][0]], [backends[1][0]]))
+    backends = [serve(fake_backend(name, seen, headers)) for name in ("prefill", "decode")]
+    proxy, server = serve(create_app([backends[0][0]], [backends[1][0]]))
     yield proxy, seen, headers
     for _, s in [*backends, (proxy, server)]:
         s.should_exit = True

@@ -96,7 +96,7 @@ def test_the_decode_gets_the_states_after_the_prompt_into_the_block_vllm_reads(b
         producer.shutdown()
 
 
-def test_a_load_whose_states_never_come_fails_and_its_state_block_recomputes():
+def test_a_load_whose_states_never_come_fails_and_its_request_recomputes():
     """A producer of the same attention layers without SSM layers (another model, or a bug) ends
     the transfer with the tokens only: the decode cannot continue from no state."""
     producer, _ = prefill({}, [], 4096)
@@ -105,8 +105,30 @@ def test_a_load_whose_states_never_come_fails_and_its_state_block_recomputes():
         request = LoadRequest("d", "t-1", SECRET, producer.config.advertise, ([4, 0, 6], [3]), 0, TOTAL)
         decode.start_load_kv(CacheGenMetadata(loads=[request]))
         assert wait_finished(decode) == {"d"}
-        assert decode.get_block_ids_with_load_errors() == {4, 0, 6, 3}
+        assert decode.get_failed_loads() == {"d"} and decode.get_block_ids_with_load_errors() == set()
         assert decode.get_stats().data["failed_corrupt"] == 1
+    finally:
+        decode.shutdown()
+        producer.shutdown()
+
+
+def test_a_state_that_cannot_be_sealed_drops_its_transfer_and_the_prefill_goes_on(monkeypatch):
+    """A bug sealing the states must not reach vLLM's forward pass: the transfer is dropped, the
+    decode pulling it is refused at once, and the failure is counted."""
+    from cachegen_vllm.connector import saving
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(saving, "write_state_frame", broken)
+    producer, _ = prefill(state_caches(seed=1), [5], 4096)  # the forward pass's calls returned
+    decode, _ = worker("kv_consumer", state_caches(seed=None), 4096, **FAST)
+    try:
+        request = LoadRequest("d", "t-1", SECRET, producer.config.advertise, ([4, 0, 6], [3]), 0, TOTAL)
+        decode.start_load_kv(CacheGenMetadata(loads=[request]))
+        assert wait_finished(decode, timeout_s=5) == {"d"}
+        assert decode.get_failed_loads() == {"d"}
+        assert producer.get_stats().data["failed_internal"] == 1
     finally:
         decode.shutdown()
         producer.shutdown()
@@ -155,6 +177,7 @@ def _request(prompt: list[int], params: dict | None, skip_prefix_cache: bool = F
     return SimpleNamespace(
         request_id="r",
         prompt_token_ids=list(prompt),
+        prompt_embeds=None,
         _all_token_ids=list(prompt),
         num_prompt_tokens=len(prompt),
         max_tokens=16,
@@ -170,6 +193,7 @@ def _request(prompt: list[int], params: dict | None, skip_prefix_cache: bool = F
         ({"do_remote_decode": True}, True, 5),  # prompt logprobs: the decode recomputes it all anyway
         (None, False, 5),  # a request of its own
         ({"do_remote_prefill": True}, False, 5),  # a decode's request
+        ({"do_remote_decode": True, "_p_side_truncated": True}, False, 5),  # NixlConnector beside us did
     ],
 )
 def test_an_ssm_hybrids_prefill_stops_one_token_short_of_a_prompt_it_sends(params, skip, kept):
@@ -182,6 +206,8 @@ def test_an_ssm_hybrids_prefill_stops_one_token_short_of_a_prompt_it_sends(param
     scheduler.on_new_request(request)
     assert request.prompt_token_ids == [1, 2, 3, 4, 5][:kept] == request._all_token_ids
     assert request.num_prompt_tokens == kept and request.max_tokens == (1 if kept == 4 else 16)
+    scheduler.on_new_request(request)  # told again (a connector beside us): once is all
+    assert request.num_prompt_tokens == kept
     plain = _request([1, 2, 3, 4, 5], {"do_remote_decode": True})
     CacheGenScheduler(connector_config_from_dict("kv_both", {"bind": "tcp://127.0.0.1:5601"})).on_new_request(
         plain

@@ -16,6 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     SupportsHMA,
 )
 
@@ -180,6 +181,14 @@ class CacheGenConnector(KVConnectorBase_V1, SupportsHMA):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         sent, loaded = self.worker.get_finished(finished_req_ids)
         return sent or None, loaded or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """What get_finished says, and the requests whose loads failed on a model of several KV
+        cache groups (vLLM takes their failures by request, not by block)."""
+        sent, loaded = self.worker.get_finished(finished_req_ids)
+        return KVConnectorTransferResults(
+            finished_sending=sent, finished_recving=loaded, failed_recving=self.worker.get_failed_loads()
+        )
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()

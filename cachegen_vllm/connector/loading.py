@@ -6,9 +6,10 @@ rank that holds heads of this rank (`connector.ranks`), a thread per producer ra
 frames are decoded in one batch on the decode stream, their heads of this rank written into the
 allocated blocks. Whatever ends a load (all tokens in, a transport or frame error, a cancel, or a
 bug), the request is reported finished once all its threads are, and its decoding has completed
-on the device; if any failed, its blocks are reported as load errors and vLLM's
-``kv_load_failure_policy`` decides (``recompute`` recomputes the prompt; ``fail`` fails it). With
-tensor parallelism every rank reports, and vLLM waits for all.
+on the device; if any failed, its blocks (its request, for a model of several KV cache groups)
+are reported as load errors and vLLM's ``kv_load_failure_policy`` decides (``recompute``
+recomputes the prompt; ``fail`` fails it). With tensor parallelism every rank reports, and vLLM
+waits for all.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Loading:
         self._cancelled: set[str] = set()
         self._done: set[str] = set()  # ended since the last report
         self._failed_blocks: set[int] = set()
+        self._failed_requests: set[str] = set()
         self._basis_lock = threading.Lock()  # guards _fetching only, never held while waiting
         self._fetching: dict[int, threading.Event] = {}  # bases being fetched, set when that ends
         log.info("CacheGenConnector receives (the profile of each transfer is in its frames)")
@@ -112,9 +114,17 @@ class Loading:
 
     def failed_blocks(self) -> set[int]:
         """Blocks of ended loads that hold no valid KV, since the last call (reported no later than
-        their request's end)."""
+        their request's end), of a model with one KV cache group: vLLM recomputes from the first."""
         with self._lock:
             failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def failed_requests(self) -> set[str]:
+        """Requests whose loads failed since the last call (reported no later than their end), of a
+        model with several KV cache groups (hybrids), whose block ids vLLM cannot map back to
+        requests (it raises on them): vLLM recomputes these requests' prompts whole."""
+        with self._lock:
+            failed, self._failed_requests = self._failed_requests, set()
         return failed
 
     def close(self) -> None:
@@ -194,22 +204,6 @@ class Loading:
         end, geometry = request.start + request.count, self.caches.geometry
         return {layer: max(request.start, geometry.window_start(layer, end)) for layer in self.caches.layers}
 
-    def _blocks_written(self, request: LoadRequest) -> set[int]:
-        """The blocks a load writes: each group's of the tokens its layers load, and the blocks of
-        an SSM hybrid's states."""
-        end, caches = request.start + request.count, self.caches
-        blocks = request.block_ids
-        block_tokens, written = caches.block_tokens, set()
-        for layer, first in self._needed(request).items():
-            group = caches.groups[layer]
-            if group < len(blocks):
-                written.update(blocks[group][first // block_tokens : -(-end // block_tokens)])
-        if caches.states is not None:
-            at = caches.states.position(end)
-            for group in set(caches.states.groups):
-                written.update(blocks[group][at : at + 1] if group < len(blocks) and at >= 0 else ())
-        return written
-
     def _finish(self, load: _Load) -> None:
         request, geometry = load.request, self.caches.geometry
         end = request.start + request.count
@@ -231,8 +225,11 @@ class Loading:
         with self._lock:  # both at once: vLLM wants the errors no later than the finish
             self._loads.pop(request.req_id, None)
             self._cancelled.discard(request.req_id)
-            if load.failed:
-                self._failed_blocks.update(self._blocks_written(request))
+            if load.failed and self.caches.num_groups > 1:  # vLLM cannot map block ids of several groups back
+                self._failed_requests.add(request.req_id)
+            elif load.failed:  # one group: the blocks of the tokens loaded
+                first, last = request.start // self.caches.block_tokens, -(-end // self.caches.block_tokens)
+                self._failed_blocks.update(request.block_ids[0][first:last])
             self._done.add(request.req_id)
             self._ended.notify_all()
 

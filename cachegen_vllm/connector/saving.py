@@ -384,7 +384,12 @@ class Saving:
                 continue
             started = time.perf_counter()
             read = states.get(save.req_id, [])
-            frames = [write_state_frame(geometry, i, save.total, state) for i, state in enumerate(read)]
+            try:
+                frames = [write_state_frame(geometry, i, save.total, state) for i, state in enumerate(read)]
+            except Exception:  # a bug: the transfer is dropped, the prefill goes on
+                log.exception("transfer %s: sealing its SSM states failed; the decode recomputes", save.transfer_id)
+                self._drop_failed(save.transfer_id)
+                continue
             if not self._put(save.transfer_id, frames, finish=True):
                 continue
             encoding_s = self._encoding.pop(save.transfer_id, 0.0) + time.perf_counter() - started

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = init_logger("vllm.cachegen_vllm.connector")
+TRUNCATED = "_p_side_truncated"  # NixlConnector's mark on a prefill it stopped short: one connector does it
 
 
 @dataclass
@@ -123,13 +124,20 @@ class CacheGenScheduler:
         proxy and vllm-router answer from the decode)."""
         if not self._stops_short or self._remote_decode(request) is None:
             return
-        prompt = request.prompt_token_ids
-        if prompt is None or len(prompt) < 2 or request.get_skip_reading_prefix_cache():
-            return  # nothing a decode loads (it recomputes a prompt it reads no prefix of)
-        del prompt[-1]
+        params = request.kv_transfer_params
+        assert params is not None  # they asked for a remote decode
+        if params.get(TRUNCATED) or request.num_prompt_tokens < 2 or request.get_skip_reading_prefix_cache():
+            return  # already (NixlConnector beside us), or nothing a decode loads: it recomputes
+        if request.prompt_token_ids is not None:
+            del request.prompt_token_ids[-1]
+        elif request.prompt_embeds is not None:
+            request.prompt_embeds = request.prompt_embeds[:-1]
+        else:
+            return
         del request._all_token_ids[-1]
         request.num_prompt_tokens -= 1
         request.max_tokens = 1
+        params[TRUNCATED] = True
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         if request.request_id in self._loaded:

@@ -146,8 +146,8 @@ class CacheGenWorker:
         state_layers = None
         if states:
             info = [self.state_layers[name] for name, _ in states]
-            nbytes, groups, block_tokens = [n for _, n, _ in info], [g for g, _, _ in info], info[0][2]
-            state_layers = StateLayers.bind([cache for _, cache in states], nbytes, groups, block_tokens)
+            nbytes, state_groups = [n for _, n, _ in info], [g for g, _, _ in info]
+            state_layers = StateLayers.bind([cache for _, cache in states], nbytes, state_groups, info[0][2])
         indices = {name: index for name, (index, _) in layers.items()}
         groups = {indices[name]: group for name, (group, _) in self.layer_groups.items() if name in indices}
         windows = {indices[name]: window for name, (_, window) in self.layer_groups.items() if name in indices}
@@ -245,6 +245,10 @@ class CacheGenWorker:
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.loading.failed_blocks() if self.loading is not None else set()
+
+    def get_failed_loads(self) -> set[str]:
+        """Requests whose loads failed, of a hybrid model (`Loading.failed_requests`)."""
+        return self.loading.failed_requests() if self.loading is not None else set()
 
     def get_stats(self) -> CacheGenStats | None:
         """The counters since the last call, or None if nothing happened."""
