@@ -414,8 +414,10 @@ def test_corrupted_frame_is_caught_by_the_checksum(endpoints):
     frames = make_frames(3)
     damaged = bytearray(frames[1])
     damaged[len(damaged) // 2] ^= 0x10
-    stream = consumer.fetch(producer.endpoint, "bitrot", secret_of("bitrot"), timeout_s=10)
+    # all queued first: a consumer that met the damaged frame cancels the transfer, and a put after
+    # that is refused (under load the test's own puts lost that race)
     produce(producer, "bitrot", [frames[0], bytes(damaged), frames[2]])
+    stream = consumer.fetch(producer.endpoint, "bitrot", secret_of("bitrot"), timeout_s=10)
     got = []
     with pytest.raises(CorruptFrame, match="frame 1 of transfer bitrot: checksum"):
         for frame in stream:
