@@ -12,7 +12,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import xxhash
@@ -190,22 +190,16 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
         | (FLAG_RANS if header.coding == "rans" else 0)
         | (FLAG_LATENT if geometry.latent else 0)
     )
-    fields = HeaderFields(
-        magic=MAGIC,
-        version=VERSION,
+    _pack_header(
+        frame,
+        geometry,
         flags=flags,
-        fingerprint=geometry.fingerprint,
         basis=header.basis,
-        num_layers=geometry.num_layers,
-        num_kv_heads=geometry.total_kv_heads,
-        head_dim=geometry.head_dim,
-        dtype=DTYPE_CODES[geometry.dtype],
         num_segments=len(header.segments),
         layer=header.layer,
         group_tokens=header.group_tokens,
         token_start=header.token_start,
         token_count=header.token_count,
-        frame_bytes=total,
         lane_symbols=header.lane_symbols,
         head_start=geometry.head_start,
         head_count=geometry.num_kv_heads,
@@ -213,7 +207,6 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
         key_scale=header.scales[0],
         value_scale=header.scales[1],
     )
-    HEADER.pack_into(frame, 0, *fields)
     for i, seg in enumerate(header.segments):
         SEGMENT.pack_into(
             frame,
@@ -225,7 +218,26 @@ def seal_frame(header: FrameHeader, geometry: KVGeometry, frame: bytearray | mem
             header.words(i, KV.KEY),
             header.words(i, KV.VALUE),
         )
-    CHECKSUM.pack_into(frame, total - CHECKSUM.size, _checksum(memoryview(frame)[: total - CHECKSUM.size]))
+    _pack_checksum(frame)
+
+
+def _pack_header(frame: bytearray | memoryview, geometry: KVGeometry, **fields: Any) -> None:
+    """The fixed header into ``frame``: the model's fields from ``geometry``, the frame's own
+    (`HeaderFields` by name) as given."""
+    model = {
+        "fingerprint": geometry.fingerprint,
+        "num_layers": geometry.num_layers,
+        "num_kv_heads": geometry.total_kv_heads,
+        "head_dim": geometry.head_dim,
+        "dtype": DTYPE_CODES[geometry.dtype],
+    }
+    HEADER.pack_into(frame, 0, *HeaderFields(magic=MAGIC, version=VERSION, frame_bytes=len(frame), **model, **fields))
+
+
+def _pack_checksum(frame: bytearray | memoryview) -> None:
+    """The checksum over everything before it, into the frame's last bytes."""
+    end = len(frame) - CHECKSUM.size
+    CHECKSUM.pack_into(frame, end, _checksum(memoryview(frame)[:end]))
 
 
 def write_frame(header: FrameHeader, geometry: KVGeometry, arrays: Sequence[Frame]) -> bytes:
@@ -250,22 +262,16 @@ def write_state_frame(geometry: KVGeometry, index: int, tokens: int, state: Fram
     offset = payload_offset(1)
     total = offset + _aligned(nbytes) + CHECKSUM.size
     frame = bytearray(total)
-    fields = HeaderFields(
-        magic=MAGIC,
-        version=VERSION,
+    _pack_header(
+        frame,
+        geometry,
         flags=FLAG_STATE,
-        fingerprint=geometry.fingerprint,
         basis=0,
-        num_layers=geometry.num_layers,
-        num_kv_heads=geometry.total_kv_heads,
-        head_dim=geometry.head_dim,
-        dtype=DTYPE_CODES[geometry.dtype],
         num_segments=1,
         layer=index,
         group_tokens=1,
         token_start=tokens - 1,
         token_count=1,
-        frame_bytes=total,
         lane_symbols=0,
         head_start=0,
         head_count=geometry.total_kv_heads,
@@ -273,10 +279,9 @@ def write_state_frame(geometry: KVGeometry, index: int, tokens: int, state: Fram
         key_scale=1.0,
         value_scale=1.0,
     )
-    HEADER.pack_into(frame, 0, *fields)
     SEGMENT.pack_into(frame, HEADER.size, 1, EXACT_BITS, EXACT_BITS, 0, nbytes, 0)
     frame[offset : offset + nbytes] = state
-    CHECKSUM.pack_into(frame, total - CHECKSUM.size, _checksum(memoryview(frame)[: total - CHECKSUM.size]))
+    _pack_checksum(frame)
     return bytes(frame)
 
 

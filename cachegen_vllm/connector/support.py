@@ -17,6 +17,11 @@ SENT_SPECS = ("FullAttentionSpec", "SlidingWindowSpec", "MLAAttentionSpec", "Mam
 MAX_WINDOW = (1 << 16) - 1  # a frame's `window` field
 
 
+def _holds_states(group: Any) -> bool:
+    """Whether a KV cache group is an SSM layers' (vLLM's Mamba layers: one state per request)."""
+    return type(group.kv_cache_spec).__name__ == "MambaSpec"
+
+
 def layer_groups(kv_cache_config: Any | None) -> dict[str, tuple[int, int]]:
     """Each layer's (KV cache group, sliding window in tokens, 0 for full attention), by layer name,
     as vLLM's KV cache manager keeps them: with the hybrid manager a sliding-window layer keeps its
@@ -29,7 +34,7 @@ def layer_groups(kv_cache_config: Any | None) -> dict[str, tuple[int, int]]:
     return {
         name: (index, windows[index])
         for index, group in enumerate(groups)
-        if type(group.kv_cache_spec).__name__ != "MambaSpec"
+        if not _holds_states(group)
         for name in group.layer_names
     }
 
@@ -41,7 +46,7 @@ def state_layers(kv_cache_config: Any | None) -> dict[str, tuple[int, int, int]]
     return {
         name: (index, int(group.kv_cache_spec.real_page_size_bytes), int(group.kv_cache_spec.block_size))
         for index, group in enumerate(groups)
-        if type(group.kv_cache_spec).__name__ == "MambaSpec"
+        if _holds_states(group)
         for name in group.layer_names
     }
 
