@@ -406,19 +406,35 @@ def _rans_rows(tokens: int, reps: int, copy_bps: float, device: str) -> dict:
 def _cpu_codec_rows(reps: int) -> list[dict]:
     """The codec on this CPU (the compiled rANS lanes for entropy-coded profiles): one layer of 128
     and of 1,024 random bf16 tokens, the embedded model's geometry, packed (default), entropy-coded
-    (entropy), entropy-coded in the calibrated basis (smollm2-basis) and lossless profiles."""
+    (entropy), entropy-coded in the calibrated basis (smollm2-basis; "+ pre-rope": the same basis
+    with the model's RoPE frequencies, keys coded before RoPE) and lossless profiles."""
     from cachegen_vllm.codec import decode_frames, encode_layer
+    from cachegen_vllm.codec.basis import Basis, BasisRegistry
 
     geometry = KVGeometry(30, 3, 64, torch.bfloat16, model="SmolLM2-135M-Instruct")
+    bases = BasisRegistry()
+    shipped = bases.for_profile(load_profile("smollm2-basis"))
+    assert shipped is not None
+    frequencies = 100000.0 ** -(torch.arange(0, 64, 2, dtype=torch.float64) / 64)  # SmolLM2's rope_theta
+    pre_rope = bases.add(Basis.from_forward(shipped.forward, frequencies.expand(30, -1).clone()))
     rows = []
     for tokens in (128, 1024):
         key, value = (torch.randn(tokens, 3, 64, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (1, 2))
-        for name in ("default", "entropy", "smollm2-basis", "lossless"):
-            profile = load_profile(name)
-            frames = encode_layer(key, value, geometry=geometry, profile=profile, layer=3)
+        for name, basis in (
+            ("default", None),
+            ("entropy", None),
+            ("smollm2-basis", shipped),
+            ("smollm2-basis + pre-rope", pre_rope),
+            ("lossless", None),
+        ):
+            profile = load_profile(name.split(" + ")[0])
+            frames = encode_layer(key, value, geometry=geometry, profile=profile, layer=3, basis=basis)
             # each lambda runs before the loop moves on: binding the loop's variables late is right here
-            encode_s = _wall(lambda: encode_layer(key, value, geometry=geometry, profile=profile, layer=3), reps)  # noqa: B023
-            decode_s = _wall(lambda: decode_frames(frames, geometry), reps)  # noqa: B023
+            encode_s = _wall(
+                lambda: encode_layer(key, value, geometry=geometry, profile=profile, layer=3, basis=basis),  # noqa: B023
+                reps,
+            )
+            decode_s = _wall(lambda: decode_frames(frames, geometry, bases=bases), reps)  # noqa: B023
             rows.append(
                 dict(
                     profile=name, tokens=tokens, encode_ms=round(encode_s * 1e3, 1), decode_ms=round(decode_s * 1e3, 1)

@@ -132,6 +132,7 @@ def profile_from_dict(data: dict, name: str, root: Path | None = None) -> Profil
             "basis",
             "bits",
             "lossy_latents",
+            "pre_rope",
         },
         {"chunk_tokens", "group_tokens", "bits"},
     )
@@ -185,7 +186,10 @@ def profile_from_dict(data: dict, name: str, root: Path | None = None) -> Profil
         recent=tiers("recent"),
         sink=tiers("sink"),
         lossy_latents=_flag("lossy_latents", top.get("lossy_latents", False)),
+        pre_rope=_flag("pre_rope", top.get("pre_rope", False)),
     )
+    if profile.pre_rope and profile.basis != AUTO_BASIS:
+        raise ConfigError("pre_rope", 'is read with basis = "auto" (a basis file holds whether it undoes RoPE)')
     if rotation == "basis":  # a basis's alphabet spans 2**(bits+4) steps, up to the widest table (codec/entropy.py)
         for field, width in profile.widths():
             if MAX_BASIS_BITS < width < LOSSLESS_BITS:

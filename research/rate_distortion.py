@@ -5,7 +5,8 @@ reference, teacher-forced 128-token continuations, every frame byte counted):
 
 - the shipped profiles, packed and entropy-coded (rans, in the Hadamard rotation or in a calibrated
   basis), and sweeps of both entropy-coded quantizers at equal key and value widths;
-- anchors (research/anchors/): KIVI-style 4- and 2-bit, per-channel int8;
+- anchors (research/anchors/): KIVI-style 4- and 2-bit, per-channel int8; vLLM's TurboQuant pages
+  (research/turboquant_anchor.py);
 - where the bytes of the entropy-coded profile go (tables, statistics, lanes, streams);
 - LMCache's own CacheGen serializer, measured on the same windows by research/lmcache_anchor.py in
   its own environment (lmcache pins numpy<=2.2.6), read from its JSON if given.
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import xxhash
+from turboquant_anchor import PRESETS, anchors
 
 from cachegen_vllm.config import load_profile, shipped_profiles
 from cachegen_vllm.offline.model import ensure_default_model
@@ -93,6 +95,7 @@ def plot(results: list[dict], path: Path) -> None:
         "rans": ("*", "tab:red"),
         "rans + basis": ("P", "tab:purple"),
         "anchor": ("s", "tab:gray"),
+        "turboquant": ("v", "tab:orange"),
         "lmcache": ("D", "tab:green"),
     }
     lines = {
@@ -185,6 +188,17 @@ def main() -> None:
         else:
             print(f"[{i}] {profile.name}", file=sys.stderr, flush=True)
             row = dict(result_dict(harness.evaluate(profile)), family=family, key=key)
+        table.append(row)
+        results.append(_result(row))
+    for anchor in anchors(harness, PRESETS):  # vLLM's TurboQuant pages, measured like the rows
+        key = xxhash.xxh3_64_hexdigest(
+            repr((anchor.name, args.windows, args.context_tokens, args.continuation_tokens)).encode()
+        )
+        if key in kept:
+            row = kept[key]
+        else:
+            print(f"[turboquant] {anchor.name}", file=sys.stderr, flush=True)
+            row = dict(result_dict(harness.measure(anchor.name, anchor.roundtrip)), family="turboquant", key=key)
         table.append(row)
         results.append(_result(row))
     if args.lmcache:

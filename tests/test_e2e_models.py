@@ -158,14 +158,17 @@ def qwen3(qwen3_dir, tmp_path_factory):
 
 
 def test_a_qk_norm_model_gets_an_automatic_basis_and_its_answers_stay_close(qwen3):
-    """The prefill fits Qwen3's basis at start-up (its queries after their norm, 80-wide heads),
-    the decode fetches it with the first frames, and the next-token distribution stays the
-    prefill's own."""
+    """The prefill fits Qwen3's basis at start-up (its keys and queries after their norm and
+    before RoPE, 80-wide heads), the decode fetches it with the first frames, and the next-token
+    distribution stays the prefill's own."""
+    from cachegen_vllm.codec import basis as bases
     from cachegen_vllm.config import load_profile
     from cachegen_vllm.fitting import auto as autobasis
 
     urls, model, _ = qwen3
-    assert autobasis.basis_path(model, load_profile("basis").chunk_tokens, 4).is_file()  # fitted (now or before)
+    profile = load_profile("basis")
+    path = autobasis.basis_path(model, profile.chunk_tokens, 4, profile.pre_rope)
+    assert path.is_file() and bases.load(str(path)).rope is not None  # fitted (now or before), before RoPE
     before = cachegen_counters(urls["qwen3-decode"])
     text = prompt(2, 63)
     got, tokens = _answer(urls["proxy"], model, text, max_tokens=1, logprobs=5)

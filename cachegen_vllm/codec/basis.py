@@ -18,13 +18,19 @@ components of ``y`` are uncorrelated (research/basis_study.py measures what it s
 
 Exactness, because a GPU producer and a CPU producer must write the same bytes: the stored matrix
 is integer (fixed point, ``2**-FRACTION_BITS``), ``x`` is rounded to fixed point as the entropy
-statistics are (``max|x|`` in [2**15, 2**16)), and ``y`` is their integer product (below 2**48,
-so float64 holds every partial sum exactly whatever the summation order: torch on a CPU and cuBLAS
-on a GPU give the same ``y``). The decoder's inverse only makes values, not bytes: float64 at load.
+statistics are (``max|x|`` in [2**15, 2**16); keys turned back by RoPE stay below 2**16.5), and
+``y`` is their integer product (below 2**53 for heads up to 2**12 wide, so float64 holds every
+partial sum exactly whatever the summation order: torch on a CPU and cuBLAS on a GPU give the same
+``y``). The decoder's inverse only makes values, not bytes: float64 at load.
 
-A basis file is safetensors: ``forward`` int32 [layers, 2 (K, V), kv heads, dim, dim]; frames name
-it by `Basis.digest`, the xxh3-64 of that array (shape and bytes), so a decoder never applies
-another basis than the producer's.
+A basis may also undo RoPE on the keys before its matrix and redo it after its inverse
+(`codec.rope`): its ``rope`` holds each layer's rotary frequencies, and the keys' statistics and
+metric it was fitted on are those before RoPE. Values never turn.
+
+A basis file is safetensors: ``forward`` int32 [layers, 2 (K, V), kv heads, dim, dim], and
+``rope`` float64 [layers, rotary pairs] for a basis that undoes RoPE; frames name it by
+`Basis.digest`, the xxh3-64 of those arrays (shapes and bytes), so a decoder never applies another
+basis than the producer's, nor turns keys by other angles.
 """
 
 from __future__ import annotations
@@ -41,27 +47,30 @@ import xxhash
 from cachegen_vllm.codec.geometry import KV, KVGeometry
 from cachegen_vllm.codec.profile import AUTO_BASIS, ConfigError, Profile
 from cachegen_vllm.codec.quant import fixed_point_exponent, power_of_two
+from cachegen_vllm.codec.rope import turn, unturn_fixed
 
 FRACTION_BITS = 16
-MAX_ENTRY = 1 << 24  # |forward| below this keeps every product sum under 2**16 * 2**24 * dim < 2**53
+MAX_ENTRY = 1 << 24  # |forward| below this keeps every product sum under 2**16.5 * 2**24 * dim < 2**53
 # Added to the metric's eigenvalues (mean 1); 0.01 and 1 trade bits for KL (research/basis_study.py).
 REGULARIZATION = 0.1
 
 
 @dataclass(frozen=True, eq=False)
 class Basis:
-    """A model's bases: ``forward`` int32 [layers, 2, heads, dim, dim] (what the file holds and the
-    digest covers), the same integers in float64 (what `apply` multiplies by, converted once), and
-    the float64 inverse."""
+    """A model's bases: ``forward`` int32 [layers, 2, heads, dim, dim] and, if it undoes RoPE, the
+    float64 frequencies ``rope`` [layers, pairs] (what the file holds and the digest covers), the
+    forward integers in float64 (what `apply` multiplies by, converted once), and the float64
+    inverse."""
 
     forward: torch.Tensor
     weights: torch.Tensor
     inverse: torch.Tensor
     digest: int
+    rope: torch.Tensor | None = None
     copies: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_forward(cls, forward: torch.Tensor) -> Basis:
+    def from_forward(cls, forward: torch.Tensor, rope: torch.Tensor | None = None) -> Basis:
         if (
             forward.dtype != torch.int32
             or forward.dim() != 5
@@ -77,11 +86,27 @@ class Basis:
         condition = torch.linalg.cond(matrices)
         if not bool((torch.isfinite(condition) & (condition < 1e8)).all()):
             raise ValueError("a basis matrix is singular or nearly so")
-        digest = xxhash.xxh3_64_intdigest(str(list(forward.shape)).encode() + forward.contiguous().numpy().tobytes())
+        hashed = str(list(forward.shape)).encode() + forward.contiguous().numpy().tobytes()
+        if rope is not None:
+            if (
+                rope.dtype != torch.float64
+                or rope.dim() != 2
+                or rope.shape[0] != forward.shape[0]
+                or not 1 <= 2 * rope.shape[1] <= forward.shape[3]
+            ):
+                raise ValueError(
+                    f"a basis's rope is float64 [layers, pairs], pairs at most dim / 2, got {rope.dtype} "
+                    f"{list(rope.shape)} beside forward {list(forward.shape)}"
+                )
+            if not bool((torch.isfinite(rope) & (rope >= 0)).all()):
+                raise ValueError("a basis's rope frequencies are not all finite and non-negative")
+            rope = rope.contiguous()
+            hashed += b"|rope" + str(list(rope.shape)).encode() + rope.numpy().tobytes()
+        digest = xxhash.xxh3_64_intdigest(hashed)
         # matrix by matrix: MKL's batched inverse never returns for some batches of 256-wide ones
         # on two threads ([18, 2, 1, 256, 256]: "Parameter 6 was incorrect on entry to DLASWP")
         inverse = torch.stack([torch.linalg.inv(m) for m in matrices.reshape(-1, *matrices.shape[-2:])])
-        return cls(forward.contiguous(), forward.double(), inverse.reshape(matrices.shape), digest)
+        return cls(forward.contiguous(), forward.double(), inverse.reshape(matrices.shape), digest, rope)
 
     def _on(self, device: torch.device, name: str) -> torch.Tensor:
         """``weights`` or ``inverse`` on ``device``, copied there once."""
@@ -95,25 +120,43 @@ class Basis:
         """(layers, kv heads, head dim) of the model it was fitted on."""
         return self.forward.shape[0], self.forward.shape[2], self.forward.shape[3]
 
-    def apply(self, x: torch.Tensor, layer: int, tensor: KV, heads: slice = slice(None)) -> torch.Tensor:
-        """Coefficients fp32 [T, H, D] of fp32 ``x`` [T, H, D] holding the model's ``heads``, with
-        no host read. Bit-identical on any device (module docstring); all NaN where ``x`` is not
-        finite."""
+    def _turns(self, tensor: KV) -> bool:
+        return self.rope is not None and tensor == KV.KEY
+
+    def apply(
+        self, x: torch.Tensor, layer: int, tensor: KV, heads: slice = slice(None), token_start: int = 0
+    ) -> torch.Tensor:
+        """Coefficients fp32 [T, H, D] of fp32 ``x`` [T, H, D] holding the model's ``heads`` at
+        positions ``token_start..``, with no host read. Bit-identical on any device (module
+        docstring); all NaN where ``x`` is not finite."""
         e = fixed_point_exponent(x)
         fixed = torch.round(x.double() * power_of_two(e))
+        if self._turns(tensor):
+            fixed = unturn_fixed(fixed, self.rope[layer], token_start)  # type: ignore[index]
         y = torch.einsum("thd,hjd->thj", fixed, self._on(x.device, "weights")[layer, tensor, heads])
         y = (y * power_of_two(-(e + FRACTION_BITS))).float()
         return torch.where(torch.isfinite(x).all(), y, float("nan")).contiguous()
 
-    def invert(self, y: torch.Tensor, layer: int, tensor: KV, heads: slice = slice(None)) -> torch.Tensor:
+    def invert(
+        self, y: torch.Tensor, layer: int, tensor: KV, heads: slice = slice(None), token_start: int = 0
+    ) -> torch.Tensor:
         """fp32 [T, H, D] values back from `apply`'s coefficients."""
         inverse = self._on(y.device, "inverse")[layer, tensor, heads]
-        return torch.einsum("thj,hdj->thd", y.double(), inverse).float().contiguous()
+        x = torch.einsum("thj,hdj->thd", y.double(), inverse)
+        if self._turns(tensor):
+            x = turn(x, self.rope[layer], token_start)  # type: ignore[index]
+        return x.float().contiguous()
 
 
-def fit(covariance: torch.Tensor, metric: torch.Tensor, regularization: float = REGULARIZATION) -> Basis:
+def fit(
+    covariance: torch.Tensor,
+    metric: torch.Tensor,
+    regularization: float = REGULARIZATION,
+    rope: torch.Tensor | None = None,
+) -> Basis:
     """The basis of the module docstring from per-head statistics, float64 [layers, 2, heads, dim,
-    dim] each: the tensors' covariance and the model's metric (any scale; normalized here)."""
+    dim] each: the tensors' covariance and the model's metric (any scale; normalized here); with
+    ``rope`` (the model's frequencies), both measured on keys and queries before RoPE."""
     dim = metric.shape[-1]
     mean_eigenvalue = metric.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] / dim
     eigenvalues, vectors = torch.linalg.eigh(metric / mean_eigenvalue)
@@ -121,13 +164,14 @@ def fit(covariance: torch.Tensor, metric: torch.Tensor, regularization: float = 
     _, u = torch.linalg.eigh(root @ covariance @ root)
     u = u.flip(-1)  # components by decreasing variance
     forward = torch.round((u.mT @ root) * 2.0**FRACTION_BITS).to(torch.int32)
-    return Basis.from_forward(forward)
+    return Basis.from_forward(forward, rope)
 
 
 def save(basis: Basis, path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    save_file({"forward": basis.forward}, str(path), metadata=metadata or {})
+    tensors = {"forward": basis.forward} if basis.rope is None else {"forward": basis.forward, "rope": basis.rope}
+    save_file(tensors, str(path), metadata=metadata or {})
 
 
 @cache
@@ -153,11 +197,11 @@ def from_bytes(data: bytes, shape: tuple[int, ...] | None = None) -> Basis:
         tensors = load(data)
     except (SafetensorError, ValueError) as e:
         raise ValueError(f"not a readable safetensors file ({e})") from None
-    if set(tensors) != {"forward"}:
-        raise ValueError(f"a basis file holds one tensor 'forward', found {sorted(tensors)}")
+    if set(tensors) - {"rope"} != {"forward"}:
+        raise ValueError(f"a basis file holds 'forward' and, if it undoes RoPE, 'rope'; found {sorted(tensors)}")
     if shape is not None and tuple(tensors["forward"].shape) != shape:
         raise ValueError(f"a basis of shape {list(tensors['forward'].shape)}, this model's is {list(shape)}")
-    return Basis.from_forward(tensors["forward"])
+    return Basis.from_forward(tensors["forward"], tensors.get("rope"))
 
 
 @cache

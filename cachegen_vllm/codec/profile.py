@@ -76,6 +76,7 @@ class Profile:
     coding: str = "packed"  # "rans": uniform steps, entropy-coded (docs/FORMAT.md)
     lane_symbols: int = 1024  # rans: codes per lane (each lane costs 6 bytes; fewer lanes, less parallelism)
     basis: str | None = None  # rotation "basis": the basis file (codec.basis), an absolute path
+    pre_rope: bool = False  # basis "auto": fitted to undo RoPE on keys (codec.rope); a basis file says so itself
     # an MLA latent is coded at lossy widths only where the profile says so: no MLA model was at
     # hand to measure what quantizing its halves as K and V costs
     lossy_latents: bool = False

@@ -69,16 +69,16 @@ class _Rotation:
         default_factory=lambda: slice(None)
     )  # the model's heads the tensors hold (a basis has a matrix per head)
 
-    def apply(self, x: torch.Tensor, layer: int, tensor: KV) -> torch.Tensor:
-        """fp32 [T, H, D] (a new tensor) for finite ``x``."""
+    def apply(self, x: torch.Tensor, layer: int, tensor: KV, token_start: int) -> torch.Tensor:
+        """fp32 [T, H, D] (a new tensor) for finite ``x`` of positions ``token_start..``."""
         if self.basis is not None:
-            return self.basis.apply(x.float(), layer, tensor, self.heads)
+            return self.basis.apply(x.float(), layer, tensor, self.heads, token_start)
         work = x.float().contiguous()  # a copy: the rotation works in place
         return hadamard_(work) if self.hadamard else work
 
-    def invert(self, y: torch.Tensor, layer: int, tensor: KV) -> torch.Tensor:
+    def invert(self, y: torch.Tensor, layer: int, tensor: KV, token_start: int) -> torch.Tensor:
         if self.basis is not None:
-            return self.basis.invert(y, layer, tensor, self.heads)
+            return self.basis.invert(y, layer, tensor, self.heads, token_start)
         return hadamard_(y) if self.hadamard else y
 
 
@@ -99,10 +99,11 @@ def _encode_tensor(
     group_tokens: int,
     coding: str,
     rotation: _Rotation,
-    where: tuple[int, KV],
+    where: tuple[int, KV, int],
     scale: float,
 ) -> _CodedTensor:
-    """Code one tensor of one segment with no host read. ``where``: (layer, tensor); ``scale``:
+    """Code one tensor of one segment with no host read. ``where``: (layer, tensor, the segment's
+    first position); ``scale``:
     what the cache's stored numbers are multiplied by (fp8 caches; lossy codes code values)."""
     if bits == EXACT_BITS:
         return _CodedTensor(x, [], None)
@@ -148,7 +149,7 @@ def _encode_frames(
                         profile.group_tokens,
                         profile.coding,
                         rotation,
-                        (layer, tensor),
+                        (layer, tensor, token_start + row),
                         scales[tensor],
                     )
                 )
@@ -304,9 +305,12 @@ class _RansPart:
     centers: torch.Tensor
     step: torch.Tensor
     shape: tuple[int, int, int]
+    token_start: int  # its segment's first position
 
 
-def _rans_part(arrays: list[torch.Tensor], header: FrameHeader, bits: int, shape: tuple[int, int, int]) -> _RansPart:
+def _rans_part(
+    arrays: list[torch.Tensor], header: FrameHeader, bits: int, shape: tuple[int, int, int], token_start: int
+) -> _RansPart:
     """The six arrays of a rans tensor, checked where the checksum cannot vouch for the producer."""
     centers, tables, step, states, lane_words, stream = arrays
     step = step.view(torch.float32)
@@ -319,7 +323,7 @@ def _rans_part(arrays: list[torch.Tensor], header: FrameHeader, bits: int, shape
         raise FrameError("the lanes' word counts do not add up to the stream")
     lanes = entropy.Lanes(states.view(torch.uint32), lane_words, stream.view(torch.uint16))
     coded = entropy.Coded(lanes, tables, bits, (shape[0], shape[1] * shape[2]), header.lane_symbols)
-    return _RansPart(coded, centers.view(torch.float16), step, shape)
+    return _RansPart(coded, centers.view(torch.float16), step, shape, token_start)
 
 
 def decode_frames(
@@ -351,7 +355,7 @@ def decode_frames(
         shard = frame.shard(geometry)
         rotation = _frame_rotation(header, shard, bases)
         data = torch.frombuffer(bytearray(frame.data), dtype=torch.uint8).to(device)
-        segments = []
+        segments, start = [], header.token_start
         for seg, slots in zip(header.segments, payload_arrays(header, shard)):
             arrays = [data[offset : offset + n] for offset, n in slots]
             pair: list[torch.Tensor | _RansPart] = []
@@ -372,7 +376,8 @@ def decode_frames(
                     same = own == header.scales[tensor]
                     pair.append(stored if same else _store(stored.float() * header.scales[tensor], own, shard.dtype))
                 elif header.coding == "rans":
-                    part = _rans_part(arrays[:6], header, entropy.alphabet_bits(bits, bool(header.basis)), shape)
+                    alphabet = entropy.alphabet_bits(bits, bool(header.basis))
+                    part = _rans_part(arrays[:6], header, alphabet, shape, start)
                     pair.append(part)
                     pending.append(part)
                     del arrays[:6]
@@ -382,8 +387,9 @@ def decode_frames(
                     x = dequantize(
                         codes, mins.view(STAT_DTYPE), scales.view(STAT_DTYPE), shape, axis, header.group_tokens
                     )
-                    pair.append(_store(rotation.invert(x, header.layer, tensor), own, geometry.dtype))
+                    pair.append(_store(rotation.invert(x, header.layer, tensor, start), own, geometry.dtype))
             segments.append(pair)
+            start += seg.tokens
         parsed.append((header, rotation, stored_for, segments))
     try:
         symbols = dict(zip(map(id, pending), entropy.decode([p.coded for p in pending]))) if pending else {}
@@ -397,6 +403,7 @@ def decode_frames(
                     entropy.dequantize(symbols[id(x)], x.centers, x.step, x.coded.bits).view(x.shape),
                     header.layer,
                     tensor,
+                    x.token_start,
                 ),
                 stored_for[tensor],
                 geometry.dtype,

@@ -36,6 +36,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-tokens", type=int, default=4, help="leading tokens the profiles send exact (attention sinks)"
     )
+    p.add_argument("--pre-rope", action="store_true", help="undo RoPE on keys before the basis (codec.rope)")
     return p
 
 
@@ -57,13 +58,14 @@ def main(
         command.exit(REFUSED, f"{refused}\n")
     corpus = args.text.read_text() if args.text else None
     sample = ModelSample(model_dir, args.windows, args.context_tokens, 1, corpus=corpus, offset=args.offset)
-    basis = fit_basis(sample, args.chunk_tokens, args.skip_tokens)
+    basis = fit_basis(sample, args.chunk_tokens, args.skip_tokens, args.pre_rope)
     text = (
         f"{args.windows} windows of {args.context_tokens} tokens of "
         + (args.text.name if args.text else "the CPython language reference")
         + f", moved {args.offset} tokens on"
     )
-    save(basis, args.out, {"model": model_dir.name, "sample": text, "chunk_tokens": str(args.chunk_tokens)})
+    metadata = {"model": model_dir.name, "sample": text, "chunk_tokens": str(args.chunk_tokens)}
+    save(basis, args.out, metadata | {"pre_rope": str(args.pre_rope).lower()})
     print(f"{args.out}: basis {basis.digest:016x} for (layers, kv heads, head dim) {basis.shape}, fitted on {text}")
 
 

@@ -42,9 +42,11 @@ def checkpoint_key(model: str) -> str:
     return xxhash.xxh3_64_hexdigest((root / "config.json").read_bytes() + repr(files).encode())
 
 
-def basis_path(model: str, chunk_tokens: int, skip_tokens: int) -> Path:
-    """Where the model's fitted basis is cached, for a profile's chunk and exact leading tokens."""
-    key = xxhash.xxh3_64_hexdigest(f"{checkpoint_key(model)}|{chunk_tokens}|{skip_tokens}|{FIT}".encode())
+def basis_path(model: str, chunk_tokens: int, skip_tokens: int, pre_rope: bool = False) -> Path:
+    """Where the model's fitted basis is cached, for a profile's chunk, exact leading tokens and
+    whether it undoes RoPE."""
+    settings = f"{checkpoint_key(model)}|{chunk_tokens}|{skip_tokens}|{FIT}" + ("|pre-rope" if pre_rope else "")
+    key = xxhash.xxh3_64_hexdigest(settings.encode())
     return cache_dir() / "bases" / f"{Path(model).name}-{key}.safetensors"
 
 
@@ -53,11 +55,11 @@ def fitted_bases() -> list[Path]:
     return sorted((cache_dir() / "bases").glob("*.safetensors"))
 
 
-def fit(model: str, chunk_tokens: int, skip_tokens: int, log=print) -> Path:
+def fit(model: str, chunk_tokens: int, skip_tokens: int, log=print, pre_rope: bool = False) -> Path:
     """The cached basis of ``model`` for these settings, fitted now if it is not cached yet (on the
     CPU; RuntimeError with the fit's output if it fails). One process fits at a time: the
     tensor-parallel ranks of a producer wait for the first and read its file."""
-    path = basis_path(model, chunk_tokens, skip_tokens)
+    path = basis_path(model, chunk_tokens, skip_tokens, pre_rope)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -67,6 +69,7 @@ def fit(model: str, chunk_tokens: int, skip_tokens: int, log=print) -> Path:
         argv = [sys.executable, "-m", "cachegen_vllm.fitting", str(model), "--out", str(partial)]  # __main__.py
         argv += ["--windows", str(WINDOWS), "--context-tokens", str(CONTEXT_TOKENS)]
         argv += ["--chunk-tokens", str(chunk_tokens), "--skip-tokens", str(skip_tokens)]
+        argv += ["--pre-rope"] if pre_rope else []
         log(f"fitting a basis for {Path(model).name} (once; cached in {path.parent})")
         started = time.perf_counter()
         # on the CPU: the serving GPU's memory is vLLM's
@@ -87,4 +90,5 @@ def resolve(profile: Profile, model: str, log=print) -> Profile:
     if profile.basis != AUTO_BASIS:
         return profile
     skip = max((tier.tokens for tier in profile.sink), default=0)
-    return dataclasses.replace(profile, basis=str(fit(model, profile.chunk_tokens, skip, log)))
+    path = fit(model, profile.chunk_tokens, skip, log, profile.pre_rope)
+    return dataclasses.replace(profile, basis=str(path), pre_rope=False)

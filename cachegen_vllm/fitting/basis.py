@@ -10,18 +10,22 @@ import torch
 
 from cachegen_vllm.codec.basis import Basis, fit
 from cachegen_vllm.codec.profile import ConfigError
+from cachegen_vllm.codec.rope import turn
 from cachegen_vllm.fitting.sample import ModelSample
 
 
 @torch.inference_mode()
-def basis_statistics(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def basis_statistics(
+    sample: ModelSample, chunk_tokens: int, skip_tokens: int, rope: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What `codec.basis.fit` needs, float64 [layers, 2, kv heads, dim, dim] each, from the
     sample's windows: the covariance of K and V (centred per chunk of ``chunk_tokens``, as the
     quantizer centres them; the first ``skip_tokens``, sent exact, left out), and the metric: the
     second moment of the queries of each KV head's query heads (after RoPE) for keys, the Gram
     matrix of its columns of the output projection for values. The queries are the ones attention
     multiplies the cached keys by: after the model's query norm where it has one (Qwen3, Gemma 3)
-    and RoPE; the model's query scale is left out, as `codec.basis.fit` normalizes each metric."""
+    and RoPE; the model's query scale is left out, as `codec.basis.fit` normalizes each metric.
+    With ``rope`` (`rope_frequencies`), keys and queries are measured before RoPE."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     g = sample.geometry
@@ -31,7 +35,9 @@ def basis_statistics(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -
     for kv in sample.exact_kv:
         for layer, tensors in enumerate(kv):
             for t, x in enumerate(tensors):
-                for chunk in x[skip_tokens:].double().split(chunk_tokens):
+                start = sample.context_tokens - 1 - len(x)  # a sliding window's cache holds its last tokens
+                x = x.double() if rope is None or t == 1 else turn(x, rope[layer], start, sign=-1)
+                for chunk in x[skip_tokens:].split(chunk_tokens):
                     centred = chunk - chunk.mean(0)
                     covariance[layer, t] += torch.einsum("thd,the->hde", centred, centred)
 
@@ -42,7 +48,8 @@ def basis_statistics(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -
             q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, g.head_dim)
             norm = getattr(module, "q_norm", None)
             q = (q if norm is None else norm(q)).transpose(1, 2)
-            q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+            if rope is None:
+                q, _ = apply_rotary_pos_emb(q, q, cos, sin)
             q = q[0].double().reshape(g.num_kv_heads, -1, g.head_dim)  # a KV head's query heads are consecutive
             metric[layer, 0] += q.mT @ q
 
@@ -61,6 +68,27 @@ def basis_statistics(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -
         )
         metric[layer, 1] = torch.einsum("ohgd,ohge->hde", columns, columns)
     return covariance, metric
+
+
+def rope_frequencies(model) -> torch.Tensor:
+    """float64 [layers, rotary pairs]: each layer's RoPE frequencies as the model's rotary
+    embedding holds them (one set, or one per layer type as Gemma 3 has: `config.layer_types`);
+    `ConfigError` naming ``pre_rope`` if it has none the fit can read."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    layers = model.config.num_hidden_layers
+    types = getattr(model.config, "layer_types", None) or [None] * layers
+    rows = []
+    for kind in types:
+        frequencies = getattr(rotary, f"{kind}_inv_freq", None) if kind else None
+        frequencies = frequencies if frequencies is not None else getattr(rotary, "inv_freq", None)
+        if not isinstance(frequencies, torch.Tensor):
+            raise ConfigError(
+                "pre_rope", f"{type(model).__name__} has no rotary embedding with inv_freq at model.rotary_emb"
+            )
+        rows.append(frequencies.double())
+    if len({len(r) for r in rows}) != 1:
+        raise ConfigError("pre_rope", f"{type(model).__name__}'s layers turn different numbers of channels")
+    return torch.stack(rows)
 
 
 def attention_modules(model) -> list:
@@ -94,6 +122,8 @@ def check_readable(model_dir: Path) -> None:
         attention_modules(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
 
 
-def fit_basis(sample: ModelSample, chunk_tokens: int, skip_tokens: int) -> Basis:
-    """The calibrated basis of the sample's model on its windows."""
-    return fit(*basis_statistics(sample, chunk_tokens, skip_tokens))
+def fit_basis(sample: ModelSample, chunk_tokens: int, skip_tokens: int, pre_rope: bool = False) -> Basis:
+    """The calibrated basis of the sample's model on its windows (undoing RoPE on keys if
+    ``pre_rope``)."""
+    rope = rope_frequencies(sample.model) if pre_rope else None
+    return fit(*basis_statistics(sample, chunk_tokens, skip_tokens, rope), rope=rope)

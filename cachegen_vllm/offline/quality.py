@@ -95,8 +95,11 @@ class Harness(ModelSample):
         out, nbytes = [], 0
         bases = BasisRegistry()
         basis = bases.for_profile(profile, self.geometry)
+        total = max(len(k) for k, _ in kv)  # a sliding window's cache holds the last of them
         for layer, (k, v) in enumerate(kv):
-            frames = encode_layer(k, v, geometry=self.geometry, profile=profile, layer=layer, basis=basis)
+            frames = encode_layer(
+                k, v, geometry=self.geometry, profile=profile, layer=layer, token_start=total - len(k), basis=basis
+            )
             nbytes += sum(len(f) for f in frames)
             chunks = decode_frames(frames, self.geometry, bases=bases)
             out.append((torch.cat([c.key for c in chunks]), torch.cat([c.value for c in chunks])))
@@ -104,10 +107,15 @@ class Harness(ModelSample):
 
     def evaluate(self, profile: Profile) -> QualityResult:
         profile.check_geometry(self.geometry.num_layers)
+        return self.measure(profile.name, lambda kv: self.roundtrip(profile, kv))
+
+    def measure(self, name: str, roundtrip) -> QualityResult:
+        """The quality of any codec: ``roundtrip(kv)`` returns a window's KV as its decoder gives
+        it back (per layer, K and V ``[tokens, kv heads, head dim]``) and the bytes it moved."""
         total_bytes = elements = 0
         dnll, kl, top1, greedy = [], [], [], []
         for kv, window, (base_nll, base_logprobs, base_greedy) in zip(self.exact_kv, self.windows, self.baseline):
-            decoded, nbytes = self.roundtrip(profile, kv)
+            decoded, nbytes = roundtrip(kv)
             total_bytes += nbytes
             elements += sum(k.numel() + v.numel() for k, v in kv)
             nll, logprobs, tokens = self._score(decoded, window)
@@ -120,7 +128,7 @@ class Harness(ModelSample):
         bits = 8 * total_bytes / elements
         mean_dnll = sum(dnll) / len(dnll)
         return QualityResult(
-            profile=profile.name,
+            profile=name,
             windows=len(self.windows),
             bits_per_element=bits,
             ratio_vs_bf16=16 / bits,
