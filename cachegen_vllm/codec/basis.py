@@ -120,9 +120,8 @@ class Basis:
         """(layers, kv heads, head dim) of the model it was fitted on."""
         return self.forward.shape[0], self.forward.shape[2], self.forward.shape[3]
 
-    def _frequencies(self, layer: int, tensor: KV) -> torch.Tensor | None:
-        """The RoPE frequencies a tensor of ``layer`` turns by (keys of a basis with rope), or None."""
-        return self.rope[layer] if self.rope is not None and tensor == KV.KEY else None
+    def _turns(self, tensor: KV) -> bool:
+        return self.rope is not None and tensor == KV.KEY
 
     def apply(
         self, x: torch.Tensor, layer: int, tensor: KV, heads: slice = slice(None), token_start: int = 0
@@ -132,9 +131,8 @@ class Basis:
         docstring); all NaN where ``x`` is not finite."""
         e = fixed_point_exponent(x)
         fixed = torch.round(x.double() * power_of_two(e))
-        frequencies = self._frequencies(layer, tensor)
-        if frequencies is not None:
-            fixed = unturn_fixed(fixed, frequencies, token_start)
+        if self._turns(tensor):
+            fixed = unturn_fixed(fixed, self.rope[layer], token_start)  # type: ignore[index]
         y = torch.einsum("thd,hjd->thj", fixed, self._on(x.device, "weights")[layer, tensor, heads])
         y = (y * power_of_two(-(e + FRACTION_BITS))).float()
         return torch.where(torch.isfinite(x).all(), y, float("nan")).contiguous()
@@ -145,9 +143,8 @@ class Basis:
         """fp32 [T, H, D] values back from `apply`'s coefficients."""
         inverse = self._on(y.device, "inverse")[layer, tensor, heads]
         x = torch.einsum("thj,hdj->thd", y.double(), inverse)
-        frequencies = self._frequencies(layer, tensor)
-        if frequencies is not None:
-            x = turn(x, frequencies, token_start)
+        if self._turns(tensor):
+            x = turn(x, self.rope[layer], token_start)  # type: ignore[index]
         return x.float().contiguous()
 
 

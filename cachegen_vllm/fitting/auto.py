@@ -91,4 +91,4 @@ def resolve(profile: Profile, model: str, log=print) -> Profile:
         return profile
     skip = max((tier.tokens for tier in profile.sink), default=0)
     path = fit(model, profile.chunk_tokens, skip, log, profile.pre_rope)
-    return dataclasses.replace(profile, basis=str(path), pre_rope=False)  # the file says it now
+    return dataclasses.replace(profile, basis=str(path), pre_rope=False)
